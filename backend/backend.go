@@ -1,0 +1,122 @@
+// Package backend is the Vault secrets engine: it keeps brokers' long-lived
+// secrets under config/<name> and hands out short-lived tokens at
+// creds/<name> as Vault leases. Everything Vault-shaped lives here; broker
+// protocols live in one package per provider.
+package backend
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/finam"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+)
+
+// Storage prefixes. Both hold secrets and are seal-wrapped.
+const (
+	configPrefix = "config/"
+	tokenPrefix  = "token/"
+)
+
+// knownProviders are the four provider names of the public contract; those
+// without an implementation yet are refused with "not yet supported".
+var knownProviders = []string{"finam", "tinvest", "alor", "chatapp"}
+
+// registry builds the implemented providers. Adding a broker is one line here.
+func registry() map[string]provider.Provider {
+	return map[string]provider.Provider{
+		finam.Name: finam.New(),
+	}
+}
+
+type backend struct {
+	*framework.Backend
+
+	providers map[string]provider.Provider
+	// storage outlives requests, for background refreshes.
+	storage logical.Storage
+	// ctx is cancelled when the backend is unloaded; background work uses it.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu     sync.RWMutex
+	states map[string]*configState
+
+	now func() time.Time
+}
+
+// Factory returns a logical.Factory that reports version as the plugin's
+// running version.
+func Factory(version string) logical.Factory {
+	return func(ctx context.Context, conf *logical.BackendConfig) (logical.Backend, error) {
+		b := newBackend(version)
+		if err := b.Setup(ctx, conf); err != nil {
+			return nil, err
+		}
+		b.storage = conf.StorageView
+		return b, nil
+	}
+}
+
+func newBackend(version string) *backend {
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &backend{
+		providers: registry(),
+		ctx:       ctx,
+		cancel:    cancel,
+		states:    map[string]*configState{},
+		now:       time.Now,
+	}
+	b.Backend = &framework.Backend{
+		Help:           strings.TrimSpace(backendHelp),
+		BackendType:    logical.TypeLogical,
+		RunningVersion: version,
+		PathsSpecial: &logical.Paths{
+			SealWrapStorage: []string{configPrefix, tokenPrefix},
+		},
+		Paths: framework.PathAppend(
+			b.pathConfig(),
+			b.pathCreds(),
+		),
+		Secrets:    []*framework.Secret{b.secretToken()},
+		Invalidate: b.invalidate,
+		Clean:      b.clean,
+	}
+	return b
+}
+
+// clean stops background refreshes when Vault unloads the mount.
+func (b *backend) clean(context.Context) {
+	b.cancel()
+	b.wg.Wait()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, st := range b.states {
+		st.close()
+	}
+	b.states = map[string]*configState{}
+}
+
+// invalidate drops the in-memory state of a config another node changed.
+func (b *backend) invalidate(_ context.Context, key string) {
+	for _, p := range []string{configPrefix, tokenPrefix} {
+		if name, ok := strings.CutPrefix(key, p); ok {
+			b.dropState(name)
+		}
+	}
+}
+
+const backendHelp = `
+The broker secrets engine keeps trading brokers' long-lived API secrets
+(Finam API secrets, T-Invest tokens, ALOR refresh tokens, ChatApp logins) and
+hands out short-lived access tokens as Vault leases.
+
+Write a broker's secret to config/<name>; read creds/<name> for a token.
+Secrets are write-only: config reads show settings and status only.
+`

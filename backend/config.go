@@ -1,0 +1,135 @@
+package backend
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// brokerConfig is what config/<name> stores.
+type brokerConfig struct {
+	Provider    string `json:"provider"`
+	Environment string `json:"environment"`
+	// BaseURL is the operator's override; empty means the environment's.
+	BaseURL string `json:"base_url,omitempty"`
+	CACert  string `json:"ca_cert,omitempty"`
+	// Secrets are the provider's long-lived secret fields by name.
+	Secrets         map[string]string `json:"secrets"`
+	TTL             time.Duration     `json:"ttl"`
+	MaxTTL          time.Duration     `json:"max_ttl"`
+	RequireReadOnly bool              `json:"require_readonly"`
+	AllowedAccounts []string          `json:"allowed_accounts,omitempty"`
+	UpdatedAt       time.Time         `json:"updated_at"`
+}
+
+// sameUpstream reports whether tokens minted under a still hold under b:
+// same broker endpoint, same secrets, same narrowing.
+func (a *brokerConfig) sameUpstream(b *brokerConfig) bool {
+	if a.Provider != b.Provider || a.Environment != b.Environment || a.BaseURL != b.BaseURL || a.CACert != b.CACert {
+		return false
+	}
+	if len(a.Secrets) != len(b.Secrets) || !equalStrings(a.AllowedAccounts, b.AllowedAccounts) {
+		return false
+	}
+	for k, v := range a.Secrets {
+		if b.Secrets[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+func equalStrings(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// secretValues lists the long-lived secrets, for scrubbing messages.
+func (a *brokerConfig) secretValues() []string {
+	out := make([]string, 0, len(a.Secrets))
+	for _, v := range a.Secrets {
+		out = append(out, v)
+	}
+	return out
+}
+
+func readConfig(ctx context.Context, s logical.Storage, name string) (*brokerConfig, error) {
+	e, err := s.Get(ctx, configPrefix+name)
+	if err != nil {
+		return nil, fmt.Errorf("reading config %q: %w", name, err)
+	}
+	if e == nil {
+		return nil, nil
+	}
+	var c brokerConfig
+	if err := e.DecodeJSON(&c); err != nil {
+		return nil, fmt.Errorf("decoding config %q: %w", name, err)
+	}
+	return &c, nil
+}
+
+func writeConfig(ctx context.Context, s logical.Storage, name string, c *brokerConfig) error {
+	e, err := logical.StorageEntryJSON(configPrefix+name, c)
+	if err != nil {
+		return fmt.Errorf("encoding config %q: %w", name, err)
+	}
+	if err := s.Put(ctx, e); err != nil {
+		return fmt.Errorf("storing config %q: %w", name, err)
+	}
+	return nil
+}
+
+// tokenRecord is what token/<name> stores: the current token and the status
+// of the last refresh, so a restart neither mints again nor forgets a failure.
+type tokenRecord struct {
+	Token       *storedToken `json:"token,omitempty"`
+	LastRefresh time.Time    `json:"last_refresh,omitzero"`
+	LastError   string       `json:"last_error,omitempty"`
+	LastErrorAt time.Time    `json:"last_error_at,omitzero"`
+}
+
+// storedToken is a provider.Token as persisted and cached.
+type storedToken struct {
+	ID          string         `json:"id"`
+	AccessToken string         `json:"access_token"`
+	IssuedAt    time.Time      `json:"issued_at"`
+	ExpiresAt   time.Time      `json:"expires_at,omitzero"`
+	AccountIDs  []string       `json:"account_ids"`
+	ReadOnly    bool           `json:"readonly"`
+	Details     map[string]any `json:"details,omitempty"`
+}
+
+func readTokenRecord(ctx context.Context, s logical.Storage, name string) (tokenRecord, error) {
+	var rec tokenRecord
+	e, err := s.Get(ctx, tokenPrefix+name)
+	if err != nil {
+		return rec, fmt.Errorf("reading token of %q: %w", name, err)
+	}
+	if e == nil {
+		return rec, nil
+	}
+	if err := e.DecodeJSON(&rec); err != nil {
+		return rec, fmt.Errorf("decoding token of %q: %w", name, err)
+	}
+	return rec, nil
+}
+
+func writeTokenRecord(ctx context.Context, s logical.Storage, name string, rec tokenRecord) error {
+	e, err := logical.StorageEntryJSON(tokenPrefix+name, rec)
+	if err != nil {
+		return fmt.Errorf("encoding token of %q: %w", name, err)
+	}
+	if err := s.Put(ctx, e); err != nil {
+		return fmt.Errorf("storing token of %q: %w", name, err)
+	}
+	return nil
+}

@@ -1,0 +1,395 @@
+package backend
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+)
+
+// secretFields are the long-lived secret fields of the public contract, by
+// provider. A provider's Spec must declare only fields listed here, so the
+// API stays the same as providers land.
+var secretFields = []provider.Field{
+	{Name: "secret", Secret: true, Description: "finam: the API secret issued on the Finam portal (Tokens page)."},
+	{Name: "token", Secret: true, Description: "tinvest: the T-Invest API token."},
+	{Name: "refresh_token", Secret: true, Description: "alor: the refresh token from the ALOR developer portal; chatapp: optional seed of the refresh token."},
+	{Name: "email", Secret: true, Description: "chatapp: the cabinet login email used by tokens.make."},
+	{Name: "password", Secret: true, Description: "chatapp: the cabinet password used by tokens.make."},
+	{Name: "app_id", Secret: true, Description: "chatapp: the application id used by tokens.make."},
+}
+
+func (b *backend) pathConfig() []*framework.Path {
+	fields := map[string]*framework.FieldSchema{
+		"name": {Type: framework.TypeString, Description: "Name of the config; creds are read at creds/<name>.", Required: true},
+		"provider": {Type: framework.TypeString, Description: "The broker: finam, tinvest, alor or chatapp. Required on create; cannot change later.",
+			AllowedValues: []any{"finam", "tinvest", "alor", "chatapp"}},
+		"environment": {Type: framework.TypeString, Default: "production",
+			Description: "production (default) or sandbox (T-Invest sandbox hosts, ALOR test hosts). An environment the provider lacks is an error."},
+		"base_url": {Type: framework.TypeString, Description: "Override the broker's endpoint (a proxy or test double). https is required, except for loopback addresses."},
+		"ca_cert":  {Type: framework.TypeString, Description: "PEM bundle trusted for the broker's endpoint, replacing the system roots."},
+		"ttl": {Type: framework.TypeDurationSecond,
+			Description: "Lease TTL. Default: as long as the token lives (T-Invest: 1h). A lease never outlives the upstream token."},
+		"max_ttl":          {Type: framework.TypeDurationSecond, Description: "Longest a lease may be renewed to, counted from its issue."},
+		"require_readonly": {Type: framework.TypeBool, Description: "Refuse to issue a token that the broker reports can trade."},
+		"allowed_accounts": {Type: framework.TypeCommaStringSlice,
+			Description: "Accounts the issued token may reach; a token reaching any other account is refused (or narrowed, where the broker can)."},
+		"verify": {Type: framework.TypeBool, Default: true,
+			Description: "Check the secret against the broker before storing it (default true). Not stored."},
+	}
+	for _, f := range secretFields {
+		fields[f.Name] = &framework.FieldSchema{
+			Type: framework.TypeString, Description: f.Description + " Write-only.",
+			DisplayAttrs: &framework.DisplayAttributes{Sensitive: true},
+		}
+	}
+	return []*framework.Path{
+		{
+			Pattern: "config/?$",
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ListOperation: &framework.PathOperation{Callback: b.pathConfigList, Summary: "List the configs."},
+			},
+			HelpSynopsis:    "List broker configs.",
+			HelpDescription: "Lists the names of the configs; read config/<name> for one's settings and status.",
+		},
+		{
+			Pattern:        "config/" + framework.GenericNameRegex("name"),
+			Fields:         fields,
+			ExistenceCheck: b.pathConfigExists,
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.CreateOperation: &framework.PathOperation{Callback: b.pathConfigWrite, Summary: "Store a broker's long-lived secret."},
+				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathConfigWrite, Summary: "Update a config; omitted fields keep their values."},
+				logical.ReadOperation:   &framework.PathOperation{Callback: b.pathConfigRead, Summary: "Settings and status; never a secret."},
+				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathConfigDelete, Summary: "Delete a config and its cached token."},
+			},
+			HelpSynopsis:    "Keep one broker's long-lived secret and the rules for the tokens issued from it.",
+			HelpDescription: strings.TrimSpace(configHelp),
+		},
+	}
+}
+
+const configHelp = `
+Stores a broker's long-lived secret. Fields by provider:
+
+  finam    secret
+  tinvest  token                 (not yet supported)
+  alor     refresh_token         (not yet supported)
+  chatapp  email, password, app_id, optional refresh_token (not yet supported)
+
+Secret fields are write-only: a read shows "<field>_set" instead, and surrounding
+whitespace is trimmed (so secret=@file works). A write checks the secret with
+the broker before storing it unless verify=false; require_readonly and
+allowed_accounts are checked then and again at every creds read and renew.
+
+A read shows the settings and the status: when the current token expires, the
+accounts and read-only flag the broker reported, the last refresh and the last
+upstream error.
+`
+
+func (b *backend) pathConfigExists(ctx context.Context, req *logical.Request, d *framework.FieldData) (bool, error) {
+	c, err := readConfig(ctx, req.Storage, d.Get("name").(string))
+	return c != nil, err
+}
+
+func (b *backend) pathConfigList(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	keys, err := req.Storage.List(ctx, configPrefix)
+	if err != nil {
+		return nil, fmt.Errorf("listing configs: %w", err)
+	}
+	return logical.ListResponse(keys), nil
+}
+
+func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	if err := req.Storage.Delete(ctx, configPrefix+name); err != nil {
+		return nil, fmt.Errorf("deleting config %q: %w", name, err)
+	}
+	if err := req.Storage.Delete(ctx, tokenPrefix+name); err != nil {
+		return nil, fmt.Errorf("deleting token of %q: %w", name, err)
+	}
+	b.dropState(name)
+	return nil, nil
+}
+
+func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	cfg, rec, err := b.status(ctx, req.Storage, name)
+	if err != nil {
+		return nil, err
+	}
+	if cfg == nil {
+		return nil, nil
+	}
+	return &logical.Response{Data: b.configData(cfg, rec)}, nil
+}
+
+// configData is what a config read shows: settings and status, and for each
+// secret field only whether it is set.
+func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any {
+	data := map[string]any{
+		"provider":         cfg.Provider,
+		"environment":      cfg.Environment,
+		"base_url":         cfg.BaseURL,
+		"ca_cert":          cfg.CACert,
+		"ttl":              int64(cfg.TTL / time.Second),
+		"max_ttl":          int64(cfg.MaxTTL / time.Second),
+		"require_readonly": cfg.RequireReadOnly,
+		"allowed_accounts": nonNil(cfg.AllowedAccounts),
+		"updated_at":       formatTime(cfg.UpdatedAt),
+		"last_refresh":     formatTime(rec.LastRefresh),
+		"last_error":       rec.LastError,
+		"last_error_at":    formatTime(rec.LastErrorAt),
+		"token_expires_at": "",
+		"account_ids":      []string{},
+		"readonly":         nil,
+	}
+	if p, ok := b.providers[cfg.Provider]; ok {
+		data["endpoint"] = baseURL(p.Spec(), cfg)
+		for _, f := range p.Spec().Fields {
+			if f.Secret {
+				data[f.Name+"_set"] = cfg.Secrets[f.Name] != ""
+			}
+		}
+	}
+	if t := rec.Token; t != nil {
+		data["token_expires_at"] = formatTime(t.ExpiresAt)
+		data["account_ids"] = t.AccountIDs
+		data["readonly"] = t.ReadOnly
+	}
+	return data
+}
+
+func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	old, err := readConfig(ctx, req.Storage, name)
+	if err != nil {
+		return nil, err
+	}
+	cfg, verify, err := b.parseConfig(d, old)
+	if err != nil {
+		return logical.ErrorResponse(err.Error()), nil
+	}
+	p := b.providers[cfg.Provider]
+	client, err := newClient(p.Spec(), cfg)
+	if err != nil {
+		return logical.ErrorResponse(badField("ca_cert", "%v", err).Error()), nil
+	}
+
+	var rec tokenRecord
+	switch {
+	case verify:
+		tok, err := b.mint(ctx, cfg, client)
+		if err != nil {
+			client.Close()
+			return verifyFailure(cfg, err)
+		}
+		if err := checkGuards(cfg, tok); err != nil {
+			client.Close()
+			return logical.ErrorResponse("%s; nothing was stored", err), nil
+		}
+		// The verifying mint is the first token: readers need not mint again.
+		rec = tokenRecord{Token: tok, LastRefresh: b.now()}
+	case old != nil && old.sameUpstream(cfg):
+		_, rec, err = b.status(ctx, req.Storage, name)
+		if err != nil {
+			client.Close()
+			return nil, err
+		}
+	}
+
+	cfg.UpdatedAt = b.now().UTC()
+	if err := writeConfig(ctx, req.Storage, name, cfg); err != nil {
+		client.Close()
+		return nil, err
+	}
+	if err := writeTokenRecord(ctx, req.Storage, name, rec); err != nil {
+		client.Close()
+		return nil, err
+	}
+	b.install(name, cfg, client, rec)
+	resp := &logical.Response{Data: b.configData(cfg, rec)}
+	if !verify {
+		resp.AddWarning("verify=false: the secret was stored without checking it with the broker")
+	}
+	return resp, nil
+}
+
+// verifyFailure turns a failed verifying mint into a response: a rejected
+// secret is the caller's input error (400); a failing broker is a 502.
+func verifyFailure(cfg *brokerConfig, err error) (*logical.Response, error) {
+	msg := fmt.Sprintf("verifying the %s secret failed; nothing was stored: %v", cfg.Provider, err)
+	if ue, ok := upstream.AsError(err); ok {
+		switch ue.Kind {
+		case upstream.KindAuth, upstream.KindRejected:
+			return logical.ErrorResponse(msg), nil
+		case upstream.KindRateLimited:
+			return nil, logical.CodedError(http.StatusTooManyRequests, msg)
+		}
+	}
+	return nil, logical.CodedError(http.StatusBadGateway, msg)
+}
+
+// parseConfig builds the new config from the request over old (nil on
+// create). Every error names its field.
+func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*brokerConfig, bool, error) {
+	for k := range d.Raw {
+		if _, ok := d.Schema[k]; !ok {
+			return nil, false, badField(k, "unknown field")
+		}
+		if _, _, err := d.GetOkErr(k); err != nil {
+			return nil, false, badField(k, "invalid value: %v", err)
+		}
+	}
+	cfg := &brokerConfig{Environment: "production", Secrets: map[string]string{}}
+	if old != nil {
+		c := *old
+		c.Secrets = make(map[string]string, len(old.Secrets))
+		for k, v := range old.Secrets {
+			c.Secrets[k] = v
+		}
+		cfg = &c
+	}
+
+	// provider
+	if v, ok := d.GetOk("provider"); ok {
+		name := strings.TrimSpace(v.(string))
+		if old != nil && name != old.Provider {
+			return nil, false, badField("provider", "cannot change from %q to %q; delete the config and create it again", old.Provider, name)
+		}
+		cfg.Provider = name
+	} else if old == nil {
+		return nil, false, badField("provider", "is required when creating a config (one of %s)", strings.Join(knownProviders, ", "))
+	}
+	p, ok := b.providers[cfg.Provider]
+	if !ok {
+		for _, k := range knownProviders {
+			if k == cfg.Provider {
+				return nil, false, badField("provider", "%q is not yet supported by this plugin version", cfg.Provider)
+			}
+		}
+		return nil, false, badField("provider", "unknown provider %q (one of %s)", cfg.Provider, strings.Join(knownProviders, ", "))
+	}
+	spec := p.Spec()
+
+	// environment
+	if v, ok := d.GetOk("environment"); ok {
+		cfg.Environment = strings.TrimSpace(v.(string))
+	}
+	if _, ok := spec.Environments[cfg.Environment]; !ok {
+		return nil, false, badField("environment", "%s has no %q environment (it has: %s)", cfg.Provider, cfg.Environment, strings.Join(sortedKeys(spec.Environments), ", "))
+	}
+
+	// endpoint
+	if v, ok := d.GetOk("base_url"); ok {
+		cfg.BaseURL = ""
+		if s := strings.TrimSpace(v.(string)); s != "" {
+			u, err := validateBaseURL(s)
+			if err != nil {
+				return nil, false, err
+			}
+			cfg.BaseURL = u
+		}
+	}
+	if v, ok := d.GetOk("ca_cert"); ok {
+		cfg.CACert = strings.TrimSpace(v.(string))
+		if cfg.CACert != "" {
+			if err := validateCACert(cfg.CACert); err != nil {
+				return nil, false, err
+			}
+		}
+	}
+
+	// secrets: only the provider's own, trimmed, required on create
+	own := map[string]provider.Field{}
+	for _, f := range spec.Fields {
+		own[f.Name] = f
+	}
+	for _, f := range secretFields {
+		v, ok := d.GetOk(f.Name)
+		if !ok {
+			continue
+		}
+		if _, mine := own[f.Name]; !mine {
+			return nil, false, badField(f.Name, "does not apply to provider %s (it takes: %s)", cfg.Provider, strings.Join(fieldNames(spec.Fields), ", "))
+		}
+		s := strings.TrimSpace(v.(string))
+		if s == "" {
+			return nil, false, badField(f.Name, "is empty")
+		}
+		cfg.Secrets[f.Name] = s
+	}
+	for _, f := range spec.Fields {
+		if f.Required && cfg.Secrets[f.Name] == "" {
+			return nil, false, badField(f.Name, "is required for provider %s", cfg.Provider)
+		}
+	}
+
+	// lease bounds
+	if v, ok := d.GetOk("ttl"); ok {
+		cfg.TTL = time.Duration(v.(int)) * time.Second
+	}
+	if v, ok := d.GetOk("max_ttl"); ok {
+		cfg.MaxTTL = time.Duration(v.(int)) * time.Second
+	}
+	if cfg.TTL < 0 {
+		return nil, false, badField("ttl", "must not be negative")
+	}
+	if cfg.MaxTTL < 0 {
+		return nil, false, badField("max_ttl", "must not be negative")
+	}
+	if cfg.MaxTTL > 0 && cfg.TTL > cfg.MaxTTL {
+		return nil, false, badField("ttl", "(%s) must not exceed max_ttl (%s)", cfg.TTL, cfg.MaxTTL)
+	}
+
+	// guards
+	if v, ok := d.GetOk("require_readonly"); ok {
+		cfg.RequireReadOnly = v.(bool)
+	}
+	if v, ok := d.GetOk("allowed_accounts"); ok {
+		accts, err := normalizeAccounts(v.([]string))
+		if err != nil {
+			return nil, false, err
+		}
+		cfg.AllowedAccounts = accts
+	}
+	return cfg, d.Get("verify").(bool), nil
+}
+
+func fieldNames(fs []provider.Field) []string {
+	out := make([]string, len(fs))
+	for i, f := range fs {
+		out[i] = f.Name
+	}
+	return out
+}
+
+func sortedKeys(m map[string]string) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+func formatTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339)
+}

@@ -1,0 +1,135 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+)
+
+func (b *backend) pathCreds() []*framework.Path {
+	return []*framework.Path{{
+		Pattern: "creds/" + framework.GenericNameRegex("name"),
+		Fields: map[string]*framework.FieldSchema{
+			"name": {Type: framework.TypeString, Description: "Name of the config to issue a token from.", Required: true},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.ReadOperation: &framework.PathOperation{Callback: b.pathCredsRead, Summary: "Issue a short-lived broker token as a lease."},
+		},
+		HelpSynopsis:    "Issue a short-lived access token for the broker of config/<name>, as a Vault lease.",
+		HelpDescription: strings.TrimSpace(credsHelp),
+	}}
+}
+
+const credsHelp = `
+Returns access_token, expires_at (RFC 3339), provider, account_ids and readonly,
+plus what the broker reports about the token (finam: md_permissions).
+
+Every reader of a config shares one cached token; it is refreshed in the
+background before it expires, so reads do not wait on the broker. The lease TTL
+is min(ttl, the token's remaining life): renewing extends it up to the token's
+expiry, never past it. Revoking a lease early retires the token from the cache
+so no new lease receives it; brokers offer no API to kill it, so it lives until
+its own expiry.
+`
+
+func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	cfg, tok, err := b.currentToken(ctx, req.Storage, name)
+	if errors.Is(err, errConfigNotFound) {
+		return logical.ErrorResponse("no config named %q: write config/%s first", name, name), nil
+	}
+	if err != nil {
+		return nil, upstreamFailure(name, err)
+	}
+	if err := checkGuards(cfg, tok); err != nil {
+		return nil, logical.CodedError(http.StatusForbidden, fmt.Sprintf("config %q: %v", name, err))
+	}
+	now := b.now()
+	ttl, err := leaseTTL(cfg, b.providers[cfg.Provider].Spec().DefaultTTL, tok, now, now)
+	if err != nil {
+		return nil, logical.CodedError(http.StatusBadGateway, fmt.Sprintf("config %q: %v", name, err))
+	}
+
+	data := map[string]any{
+		"access_token": tok.AccessToken,
+		"expires_at":   formatTime(tok.ExpiresAt),
+		"provider":     cfg.Provider,
+		"account_ids":  tok.AccountIDs,
+		"readonly":     tok.ReadOnly,
+	}
+	for k, v := range tok.Details {
+		data[k] = v
+	}
+	resp := b.Secret(secretTokenType).Response(data, map[string]any{
+		"config":      name,
+		"token_id":    tok.ID,
+		"expires_at":  formatTimeNano(tok.ExpiresAt),
+		"account_ids": tok.AccountIDs,
+		"readonly":    tok.ReadOnly,
+		"lease_end":   formatTimeNano(now.Add(ttl)),
+	})
+	resp.Secret.TTL = ttl
+	resp.Secret.MaxTTL = ttl
+	if cfg.MaxTTL > 0 {
+		resp.Secret.MaxTTL = cfg.MaxTTL
+	}
+	if !tok.ExpiresAt.IsZero() {
+		resp.Secret.MaxTTL = min(resp.Secret.MaxTTL, tok.ExpiresAt.Sub(now).Truncate(time.Second))
+	}
+	return resp, nil
+}
+
+// leaseTTL is min(ttl, the token's remaining life, what max_ttl leaves since
+// issued). defaultTTL applies when the config sets no ttl; zero means the
+// token's whole remaining life.
+func leaseTTL(cfg *brokerConfig, defaultTTL time.Duration, tok *storedToken, issued, now time.Time) (time.Duration, error) {
+	ttl := cfg.TTL
+	if ttl == 0 {
+		ttl = defaultTTL
+	}
+	if !tok.ExpiresAt.IsZero() {
+		remaining := tok.ExpiresAt.Sub(now).Truncate(time.Second)
+		if remaining <= 0 {
+			return 0, fmt.Errorf("the %s token expired at %s", cfg.Provider, formatTime(tok.ExpiresAt))
+		}
+		if ttl == 0 || remaining < ttl {
+			ttl = remaining
+		}
+	}
+	if cfg.MaxTTL > 0 {
+		left := issued.Add(cfg.MaxTTL).Sub(now).Truncate(time.Second)
+		if left <= 0 {
+			return 0, fmt.Errorf("the lease reached max_ttl (%s)", cfg.MaxTTL)
+		}
+		ttl = min(ttl, left)
+	}
+	if ttl <= 0 {
+		ttl = time.Hour
+	}
+	return ttl, nil
+}
+
+// upstreamFailure maps a failed mint to an HTTP status: 429 when the broker
+// rate-limits, 502 otherwise. The text names the config and the broker.
+func upstreamFailure(name string, err error) error {
+	msg := fmt.Sprintf("config %q: %v", name, err)
+	if ue, ok := upstream.AsError(err); ok && ue.Kind == upstream.KindRateLimited {
+		return logical.CodedError(http.StatusTooManyRequests, msg)
+	}
+	return logical.CodedError(http.StatusBadGateway, msg)
+}
+
+func formatTimeNano(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}

@@ -1,0 +1,279 @@
+package backend
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+)
+
+func TestCredsFinam(t *testing.T) {
+	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 15 * time.Minute})
+	h.writeFinam("finam", map[string]any{"ttl": "5m"})
+	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+
+	tok, _ := resp.Data["access_token"].(string)
+	if !h.sb.FinamValid(tok) {
+		t.Fatalf("access_token is not a JWT the sandbox accepts: %q", tok)
+	}
+	claims, err := provider.JWTClaims(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exp, _ := provider.NumericDate(claims, "exp")
+	got, err := time.Parse(time.RFC3339, resp.Data["expires_at"].(string))
+	if err != nil || got.Unix() != exp.Unix() {
+		t.Fatalf("expires_at %v != JWT exp %v", resp.Data["expires_at"], exp)
+	}
+	if resp.Data["provider"] != "finam" || resp.Data["readonly"] != false {
+		t.Fatalf("data = %v", resp.Data)
+	}
+	if accts := resp.Data["account_ids"].([]string); strings.Join(accts, ",") != "1899011,1899012" {
+		t.Fatalf("account_ids = %v", accts)
+	}
+	if perms, ok := resp.Data["md_permissions"].([]map[string]any); !ok || len(perms) == 0 {
+		t.Fatalf("md_permissions = %#v", resp.Data["md_permissions"])
+	}
+	if resp.Secret == nil || resp.Secret.TTL != 5*time.Minute {
+		t.Fatalf("lease TTL = %v, want the configured 5m", resp.Secret.TTL)
+	}
+}
+
+func TestCredsLeaseNeverOutlivesToken(t *testing.T) {
+	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 10 * time.Minute})
+	h.writeFinam("finam", map[string]any{"ttl": "2h"})
+	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	exp, _ := time.Parse(time.RFC3339, resp.Data["expires_at"].(string))
+	if ttl := resp.Secret.TTL; ttl <= 0 || time.Now().Add(ttl).After(exp.Add(time.Second)) {
+		t.Fatalf("lease TTL %v outlives the token (expires %v)", ttl, exp)
+	}
+
+	// Renew never extends past the token's expiry.
+	req := &logical.Request{Operation: logical.RenewOperation, Storage: h.storage, Secret: resp.Secret}
+	req.Secret.IssueTime = time.Now()
+	rr, err := h.b.HandleRequest(context.Background(), req)
+	if err != nil || rr.IsError() {
+		t.Fatalf("renew: %v %v", err, rr)
+	}
+	if time.Now().Add(rr.Secret.TTL).After(exp.Add(time.Second)) {
+		t.Fatalf("renewed TTL %v goes past the token's expiry %v", rr.Secret.TTL, exp)
+	}
+}
+
+func TestRenewFailsOnceTokenExpired(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	h.writeFinam("finam", nil)
+	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	resp.Secret.InternalData["expires_at"] = time.Now().Add(-time.Second).UTC().Format(time.RFC3339Nano)
+	resp.Secret.IssueTime = time.Now().Add(-time.Hour)
+	rr, err := h.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: h.storage, Secret: resp.Secret})
+	if msg := errText(rr, err); !containsAll(msg, "cannot renew", "expired", "read creds/finam") {
+		t.Fatalf("renew of an expired token: %q", msg)
+	}
+}
+
+func TestConcurrentColdReadsMintOnce(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	h.sb.SetLatency(50 * time.Millisecond) // widen the race window
+	h.writeFinam("finam", map[string]any{"verify": false})
+	const readers = 200
+	var wg sync.WaitGroup
+	tokens := make([]string, readers)
+	errs := make([]string, readers)
+	for i := range readers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := h.do(logical.ReadOperation, "creds/finam", nil)
+			if msg := errText(resp, err); msg != "" {
+				errs[i] = msg
+				return
+			}
+			tokens[i] = resp.Data["access_token"].(string)
+		}()
+	}
+	wg.Wait()
+	for i := range readers {
+		if errs[i] != "" {
+			t.Fatalf("reader %d: %s", i, errs[i])
+		}
+		if tokens[i] != tokens[0] {
+			t.Fatal("readers got different tokens")
+		}
+	}
+	if n := h.sb.Calls(sessionsEP); n != 1 {
+		t.Fatalf("%d concurrent cold reads made %d mints, want 1", readers, n)
+	}
+}
+
+func TestRefreshAheadServesWithoutWaiting(t *testing.T) {
+	// A 6 s token: refresh is due at 2 s left, and it stays servable down to
+	// 1 s left (a sixth of its life).
+	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 6 * time.Second})
+	h.writeFinam("finam", nil)
+	first := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+	time.Sleep(4300 * time.Millisecond)
+	h.sb.SetLatency(500 * time.Millisecond)
+	start := time.Now()
+	due := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+	if waited := time.Since(start); waited > 300*time.Millisecond {
+		t.Fatalf("a read with a valid token waited %v on the broker", waited)
+	}
+	if due != first {
+		t.Fatal("a still-valid token was not served while the refresh ran")
+	}
+	if !waitFor(t, 3*time.Second, func() bool { return h.sb.Calls(sessionsEP) == 2 }) {
+		t.Fatalf("background refresh did not mint: %d mints", h.sb.Calls(sessionsEP))
+	}
+	if !waitFor(t, 3*time.Second, func() bool {
+		return h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"] != first
+	}) {
+		t.Fatal("the refreshed token is not served")
+	}
+	if n := h.sb.Calls(sessionsEP); n != 2 {
+		t.Fatalf("mints = %d, want 2", n)
+	}
+}
+
+func TestNearlyExpiredTokenIsNeverHandedOut(t *testing.T) {
+	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 3 * time.Second})
+	h.writeFinam("finam", nil)
+	h.sb.InjectFault(sessionsEP, 503, -1) // no refresh can succeed
+	time.Sleep(2600 * time.Millisecond)   // 0.4 s left < a sixth of 3 s
+	resp, err := h.do(logical.ReadOperation, "creds/finam", nil)
+	if statusOf(resp, err) != 502 || !strings.Contains(errText(resp, err), "HTTP 503") {
+		t.Fatalf("a nearly expired token was served or the error is unclear: %d %s", statusOf(resp, err), errText(resp, err))
+	}
+	// The failure is cached briefly: a second read fails fast without a call.
+	before := h.sb.Calls(sessionsEP)
+	h.do(logical.ReadOperation, "creds/finam", nil)
+	if h.sb.Calls(sessionsEP) != before {
+		t.Fatal("reads keep hammering a failing broker")
+	}
+	st := h.mustOK(logical.ReadOperation, "config/finam", nil)
+	if !strings.Contains(st.Data["last_error"].(string), "HTTP 503") {
+		t.Fatalf("status does not show the failure: %v", st.Data["last_error"])
+	}
+}
+
+func TestFailingBrokerStillServesValidToken(t *testing.T) {
+	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 6 * time.Second})
+	h.writeFinam("finam", nil)
+	first := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+	h.sb.InjectFault(sessionsEP, 503, -1)
+	time.Sleep(4200 * time.Millisecond) // refresh due, still servable
+	for range 5 {
+		if got := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; got != first {
+			t.Fatal("token changed while the broker fails")
+		}
+	}
+}
+
+func TestRestartDoesNotMintAgain(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	h.writeFinam("finam", nil)
+	tok := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+	mints := h.sb.Calls(sessionsEP)
+
+	b2, _ := h.newBackend(h.storage)
+	resp, err := h.doOn(b2, logical.ReadOperation, "creds/finam", nil)
+	if errText(resp, err) != "" {
+		t.Fatal(errText(resp, err))
+	}
+	if resp.Data["access_token"] != tok || h.sb.Calls(sessionsEP) != mints {
+		t.Fatalf("restart minted again (%d -> %d mints)", mints, h.sb.Calls(sessionsEP))
+	}
+}
+
+func TestRevokeEarlyRetiresNaturalExpiryKeeps(t *testing.T) {
+	cases := []struct {
+		name      string
+		leaseEnd  time.Duration // relative to now
+		wantFresh bool
+	}{
+		{"explicit early revoke retires the token", 4 * time.Minute, true},
+		{"revoke at natural expiry keeps the shared token", -time.Second, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, sandbox.Options{})
+			h.writeFinam("finam", map[string]any{"ttl": "5m"})
+			resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+			first := resp.Data["access_token"]
+			resp.Secret.InternalData["lease_end"] = time.Now().Add(tc.leaseEnd).UTC().Format(time.RFC3339Nano)
+			revoke := &logical.Request{Operation: logical.RevokeOperation, Storage: h.storage, Secret: resp.Secret}
+			for i := range 2 { // idempotent: a second revoke is harmless
+				if rr, err := h.b.HandleRequest(context.Background(), revoke); errText(rr, err) != "" {
+					t.Fatalf("revoke %d: %s", i+1, errText(rr, err))
+				}
+			}
+			next := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+			if fresh := next != first; fresh != tc.wantFresh {
+				t.Fatalf("new token after revoke = %v, want %v", fresh, tc.wantFresh)
+			}
+			// The retirement survives a restart.
+			b2, _ := h.newBackend(h.storage)
+			again, err := h.doOn(b2, logical.ReadOperation, "creds/finam", nil)
+			if errText(again, err) != "" || again.Data["access_token"] != next {
+				t.Fatal("after restart a different token is served")
+			}
+		})
+	}
+}
+
+func TestRevokeOfGoneConfigSucceeds(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	h.writeFinam("finam", nil)
+	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	h.mustOK(logical.DeleteOperation, "config/finam", nil)
+	resp.Secret.InternalData["lease_end"] = time.Now().Add(time.Hour).UTC().Format(time.RFC3339Nano)
+	rr, err := h.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RevokeOperation, Storage: h.storage, Secret: resp.Secret})
+	if errText(rr, err) != "" {
+		t.Fatalf("revoke after config delete failed: %s", errText(rr, err))
+	}
+	rr, err = h.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: h.storage, Secret: resp.Secret})
+	if !strings.Contains(errText(rr, err), "was deleted") {
+		t.Fatalf("renew after delete: %q", errText(rr, err))
+	}
+}
+
+func TestGuardsCheckedAtReadAndRenew(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	h.writeFinam("finam", nil)
+	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	// Tighten the guard without re-verifying: reads and renews must refuse.
+	h.mustOK(logical.UpdateOperation, "config/finam", map[string]any{"allowed_accounts": "1899011", "verify": false})
+	r, err := h.do(logical.ReadOperation, "creds/finam", nil)
+	if statusOf(r, err) != 403 || !strings.Contains(errText(r, err), "1899012") {
+		t.Fatalf("read with failing guard: %d %s", statusOf(r, err), errText(r, err))
+	}
+	rr, err := h.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: h.storage, Secret: resp.Secret})
+	if statusOf(rr, err) != 403 || !strings.Contains(errText(rr, err), "allowed_accounts") {
+		t.Fatalf("renew with failing guard: %s", errText(rr, err))
+	}
+
+	// A read-only secret passes require_readonly.
+	h.sb.AddFinamSecret("ro-secret", []string{"1899011"}, true)
+	h.mustOK(logical.UpdateOperation, "config/ro", map[string]any{"provider": "finam", "secret": "ro-secret", "base_url": h.url, "require_readonly": true, "allowed_accounts": "1899011"})
+	if got := h.mustOK(logical.ReadOperation, "creds/ro", nil).Data["readonly"]; got != true {
+		t.Fatalf("readonly = %v", got)
+	}
+}
+
+func TestSecretChangeDropsOldToken(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	h.writeFinam("finam", nil)
+	first := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+	h.sb.AddFinamSecret("second-secret", []string{"42"}, true)
+	h.mustOK(logical.UpdateOperation, "config/finam", map[string]any{"secret": "second-secret", "verify": false})
+	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	if resp.Data["access_token"] == first || strings.Join(resp.Data["account_ids"].([]string), ",") != "42" {
+		t.Fatal("a token of the old secret is still served")
+	}
+}

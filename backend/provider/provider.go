@@ -1,0 +1,88 @@
+// Package provider defines what the backend needs to know about one broker.
+//
+// A provider knows the broker's protocol and token semantics and nothing of
+// Vault: the backend owns storage, leases, caching and policy. Adding a broker
+// is one package implementing Provider and one line in the backend's registry.
+package provider
+
+import (
+	"context"
+	"time"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+)
+
+// Kind says how the credential handed out relates to the long-lived secret,
+// which decides what a lease renew and revoke mean.
+type Kind int
+
+const (
+	// Minted providers exchange the long-lived secret for a short-lived token
+	// with an expiry set by the broker. Renew extends a lease up to that expiry,
+	// never past it; revoke retires the token from the cache.
+	Minted Kind = iota + 1
+	// Passthrough providers hand out the long-lived token itself after
+	// validating it. Renew validates it upstream again; nothing can be revoked.
+	Passthrough
+)
+
+// Field describes one provider-specific config field.
+type Field struct {
+	Name        string
+	Secret      bool // write-only, never shown, trimmed of surrounding whitespace
+	Required    bool // required when the config is created
+	Description string
+}
+
+// Spec is the static description of a provider.
+type Spec struct {
+	Name string
+	// Display is the broker's name as users know it, used in messages.
+	Display string
+	Kind    Kind
+	// Fields are the provider-specific fields this provider accepts.
+	Fields []Field
+	// Environments maps an environment name to the broker's default base URL.
+	Environments map[string]string
+	// DefaultTTL is the lease TTL when the config sets none. Zero means
+	// "as long as the token lives" (Minted providers).
+	DefaultTTL time.Duration
+}
+
+// Request is what a provider receives for one upstream operation.
+type Request struct {
+	BaseURL string
+	Client  *upstream.Client
+	// Secrets holds the long-lived secret fields by field name.
+	Secrets map[string]string
+	// AllowedAccounts lets a broker that can narrow a token do so.
+	AllowedAccounts []string
+}
+
+// Token is a credential obtained from (or validated by) the broker, with what
+// the broker reported about it.
+type Token struct {
+	AccessToken string
+	// IssuedAt and ExpiresAt bound the token's life as the broker reported
+	// it, corrected for clock skew. ExpiresAt is zero for a token whose
+	// expiry the broker does not tell (Passthrough).
+	IssuedAt  time.Time
+	ExpiresAt time.Time
+	// AccountIDs are the accounts the token reaches.
+	AccountIDs []string
+	// ReadOnly is true when the broker reports the token cannot trade.
+	ReadOnly bool
+	// Details holds provider-specific facts returned with the creds
+	// (Finam md_permissions, ...). Values must be JSON-friendly.
+	Details map[string]any
+}
+
+// Provider is one broker.
+type Provider interface {
+	Spec() Spec
+	// Issue obtains a token: mints one from the long-lived secret (Minted),
+	// or validates the long-lived token and reports what it can do
+	// (Passthrough). Errors should be *upstream.Error where the broker was
+	// reached.
+	Issue(ctx context.Context, req Request) (*Token, error)
+}

@@ -1,0 +1,356 @@
+package backend
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+)
+
+// Token core timing. Lifetimes come from the broker; these are fractions of
+// them, so they hold for a 15-minute Finam JWT and a 24-hour ChatApp token.
+const (
+	// A token is refreshed in the background once a third of its life is left.
+	refreshAtFraction = 3
+	// A token with less than min(60 s, a sixth of its life) left is never
+	// handed out: the reader would get a token that dies in its hands.
+	minRemainingCap      = 60 * time.Second
+	minRemainingFraction = 6
+	// After a failed mint with no usable token, reads fail fast with the
+	// broker's error for this long instead of piling up on a failing broker.
+	failFastFor = 5 * time.Second
+	// Background refresh retries back off from this to maxRefreshBackoff.
+	refreshBackoff    = 5 * time.Second
+	maxRefreshBackoff = 2 * time.Minute
+	// mintTimeout bounds one mint, whoever waits on it.
+	mintTimeout = 30 * time.Second
+)
+
+var errConfigNotFound = errors.New("config not found")
+
+// configState is the in-memory state of one config: its settings, its HTTP
+// client and its current token, shared by every reader.
+type configState struct {
+	name string
+
+	mu     sync.Mutex
+	loaded bool
+	cfg    *brokerConfig
+	client *upstream.Client
+	rec    tokenRecord
+	// gen changes whenever the config changes, so a mint started under the
+	// old settings is not installed.
+	gen    uint64
+	flight *flight
+	// failErr is returned without calling the broker until failUntil.
+	failErr   error
+	failUntil time.Time
+	// background refresh backoff after failures.
+	failures  int
+	nextRetry time.Time
+}
+
+type flight struct {
+	done chan struct{}
+	tok  *storedToken
+	err  error
+}
+
+func (st *configState) close() {
+	if st.client != nil {
+		st.client.Close()
+	}
+}
+
+// state returns the state of a config, creating an empty one.
+func (b *backend) state(name string) *configState {
+	b.mu.RLock()
+	st := b.states[name]
+	b.mu.RUnlock()
+	if st != nil {
+		return st
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if st = b.states[name]; st == nil {
+		st = &configState{name: name}
+		b.states[name] = st
+	}
+	return st
+}
+
+func (b *backend) dropState(name string) {
+	b.mu.Lock()
+	st := b.states[name]
+	delete(b.states, name)
+	b.mu.Unlock()
+	if st != nil {
+		st.mu.Lock()
+		st.gen++
+		st.close()
+		st.mu.Unlock()
+	}
+}
+
+// loadLocked reads the config and its token from storage once.
+func (b *backend) loadLocked(ctx context.Context, s logical.Storage, st *configState) error {
+	if st.loaded {
+		return nil
+	}
+	cfg, err := readConfig(ctx, s, st.name)
+	if err != nil {
+		return err
+	}
+	rec, err := readTokenRecord(ctx, s, st.name)
+	if err != nil {
+		return err
+	}
+	st.cfg, st.rec, st.loaded = cfg, rec, true
+	return nil
+}
+
+// config returns the cached config (nil if none).
+func (b *backend) config(ctx context.Context, s logical.Storage, name string) (*brokerConfig, error) {
+	st := b.state(name)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if err := b.loadLocked(ctx, s, st); err != nil {
+		return nil, err
+	}
+	return st.cfg, nil
+}
+
+// status returns the config and a copy of its token record.
+func (b *backend) status(ctx context.Context, s logical.Storage, name string) (*brokerConfig, tokenRecord, error) {
+	st := b.state(name)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if err := b.loadLocked(ctx, s, st); err != nil {
+		return nil, tokenRecord{}, err
+	}
+	return st.cfg, st.rec, nil
+}
+
+// usable reports whether tok may be handed out at now.
+func usable(tok *storedToken, now time.Time) bool {
+	if tok == nil {
+		return false
+	}
+	if tok.ExpiresAt.IsZero() {
+		return true
+	}
+	return tok.ExpiresAt.Sub(now) >= minRemaining(tok)
+}
+
+func minRemaining(tok *storedToken) time.Duration {
+	return min(minRemainingCap, tok.ExpiresAt.Sub(tok.IssuedAt)/minRemainingFraction)
+}
+
+// dueForRefresh reports whether a third or less of tok's life is left.
+func dueForRefresh(tok *storedToken, now time.Time) bool {
+	if tok.ExpiresAt.IsZero() {
+		return false
+	}
+	life := tok.ExpiresAt.Sub(tok.IssuedAt)
+	return tok.ExpiresAt.Sub(now) <= life/refreshAtFraction
+}
+
+// currentToken returns the config and a token to hand out. A valid cached
+// token is returned at once (starting a background refresh when it is due);
+// otherwise every concurrent caller waits on one single mint.
+func (b *backend) currentToken(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
+	st := b.state(name)
+	st.mu.Lock()
+	if err := b.loadLocked(ctx, s, st); err != nil {
+		st.mu.Unlock()
+		return nil, nil, err
+	}
+	cfg := st.cfg
+	if cfg == nil {
+		st.mu.Unlock()
+		return nil, nil, errConfigNotFound
+	}
+	now := b.now()
+	if tok := st.rec.Token; usable(tok, now) {
+		if dueForRefresh(tok, now) && st.flight == nil && !now.Before(st.nextRetry) {
+			b.startMintLocked(st)
+		}
+		st.mu.Unlock()
+		return cfg, tok, nil
+	}
+	if st.failErr != nil && now.Before(st.failUntil) {
+		err := st.failErr
+		st.mu.Unlock()
+		return nil, nil, err
+	}
+	f := st.flight
+	if f == nil {
+		f = b.startMintLocked(st)
+	}
+	st.mu.Unlock()
+
+	select {
+	case <-f.done:
+	case <-ctx.Done():
+		return nil, nil, fmt.Errorf("waiting for %s token of %q: %w", cfg.Provider, name, ctx.Err())
+	}
+	if f.err != nil {
+		return nil, nil, f.err
+	}
+	return cfg, f.tok, nil
+}
+
+// startMintLocked starts the single mint of st; st.mu must be held. The mint
+// runs on the backend's context, not the reader's: a reader that gives up
+// does not abort the mint others are waiting on.
+func (b *backend) startMintLocked(st *configState) *flight {
+	f := &flight{done: make(chan struct{})}
+	st.flight = f
+	cfg, client, gen := st.cfg, st.client, st.gen
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		ctx, cancel := context.WithTimeout(b.ctx, mintTimeout)
+		defer cancel()
+		tok, err := b.mint(ctx, cfg, client)
+		b.finishMint(ctx, st, f, gen, tok, err)
+	}()
+	return f
+}
+
+// finishMint persists and installs a mint's outcome, then releases waiters.
+func (b *backend) finishMint(ctx context.Context, st *configState, f *flight, gen uint64, tok *storedToken, err error) {
+	now := b.now()
+	st.mu.Lock()
+	current := st.gen == gen
+	rec := st.rec
+	if err != nil {
+		rec.LastError, rec.LastErrorAt = err.Error(), now
+		if current {
+			st.failures++
+			st.nextRetry = now.Add(min(refreshBackoff<<min(st.failures-1, 8), maxRefreshBackoff))
+			if !usable(st.rec.Token, now) {
+				st.failErr, st.failUntil = err, now.Add(failFastFor)
+			}
+		}
+	} else {
+		rec = tokenRecord{Token: tok, LastRefresh: now}
+		if current {
+			st.failures, st.nextRetry, st.failErr = 0, time.Time{}, nil
+		}
+	}
+	if current {
+		st.rec = rec
+		st.flight = nil
+	}
+	st.mu.Unlock()
+
+	// Persist outside the lock: readers keep being served meanwhile. A lost
+	// write only costs a mint after a restart, so it is logged, not fatal.
+	if current && b.storage != nil {
+		if werr := writeTokenRecord(ctx, b.storage, st.name, rec); werr != nil {
+			b.Logger().Warn("could not persist token; a restart will mint again", "config", st.name, "error", werr)
+		}
+	}
+	if err != nil {
+		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
+	} else {
+		b.Logger().Debug("token minted", "config", st.name, "expires_at", tok.ExpiresAt)
+	}
+	f.tok, f.err = tok, err
+	close(f.done)
+}
+
+// mint asks the provider for a token under cfg.
+func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.Client) (*storedToken, error) {
+	p, ok := b.providers[cfg.Provider]
+	if !ok {
+		return nil, fmt.Errorf("provider %q is not supported by this plugin version", cfg.Provider)
+	}
+	if client == nil {
+		var err error
+		if client, err = newClient(p.Spec(), cfg); err != nil {
+			return nil, err
+		}
+		defer client.Close()
+	}
+	tok, err := p.Issue(ctx, provider.Request{
+		BaseURL:         baseURL(p.Spec(), cfg),
+		Client:          client,
+		Secrets:         cfg.Secrets,
+		AllowedAccounts: cfg.AllowedAccounts,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return toStored(tok), nil
+}
+
+func toStored(t *provider.Token) *storedToken {
+	sum := sha256.Sum256([]byte(t.AccessToken))
+	accounts := t.AccountIDs
+	if accounts == nil {
+		accounts = []string{}
+	}
+	return &storedToken{
+		ID:          hex.EncodeToString(sum[:12]),
+		AccessToken: t.AccessToken,
+		IssuedAt:    t.IssuedAt,
+		ExpiresAt:   t.ExpiresAt,
+		AccountIDs:  accounts,
+		ReadOnly:    t.ReadOnly,
+		Details:     t.Details,
+	}
+}
+
+func newClient(spec provider.Spec, cfg *brokerConfig) (*upstream.Client, error) {
+	return upstream.New(upstream.Options{Broker: spec.Display, CACertPEM: cfg.CACert})
+}
+
+func baseURL(spec provider.Spec, cfg *brokerConfig) string {
+	if cfg.BaseURL != "" {
+		return cfg.BaseURL
+	}
+	return spec.Environments[cfg.Environment]
+}
+
+// install replaces a config's state after a config write: new settings, a new
+// client, and the token (nil to drop it).
+func (b *backend) install(name string, cfg *brokerConfig, client *upstream.Client, rec tokenRecord) {
+	st := b.state(name)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.close()
+	st.cfg, st.client, st.rec, st.loaded = cfg, client, rec, true
+	st.gen++
+	st.flight = nil
+	st.failErr, st.failures, st.nextRetry = nil, 0, time.Time{}
+}
+
+// retire drops tok from a config's cache so no new lease receives it, and
+// persists that. It is a no-op if the token is no longer current.
+func (b *backend) retire(ctx context.Context, s logical.Storage, name, tokenID string) error {
+	st := b.state(name)
+	st.mu.Lock()
+	if err := b.loadLocked(ctx, s, st); err != nil {
+		st.mu.Unlock()
+		return err
+	}
+	if st.cfg == nil || st.rec.Token == nil || st.rec.Token.ID != tokenID {
+		st.mu.Unlock()
+		return nil
+	}
+	st.rec.Token = nil
+	rec := st.rec
+	st.mu.Unlock()
+	b.Logger().Info("token retired by an early lease revoke", "config", name, "token_id", tokenID)
+	return writeTokenRecord(ctx, s, name, rec)
+}

@@ -1,0 +1,305 @@
+// Package upstream is the one HTTP layer every provider talks to its broker
+// through: timeouts bound to the request context, a cap on response size, no
+// redirects, retries with backoff for idempotent calls, and errors that name
+// the broker and never carry a secret.
+package upstream
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+)
+
+// Defaults chosen so a stuck broker cannot hold a Vault request for long and
+// a hostile one cannot exhaust memory.
+const (
+	DefaultTimeout     = 15 * time.Second
+	DefaultMaxBody     = 1 << 20
+	DefaultMaxAttempts = 3
+	maxRetryWait       = 10 * time.Second
+)
+
+// Options configure a Client.
+type Options struct {
+	// Broker is the display name used in errors.
+	Broker string
+	// CACertPEM, if set, replaces the system roots for this broker.
+	CACertPEM string
+	Timeout   time.Duration
+	MaxBody   int64
+	// MaxAttempts bounds tries of idempotent calls on retryable failures.
+	MaxAttempts int
+}
+
+// Client talks to one broker endpoint.
+type Client struct {
+	broker      string
+	http        *http.Client
+	maxBody     int64
+	maxAttempts int
+}
+
+// New builds a Client. It fails only on an unusable CA bundle.
+func New(opts Options) (*Client, error) {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConnsPerHost = 16
+	if opts.CACertPEM != "" {
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM([]byte(opts.CACertPEM)) {
+			return nil, errors.New("ca_cert holds no PEM certificate")
+		}
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	c := &Client{
+		broker:      opts.Broker,
+		maxBody:     opts.MaxBody,
+		maxAttempts: opts.MaxAttempts,
+		http: &http.Client{
+			Transport: tr,
+			Timeout:   opts.Timeout,
+			// A redirect could carry a secret to another host: never follow.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+	}
+	if c.http.Timeout <= 0 {
+		c.http.Timeout = DefaultTimeout
+	}
+	if c.maxBody <= 0 {
+		c.maxBody = DefaultMaxBody
+	}
+	if c.maxAttempts <= 0 {
+		c.maxAttempts = DefaultMaxAttempts
+	}
+	return c, nil
+}
+
+// Close releases idle connections.
+func (c *Client) Close() { c.http.CloseIdleConnections() }
+
+// Broker is the display name of the broker this client talks to.
+func (c *Client) Broker() string { return c.broker }
+
+// Call is one HTTP request to a broker.
+type Call struct {
+	Method string
+	URL    string
+	Header http.Header
+	// JSON, if non-nil, is marshalled as the request body.
+	JSON any
+	// Idempotent calls are retried on 429/5xx/connection errors. A call that
+	// may spend a quota must leave this false.
+	Idempotent bool
+	// Op names the call in errors ("POST /v1/sessions"); never a full URL,
+	// which may carry a secret in its query.
+	Op string
+	// Secrets are scrubbed from anything the broker says back.
+	Secrets []string
+}
+
+// Response is a broker's answer, its body already read (and capped).
+type Response struct {
+	Status int
+	Header http.Header
+	Body   []byte
+}
+
+// Do sends the call, retrying idempotent calls on transient failures with
+// exponential backoff and jitter, honouring Retry-After and x-ratelimit-reset.
+// Any HTTP status is returned as a Response; only transport failures and
+// exhausted retries of 429/5xx are errors. classify maps a non-2xx response to
+// an error; it may be nil.
+func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Error) (*Response, error) {
+	var body []byte
+	if call.JSON != nil {
+		var err error
+		if body, err = json.Marshal(call.JSON); err != nil {
+			return nil, fmt.Errorf("%s %s: encoding request: %w", c.broker, call.Op, err)
+		}
+	}
+	attempts := 1
+	if call.Idempotent {
+		attempts = c.maxAttempts
+	}
+	var lastErr *Error
+	for i := 0; i < attempts; i++ {
+		if i > 0 {
+			wait := backoff(i, lastErr.RetryAfter)
+			t := time.NewTimer(wait)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil, lastErr
+			case <-t.C:
+			}
+		}
+		resp, err := c.once(ctx, call, body)
+		if err != nil {
+			lastErr = err
+			if ctx.Err() != nil || !err.Retryable() {
+				return nil, err
+			}
+			continue
+		}
+		if resp.Status >= 200 && resp.Status < 300 {
+			return resp, nil
+		}
+		var ue *Error
+		if classify != nil {
+			ue = classify(resp)
+		}
+		if ue == nil {
+			ue = c.GenericError(call, resp)
+		}
+		if ue.RetryAfter == 0 {
+			ue.RetryAfter = RetryAfter(resp.Header)
+		}
+		lastErr = ue
+		if !ue.Retryable() {
+			return resp, ue
+		}
+	}
+	return nil, lastErr
+}
+
+func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *Error) {
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, call.Method, call.URL, rd)
+	if err != nil {
+		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindRejected, Message: "invalid request URL"}
+	}
+	for k, vs := range call.Header {
+		for _, v := range vs {
+			req.Header.Add(k, v)
+		}
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Message: Scrub(transportMessage(err), call.Secrets...), Hint: tlsHint(err)}
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, c.maxBody+1))
+	if err != nil {
+		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Status: resp.StatusCode, Message: "reading response: " + Scrub(transportMessage(err), call.Secrets...)}
+	}
+	if int64(len(data)) > c.maxBody {
+		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindBadResponse, Status: resp.StatusCode, Message: fmt.Sprintf("response larger than %d bytes", c.maxBody)}
+	}
+	return &Response{Status: resp.StatusCode, Header: resp.Header, Body: data}, nil
+}
+
+// GenericError classifies a non-2xx response by status alone, quoting a short
+// scrubbed excerpt of the body.
+func (c *Client) GenericError(call Call, resp *Response) *Error {
+	e := &Error{Broker: c.broker, Op: call.Op, Status: resp.Status, Message: Scrub(Excerpt(resp.Body), call.Secrets...)}
+	e.Kind = KindForStatus(resp.Status)
+	return e
+}
+
+// KindForStatus maps an HTTP status to a failure kind.
+func KindForStatus(status int) Kind {
+	switch {
+	case status == http.StatusUnauthorized || status == http.StatusForbidden:
+		return KindAuth
+	case status == http.StatusTooManyRequests:
+		return KindRateLimited
+	case status >= 500:
+		return KindUnavailable
+	case status >= 300 && status < 400:
+		return KindBadResponse
+	default:
+		return KindRejected
+	}
+}
+
+// Excerpt returns at most 200 bytes of a body for an error message, with
+// control characters removed.
+func Excerpt(b []byte) string {
+	const max = 200
+	s := []rune(string(b))
+	out := make([]rune, 0, min(len(s), max))
+	for _, r := range s {
+		if len(out) >= max {
+			out = append(out, '…')
+			break
+		}
+		if r < 0x20 {
+			r = ' '
+		}
+		out = append(out, r)
+	}
+	return string(bytes.TrimSpace([]byte(string(out))))
+}
+
+// RetryAfter reads how long a broker asked us to wait: Retry-After (seconds
+// or an HTTP date) or x-ratelimit-reset (seconds until the window resets).
+func RetryAfter(h http.Header) time.Duration {
+	if v := h.Get("Retry-After"); v != "" {
+		if s, err := strconv.Atoi(v); err == nil && s >= 0 {
+			return time.Duration(s) * time.Second
+		}
+		if t, err := http.ParseTime(v); err == nil {
+			return max(time.Until(t), 0)
+		}
+	}
+	if v := h.Get("x-ratelimit-reset"); v != "" {
+		if s, err := strconv.Atoi(v); err == nil && s >= 0 {
+			return time.Duration(s) * time.Second
+		}
+	}
+	return 0
+}
+
+// backoff is exponential with full jitter, but never shorter than what the
+// broker asked for and never longer than maxRetryWait.
+func backoff(attempt int, asked time.Duration) time.Duration {
+	base := 200 * time.Millisecond << (attempt - 1)
+	d := base/2 + rand.N(base/2+1)
+	if asked > d {
+		d = asked
+	}
+	return min(d, maxRetryWait)
+}
+
+// transportMessage describes a transport error without the URL, which may
+// hold a secret in its query string.
+func transportMessage(err error) string {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return "timed out"
+	}
+	return err.Error()
+}
+
+func tlsHint(err error) string {
+	var ua x509.UnknownAuthorityError
+	if errors.As(err, &ua) {
+		return "the broker's certificate is signed by an authority this Vault does not trust: set ca_cert to the PEM bundle of that authority"
+	}
+	var cv *tls.CertificateVerificationError
+	if errors.As(err, &cv) {
+		return "the broker's certificate could not be verified: check base_url, or set ca_cert to the PEM bundle of its authority"
+	}
+	return ""
+}

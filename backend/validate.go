@@ -1,0 +1,131 @@
+package backend
+
+import (
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"strings"
+)
+
+// fieldError is a rejected input; its text names the field.
+type fieldError struct {
+	field string
+	msg   string
+}
+
+func (e *fieldError) Error() string { return fmt.Sprintf("%s: %s", e.field, e.msg) }
+
+func badField(field, format string, args ...any) error {
+	return &fieldError{field: field, msg: fmt.Sprintf(format, args...)}
+}
+
+// validateBaseURL requires https, except for loopback hosts (a local proxy or
+// test double), and refuses parts that could smuggle credentials or change
+// the broker's paths.
+func validateBaseURL(raw string) (string, error) {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return "", badField("base_url", "must be an absolute URL such as https://api.example.com")
+	}
+	if u.User != nil {
+		return "", badField("base_url", "must not contain credentials")
+	}
+	if u.RawQuery != "" || u.Fragment != "" {
+		return "", badField("base_url", "must not have a query or fragment")
+	}
+	switch u.Scheme {
+	case "https":
+	case "http":
+		if !isLoopback(u.Hostname()) {
+			return "", badField("base_url", "must use https (http is allowed only for loopback addresses)")
+		}
+	default:
+		return "", badField("base_url", "scheme must be https")
+	}
+	return strings.TrimRight(u.String(), "/"), nil
+}
+
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// validateCACert requires at least one parseable certificate and nothing
+// else in the bundle.
+func validateCACert(pemText string) error {
+	rest := []byte(pemText)
+	n := 0
+	for {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			return badField("ca_cert", "PEM block %q is not a CERTIFICATE", blk.Type)
+		}
+		if _, err := x509.ParseCertificate(blk.Bytes); err != nil {
+			return badField("ca_cert", "certificate %d does not parse: %v", n+1, err)
+		}
+		n++
+	}
+	if n == 0 {
+		return badField("ca_cert", "holds no PEM certificate")
+	}
+	if len(strings.TrimSpace(string(rest))) > 0 {
+		return badField("ca_cert", "has trailing data that is not PEM")
+	}
+	return nil
+}
+
+// normalizeAccounts trims, drops duplicates and refuses empty entries.
+func normalizeAccounts(in []string) ([]string, error) {
+	seen := map[string]bool{}
+	out := make([]string, 0, len(in))
+	for _, a := range in {
+		a = strings.TrimSpace(a)
+		if a == "" {
+			return nil, badField("allowed_accounts", "has an empty account id")
+		}
+		if strings.ContainsAny(a, " \t\n") {
+			return nil, badField("allowed_accounts", "account id %q contains whitespace", a)
+		}
+		if !seen[a] {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	return out, nil
+}
+
+var errGuard = errors.New("guard refused the token")
+
+// checkGuards applies require_readonly and allowed_accounts to what the
+// broker reported about tok. The error names the offending accounts.
+func checkGuards(cfg *brokerConfig, tok *storedToken) error {
+	if cfg.RequireReadOnly && !tok.ReadOnly {
+		return fmt.Errorf("%w: require_readonly is set but %s reports this token can trade (accounts %s)", errGuard, cfg.Provider, strings.Join(tok.AccountIDs, ", "))
+	}
+	if len(cfg.AllowedAccounts) > 0 {
+		allowed := map[string]bool{}
+		for _, a := range cfg.AllowedAccounts {
+			allowed[a] = true
+		}
+		var outside []string
+		for _, a := range tok.AccountIDs {
+			if !allowed[a] {
+				outside = append(outside, a)
+			}
+		}
+		if len(outside) > 0 {
+			return fmt.Errorf("%w: the token reaches accounts outside allowed_accounts: %s", errGuard, strings.Join(outside, ", "))
+		}
+	}
+	return nil
+}
