@@ -1,0 +1,42 @@
+# The two commands a newcomer needs:
+#   make dev    a dev Vault with the plugin and the broker sandbox, ready for
+#               `vault read broker/creds/finam` (Ctrl-C stops it all)
+#   make test   formatting, vet, unit tests and end-to-end tests on real Vault
+
+VERSION ?= v0.1.0
+GO      ?= go
+PLUGIN  := vault-plugin-secrets-broker
+LDFLAGS := -X main.version=$(VERSION)
+
+.PHONY: build plugin sandbox vault dev test check unit e2e clean
+
+build: plugin sandbox
+
+plugin:
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
+
+sandbox:
+	$(GO) build -trimpath -o bin/broker-sandbox ./cmd/broker-sandbox
+
+# The real Vault binary, built once from tools/vault and cached outside the clone.
+vault:
+	@scripts/build-vault.sh
+
+dev: build vault
+	@VERSION=$(VERSION) scripts/dev.sh
+
+test: check unit e2e
+
+check:
+	@unformatted=$$(gofmt -l backend cmd scripts tools); \
+	  if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 ./backend/... ./cmd/...
+
+e2e: vault
+	VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -count=1 -timeout 30m ./scripts/...
+
+clean:
+	rm -rf bin tmp

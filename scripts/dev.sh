@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# `make dev`: the sandbox and a dev Vault with the plugin registered through
+# the catalog and mounted at broker/, config/finam written against the
+# sandbox. Ctrl-C stops everything.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+VERSION=${VERSION:-v0.1.0}
+VAULT_PORT=${VAULT_PORT:-8200}
+SANDBOX_ADDR=${SANDBOX_ADDR:-127.0.0.1:9400}
+plugin=vault-plugin-secrets-broker
+work="$root/tmp/dev"
+mkdir -p "$work"
+export VAULT_ADDR="http://127.0.0.1:$VAULT_PORT" VAULT_TOKEN=root
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo
+  echo "==> Stopping Vault and the sandbox"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  exit 0
+}
+trap cleanup INT TERM EXIT
+
+step() { printf '==> %s\n' "$*"; }
+fail() { printf 'error: %s\n' "$*" >&2; exit 1; }
+wait_http() { # url what log
+  for _ in $(seq 1 150); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  tail -n 30 "$3" >&2 || true
+  fail "$2 did not start (log: $3)"
+}
+
+step "Starting the broker sandbox on $SANDBOX_ADDR (log: tmp/dev/sandbox.log)"
+bin/broker-sandbox -addr "$SANDBOX_ADDR" >"$work/sandbox.log" 2>&1 &
+pids+=($!)
+wait_http "http://$SANDBOX_ADDR/_sandbox/calls" "the sandbox" "$work/sandbox.log"
+
+step "Starting a Vault dev server on $VAULT_ADDR (log: tmp/dev/vault.log)"
+printf 'plugin_directory = "%s"\n' "$root/bin/plugins" >"$work/vault.hcl"
+bin/vault server -dev -dev-root-token-id=root -dev-listen-address="127.0.0.1:$VAULT_PORT" \
+  -config="$work/vault.hcl" >"$work/vault.log" 2>&1 &
+pids+=($!)
+wait_http "$VAULT_ADDR/v1/sys/health" "Vault" "$work/vault.log"
+
+step "Registering $plugin $VERSION in the plugin catalog"
+sha=$(sha256sum "bin/plugins/$plugin" | cut -d' ' -f1)
+bin/vault plugin register -sha256="$sha" -version="$VERSION" secret "$plugin" >/dev/null
+bin/vault secrets enable -path=broker "$plugin" >/dev/null
+
+step "Writing broker/config/finam against the sandbox"
+bin/vault write broker/config/finam provider=finam secret=sandbox-finam-secret \
+  base_url="http://$SANDBOX_ADDR" >/dev/null
+
+cat <<BANNER
+
+  Ready. Vault $(bin/vault version | awk '{print $2}' | tr -d ,) with $plugin $VERSION, mounted at broker/.
+
+  In another shell:
+
+    export VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=root
+    export PATH="$root/bin:\$PATH"
+
+    vault read broker/creds/finam          # a short-lived Finam JWT, as a lease
+    vault read broker/config/finam         # settings and status, never the secret
+    vault lease revoke <lease_id>          # retires the token from the cache
+    curl -s http://$SANDBOX_ADDR/_sandbox/calls   # upstream calls the sandbox saw
+
+  Ctrl-C stops Vault and the sandbox.
+
+BANNER
+wait -n "${pids[@]}" || true
+trap - EXIT
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+fail "Vault or the sandbox exited; see tmp/dev/*.log"
