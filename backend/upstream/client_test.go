@@ -1,0 +1,168 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestRetryAfter(t *testing.T) {
+	cases := []struct {
+		name   string
+		header map[string]string
+		want   time.Duration
+	}{
+		{"none", nil, 0},
+		{"seconds", map[string]string{"Retry-After": "7"}, 7 * time.Second},
+		{"ratelimit reset", map[string]string{"x-ratelimit-reset": "12"}, 12 * time.Second},
+		{"retry-after wins", map[string]string{"Retry-After": "3", "x-ratelimit-reset": "12"}, 3 * time.Second},
+		{"garbage", map[string]string{"Retry-After": "soon"}, 0},
+		{"negative", map[string]string{"x-ratelimit-reset": "-5"}, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := http.Header{}
+			for k, v := range tc.header {
+				h.Set(k, v)
+			}
+			if got := RetryAfter(h); got != tc.want {
+				t.Fatalf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestDoRetriesIdempotentCallsOnly(t *testing.T) {
+	cases := []struct {
+		name       string
+		status     int
+		idempotent bool
+		wantCalls  int32
+		wantKind   Kind
+	}{
+		{"503 idempotent retried", 503, true, 3, KindUnavailable},
+		{"429 idempotent retried", 429, true, 3, KindRateLimited},
+		{"503 non-idempotent once", 503, false, 1, KindUnavailable},
+		{"401 never retried", 401, true, 1, KindAuth},
+		{"400 never retried", 400, true, 1, KindRejected},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var calls atomic.Int32
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				calls.Add(1)
+				w.WriteHeader(tc.status)
+				w.Write([]byte(`{"message":"nope"}`))
+			}))
+			defer srv.Close()
+			c, _ := New(Options{Broker: "Test"})
+			_, err := c.Do(context.Background(), Call{Method: "POST", URL: srv.URL, Idempotent: tc.idempotent, Op: "POST /x"}, nil)
+			ue, ok := AsError(err)
+			if !ok || ue.Kind != tc.wantKind || ue.Status != tc.status {
+				t.Fatalf("err = %v", err)
+			}
+			if calls.Load() != tc.wantCalls {
+				t.Fatalf("calls = %d, want %d", calls.Load(), tc.wantCalls)
+			}
+		})
+	}
+}
+
+func TestDoSucceedsAfterTransientFailure(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) == 1 {
+			w.Header().Set("Retry-After", "0")
+			w.WriteHeader(502)
+			return
+		}
+		w.Write([]byte(`{"ok":true}`))
+	}))
+	defer srv.Close()
+	c, _ := New(Options{Broker: "Test"})
+	resp, err := c.Do(context.Background(), Call{Method: "GET", URL: srv.URL, Idempotent: true, Op: "GET /"}, nil)
+	if err != nil || string(resp.Body) != "{\"ok\":true}" {
+		t.Fatalf("resp=%v err=%v", resp, err)
+	}
+}
+
+func TestDoCapsResponseSize(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(strings.Repeat("x", 4096)))
+	}))
+	defer srv.Close()
+	c, _ := New(Options{Broker: "Test", MaxBody: 1024})
+	_, err := c.Do(context.Background(), Call{Method: "GET", URL: srv.URL, Op: "GET /"}, nil)
+	if ue, ok := AsError(err); !ok || ue.Kind != KindBadResponse || !strings.Contains(ue.Error(), "larger than 1024") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestDoNeverFollowsRedirects(t *testing.T) {
+	var other atomic.Int32
+	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { other.Add(1) }))
+	defer target.Close()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, target.URL, http.StatusTemporaryRedirect)
+	}))
+	defer srv.Close()
+	c, _ := New(Options{Broker: "Test"})
+	_, err := c.Do(context.Background(), Call{Method: "POST", URL: srv.URL, JSON: map[string]string{"secret": "s3cr3t"}, Op: "POST /"}, nil)
+	if err == nil || other.Load() != 0 {
+		t.Fatalf("redirect followed (err=%v, target hits=%d)", err, other.Load())
+	}
+}
+
+func TestTransportErrorsHideURLAndSecrets(t *testing.T) {
+	c, _ := New(Options{Broker: "Test", Timeout: time.Second})
+	// Nothing listens on port 1; the URL carries a secret in its query.
+	_, err := c.Do(context.Background(), Call{Method: "GET", URL: "http://127.0.0.1:1/refresh?token=hunter2-secret", Op: "GET /refresh", Secrets: []string{"hunter2-secret"}}, nil)
+	ue, ok := AsError(err)
+	if !ok || ue.Kind != KindUnavailable {
+		t.Fatalf("err = %v", err)
+	}
+	if strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "127.0.0.1:1/refresh") {
+		t.Fatalf("error leaks the URL or secret: %v", err)
+	}
+}
+
+func TestDoStopsOnContextCancel(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Retry-After", "5")
+		w.WriteHeader(503)
+	}))
+	defer srv.Close()
+	c, _ := New(Options{Broker: "Test"})
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := c.Do(ctx, Call{Method: "GET", URL: srv.URL, Idempotent: true, Op: "GET /"}, nil)
+	if err == nil || time.Since(start) > 2*time.Second {
+		t.Fatalf("err=%v after %v", err, time.Since(start))
+	}
+}
+
+func TestBadCACert(t *testing.T) {
+	if _, err := New(Options{CACertPEM: "not pem"}); err == nil {
+		t.Fatal("accepted a CA bundle with no certificate")
+	}
+}
+
+func TestScrubAndExcerpt(t *testing.T) {
+	if got := Scrub("echo: my-secret-value!", "my-secret-value"); got != "echo: [redacted]!" {
+		t.Fatalf("Scrub = %q", got)
+	}
+	long := strings.Repeat("a", 500) + "\n"
+	if got := Excerpt([]byte(long)); len([]rune(got)) != 201 {
+		t.Fatalf("Excerpt length = %d", len([]rune(got)))
+	}
+	var e *Error
+	if !errors.As(error(&Error{Broker: "B", Op: "X", Kind: KindAuth}), &e) {
+		t.Fatal("errors.As")
+	}
+}
