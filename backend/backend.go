@@ -47,6 +47,7 @@ type backend struct {
 
 	mu     sync.RWMutex
 	states map[string]*configState
+	sched  *schedule
 
 	now func() time.Time
 }
@@ -71,6 +72,7 @@ func newBackend(version string) *backend {
 		ctx:       ctx,
 		cancel:    cancel,
 		states:    map[string]*configState{},
+		sched:     newSchedule(),
 		now:       time.Now,
 	}
 	b.Backend = &framework.Backend{
@@ -84,9 +86,10 @@ func newBackend(version string) *backend {
 			b.pathConfig(),
 			b.pathCreds(),
 		),
-		Secrets:    []*framework.Secret{b.secretToken()},
-		Invalidate: b.invalidate,
-		Clean:      b.clean,
+		Secrets:      []*framework.Secret{b.secretToken()},
+		Invalidate:   b.invalidate,
+		Clean:        b.clean,
+		PeriodicFunc: b.periodicFunc,
 	}
 	return b
 }
@@ -108,6 +111,8 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	for _, p := range []string{configPrefix, tokenPrefix} {
 		if name, ok := strings.CutPrefix(key, p); ok {
 			b.dropState(name)
+			// Re-read at the next tick: the change may alter its schedule.
+			b.sched.set(name, b.now())
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"time"
@@ -21,7 +22,15 @@ type brokerConfig struct {
 	MaxTTL          time.Duration     `json:"max_ttl"`
 	RequireReadOnly bool              `json:"require_readonly"`
 	AllowedAccounts []string          `json:"allowed_accounts,omitempty"`
-	UpdatedAt       time.Time         `json:"updated_at"`
+	// ValidationInterval is how often a passthrough token is validated to
+	// keep it alive (tinvest); zero means the default.
+	ValidationInterval time.Duration `json:"validation_interval,omitempty"`
+	// SecretExpiresAt is when the long-lived secret dies, where the operator
+	// knows it (alor: the portal shows it); zero when unknown.
+	SecretExpiresAt time.Time `json:"secret_expires_at,omitzero"`
+	// ExpiryWarning is how long before SecretExpiresAt to start warning.
+	ExpiryWarning time.Duration `json:"expiry_warning,omitempty"`
+	UpdatedAt     time.Time     `json:"updated_at"`
 }
 
 // sameUpstream reports whether tokens minted under a still hold under b:
@@ -51,6 +60,25 @@ func equalStrings(a, b []string) bool {
 		}
 	}
 	return true
+}
+
+// defaultExpiryWarning: a month's notice to create a new refresh token.
+const defaultExpiryWarning = 30 * 24 * time.Hour
+
+// expiryWarning returns a warning when the long-lived secret expires within
+// the warning window (or has expired), else "".
+func (a *brokerConfig) expiryWarning(now time.Time) string {
+	if a.SecretExpiresAt.IsZero() {
+		return ""
+	}
+	left := a.SecretExpiresAt.Sub(now)
+	switch {
+	case left <= 0:
+		return fmt.Sprintf("the %s long-lived secret expired at %s: create a new one at the broker and write it to this config", a.Provider, formatTime(a.SecretExpiresAt))
+	case left < cmp.Or(a.ExpiryWarning, defaultExpiryWarning):
+		return fmt.Sprintf("the %s long-lived secret expires at %s (in %d days): create a new one at the broker and write it to this config", a.Provider, formatTime(a.SecretExpiresAt), int(left.Hours()/24))
+	}
+	return ""
 }
 
 // secretValues lists the long-lived secrets, for scrubbing messages.

@@ -1,9 +1,12 @@
 package backend
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -42,6 +45,12 @@ func (b *backend) pathConfig() []*framework.Path {
 		"require_readonly": {Type: framework.TypeBool, Description: "Refuse to issue a token that the broker reports can trade."},
 		"allowed_accounts": {Type: framework.TypeCommaStringSlice,
 			Description: "Accounts the issued token may reach; a token reaching any other account is refused (or narrowed, where the broker can)."},
+		"refresh_token_expires_at": {Type: framework.TypeString,
+			Description: "alor: when the refresh token expires, as the developer portal shows it (RFC 3339 or YYYY-MM-DD). The plugin warns before and refuses to use it after."},
+		"expiry_warning": {Type: framework.TypeDurationSecond,
+			Description: "alor: warn in config reads, creds responses and the log when the refresh token has less than this left. Default 720h (30 days)."},
+		"validation_interval": {Type: framework.TypeDurationSecond,
+			Description: "tinvest: how often the token is validated in the background, which keeps it alive (it dies 3 months after its last use) and shows a revocation early. Default 24h."},
 		"verify": {Type: framework.TypeBool, Default: true,
 			Description: "Check the secret against the broker before storing it (default true). Not stored."},
 	}
@@ -116,6 +125,7 @@ func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, d 
 		return nil, fmt.Errorf("deleting token of %q: %w", name, err)
 	}
 	b.dropState(name)
+	b.sched.set(name, time.Time{})
 	return nil, nil
 }
 
@@ -128,7 +138,11 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, d *f
 	if cfg == nil {
 		return nil, nil
 	}
-	return &logical.Response{Data: b.configData(cfg, rec)}, nil
+	resp := &logical.Response{Data: b.configData(cfg, rec)}
+	if w := cfg.expiryWarning(b.now()); w != "" {
+		resp.AddWarning(w)
+	}
+	return resp, nil
 }
 
 // configData is what a config read shows: settings and status, and for each
@@ -153,6 +167,14 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 	}
 	if p, ok := b.providers[cfg.Provider]; ok {
 		data["endpoint"] = baseURL(p.Spec(), cfg)
+		if slices.Contains(providerOptions["refresh_token_expires_at"], cfg.Provider) {
+			data["refresh_token_expires_at"] = formatTime(cfg.SecretExpiresAt)
+			data["expiry_warning"] = int64(cmp.Or(cfg.ExpiryWarning, defaultExpiryWarning) / time.Second)
+		}
+		if p.Spec().Kind == provider.Passthrough {
+			data["validation_interval"] = int64(cmp.Or(cfg.ValidationInterval, defaultValidationInterval) / time.Second)
+			data["last_validated"] = formatTime(rec.LastRefresh)
+		}
 		for _, f := range p.Spec().Fields {
 			if f.Secret {
 				data[f.Name+"_set"] = cfg.Secrets[f.Name] != ""
@@ -215,7 +237,11 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 		return nil, err
 	}
 	b.install(name, cfg, client, rec)
+	b.sched.set(name, b.nextDue(cfg, rec))
 	resp := &logical.Response{Data: b.configData(cfg, rec)}
+	if w := cfg.expiryWarning(b.now()); w != "" {
+		resp.AddWarning(w)
+	}
 	if !verify {
 		resp.AddWarning("verify=false: the secret was stored without checking it with the broker")
 	}
@@ -226,6 +252,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 // secret is the caller's input error (400); a failing broker is a 502.
 func verifyFailure(cfg *brokerConfig, err error) (*logical.Response, error) {
 	msg := fmt.Sprintf("verifying the %s secret failed; nothing was stored: %v", cfg.Provider, err)
+	if errors.Is(err, provider.ErrGuard) {
+		return logical.ErrorResponse(msg), nil
+	}
 	if ue, ok := upstream.AsError(err); ok {
 		switch ue.Kind {
 		case upstream.KindAuth, upstream.KindRejected:
@@ -349,6 +378,37 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 		return nil, false, badField("ttl", "(%s) must not exceed max_ttl (%s)", cfg.TTL, cfg.MaxTTL)
 	}
 
+	for opt, providers := range providerOptions {
+		if _, ok := d.GetOk(opt); ok && !slices.Contains(providers, cfg.Provider) {
+			return nil, false, badField(opt, "does not apply to provider %s (only to %s)", cfg.Provider, strings.Join(providers, ", "))
+		}
+	}
+	if v, ok := d.GetOk("refresh_token_expires_at"); ok {
+		cfg.SecretExpiresAt = time.Time{}
+		if s := strings.TrimSpace(v.(string)); s != "" {
+			t, err := parseDate(s)
+			if err != nil {
+				return nil, false, badField("refresh_token_expires_at", "%v", err)
+			}
+			if !t.After(b.now()) {
+				return nil, false, badField("refresh_token_expires_at", "%s is in the past: the refresh token has expired; create a new one on the developer portal", formatTime(t))
+			}
+			cfg.SecretExpiresAt = t
+		}
+	}
+	if v, ok := d.GetOk("expiry_warning"); ok {
+		cfg.ExpiryWarning = time.Duration(v.(int)) * time.Second
+		if cfg.ExpiryWarning < 0 {
+			return nil, false, badField("expiry_warning", "must not be negative")
+		}
+	}
+	if v, ok := d.GetOk("validation_interval"); ok {
+		cfg.ValidationInterval = time.Duration(v.(int)) * time.Second
+		if cfg.ValidationInterval != 0 && cfg.ValidationInterval < time.Minute {
+			return nil, false, badField("validation_interval", "must be at least 1m")
+		}
+	}
+
 	// guards
 	if v, ok := d.GetOk("require_readonly"); ok {
 		cfg.RequireReadOnly = v.(bool)
@@ -361,6 +421,25 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 		cfg.AllowedAccounts = accts
 	}
 	return cfg, d.Get("verify").(bool), nil
+}
+
+// providerOptions are non-secret fields that only some providers take.
+var providerOptions = map[string][]string{
+	"validation_interval":      {"tinvest"},
+	"refresh_token_expires_at": {"alor"},
+	"expiry_warning":           {"alor"},
+}
+
+// parseDate accepts RFC 3339 or a plain date (end of that day, UTC, so a
+// portal's "valid until" date is not cut short).
+func parseDate(s string) (time.Time, error) {
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t.UTC(), nil
+	}
+	if t, err := time.Parse("2006-01-02", s); err == nil {
+		return t.Add(24*time.Hour - time.Second).UTC(), nil
+	}
+	return time.Time{}, fmt.Errorf("%q is neither RFC 3339 (2027-01-31T00:00:00Z) nor a date (2027-01-31)", s)
 }
 
 func fieldNames(fs []provider.Field) []string {

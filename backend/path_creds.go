@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
@@ -76,13 +77,17 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		"readonly":    tok.ReadOnly,
 		"lease_end":   formatTimeNano(now.Add(ttl)),
 	})
-	resp.Secret.TTL = ttl
-	resp.Secret.MaxTTL = ttl
-	if cfg.MaxTTL > 0 {
-		resp.Secret.MaxTTL = cfg.MaxTTL
+	if w := cfg.expiryWarning(now); w != "" {
+		resp.AddWarning(w)
 	}
+	resp.Secret.TTL = ttl
+	// The lease can never be renewed past max_ttl nor past the token's end.
+	resp.Secret.MaxTTL = cfg.MaxTTL
 	if !tok.ExpiresAt.IsZero() {
-		resp.Secret.MaxTTL = min(resp.Secret.MaxTTL, tok.ExpiresAt.Sub(now).Truncate(time.Second))
+		left := tok.ExpiresAt.Sub(now).Truncate(time.Second)
+		if resp.Secret.MaxTTL == 0 || left < resp.Secret.MaxTTL {
+			resp.Secret.MaxTTL = left
+		}
 	}
 	return resp, nil
 }
@@ -117,10 +122,18 @@ func leaseTTL(cfg *brokerConfig, defaultTTL time.Duration, tok *storedToken, iss
 	return ttl, nil
 }
 
-// upstreamFailure maps a failed mint to an HTTP status: 429 when the broker
-// rate-limits, 502 otherwise. The text names the config and the broker.
+// upstreamFailure maps a failed mint to an HTTP status: 403 when a guard
+// refused the token, 400 when the config's secret is known to be expired,
+// 429 when the broker rate-limits, 502 otherwise. The text names the config
+// and the broker.
 func upstreamFailure(name string, err error) error {
 	msg := fmt.Sprintf("config %q: %v", name, err)
+	switch {
+	case errors.Is(err, provider.ErrGuard):
+		return logical.CodedError(http.StatusForbidden, msg)
+	case errors.Is(err, errSecretExpired):
+		return logical.CodedError(http.StatusBadRequest, msg)
+	}
 	if ue, ok := upstream.AsError(err); ok && ue.Kind == upstream.KindRateLimited {
 		return logical.CodedError(http.StatusTooManyRequests, msg)
 	}

@@ -8,6 +8,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 )
 
 const secretTokenType = "broker_token"
@@ -45,12 +47,28 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	if cfg == nil {
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted: the lease cannot be renewed", in.config))
 	}
+	spec := b.providers[cfg.Provider].Spec()
 	tok := &storedToken{ExpiresAt: in.expiresAt, AccountIDs: in.accounts, ReadOnly: in.readonly}
+	if spec.Kind == provider.Passthrough {
+		// The lease holds the long-lived token itself: renewing means asking
+		// the broker again whether it still lives and what it can reach.
+		_, fresh, err := b.tokenNoOlderThan(ctx, req.Storage, in.config, renewMaxAge)
+		if err != nil {
+			if rejectedSecret(err) {
+				return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: %v", in.config, err))
+			}
+			return nil, upstreamFailure(in.config, err)
+		}
+		if fresh.ID != in.tokenID {
+			return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: the config now holds a different %s token; read creds/%s again", in.config, spec.Display, in.config))
+		}
+		tok = fresh
+	}
 	if err := checkGuards(cfg, tok); err != nil {
 		return nil, logical.CodedError(http.StatusForbidden, fmt.Sprintf("config %q: %v", in.config, err))
 	}
 	now := b.now()
-	ttl, err := leaseTTL(cfg, b.providers[cfg.Provider].Spec().DefaultTTL, tok, req.Secret.IssueTime, now)
+	ttl, err := leaseTTL(cfg, spec.DefaultTTL, tok, req.Secret.IssueTime, now)
 	if err != nil {
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: %v; read creds/%s for a new token", in.config, err, in.config))
 	}

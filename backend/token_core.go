@@ -32,9 +32,23 @@ const (
 	maxRefreshBackoff = 2 * time.Minute
 	// mintTimeout bounds one mint, whoever waits on it.
 	mintTimeout = 30 * time.Second
+
+	// Passthrough tokens (T-Invest) carry no expiry. A validation is reused
+	// for reads up to passthroughMaxAge, revalidated in the background once
+	// older than passthroughRevalidate; a renew wants one no older than
+	// renewMaxAge. Many leases renewing at once share one validation, which
+	// keeps a config far under T-Invest's 100 requests a minute.
+	passthroughMaxAge     = 15 * time.Minute
+	passthroughRevalidate = time.Minute
+	renewMaxAge           = time.Minute
 )
 
-var errConfigNotFound = errors.New("config not found")
+var (
+	errConfigNotFound = errors.New("config not found")
+	// errSecretExpired: the operator-declared expiry of the long-lived
+	// secret has passed; the plugin will not use it.
+	errSecretExpired = errors.New("long-lived secret expired")
+)
 
 // configState is the in-memory state of one config: its settings, its HTTP
 // client and its current token, shared by every reader.
@@ -145,7 +159,7 @@ func usable(tok *storedToken, now time.Time) bool {
 		return false
 	}
 	if tok.ExpiresAt.IsZero() {
-		return true
+		return now.Sub(tok.IssuedAt) < passthroughMaxAge
 	}
 	return tok.ExpiresAt.Sub(now) >= minRemaining(tok)
 }
@@ -157,7 +171,7 @@ func minRemaining(tok *storedToken) time.Duration {
 // dueForRefresh reports whether a third or less of tok's life is left.
 func dueForRefresh(tok *storedToken, now time.Time) bool {
 	if tok.ExpiresAt.IsZero() {
-		return false
+		return now.Sub(tok.IssuedAt) >= passthroughRevalidate
 	}
 	life := tok.ExpiresAt.Sub(tok.IssuedAt)
 	return tok.ExpiresAt.Sub(now) <= life/refreshAtFraction
@@ -167,6 +181,13 @@ func dueForRefresh(tok *storedToken, now time.Time) bool {
 // token is returned at once (starting a background refresh when it is due);
 // otherwise every concurrent caller waits on one single mint.
 func (b *backend) currentToken(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
+	return b.tokenNoOlderThan(ctx, s, name, 0)
+}
+
+// tokenNoOlderThan is currentToken for a caller that needs the broker's word
+// on the token to be at most maxAge old (0: any usable token will do). A
+// renew of a passthrough lease uses it to revalidate upstream.
+func (b *backend) tokenNoOlderThan(ctx context.Context, s logical.Storage, name string, maxAge time.Duration) (*brokerConfig, *storedToken, error) {
 	st := b.state(name)
 	st.mu.Lock()
 	if err := b.loadLocked(ctx, s, st); err != nil {
@@ -179,7 +200,7 @@ func (b *backend) currentToken(ctx context.Context, s logical.Storage, name stri
 		return nil, nil, errConfigNotFound
 	}
 	now := b.now()
-	if tok := st.rec.Token; usable(tok, now) {
+	if tok := st.rec.Token; usable(tok, now) && (maxAge == 0 || now.Sub(tok.IssuedAt) <= maxAge) {
 		if dueForRefresh(tok, now) && st.flight == nil && !now.Before(st.nextRetry) {
 			b.startMintLocked(st)
 		}
@@ -221,23 +242,29 @@ func (b *backend) startMintLocked(st *configState) *flight {
 		ctx, cancel := context.WithTimeout(b.ctx, mintTimeout)
 		defer cancel()
 		tok, err := b.mint(ctx, cfg, client)
-		b.finishMint(ctx, st, f, gen, tok, err)
+		b.finishMint(ctx, st, cfg, f, gen, tok, err)
 	}()
 	return f
 }
 
 // finishMint persists and installs a mint's outcome, then releases waiters.
-func (b *backend) finishMint(ctx context.Context, st *configState, f *flight, gen uint64, tok *storedToken, err error) {
+func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerConfig, f *flight, gen uint64, tok *storedToken, err error) {
 	now := b.now()
 	st.mu.Lock()
 	current := st.gen == gen
 	rec := st.rec
 	if err != nil {
 		rec.LastError, rec.LastErrorAt = err.Error(), now
+		if rejectedSecret(err) {
+			// The broker refused the long-lived secret itself (revoked,
+			// expired): tokens from it are dead or about to be, so none is
+			// handed out any more.
+			rec.Token = nil
+		}
 		if current {
 			st.failures++
 			st.nextRetry = now.Add(min(refreshBackoff<<min(st.failures-1, 8), maxRefreshBackoff))
-			if !usable(st.rec.Token, now) {
+			if !usable(rec.Token, now) {
 				st.failErr, st.failUntil = err, now.Add(failFastFor)
 			}
 		}
@@ -264,6 +291,9 @@ func (b *backend) finishMint(ctx context.Context, st *configState, f *flight, ge
 		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
 	} else {
 		b.Logger().Debug("token minted", "config", st.name, "expires_at", tok.ExpiresAt)
+		if w := cfg.expiryWarning(now); w != "" {
+			b.Logger().Warn(w, "config", st.name)
+		}
 	}
 	f.tok, f.err = tok, err
 	close(f.done)
@@ -275,6 +305,9 @@ func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.
 	if !ok {
 		return nil, fmt.Errorf("provider %q is not supported by this plugin version", cfg.Provider)
 	}
+	if !cfg.SecretExpiresAt.IsZero() && !b.now().Before(cfg.SecretExpiresAt) {
+		return nil, fmt.Errorf("%w: %s", errSecretExpired, cfg.expiryWarning(b.now()))
+	}
 	if client == nil {
 		var err error
 		if client, err = newClient(p.Spec(), cfg); err != nil {
@@ -284,6 +317,7 @@ func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.
 	}
 	tok, err := p.Issue(ctx, provider.Request{
 		BaseURL:         baseURL(p.Spec(), cfg),
+		Environment:     cfg.Environment,
 		Client:          client,
 		Secrets:         cfg.Secrets,
 		AllowedAccounts: cfg.AllowedAccounts,
@@ -292,6 +326,13 @@ func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.
 		return nil, err
 	}
 	return toStored(tok), nil
+}
+
+// rejectedSecret reports whether err is the broker refusing the long-lived
+// secret (as opposed to failing or rate-limiting).
+func rejectedSecret(err error) bool {
+	ue, ok := upstream.AsError(err)
+	return ok && ue.Kind == upstream.KindAuth
 }
 
 func toStored(t *provider.Token) *storedToken {

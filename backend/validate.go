@@ -3,11 +3,12 @@ package backend
 import (
 	"crypto/x509"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"net"
 	"net/url"
 	"strings"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 )
 
 // fieldError is a rejected input; its text names the field.
@@ -104,13 +105,11 @@ func normalizeAccounts(in []string) ([]string, error) {
 	return out, nil
 }
 
-var errGuard = errors.New("guard refused the token")
-
 // checkGuards applies require_readonly and allowed_accounts to what the
 // broker reported about tok. The error names the offending accounts.
 func checkGuards(cfg *brokerConfig, tok *storedToken) error {
 	if cfg.RequireReadOnly && !tok.ReadOnly {
-		return fmt.Errorf("%w: require_readonly is set but %s reports this token can trade (accounts %s)", errGuard, cfg.Provider, strings.Join(tok.AccountIDs, ", "))
+		return fmt.Errorf("%w: require_readonly is set but %s reports this token can trade (accounts %s)", provider.ErrGuard, cfg.Provider, strings.Join(tok.AccountIDs, ", "))
 	}
 	if len(cfg.AllowedAccounts) > 0 {
 		allowed := map[string]bool{}
@@ -124,7 +123,7 @@ func checkGuards(cfg *brokerConfig, tok *storedToken) error {
 			}
 		}
 		if len(outside) > 0 {
-			return fmt.Errorf("%w: the token reaches accounts outside allowed_accounts: %s", errGuard, strings.Join(outside, ", "))
+			return fmt.Errorf("%w: the token reaches accounts outside allowed_accounts: %s", provider.ErrGuard, strings.Join(outside, ", "))
 		}
 	}
 	return nil

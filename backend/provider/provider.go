@@ -57,6 +57,8 @@ type Request struct {
 	Secrets map[string]string
 	// AllowedAccounts lets a broker that can narrow a token do so.
 	AllowedAccounts []string
+	// Environment is the config's environment name ("production", "sandbox").
+	Environment string
 }
 
 // Token is a credential obtained from (or validated by) the broker, with what

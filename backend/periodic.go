@@ -1,0 +1,195 @@
+package backend
+
+import (
+	"container/heap"
+	"context"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/helper/consts"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+)
+
+// Periodic work is scheduled per config in a min-heap keyed by due time, so
+// a tick costs time in proportion to what is due, not to the number of
+// configs. The heap is built from storage once, on the first tick after the
+// backend starts, and kept current by config writes and deletes.
+
+const (
+	// defaultValidationInterval: T-Invest tokens die three months after
+	// their last use; a daily validation keeps them alive and shows a
+	// revocation early.
+	defaultValidationInterval = 24 * time.Hour
+	// retryFailedValidation is how soon a failed keep-alive is retried.
+	retryFailedValidation = time.Hour
+	// maxDuePerTick bounds one tick; the rest stays due for the next.
+	maxDuePerTick = 256
+)
+
+type dueItem struct {
+	name  string
+	at    time.Time
+	index int
+}
+
+type dueHeap []*dueItem
+
+func (h dueHeap) Len() int           { return len(h) }
+func (h dueHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i]; h[i].index = i; h[j].index = j }
+func (h *dueHeap) Push(x any)        { it := x.(*dueItem); it.index = len(*h); *h = append(*h, it) }
+func (h *dueHeap) Pop() any {
+	old := *h
+	it := old[len(old)-1]
+	*h = old[:len(old)-1]
+	it.index = -1
+	return it
+}
+
+// schedule is the set of configs with periodic work and when it is due.
+type schedule struct {
+	mu     sync.Mutex
+	loaded bool
+	h      dueHeap
+	items  map[string]*dueItem
+}
+
+func newSchedule() *schedule { return &schedule{items: map[string]*dueItem{}} }
+
+// set schedules name at at (zero time: no periodic work).
+func (s *schedule) set(name string, at time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	it, ok := s.items[name]
+	switch {
+	case at.IsZero() && ok:
+		heap.Remove(&s.h, it.index)
+		delete(s.items, name)
+	case at.IsZero():
+	case ok:
+		it.at = at
+		heap.Fix(&s.h, it.index)
+	default:
+		it = &dueItem{name: name, at: at}
+		heap.Push(&s.h, it)
+		s.items[name] = it
+	}
+}
+
+// popDue removes and returns up to max names due at now.
+func (s *schedule) popDue(now time.Time, max int) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for len(s.h) > 0 && !s.h[0].at.After(now) && len(out) < max {
+		it := heap.Pop(&s.h).(*dueItem)
+		delete(s.items, it.name)
+		out = append(out, it.name)
+	}
+	return out
+}
+
+func (s *schedule) size() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.h)
+}
+
+// nextDue is when a config next needs periodic work (zero: never).
+func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
+	if cfg == nil {
+		return time.Time{}
+	}
+	p, ok := b.providers[cfg.Provider]
+	if !ok || p.Spec().Kind != provider.Passthrough {
+		// Minted tokens are refreshed ahead on the read path; nothing to keep alive.
+		return time.Time{}
+	}
+	interval := cfg.ValidationInterval
+	if interval <= 0 {
+		interval = defaultValidationInterval
+	}
+	last := rec.LastRefresh
+	if rec.LastErrorAt.After(last) {
+		return rec.LastErrorAt.Add(min(interval, retryFailedValidation))
+	}
+	if last.IsZero() {
+		return b.now()
+	}
+	return last.Add(interval)
+}
+
+// periodicFunc runs due keep-alive work. Vault calls it about once a minute;
+// it does nothing on a performance standby or secondary, whose writes would
+// not be theirs to make.
+func (b *backend) periodicFunc(ctx context.Context, req *logical.Request) error {
+	if sys := b.System(); sys != nil {
+		if st := sys.ReplicationState(); st.HasState(consts.ReplicationPerformanceStandby) || st.HasState(consts.ReplicationPerformanceSecondary) {
+			return nil
+		}
+	}
+	if err := b.loadSchedule(ctx, req.Storage); err != nil {
+		return err
+	}
+	for _, name := range b.sched.popDue(b.now(), maxDuePerTick) {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		b.keepAlive(ctx, req.Storage, name)
+	}
+	return nil
+}
+
+// keepAlive revalidates one config's token now and reschedules it.
+func (b *backend) keepAlive(ctx context.Context, s logical.Storage, name string) {
+	cfg, rec, err := b.status(ctx, s, name)
+	if err != nil {
+		b.sched.set(name, b.now().Add(retryFailedValidation))
+		return
+	}
+	if b.nextDue(cfg, rec).IsZero() {
+		return // deleted, or changed to a provider with no periodic work
+	}
+	// Any validation older than this instant is too old: force one call.
+	_, _, err = b.tokenNoOlderThan(ctx, s, name, time.Nanosecond)
+	if err != nil && err != errConfigNotFound {
+		b.Logger().Warn("keep-alive validation failed", "config", name, "error", err)
+	}
+	cfg, rec, err = b.status(ctx, s, name)
+	if err != nil {
+		b.sched.set(name, b.now().Add(retryFailedValidation))
+		return
+	}
+	b.sched.set(name, b.nextDue(cfg, rec))
+}
+
+// loadSchedule builds the heap from storage on the first tick.
+func (b *backend) loadSchedule(ctx context.Context, s logical.Storage) error {
+	b.sched.mu.Lock()
+	loaded := b.sched.loaded
+	b.sched.mu.Unlock()
+	if loaded {
+		return nil
+	}
+	names, err := s.List(ctx, configPrefix)
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if strings.HasSuffix(name, "/") {
+			continue
+		}
+		cfg, rec, err := b.status(ctx, s, name)
+		if err != nil {
+			return err
+		}
+		b.sched.set(name, b.nextDue(cfg, rec))
+	}
+	b.sched.mu.Lock()
+	b.sched.loaded = true
+	b.sched.mu.Unlock()
+	return nil
+}
