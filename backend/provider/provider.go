@@ -59,6 +59,11 @@ type Request struct {
 	AllowedAccounts []string
 	// Environment is the config's environment name ("production", "sandbox").
 	Environment string
+	// ReserveMake, when set, must be called and succeed before the provider
+	// spends a quota-limited call that creates a new long-lived secret
+	// (ChatApp tokens.make, 100 a day). It counts the call durably and
+	// refuses past the configured budget. A nil ReserveMake forbids such calls.
+	ReserveMake func(ctx context.Context) error
 }
 
 // Token is a credential obtained from (or validated by) the broker, with what
@@ -77,6 +82,13 @@ type Token struct {
 	// Details holds provider-specific facts returned with the creds
 	// (Finam md_permissions, ...). Values must be JSON-friendly.
 	Details map[string]any
+	// Rotated holds long-lived secret fields the broker replaced while
+	// issuing (ChatApp's refresh token). The backend stores them before the
+	// token is handed out: the old values may no longer work.
+	Rotated map[string]string
+	// SecretExpiresAt is when the (rotated) long-lived secret expires, where
+	// the broker says; zero when unknown.
+	SecretExpiresAt time.Time
 }
 
 // Provider is one broker.
