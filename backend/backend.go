@@ -48,6 +48,8 @@ type backend struct {
 	mu     sync.RWMutex
 	states map[string]*configState
 	sched  *schedule
+	// makeMu serialises make-budget updates.
+	makeMu sync.Mutex
 
 	now func() time.Time
 }
@@ -85,11 +87,15 @@ func newBackend(version string) *backend {
 		Paths: framework.PathAppend(
 			b.pathConfig(),
 			b.pathCreds(),
+			b.pathRotateRoot(),
 		),
 		Secrets:      []*framework.Secret{b.secretToken()},
 		Invalidate:   b.invalidate,
 		Clean:        b.clean,
 		PeriodicFunc: b.periodicFunc,
+		WALRollback:  b.walRollback,
+		// An interrupted rotation is recovered once its record is this old.
+		WALRollbackMinAge: walRecoverAfter,
 	}
 	return b
 }

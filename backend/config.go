@@ -30,7 +30,12 @@ type brokerConfig struct {
 	SecretExpiresAt time.Time `json:"secret_expires_at,omitzero"`
 	// ExpiryWarning is how long before SecretExpiresAt to start warning.
 	ExpiryWarning time.Duration `json:"expiry_warning,omitempty"`
-	UpdatedAt     time.Time     `json:"updated_at"`
+	// MakeBudget caps tokens.make calls a day for this login (chatapp).
+	MakeBudget int `json:"make_budget,omitempty"`
+	// RotationFraction is the share of the refresh token's life after which
+	// it is refreshed proactively (chatapp); zero means one half.
+	RotationFraction float64   `json:"rotation_fraction,omitempty"`
+	UpdatedAt        time.Time `json:"updated_at"`
 }
 
 // sameUpstream reports whether tokens minted under a still hold under b:
@@ -119,10 +124,16 @@ func writeConfig(ctx context.Context, s logical.Storage, name string, c *brokerC
 // tokenRecord is what token/<name> stores: the current token and the status
 // of the last refresh, so a restart neither mints again nor forgets a failure.
 type tokenRecord struct {
-	Token       *storedToken `json:"token,omitempty"`
-	LastRefresh time.Time    `json:"last_refresh,omitzero"`
-	LastError   string       `json:"last_error,omitempty"`
-	LastErrorAt time.Time    `json:"last_error_at,omitzero"`
+	Token *storedToken `json:"token,omitempty"`
+	// Rotated are long-lived secret fields the broker replaced (ChatApp's
+	// refresh token); they supersede the config's values.
+	Rotated map[string]string `json:"rotated,omitempty"`
+	// SecretExpiresAt is when the broker said the (rotated) long-lived
+	// secret expires.
+	SecretExpiresAt time.Time `json:"secret_expires_at,omitzero"`
+	LastRefresh     time.Time `json:"last_refresh,omitzero"`
+	LastError       string    `json:"last_error,omitempty"`
+	LastErrorAt     time.Time `json:"last_error_at,omitzero"`
 }
 
 // storedToken is a provider.Token as persisted and cached.

@@ -49,6 +49,10 @@ func (b *backend) pathConfig() []*framework.Path {
 			Description: "alor: when the refresh token expires, as the developer portal shows it (RFC 3339 or YYYY-MM-DD). The plugin warns before and refuses to use it after."},
 		"expiry_warning": {Type: framework.TypeDurationSecond,
 			Description: "alor: warn in config reads, creds responses and the log when the refresh token has less than this left. Default 720h (30 days)."},
+		"make_budget": {Type: framework.TypeInt,
+			Description: "chatapp: most tokens.make calls a day (UTC) the plugin makes for this email and appId; ChatApp allows 100. Default 90."},
+		"rotation_fraction": {Type: framework.TypeFloat,
+			Description: "chatapp: refresh the token pair once this share of the refresh token's life has passed (0 < f < 1). Default 0.5."},
 		"validation_interval": {Type: framework.TypeDurationSecond,
 			Description: "tinvest: how often the token is validated in the background, which keeps it alive (it dies 3 months after its last use) and shows a revocation early. Default 24h."},
 		"verify": {Type: framework.TypeBool, Default: true,
@@ -149,27 +153,32 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, d *f
 // secret field only whether it is set.
 func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any {
 	data := map[string]any{
-		"provider":         cfg.Provider,
-		"environment":      cfg.Environment,
-		"base_url":         cfg.BaseURL,
-		"ca_cert":          cfg.CACert,
-		"ttl":              int64(cfg.TTL / time.Second),
-		"max_ttl":          int64(cfg.MaxTTL / time.Second),
-		"require_readonly": cfg.RequireReadOnly,
-		"allowed_accounts": nonNil(cfg.AllowedAccounts),
-		"updated_at":       formatTime(cfg.UpdatedAt),
-		"last_refresh":     formatTime(rec.LastRefresh),
-		"last_error":       rec.LastError,
-		"last_error_at":    formatTime(rec.LastErrorAt),
-		"token_expires_at": "",
-		"account_ids":      []string{},
-		"readonly":         nil,
+		"provider":          cfg.Provider,
+		"environment":       cfg.Environment,
+		"base_url":          cfg.BaseURL,
+		"ca_cert":           cfg.CACert,
+		"ttl":               int64(cfg.TTL / time.Second),
+		"max_ttl":           int64(cfg.MaxTTL / time.Second),
+		"require_readonly":  cfg.RequireReadOnly,
+		"allowed_accounts":  nonNil(cfg.AllowedAccounts),
+		"updated_at":        formatTime(cfg.UpdatedAt),
+		"last_refresh":      formatTime(rec.LastRefresh),
+		"last_error":        rec.LastError,
+		"last_error_at":     formatTime(rec.LastErrorAt),
+		"token_expires_at":  "",
+		"secret_expires_at": formatTime(cmp.Or(rec.SecretExpiresAt, cfg.SecretExpiresAt)),
+		"account_ids":       []string{},
+		"readonly":          nil,
 	}
 	if p, ok := b.providers[cfg.Provider]; ok {
 		data["endpoint"] = baseURL(p.Spec(), cfg)
 		if slices.Contains(providerOptions["refresh_token_expires_at"], cfg.Provider) {
 			data["refresh_token_expires_at"] = formatTime(cfg.SecretExpiresAt)
 			data["expiry_warning"] = int64(cmp.Or(cfg.ExpiryWarning, defaultExpiryWarning) / time.Second)
+		}
+		if p.Spec().RotatesSecret {
+			data["make_budget"] = cmp.Or(cfg.MakeBudget, defaultMakeBudget)
+			data["rotation_fraction"] = cmp.Or(cfg.RotationFraction, 0.5)
 		}
 		if p.Spec().Kind == provider.Passthrough {
 			data["validation_interval"] = int64(cmp.Or(cfg.ValidationInterval, defaultValidationInterval) / time.Second)
@@ -205,26 +214,28 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 		return logical.ErrorResponse(badField("ca_cert", "%v", err).Error()), nil
 	}
 
+	// A config rewritten with the same upstream keeps its token and any
+	// secret the broker rotated since (a stale ChatApp seed must not be
+	// used again).
 	var rec tokenRecord
-	switch {
-	case verify:
-		tok, err := b.mint(ctx, cfg, client)
+	if old != nil && old.sameUpstream(cfg) {
+		if _, rec, err = b.status(ctx, req.Storage, name); err != nil {
+			client.Close()
+			return nil, err
+		}
+	}
+	if verify {
+		m, err := b.mint(ctx, cfg, client, effectiveSecrets(cfg, rec), b.reserveMake(cfg))
 		if err != nil {
 			client.Close()
 			return verifyFailure(cfg, err)
 		}
-		if err := checkGuards(cfg, tok); err != nil {
+		if err := checkGuards(cfg, m.tok); err != nil {
 			client.Close()
 			return logical.ErrorResponse("%s; nothing was stored", err), nil
 		}
 		// The verifying mint is the first token: readers need not mint again.
-		rec = tokenRecord{Token: tok, LastRefresh: b.now()}
-	case old != nil && old.sameUpstream(cfg):
-		_, rec, err = b.status(ctx, req.Storage, name)
-		if err != nil {
-			client.Close()
-			return nil, err
-		}
+		rec = rec.with(m, b.now())
 	}
 
 	cfg.UpdatedAt = b.now().UTC()
@@ -402,6 +413,18 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 			return nil, false, badField("expiry_warning", "must not be negative")
 		}
 	}
+	if v, ok := d.GetOk("make_budget"); ok {
+		cfg.MakeBudget = v.(int)
+		if cfg.MakeBudget < 1 || cfg.MakeBudget > maxMakeBudget {
+			return nil, false, badField("make_budget", "must be between 1 and %d (ChatApp's daily limit)", maxMakeBudget)
+		}
+	}
+	if v, ok := d.GetOk("rotation_fraction"); ok {
+		cfg.RotationFraction = v.(float64)
+		if cfg.RotationFraction <= 0 || cfg.RotationFraction >= 1 {
+			return nil, false, badField("rotation_fraction", "must be between 0 and 1 (exclusive)")
+		}
+	}
 	if v, ok := d.GetOk("validation_interval"); ok {
 		cfg.ValidationInterval = time.Duration(v.(int)) * time.Second
 		if cfg.ValidationInterval != 0 && cfg.ValidationInterval < time.Minute {
@@ -425,6 +448,8 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 
 // providerOptions are non-secret fields that only some providers take.
 var providerOptions = map[string][]string{
+	"make_budget":              {"chatapp"},
+	"rotation_fraction":        {"chatapp"},
 	"validation_interval":      {"tinvest"},
 	"refresh_token_expires_at": {"alor"},
 	"expiry_warning":           {"alor"},

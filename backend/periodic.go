@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"cmp"
 	"container/heap"
 	"context"
 	"strings"
@@ -104,7 +105,13 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 		return time.Time{}
 	}
 	p, ok := b.providers[cfg.Provider]
-	if !ok || p.Spec().Kind != provider.Passthrough {
+	if !ok {
+		return time.Time{}
+	}
+	if p.Spec().RotatesSecret {
+		return b.nextRotation(cfg, rec)
+	}
+	if p.Spec().Kind != provider.Passthrough {
 		// Minted tokens are refreshed ahead on the read path; nothing to keep alive.
 		return time.Time{}
 	}
@@ -120,6 +127,22 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 		return b.now()
 	}
 	return last.Add(interval)
+}
+
+// nextRotation is when a rotating pair is refreshed proactively: once
+// rotation_fraction (default half) of the refresh token's life has passed,
+// so it never dies unused. After a failure it is retried within the hour.
+func (b *backend) nextRotation(cfg *brokerConfig, rec tokenRecord) time.Time {
+	if rec.SecretExpiresAt.IsZero() || rec.LastRefresh.IsZero() {
+		return time.Time{} // nothing rotated yet: the first creds read makes the pair
+	}
+	if rec.LastErrorAt.After(rec.LastRefresh) {
+		// Retry sooner as the refresh token's end nears, never in a loop.
+		left := rec.SecretExpiresAt.Sub(rec.LastErrorAt)
+		return rec.LastErrorAt.Add(min(retryFailedValidation, max(time.Minute, left/4)))
+	}
+	frac := cmp.Or(cfg.RotationFraction, 0.5)
+	return rec.LastRefresh.Add(time.Duration(float64(rec.SecretExpiresAt.Sub(rec.LastRefresh)) * frac))
 }
 
 // periodicFunc runs due keep-alive work. Vault calls it about once a minute;

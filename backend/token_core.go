@@ -236,22 +236,43 @@ func (b *backend) startMintLocked(st *configState) *flight {
 	f := &flight{done: make(chan struct{})}
 	st.flight = f
 	cfg, client, gen := st.cfg, st.client, st.gen
+	secrets := effectiveSecrets(cfg, st.rec)
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
 		ctx, cancel := context.WithTimeout(b.ctx, mintTimeout)
 		defer cancel()
-		tok, err := b.mint(ctx, cfg, client)
-		b.finishMint(ctx, st, cfg, f, gen, tok, err)
+		b.runMint(ctx, st, cfg, client, secrets, f, gen)
 	}()
 	return f
 }
 
+// runMint obtains a token and stores the outcome before anyone uses it: a
+// rotated long-lived secret (ChatApp) must be in storage before the token it
+// came with is handed out, and a write-ahead record covers the moment
+// between the broker rotating it and that write.
+func (b *backend) runMint(ctx context.Context, st *configState, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, f *flight, gen uint64) {
+	var walID string
+	if b.rotates(cfg) && b.storage != nil {
+		id, err := b.putRotationWAL(ctx, st.name)
+		if err != nil {
+			b.finishMint(ctx, st, cfg, f, gen, nil, fmt.Errorf("recording the rotation intent: %w", err))
+			return
+		}
+		walID = id
+	}
+	m, err := b.mint(ctx, cfg, client, secrets, b.reserveMake(cfg))
+	persisted := b.finishMint(ctx, st, cfg, f, gen, m, err)
+	if walID != "" && persisted {
+		b.deleteRotationWAL(ctx, walID)
+	}
+}
+
 // finishMint persists and installs a mint's outcome, then releases waiters.
-func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerConfig, f *flight, gen uint64, tok *storedToken, err error) {
+// It reports whether the outcome reached storage.
+func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerConfig, f *flight, gen uint64, m *minted, err error) bool {
 	now := b.now()
 	st.mu.Lock()
-	current := st.gen == gen
 	rec := st.rec
 	if err != nil {
 		rec.LastError, rec.LastErrorAt = err.Error(), now
@@ -261,46 +282,105 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 			// handed out any more.
 			rec.Token = nil
 		}
-		if current {
+	} else {
+		rec = rec.with(m, now)
+	}
+	current := st.gen == gen
+	st.mu.Unlock()
+
+	// Store first, install second: a reader never gets a token whose
+	// rotated secret could still be lost. Readers holding a valid token are
+	// not waiting on this.
+	persisted := false
+	if current && b.storage != nil {
+		if werr := writeTokenRecord(ctx, b.storage, st.name, rec); werr != nil {
+			if m != nil && len(m.rotated) > 0 {
+				b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh", "config", st.name, "error", werr)
+			} else {
+				b.Logger().Warn("could not persist token; a restart will mint again", "config", st.name, "error", werr)
+			}
+		} else {
+			persisted = true
+		}
+	}
+
+	st.mu.Lock()
+	if st.gen == gen {
+		st.rec = rec
+		st.flight = nil
+		if err != nil {
 			st.failures++
 			st.nextRetry = now.Add(min(refreshBackoff<<min(st.failures-1, 8), maxRefreshBackoff))
 			if !usable(rec.Token, now) {
 				st.failErr, st.failUntil = err, now.Add(failFastFor)
 			}
-		}
-	} else {
-		rec = tokenRecord{Token: tok, LastRefresh: now}
-		if current {
+		} else {
 			st.failures, st.nextRetry, st.failErr = 0, time.Time{}, nil
 		}
 	}
-	if current {
-		st.rec = rec
-		st.flight = nil
-	}
 	st.mu.Unlock()
 
-	// Persist outside the lock: readers keep being served meanwhile. A lost
-	// write only costs a mint after a restart, so it is logged, not fatal.
-	if current && b.storage != nil {
-		if werr := writeTokenRecord(ctx, b.storage, st.name, rec); werr != nil {
-			b.Logger().Warn("could not persist token; a restart will mint again", "config", st.name, "error", werr)
-		}
-	}
 	if err != nil {
 		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
 	} else {
-		b.Logger().Debug("token minted", "config", st.name, "expires_at", tok.ExpiresAt)
+		b.Logger().Debug("token minted", "config", st.name, "expires_at", m.tok.ExpiresAt)
 		if w := cfg.expiryWarning(now); w != "" {
 			b.Logger().Warn(w, "config", st.name)
 		}
+		f.tok = m.tok
 	}
-	f.tok, f.err = tok, err
+	f.err = err
 	close(f.done)
+	if err == nil {
+		b.sched.set(st.name, b.nextDue(cfg, rec))
+	}
+	return persisted
 }
 
-// mint asks the provider for a token under cfg.
-func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.Client) (*storedToken, error) {
+// minted is one successful Issue: the token and what it changed upstream.
+type minted struct {
+	tok             *storedToken
+	rotated         map[string]string
+	secretExpiresAt time.Time
+}
+
+// with returns the record after a successful mint: the new token, the
+// rotated secrets merged in, the error cleared.
+func (r tokenRecord) with(m *minted, now time.Time) tokenRecord {
+	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated}
+	if len(m.rotated) > 0 {
+		out.Rotated = make(map[string]string, len(r.Rotated)+len(m.rotated))
+		for k, v := range r.Rotated {
+			out.Rotated[k] = v
+		}
+		for k, v := range m.rotated {
+			out.Rotated[k] = v
+		}
+	}
+	if !m.secretExpiresAt.IsZero() {
+		out.SecretExpiresAt = m.secretExpiresAt
+	}
+	return out
+}
+
+// effectiveSecrets are the config's secrets with the broker's rotations on
+// top: after a ChatApp refresh, the stored refresh token is the new one.
+func effectiveSecrets(cfg *brokerConfig, rec tokenRecord) map[string]string {
+	if len(rec.Rotated) == 0 {
+		return cfg.Secrets
+	}
+	out := make(map[string]string, len(cfg.Secrets)+len(rec.Rotated))
+	for k, v := range cfg.Secrets {
+		out[k] = v
+	}
+	for k, v := range rec.Rotated {
+		out[k] = v
+	}
+	return out
+}
+
+// mint asks the provider for a token under cfg with the given secrets.
+func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, reserve func(context.Context) error) (*minted, error) {
 	p, ok := b.providers[cfg.Provider]
 	if !ok {
 		return nil, fmt.Errorf("provider %q is not supported by this plugin version", cfg.Provider)
@@ -319,13 +399,14 @@ func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.
 		BaseURL:         baseURL(p.Spec(), cfg),
 		Environment:     cfg.Environment,
 		Client:          client,
-		Secrets:         cfg.Secrets,
+		Secrets:         secrets,
 		AllowedAccounts: cfg.AllowedAccounts,
+		ReserveMake:     reserve,
 	})
 	if err != nil {
 		return nil, err
 	}
-	return toStored(tok), nil
+	return &minted{tok: toStored(tok), rotated: tok.Rotated, secretExpiresAt: tok.SecretExpiresAt}, nil
 }
 
 // rejectedSecret reports whether err is the broker refusing the long-lived

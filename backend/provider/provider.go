@@ -47,6 +47,10 @@ type Spec struct {
 	// DefaultTTL is the lease TTL when the config sets none. Zero means
 	// "as long as the token lives" (Minted providers).
 	DefaultTTL time.Duration
+	// RotatesSecret is true when Issue may replace the long-lived secret
+	// (Token.Rotated): the backend then records its intent before the call
+	// and keeps the rotated secret alive with periodic refreshes.
+	RotatesSecret bool
 }
 
 // Request is what a provider receives for one upstream operation.

@@ -1,0 +1,68 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+func (b *backend) pathRotateRoot() []*framework.Path {
+	return []*framework.Path{{
+		Pattern: "rotate-root/" + framework.GenericNameRegex("name"),
+		Fields: map[string]*framework.FieldSchema{
+			"name": {Type: framework.TypeString, Description: "Name of the config whose long-lived secret to rotate.", Required: true},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRotateRootWrite, Summary: "Push the long-lived secret forward now, where the broker allows it."},
+		},
+		HelpSynopsis:    "Rotate a config's long-lived secret now (chatapp: refresh the token pair).",
+		HelpDescription: strings.TrimSpace(rotateHelp),
+	}}
+}
+
+const rotateHelp = `
+For chatapp, refreshes the token pair now: ChatApp replaces the refresh token,
+and the plugin stores the new pair before anything uses it. The response shows
+the new expiry times, never the tokens.
+
+Finam secrets, T-Invest tokens and ALOR refresh tokens cannot be rotated
+through an API: create a new one at the broker's portal and write it to
+config/<name>.
+`
+
+func (b *backend) pathRotateRootWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	cfg, err := b.config(ctx, req.Storage, name)
+	if err != nil {
+		return nil, err
+	}
+	if cfg == nil {
+		return logical.ErrorResponse("no config named %q", name), nil
+	}
+	if !b.rotates(cfg) {
+		return logical.ErrorResponse("%s has no API to rotate its long-lived secret: create a new one at the broker's portal and write it to config/%s", cfg.Provider, name), nil
+	}
+	// Demand a token newer than now: this forces one refresh, shared with
+	// any that is already running.
+	_, tok, err := b.tokenNoOlderThan(ctx, req.Storage, name, time.Nanosecond)
+	if errors.Is(err, errConfigNotFound) {
+		return logical.ErrorResponse("no config named %q", name), nil
+	}
+	if err != nil {
+		return nil, upstreamFailure(name, fmt.Errorf("rotation failed: %w", err))
+	}
+	_, rec, err := b.status(ctx, req.Storage, name)
+	if err != nil {
+		return nil, err
+	}
+	return &logical.Response{Data: map[string]any{
+		"access_token_expires_at":  formatTime(tok.ExpiresAt),
+		"refresh_token_expires_at": formatTime(rec.SecretExpiresAt),
+		"rotated_at":               formatTime(rec.LastRefresh),
+	}}, nil
+}
