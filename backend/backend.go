@@ -13,8 +13,10 @@ import (
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/alor"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/finam"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/tinvest"
 )
 
 // Storage prefixes. Both hold secrets and are seal-wrapped.
@@ -30,7 +32,9 @@ var knownProviders = []string{"finam", "tinvest", "alor", "chatapp"}
 // registry builds the implemented providers. Adding a broker is one line here.
 func registry() map[string]provider.Provider {
 	return map[string]provider.Provider{
-		finam.Name: finam.New(),
+		finam.Name:   finam.New(),
+		tinvest.Name: tinvest.New(),
+		alor.Name:    alor.New(),
 	}
 }
 

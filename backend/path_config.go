@@ -191,6 +191,13 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		}
 	}
 	if t := rec.Token; t != nil {
+		// What the broker reported about the token (T-Invest accounts and
+		// kind, ALOR scope, ...): never secret, and what an auditor wants.
+		for k, v := range t.Details {
+			if _, taken := data[k]; !taken {
+				data[k] = v
+			}
+		}
 		data["token_expires_at"] = formatTime(t.ExpiresAt)
 		data["account_ids"] = t.AccountIDs
 		data["readonly"] = t.ReadOnly

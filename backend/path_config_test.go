@@ -32,7 +32,7 @@ func TestConfigWriteRejectsBadInput(t *testing.T) {
 		{"unknown field", good(map[string]any{"colour": "blue"}), "colour", "unknown field"},
 		{"missing provider", good(map[string]any{"provider": nil}), "provider", "required"},
 		{"unknown provider", good(map[string]any{"provider": "moex"}), "provider", "unknown provider"},
-		{"provider not yet supported", good(map[string]any{"provider": "tinvest", "secret": nil, "token": "t"}), "provider", "not yet supported"},
+		{"provider not yet supported", good(map[string]any{"provider": "chatapp", "secret": nil, "email": "e@x", "password": "p", "app_id": "a"}), "provider", "not yet supported"},
 		{"missing secret", good(map[string]any{"secret": nil}), "secret", "required"},
 		{"blank secret", good(map[string]any{"secret": "  \n"}), "secret", "empty"},
 		{"field of another provider", good(map[string]any{"token": "x"}), "token", "does not apply to provider finam"},

@@ -194,7 +194,7 @@ func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
 		e.Code = st.Code.String()
 		e.Message = upstream.Scrub(st.Message, call.Secrets...)
 	} else {
-		e.Message = upstream.Scrub(upstream.Excerpt(r.Body), call.Secrets...)
+		e.Message = upstream.Excerpt([]byte(upstream.Scrub(string(r.Body), call.Secrets...)))
 	}
 	switch {
 	case r.Status == http.StatusUnauthorized || (r.Status == http.StatusBadRequest && call.Op == "POST "+pathSessions):

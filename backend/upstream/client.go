@@ -208,7 +208,7 @@ func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *
 // GenericError classifies a non-2xx response by status alone, quoting a short
 // scrubbed excerpt of the body.
 func (c *Client) GenericError(call Call, resp *Response) *Error {
-	e := &Error{Broker: c.broker, Op: call.Op, Status: resp.Status, Message: Scrub(Excerpt(resp.Body), call.Secrets...)}
+	e := &Error{Broker: c.broker, Op: call.Op, Status: resp.Status, Message: Excerpt([]byte(Scrub(string(resp.Body), call.Secrets...)))}
 	e.Kind = KindForStatus(resp.Status)
 	return e
 }

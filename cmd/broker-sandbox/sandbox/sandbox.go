@@ -39,6 +39,9 @@ type Server struct {
 	faults  map[string]*fault
 
 	finam *finamFake
+	alor  *alorFake
+
+	tinvest *tinvestFake
 }
 
 type fault struct {
@@ -71,6 +74,8 @@ func New(opts Options) *Server {
 	}
 	s.finam = newFinam(s, key, opts.FinamTokenLifetime, opts.FinamRateLimit)
 	s.finam.register(s)
+	s.tinvest = registerTInvest(s)
+	s.alor = newAlor(s)
 	s.registerAdmin()
 	return s
 }
@@ -157,6 +162,8 @@ func (s *Server) InjectFault(endpoint string, status, count int) {
 // Endpoints lists the broker endpoints served.
 func (s *Server) Endpoints() []string {
 	eps := append([]string(nil), s.finam.endpoints()...)
+	eps = append(eps, s.tinvest.endpoints()...)
+	eps = append(eps, s.alor.endpoints()...)
 	sort.Strings(eps)
 	return eps
 }

@@ -1,0 +1,456 @@
+package alor
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+)
+
+// seenRequest is what reached the fake, recorded in front of it.
+type seenRequest struct {
+	method, path, rawQuery, auth string
+	body                         []byte
+}
+
+type recorder struct {
+	mu   sync.Mutex
+	reqs []seenRequest
+}
+
+func (r *recorder) all() []seenRequest {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]seenRequest(nil), r.reqs...)
+}
+
+// record wraps h so every request's method, path, query, Authorization
+// header and body are kept for the test to inspect.
+func record(h http.Handler) (http.Handler, *recorder) {
+	rec := &recorder{}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		rec.mu.Lock()
+		rec.reqs = append(rec.reqs, seenRequest{r.Method, r.URL.Path, r.URL.RawQuery, r.Header.Get("Authorization"), body})
+		rec.mu.Unlock()
+		h.ServeHTTP(w, r)
+	}), rec
+}
+
+type env struct {
+	sb  *sandbox.Server
+	url string
+	rec *recorder
+	cl  *upstream.Client
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	sb := sandbox.New(sandbox.Options{})
+	h, rec := record(sb)
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	return &env{sb: sb, url: srv.URL, rec: rec, cl: newClient(t)}
+}
+
+func newClient(t *testing.T) *upstream.Client {
+	t.Helper()
+	cl, err := upstream.New(upstream.Options{Broker: "ALOR", Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	return cl
+}
+
+func request(cl *upstream.Client, base, refresh, environment string, allowed ...string) provider.Request {
+	return provider.Request{
+		BaseURL: base, Client: cl, Environment: environment,
+		Secrets:         map[string]string{"refresh_token": refresh},
+		AllowedAccounts: allowed,
+	}
+}
+
+func TestSpec(t *testing.T) {
+	spec := New().Spec()
+	if spec.Name != Name || spec.Display != "ALOR" || spec.Kind != provider.Minted {
+		t.Errorf("spec %+v", spec)
+	}
+	if len(spec.Fields) != 1 || spec.Fields[0].Name != "refresh_token" || !spec.Fields[0].Secret || !spec.Fields[0].Required {
+		t.Errorf("fields %+v", spec.Fields)
+	}
+	if spec.Environments["production"] != "https://oauth.alor.ru" || spec.Environments["sandbox"] != "https://oauthdev.alor.ru" {
+		t.Errorf("environments %v", spec.Environments)
+	}
+}
+
+func TestIssue(t *testing.T) {
+	tests := []struct {
+		name        string
+		dev         bool
+		refresh     string
+		allowed     []string
+		wantAccts   []string
+		wantRO      bool
+		wantLogin   string
+		wantScope   string
+		wantPath    string
+		wantNarrows bool
+	}{
+		{name: "trading token", refresh: sandbox.AlorRefreshToken,
+			wantAccts: []string{"D12345", "D67890", "G11111"}, wantLogin: "P012345",
+			wantScope: "OrdersRead OrdersCreate Trades Personal Stats", wantPath: "/refresh"},
+		{name: "read-only token", refresh: sandbox.AlorReadOnlyRefreshToken, wantRO: true,
+			wantAccts: []string{"D12345", "D67890", "G11111"}, wantLogin: "P012345",
+			wantScope: "OrdersRead Trades Personal Stats", wantPath: "/refresh"},
+		{name: "narrowed to one portfolio", refresh: sandbox.AlorRefreshToken, allowed: []string{"D67890"},
+			wantAccts: []string{"D67890"}, wantLogin: "P012345",
+			wantScope: "OrdersRead OrdersCreate Trades Personal Stats", wantPath: "/refresh", wantNarrows: true},
+		{name: "narrowed to two portfolios", refresh: sandbox.AlorReadOnlyRefreshToken, allowed: []string{"G11111", "D12345"}, wantRO: true,
+			wantAccts: []string{"D12345", "G11111"}, wantLogin: "P012345",
+			wantScope: "OrdersRead Trades Personal Stats", wantPath: "/refresh", wantNarrows: true},
+		{name: "test environment", dev: true, refresh: sandbox.AlorDevRefreshToken,
+			wantAccts: []string{"D88888", "G88888"}, wantLogin: "P098765",
+			wantScope: "OrdersRead OrdersCreate Trades Personal Stats", wantPath: "/alor-dev/refresh"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			base, envName := e.url, "production"
+			if tc.dev {
+				base, envName = e.url+sandbox.AlorDevPrefix, "sandbox"
+			}
+			before := time.Now()
+			tok, err := New().Issue(context.Background(), request(e.cl, base, tc.refresh, envName, tc.allowed...))
+			if err != nil {
+				t.Fatalf("Issue: %v", err)
+			}
+			after := time.Now()
+			if !e.sb.AlorValid(tok.AccessToken) {
+				t.Error("the fake does not accept the token handed out")
+			}
+			if got := slices.Sorted(slices.Values(tok.AccountIDs)); !slices.Equal(got, tc.wantAccts) {
+				t.Errorf("AccountIDs %v, want %v", tok.AccountIDs, tc.wantAccts)
+			}
+			if tok.ReadOnly != tc.wantRO {
+				t.Errorf("ReadOnly %v, want %v", tok.ReadOnly, tc.wantRO)
+			}
+			if tok.Details["login"] != tc.wantLogin || tok.Details["scope"] != tc.wantScope {
+				t.Errorf("Details %v", tok.Details)
+			}
+			// The fake mints 30-minute tokens; whole-second claims allow 1s slack.
+			if tok.IssuedAt.Before(before.Add(-time.Second)) || tok.IssuedAt.After(after) {
+				t.Errorf("IssuedAt %v not within [%v, %v]", tok.IssuedAt, before, after)
+			}
+			if life := tok.ExpiresAt.Sub(tok.IssuedAt); life < 29*time.Minute || life > 30*time.Minute {
+				t.Errorf("lifetime %v, want about 30m", life)
+			}
+
+			reqs := e.rec.all()
+			if len(reqs) != 1 {
+				t.Fatalf("%d upstream calls, want 1", len(reqs))
+			}
+			r := reqs[0]
+			if r.method != http.MethodPost || r.path != tc.wantPath {
+				t.Errorf("called %s %s, want POST %s", r.method, r.path, tc.wantPath)
+			}
+			if r.auth != "" {
+				t.Errorf("Authorization header sent: %q", r.auth)
+			}
+			if r.rawQuery != "" {
+				t.Errorf("query string sent (the token must stay out of URLs): %q", r.rawQuery)
+			}
+			var body map[string]json.RawMessage
+			if err := json.Unmarshal(r.body, &body); err != nil {
+				t.Fatalf("body not JSON: %q", r.body)
+			}
+			if string(body["token"]) != `"`+tc.refresh+`"` {
+				t.Errorf("token in body %s", body["token"])
+			}
+			_, sent := body["allowedPortfolios"]
+			if sent != tc.wantNarrows {
+				t.Errorf("allowedPortfolios sent=%v, want %v (body %s)", sent, tc.wantNarrows, r.body)
+			}
+			if got := e.sb.AlorLastAllowedPortfolios(); !slices.Equal(got, tc.allowed) {
+				t.Errorf("the fake received allowedPortfolios %v, want %v", got, tc.allowed)
+			}
+		})
+	}
+}
+
+func TestIssueErrors(t *testing.T) {
+	const unknown = "alor-refresh-not-known-0123456789"
+	tests := []struct {
+		name    string
+		dev     bool
+		env     string
+		refresh string
+		allowed []string
+		setup   func(sb *sandbox.Server)
+		kind    upstream.Kind // 0: not an upstream.Error
+		status  int
+		narrow  bool
+		inText  []string
+		calls   int
+	}{
+		{name: "unknown refresh token", refresh: unknown, env: "production", kind: upstream.KindAuth, status: 403,
+			inText: []string{"API Access Tokens", "check environment", "production environment"}, calls: 1},
+		{name: "revoked refresh token", refresh: sandbox.AlorRefreshToken, env: "production",
+			setup: func(sb *sandbox.Server) { sb.RevokeAlorRefreshToken(sandbox.AlorRefreshToken) },
+			kind:  upstream.KindAuth, status: 403, inText: []string{"revoked"}, calls: 1},
+		{name: "production token on the test environment", dev: true, env: "sandbox", refresh: sandbox.AlorRefreshToken,
+			kind: upstream.KindAuth, status: 403, inText: []string{"test environment is refused by production", "sandbox environment"}, calls: 1},
+		{name: "test token on production", refresh: sandbox.AlorDevRefreshToken, env: "production",
+			kind: upstream.KindAuth, status: 403, inText: []string{"production environment"}, calls: 1},
+		{name: "429 is not retried", refresh: sandbox.AlorRefreshToken,
+			setup: func(sb *sandbox.Server) { sb.InjectFault(sandbox.AlorRefreshEP, 429, -1) },
+			kind:  upstream.KindRateLimited, status: 429, inText: []string{"concurrent requests"}, calls: 1},
+		{name: "503 is not retried", refresh: sandbox.AlorRefreshToken,
+			setup: func(sb *sandbox.Server) { sb.InjectFault(sandbox.AlorRefreshEP, 503, -1) },
+			kind:  upstream.KindUnavailable, status: 503, inText: []string{"Service Unavailable"}, calls: 1},
+		{name: "401", refresh: sandbox.AlorRefreshToken,
+			setup: func(sb *sandbox.Server) { sb.InjectFault(sandbox.AlorRefreshEP, 401, 1) },
+			kind:  upstream.KindAuth, status: 401, calls: 1},
+		{name: "narrowing to a portfolio not owned", refresh: sandbox.AlorRefreshToken, allowed: []string{"D12345", "X00000"},
+			kind: upstream.KindRejected, status: 400, inText: []string{"X00000", "allowed_accounts"}, calls: 1},
+		{name: "broker ignores narrowing", refresh: sandbox.AlorRefreshToken, allowed: []string{"D67890"},
+			setup:  func(sb *sandbox.Server) { sb.SetAlorIgnoreNarrowing(true) },
+			narrow: true, inText: []string{"D12345", "G11111"}, calls: 1},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			if tc.setup != nil {
+				tc.setup(e.sb)
+			}
+			base := e.url
+			if tc.dev {
+				base += sandbox.AlorDevPrefix
+			}
+			tok, err := New().Issue(context.Background(), request(e.cl, base, tc.refresh, tc.env, tc.allowed...))
+			if err == nil {
+				t.Fatalf("Issue succeeded: %+v", tok)
+			}
+			text := err.Error()
+			if strings.Contains(text, tc.refresh) {
+				t.Errorf("error text carries the refresh token: %s", text)
+			}
+			ue, isUpstream := upstream.AsError(err)
+			if tc.kind == 0 {
+				if isUpstream {
+					t.Errorf("want a plain error, got upstream.Error %v", err)
+				}
+			} else if !isUpstream || ue.Kind != tc.kind || ue.Status != tc.status {
+				t.Errorf("got %#v, want kind %v status %d", err, tc.kind, tc.status)
+			}
+			if errors.Is(err, ErrNarrowing) != tc.narrow {
+				t.Errorf("errors.Is(ErrNarrowing) = %v, want %v: %v", !tc.narrow, tc.narrow, err)
+			}
+			for _, s := range tc.inText {
+				if !strings.Contains(text, s) {
+					t.Errorf("error %q lacks %q", text, s)
+				}
+			}
+			if n := len(e.rec.all()); n != tc.calls {
+				t.Errorf("%d upstream calls, want %d", n, tc.calls)
+			}
+		})
+	}
+}
+
+// fakeJWT builds an unsigned-but-well-formed JWT with the given claims: the
+// provider reads claims only, so the signature does not matter here.
+func fakeJWT(claims map[string]any) string {
+	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"ES256","typ":"JWT"}`))
+	body, _ := json.Marshal(claims)
+	return hdr + "." + base64.RawURLEncoding.EncodeToString(body) + ".c2ln"
+}
+
+// Responses the sandbox does not produce: odd, broken or hostile brokers.
+func TestIssueResponses(t *testing.T) {
+	const secret = "alor-secret-refresh-token-42"
+	now := time.Now()
+	good := func(extra map[string]any) map[string]any {
+		c := map[string]any{"sub": "P1", "portfolios": "D1 D2", "scope": "OrdersRead Trades",
+			"iat": now.Unix(), "exp": now.Add(30 * time.Minute).Unix()}
+		for k, v := range extra {
+			if v == nil {
+				delete(c, k)
+			} else {
+				c[k] = v
+			}
+		}
+		return c
+	}
+	jsonBody := func(key string, claims map[string]any) string {
+		b, _ := json.Marshal(map[string]string{key: fakeJWT(claims)})
+		return string(b)
+	}
+	tests := []struct {
+		name    string
+		status  int
+		body    string
+		allowed []string
+		kind    upstream.Kind // 0: success unless narrow
+		narrow  bool
+		check   func(t *testing.T, tok *provider.Token)
+	}{
+		{name: "lower-case accessToken accepted", status: 200, body: jsonBody("accessToken", good(nil)),
+			check: func(t *testing.T, tok *provider.Token) {
+				if !slices.Equal(tok.AccountIDs, []string{"D1", "D2"}) || !tok.ReadOnly {
+					t.Errorf("token %+v", tok)
+				}
+			}},
+		{name: "portfolios as a JSON list", status: 200, body: jsonBody("AccessToken", good(map[string]any{"portfolios": []string{"D1", "G2"}})),
+			check: func(t *testing.T, tok *provider.Token) {
+				if !slices.Equal(tok.AccountIDs, []string{"D1", "G2"}) {
+					t.Errorf("AccountIDs %v", tok.AccountIDs)
+				}
+			}},
+		{name: "no iat: issued at receipt", status: 200, body: jsonBody("AccessToken", good(map[string]any{"iat": nil})),
+			check: func(t *testing.T, tok *provider.Token) {
+				if d := tok.IssuedAt.Sub(now); d < 0 || d > 5*time.Second {
+					t.Errorf("IssuedAt %v, want about now", tok.IssuedAt)
+				}
+			}},
+		{name: "broker clock an hour ahead", status: 200,
+			body: jsonBody("AccessToken", good(map[string]any{"iat": now.Add(time.Hour).Unix(), "exp": now.Add(90 * time.Minute).Unix()})),
+			check: func(t *testing.T, tok *provider.Token) {
+				if d := tok.ExpiresAt.Sub(now); d < 29*time.Minute || d > 31*time.Minute {
+					t.Errorf("ExpiresAt in %v, want about 30m (skew corrected)", d)
+				}
+			}},
+		{name: "no scope: not known read-only", status: 200, body: jsonBody("AccessToken", good(map[string]any{"scope": nil})),
+			check: func(t *testing.T, tok *provider.Token) {
+				if tok.ReadOnly {
+					t.Error("ReadOnly without a scope claim")
+				}
+			}},
+		{name: "OrdersCancel is trading", status: 200, body: jsonBody("AccessToken", good(map[string]any{"scope": "OrdersRead OrdersCancel"})),
+			check: func(t *testing.T, tok *provider.Token) {
+				if tok.ReadOnly {
+					t.Error("ReadOnly with OrdersCancel")
+				}
+			}},
+		{name: "not JSON, echoing the secret", status: 200, body: "<html>bad gateway for " + secret + "</html>", kind: upstream.KindBadResponse},
+		{name: "empty 200", status: 200, body: "", kind: upstream.KindBadResponse},
+		{name: "no token in response", status: 200, body: `{"Token":"x"}`, kind: upstream.KindBadResponse},
+		{name: "token not a string", status: 200, body: `{"AccessToken":42}`, kind: upstream.KindBadResponse},
+		{name: "token not a JWT", status: 200, body: `{"AccessToken":"opaque"}`, kind: upstream.KindBadResponse},
+		{name: "no exp", status: 200, body: jsonBody("AccessToken", good(map[string]any{"exp": nil})), kind: upstream.KindBadResponse},
+		{name: "already expired", status: 200,
+			body: jsonBody("AccessToken", good(map[string]any{"iat": now.Add(-time.Hour).Unix(), "exp": now.Add(-time.Minute).Unix()})), kind: upstream.KindBadResponse},
+		{name: "portfolios of another type", status: 200, body: jsonBody("AccessToken", good(map[string]any{"portfolios": 7})), kind: upstream.KindBadResponse},
+		{name: "no portfolios claim while narrowing", status: 200, allowed: []string{"D1"},
+			body: jsonBody("AccessToken", good(map[string]any{"portfolios": nil})), narrow: true},
+		{name: "403 echoing the secret", status: 403, body: "refresh token " + secret + " revoked", kind: upstream.KindAuth},
+		{name: "429 JSON body echoing the secret", status: 429, body: `{"message":"slow down, ` + secret + `"}`, kind: upstream.KindRateLimited},
+		{name: "500 HTML", status: 500, body: "<html>oops</html>", kind: upstream.KindUnavailable},
+		{name: "302 redirect not followed", status: 302, body: "", kind: upstream.KindBadResponse},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if tc.status == 302 {
+					w.Header().Set("Location", "https://elsewhere.example/refresh")
+				}
+				w.WriteHeader(tc.status)
+				_, _ = io.WriteString(w, tc.body)
+			}))
+			defer srv.Close()
+			tok, err := New().Issue(context.Background(), request(newClient(t), srv.URL, secret, "", tc.allowed...))
+			if tc.kind == 0 && !tc.narrow {
+				if err != nil {
+					t.Fatalf("Issue: %v", err)
+				}
+				tc.check(t, tok)
+				return
+			}
+			if err == nil {
+				t.Fatalf("Issue succeeded: %+v", tok)
+			}
+			if strings.Contains(err.Error(), secret) {
+				t.Errorf("error text carries the refresh token: %v", err)
+			}
+			if tc.narrow {
+				if !errors.Is(err, ErrNarrowing) {
+					t.Errorf("want ErrNarrowing, got %v", err)
+				}
+				return
+			}
+			if ue, ok := upstream.AsError(err); !ok || ue.Kind != tc.kind {
+				t.Errorf("got %v, want kind %v", err, tc.kind)
+			}
+		})
+	}
+}
+
+func TestIssueWithoutSecretOrContext(t *testing.T) {
+	e := newEnv(t)
+	if _, err := New().Issue(context.Background(), request(e.cl, e.url, "", "")); err == nil {
+		t.Error("empty refresh token accepted")
+	}
+	if _, err := New().Issue(context.Background(), provider.Request{BaseURL: e.url, Secrets: map[string]string{"refresh_token": "x"}}); err == nil {
+		t.Error("nil client accepted")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := New().Issue(ctx, request(e.cl, e.url, sandbox.AlorRefreshToken, "")); err == nil {
+		t.Error("cancelled context: Issue succeeded")
+	}
+	if n := len(e.rec.all()); n != 0 {
+		t.Errorf("%d upstream calls, want 0", n)
+	}
+}
+
+func TestReadOnly(t *testing.T) {
+	tests := []struct {
+		scope string
+		want  bool
+	}{
+		{"OrdersRead Trades Personal Stats", true},
+		{"", true}, // present but empty: no rights at all; Issue handles an absent claim
+		{"OrdersRead OrdersCreate Trades Personal Stats", false},
+		{"OrdersRead OrdersCancel", false},
+		{"ordersCreate", false},
+		{"OrdersCreateStop", false},
+		{"OrdersReplace", false}, // an order right we do not know: fail closed
+		{"OrdersReadStop Trades", true},
+	}
+	for _, tc := range tests {
+		if got := readOnly(strings.Fields(tc.scope)); got != tc.want {
+			t.Errorf("readOnly(%q) = %v, want %v", tc.scope, got, tc.want)
+		}
+	}
+}
+
+func TestEnvironmentName(t *testing.T) {
+	tests := []struct {
+		req  provider.Request
+		want string
+	}{
+		{provider.Request{Environment: "sandbox", BaseURL: ProductionURL}, "sandbox"},
+		{provider.Request{BaseURL: ProductionURL}, "production"},
+		{provider.Request{BaseURL: SandboxURL + "/"}, "sandbox"},
+		{provider.Request{BaseURL: "http://127.0.0.1:8200"}, ""},
+	}
+	for _, tc := range tests {
+		if got := environment(tc.req); got != tc.want {
+			t.Errorf("environment(%+v) = %q, want %q", tc.req, got, tc.want)
+		}
+	}
+}
