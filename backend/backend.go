@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/alor"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/chatapp"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/finam"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/tinvest"
@@ -25,8 +26,7 @@ const (
 	tokenPrefix  = "token/"
 )
 
-// knownProviders are the four provider names of the public contract; those
-// without an implementation yet are refused with "not yet supported".
+// knownProviders are the provider names of the public contract, for messages.
 var knownProviders = []string{"finam", "tinvest", "alor", "chatapp"}
 
 // registry builds the implemented providers. Adding a broker is one line here.
@@ -35,6 +35,7 @@ func registry() map[string]provider.Provider {
 		finam.Name:   finam.New(),
 		tinvest.Name: tinvest.New(),
 		alor.Name:    alor.New(),
+		chatapp.Name: chatapp.New(),
 	}
 }
 

@@ -64,13 +64,14 @@ func (h *harness) doOn(b *backend, op logical.Operation, path string, data map[s
 	h.t.Helper()
 	req := &logical.Request{Operation: op, Path: path, Storage: h.storage, Data: data}
 	if op == logical.CreateOperation || op == logical.UpdateOperation {
-		exists, _, err := b.HandleExistenceCheck(context.Background(), req)
+		checked, exists, err := b.HandleExistenceCheck(context.Background(), req)
 		if err != nil {
 			// Vault answers a field that fails conversion here with a 400.
 			return nil, err
 		}
+		// As Vault does: a path without an existence check is an update.
 		req.Operation = logical.UpdateOperation
-		if !exists {
+		if checked && !exists {
 			req.Operation = logical.CreateOperation
 		}
 	}

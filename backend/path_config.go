@@ -317,11 +317,6 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 	}
 	p, ok := b.providers[cfg.Provider]
 	if !ok {
-		for _, k := range knownProviders {
-			if k == cfg.Provider {
-				return nil, false, badField("provider", "%q is not yet supported by this plugin version", cfg.Provider)
-			}
-		}
 		return nil, false, badField("provider", "unknown provider %q (one of %s)", cfg.Provider, strings.Join(knownProviders, ", "))
 	}
 	spec := p.Spec()

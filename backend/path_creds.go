@@ -133,6 +133,8 @@ func upstreamFailure(name string, err error) error {
 		return logical.CodedError(http.StatusForbidden, msg)
 	case errors.Is(err, errSecretExpired):
 		return logical.CodedError(http.StatusBadRequest, msg)
+	case errors.Is(err, errMakeBudget):
+		return logical.CodedError(http.StatusTooManyRequests, msg)
 	}
 	if ue, ok := upstream.AsError(err); ok && ue.Kind == upstream.KindRateLimited {
 		return logical.CodedError(http.StatusTooManyRequests, msg)

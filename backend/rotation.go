@@ -5,8 +5,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"net/http"
 	"strings"
 	"time"
 
@@ -31,6 +31,9 @@ const (
 	defaultMakeBudget = 90
 	maxMakeBudget     = 100
 )
+
+// errMakeBudget: the daily make budget is spent; answered with 429.
+var errMakeBudget = errors.New("the daily tokens.make budget is spent")
 
 type rotationWAL struct {
 	Config  string    `json:"config"`
@@ -120,9 +123,8 @@ func (b *backend) reserveMake(cfg *brokerConfig) func(context.Context) error {
 			mc = makeCount{Day: today}
 		}
 		if mc.Count >= budget {
-			return logical.CodedError(http.StatusTooManyRequests, fmt.Sprintf(
-				"%s: the daily tokens.make budget (%d of the service's 100) is spent for this login; the plugin will not make more until %s 00:00 UTC. Raise make_budget only if you are sure nothing loops",
-				cfg.Provider, budget, b.now().UTC().Add(24*time.Hour).Format(time.DateOnly)))
+			return fmt.Errorf("%w: %d of the service's 100 are spent for this login; no more until %s 00:00 UTC. Raise make_budget only if you are sure nothing loops",
+				errMakeBudget, budget, b.now().UTC().Add(24*time.Hour).Format(time.DateOnly))
 		}
 		mc.Count++
 		e, err = logical.StorageEntryJSON(key, mc)

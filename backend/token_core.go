@@ -406,7 +406,13 @@ func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.
 	if err != nil {
 		return nil, err
 	}
-	return &minted{tok: toStored(tok), rotated: tok.Rotated, secretExpiresAt: tok.SecretExpiresAt}, nil
+	st := toStored(tok)
+	if st.ExpiresAt.IsZero() {
+		// A passthrough token's age is the age of its validation, on the
+		// clock the token core judges freshness by.
+		st.IssuedAt = b.now()
+	}
+	return &minted{tok: st, rotated: tok.Rotated, secretExpiresAt: tok.SecretExpiresAt}, nil
 }
 
 // rejectedSecret reports whether err is the broker refusing the long-lived

@@ -37,7 +37,7 @@ const (
 
 // ErrNarrowing is returned when allowed_accounts is set and the JWT ALOR
 // issued reaches a portfolio outside it (or does not say which it reaches).
-var ErrNarrowing = errors.New("ALOR access token is not narrowed to allowed_accounts")
+var ErrNarrowing = fmt.Errorf("%w: ALOR access token is not narrowed to allowed_accounts", provider.ErrGuard)
 
 // Provider implements provider.Provider for ALOR.
 type Provider struct{}

@@ -42,6 +42,7 @@ type Server struct {
 	alor  *alorFake
 
 	tinvest *tinvestFake
+	chatapp *chatappFake
 }
 
 type fault struct {
@@ -76,6 +77,7 @@ func New(opts Options) *Server {
 	s.finam.register(s)
 	s.tinvest = registerTInvest(s)
 	s.alor = newAlor(s)
+	s.chatapp = registerChatApp(s)
 	s.registerAdmin()
 	return s
 }
@@ -164,6 +166,7 @@ func (s *Server) Endpoints() []string {
 	eps := append([]string(nil), s.finam.endpoints()...)
 	eps = append(eps, s.tinvest.endpoints()...)
 	eps = append(eps, s.alor.endpoints()...)
+	eps = append(eps, s.chatapp.endpoints()...)
 	sort.Strings(eps)
 	return eps
 }

@@ -1,0 +1,592 @@
+package chatapp
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+)
+
+// fixture is a sandbox behind a recorder of what the provider sent.
+type fixture struct {
+	sb  *sandbox.Server
+	url string
+
+	mu   sync.Mutex
+	seen []seenRequest
+}
+
+type seenRequest struct {
+	endpoint string
+	header   http.Header
+	body     []byte
+}
+
+func newFixture(t *testing.T, opts sandbox.Options) *fixture {
+	t.Helper()
+	f := &fixture{sb: sandbox.New(opts)}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		f.mu.Lock()
+		f.seen = append(f.seen, seenRequest{endpoint: r.Method + " " + r.URL.Path, header: r.Header.Clone(), body: body})
+		f.mu.Unlock()
+		r.Body = io.NopCloser(strings.NewReader(string(body)))
+		f.sb.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	f.url = srv.URL
+	return f
+}
+
+func (f *fixture) requests(endpoint string) []seenRequest {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []seenRequest
+	for _, r := range f.seen {
+		if r.endpoint == endpoint {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// reserve counts ReserveMake calls and refuses when err is set.
+type reserve struct {
+	n   atomic.Int32
+	err error
+}
+
+func (r *reserve) fn(context.Context) error {
+	r.n.Add(1)
+	return r.err
+}
+
+func newClient(t *testing.T, opts upstream.Options) *upstream.Client {
+	t.Helper()
+	opts.Broker = "ChatApp"
+	c, err := upstream.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+func login(refreshToken string) map[string]string {
+	return map[string]string{
+		"email": sandbox.ChatAppEmail, "password": sandbox.ChatAppPassword,
+		"app_id": sandbox.ChatAppAppID, "refresh_token": refreshToken,
+	}
+}
+
+func request(t *testing.T, url string, secrets map[string]string, r *reserve) provider.Request {
+	t.Helper()
+	req := provider.Request{BaseURL: url, Client: newClient(t, upstream.Options{}), Secrets: secrets, Environment: "production"}
+	if r != nil {
+		req.ReserveMake = r.fn
+	}
+	return req
+}
+
+// issueMade makes a first pair through the provider, for tests that need a
+// live refresh token.
+func issueMade(t *testing.T, f *fixture) *provider.Token {
+	t.Helper()
+	tok, err := New().Issue(context.Background(), request(t, f.url, login(""), &reserve{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+func noLeak(t *testing.T, err error, secrets ...string) {
+	t.Helper()
+	for _, s := range secrets {
+		if s != "" && strings.Contains(err.Error(), s) {
+			t.Fatalf("error leaks a secret: %v", err)
+		}
+	}
+}
+
+func TestSpec(t *testing.T) {
+	sp := New().Spec()
+	if sp.Name != Name || sp.Display != "ChatApp" || sp.Kind != provider.Minted || sp.Environments["production"] != "https://api.chatapp.online" {
+		t.Fatalf("spec = %+v", sp)
+	}
+	want := map[string]bool{"email": true, "password": true, "app_id": true, "refresh_token": false}
+	if len(sp.Fields) != len(want) {
+		t.Fatalf("fields = %+v", sp.Fields)
+	}
+	for _, fl := range sp.Fields {
+		req, ok := want[fl.Name]
+		if !ok || fl.Required != req || !fl.Secret {
+			t.Errorf("field %+v", fl)
+		}
+	}
+}
+
+func TestMakeOnFirstIssue(t *testing.T) {
+	f := newFixture(t, sandbox.Options{})
+	r := &reserve{}
+	tok, err := New().Issue(context.Background(), request(t, f.url, login(""), r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.n.Load() != 1 || f.sb.Calls(sandbox.ChatAppMakeEP) != 1 || f.sb.Calls(sandbox.ChatAppRefreshEP) != 0 || f.sb.ChatAppMakes() != 1 {
+		t.Fatalf("reserve=%d make=%d refresh=%d", r.n.Load(), f.sb.Calls(sandbox.ChatAppMakeEP), f.sb.Calls(sandbox.ChatAppRefreshEP))
+	}
+	if !f.sb.ChatAppAccessValid(tok.AccessToken) || !f.sb.ChatAppRefreshValid(tok.Rotated["refresh_token"]) {
+		t.Fatal("issued pair is not valid at the sandbox")
+	}
+	if tok.Details["made"] != true || tok.Details["cabinet_user_id"] != int64(sandbox.ChatAppCabinetUserID) {
+		t.Fatalf("details = %v", tok.Details)
+	}
+	if tok.AccountIDs == nil || len(tok.AccountIDs) != 0 || tok.ReadOnly {
+		t.Fatalf("accounts=%v readonly=%v", tok.AccountIDs, tok.ReadOnly)
+	}
+	// What went on the wire: the login as JSON with exactly these keys.
+	sent := f.requests(sandbox.ChatAppMakeEP)
+	var body map[string]any
+	if len(sent) != 1 || json.Unmarshal(sent[0].body, &body) != nil {
+		t.Fatalf("make requests %v", sent)
+	}
+	if len(body) != 3 || body["email"] != sandbox.ChatAppEmail || body["password"] != sandbox.ChatAppPassword || body["appId"] != sandbox.ChatAppAppID {
+		t.Fatalf("make body %v", body)
+	}
+}
+
+func TestRefreshWhenSeeded(t *testing.T) {
+	f := newFixture(t, sandbox.Options{})
+	first := issueMade(t, f)
+	old := first.Rotated["refresh_token"]
+	r := &reserve{}
+	tok, err := New().Issue(context.Background(), request(t, f.url, login(old), r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.n.Load() != 0 || f.sb.Calls(sandbox.ChatAppMakeEP) != 1 || f.sb.Calls(sandbox.ChatAppRefreshEP) != 1 {
+		t.Fatalf("reserve=%d make=%d refresh=%d", r.n.Load(), f.sb.Calls(sandbox.ChatAppMakeEP), f.sb.Calls(sandbox.ChatAppRefreshEP))
+	}
+	rotated := tok.Rotated["refresh_token"]
+	if rotated == "" || rotated == old || f.sb.ChatAppRefreshValid(old) || !f.sb.ChatAppRefreshValid(rotated) {
+		t.Fatalf("rotation: old valid=%v new valid=%v", f.sb.ChatAppRefreshValid(old), f.sb.ChatAppRefreshValid(rotated))
+	}
+	if tok.AccessToken == first.AccessToken || !f.sb.ChatAppAccessValid(tok.AccessToken) || tok.Details["made"] != false {
+		t.Fatalf("token %+v", tok)
+	}
+	// Refresh sends the token in the Refresh header, an empty body and no
+	// Authorization.
+	sent := f.requests(sandbox.ChatAppRefreshEP)
+	if len(sent) != 1 || sent[0].header.Get("Refresh") != old || len(sent[0].body) != 0 || sent[0].header.Get("Authorization") != "" {
+		t.Fatalf("refresh request %+v", sent)
+	}
+	// The old refresh token is dead: using it again falls back to make.
+	r2 := &reserve{}
+	again, err := New().Issue(context.Background(), request(t, f.url, login(old), r2))
+	if err != nil || again.Details["made"] != true || r2.n.Load() != 1 {
+		t.Fatalf("reuse of the old refresh token: %v, reserve=%d", err, r2.n.Load())
+	}
+}
+
+func TestRefusedRefreshFallsBackToMake(t *testing.T) {
+	clock := &fakeClock{t: time.Now()}
+	f := newFixture(t, sandbox.Options{Now: clock.now})
+	cases := []struct {
+		name string
+		rt   func() string
+	}{
+		{"unknown", func() string { return "never-issued-refresh-token" }},
+		{"revoked", func() string {
+			rt := issueMade(t, f).Rotated["refresh_token"]
+			f.sb.RevokeChatAppRefresh(rt)
+			return rt
+		}},
+		{"expired", func() string {
+			f.sb.SetChatAppLifetimes(time.Hour, 2*time.Hour)
+			defer f.sb.SetChatAppLifetimes(24*time.Hour, 14*24*time.Hour)
+			rt := issueMade(t, f).Rotated["refresh_token"]
+			clock.advance(3 * time.Hour)
+			return rt
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rt := tc.rt()
+			makes, refreshes := f.sb.Calls(sandbox.ChatAppMakeEP), f.sb.Calls(sandbox.ChatAppRefreshEP)
+			r := &reserve{}
+			tok, err := New().Issue(context.Background(), request(t, f.url, login(rt), r))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.n.Load() != 1 || f.sb.Calls(sandbox.ChatAppMakeEP) != makes+1 || f.sb.Calls(sandbox.ChatAppRefreshEP) != refreshes+1 {
+				t.Fatalf("reserve=%d make=%d refresh=%d", r.n.Load(), f.sb.Calls(sandbox.ChatAppMakeEP)-makes, f.sb.Calls(sandbox.ChatAppRefreshEP)-refreshes)
+			}
+			if tok.Details["made"] != true || !f.sb.ChatAppRefreshValid(tok.Rotated["refresh_token"]) {
+				t.Fatalf("token %+v", tok)
+			}
+		})
+	}
+}
+
+func TestRefusedRefreshWithoutMake(t *testing.T) {
+	f := newFixture(t, sandbox.Options{})
+	cases := []struct {
+		name    string
+		r       *reserve
+		secrets map[string]string
+		is      error
+	}{
+		{"reserve nil", nil, login("never-issued-refresh-token"), ErrMakeNotAllowed},
+		{"reserve nil, no refresh token", nil, login(""), ErrMakeNotAllowed},
+		{"reserve refuses", &reserve{err: errors.New("budget of makes spent")}, login("never-issued-refresh-token"), nil},
+		{"reserve refuses, no refresh token", &reserve{err: errors.New("budget of makes spent")}, login(""), nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			makes := f.sb.Calls(sandbox.ChatAppMakeEP)
+			_, err := New().Issue(context.Background(), request(t, f.url, tc.secrets, tc.r))
+			if err == nil {
+				t.Fatal("issued without make")
+			}
+			want := tc.is
+			if tc.r != nil {
+				want = tc.r.err
+				if tc.r.n.Load() != 1 {
+					t.Fatalf("reserve called %d times", tc.r.n.Load())
+				}
+			}
+			if !errors.Is(err, want) {
+				t.Fatalf("err = %v, want %v in the chain", err, want)
+			}
+			if f.sb.Calls(sandbox.ChatAppMakeEP) != makes {
+				t.Fatal("make reached the sandbox")
+			}
+			if tc.secrets["refresh_token"] != "" && !strings.Contains(err.Error(), "ApiInvalidTokenError") {
+				t.Fatalf("error hides why make was needed: %v", err)
+			}
+			noLeak(t, err, tc.secrets["password"], tc.secrets["refresh_token"], tc.secrets["email"])
+		})
+	}
+}
+
+func TestTransientRefreshDoesNotMake(t *testing.T) {
+	f := newFixture(t, sandbox.Options{})
+	rt := issueMade(t, f).Rotated["refresh_token"]
+	cases := []struct {
+		name    string
+		status  int
+		latency time.Duration
+		kind    upstream.Kind
+	}{
+		{"503", http.StatusServiceUnavailable, 0, upstream.KindUnavailable},
+		{"500", http.StatusInternalServerError, 0, upstream.KindUnavailable},
+		{"429", http.StatusTooManyRequests, 0, upstream.KindRateLimited},
+		{"timeout", 0, 500 * time.Millisecond, upstream.KindUnavailable},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f.sb.InjectFault(sandbox.ChatAppRefreshEP, tc.status, 1)
+			f.sb.SetLatency(tc.latency)
+			defer f.sb.SetLatency(0)
+			defer f.sb.InjectFault(sandbox.ChatAppRefreshEP, 0, 0)
+			makes, refreshes := f.sb.Calls(sandbox.ChatAppMakeEP), f.sb.Calls(sandbox.ChatAppRefreshEP)
+			r := &reserve{}
+			req := request(t, f.url, login(rt), r)
+			req.Client = newClient(t, upstream.Options{Timeout: 100 * time.Millisecond})
+			_, err := New().Issue(context.Background(), req)
+			ue, ok := upstream.AsError(err)
+			if !ok || ue.Kind != tc.kind || ue.Op != "POST /v1/tokens/refresh" {
+				t.Fatalf("err = %v", err)
+			}
+			if r.n.Load() != 0 || f.sb.Calls(sandbox.ChatAppMakeEP) != makes {
+				t.Fatal("a transient refresh failure fell back to make")
+			}
+			// Never retried: the refresh rotates the pair.
+			if n := f.sb.Calls(sandbox.ChatAppRefreshEP) - refreshes; n != 1 {
+				t.Fatalf("refresh called %d times", n)
+			}
+			noLeak(t, err, rt, sandbox.ChatAppPassword)
+		})
+	}
+	// The fault ran before the handler: the refresh token still works.
+	if !f.sb.ChatAppRefreshValid(rt) {
+		t.Fatal("refresh token died on injected faults")
+	}
+}
+
+func TestMakeErrors(t *testing.T) {
+	f := newFixture(t, sandbox.Options{})
+	wrong := login("")
+	wrong["password"] = "wrong-password-value"
+	cases := []struct {
+		name    string
+		secrets map[string]string
+		quota   int
+		kind    upstream.Kind
+		want    []string
+	}{
+		{"wrong password", wrong, -1, upstream.KindAuth, []string{"ChatApp POST /v1/tokens", "HTTP 401", "the email, password or appId is wrong: check them in the ChatApp cabinet"}},
+		{"quota spent", login(""), 0, upstream.KindRateLimited, []string{"HTTP 429", "tokens.make is limited to 100 a day per email and appId"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f.sb.SetChatAppMakeQuota(tc.quota)
+			defer f.sb.SetChatAppMakeQuota(100)
+			r := &reserve{}
+			tok, err := New().Issue(context.Background(), request(t, f.url, tc.secrets, r))
+			ue, ok := upstream.AsError(err)
+			if tok != nil || !ok || ue.Kind != tc.kind {
+				t.Fatalf("err = %v", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+			if r.n.Load() != 1 {
+				t.Fatalf("reserve called %d times", r.n.Load())
+			}
+			noLeak(t, err, tc.secrets["password"], tc.secrets["email"])
+		})
+	}
+	// The quota counts: after 3 makes with a quota of 3 the fourth is refused.
+	f2 := newFixture(t, sandbox.Options{})
+	f2.sb.SetChatAppMakeQuota(3)
+	for i := range 4 {
+		_, err := New().Issue(context.Background(), request(t, f2.url, login(""), &reserve{}))
+		if (err == nil) != (i < 3) {
+			t.Fatalf("make %d: %v", i+1, err)
+		}
+	}
+	if f2.sb.ChatAppMakes() != 3 {
+		t.Fatalf("makes = %d", f2.sb.ChatAppMakes())
+	}
+}
+
+func TestMakeAfterRefusalKeepsBothErrors(t *testing.T) {
+	f := newFixture(t, sandbox.Options{})
+	f.sb.SetChatAppMakeQuota(0)
+	secrets := login("never-issued-refresh-token")
+	_, err := New().Issue(context.Background(), request(t, f.url, secrets, &reserve{}))
+	ue, ok := upstream.AsError(err)
+	if !ok || ue.Op != "POST /v1/tokens" || ue.Kind != upstream.KindRateLimited {
+		t.Fatalf("the make error must come first: %v", err)
+	}
+	if !strings.Contains(err.Error(), "POST /v1/tokens/refresh") {
+		t.Fatalf("the refresh refusal is lost: %v", err)
+	}
+	noLeak(t, err, secrets["password"], secrets["refresh_token"], secrets["email"])
+}
+
+// TestRefreshAnswers drives the refusal rules with answers the sandbox does
+// not give: which refresh failures count as "refused" is UNCONFIRMED, so the
+// provider is lenient about codes but never about transient statuses.
+func TestRefreshAnswers(t *testing.T) {
+	sb := sandbox.New(sandbox.Options{})
+	cases := []struct {
+		name     string
+		status   int
+		code     string
+		fallback bool
+	}{
+		{"401 invalid token", 401, "ApiInvalidTokenError", true},
+		{"403 other code", 403, "ApiForbiddenError", true},
+		{"400 invalid token", 400, "ApiInvalidTokenError", true},
+		{"400 refresh-specific code", 400, "ApiRefreshTokenExpiredError", true},
+		{"200 success false invalid token", 200, "ApiInvalidTokenError", true},
+		{"500 invalid token", 500, "ApiInvalidTokenError", false},
+		{"429", 429, "ApiTooManyRequestsError", false},
+		{"400 validation", 400, "ApiValidationError", false},
+		{"200 success false other", 200, "ApiSomethingError", false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/v1/tokens/refresh" {
+					w.WriteHeader(tc.status)
+					json.NewEncoder(w).Encode(map[string]any{"success": false, "error": map[string]string{
+						"code": tc.code, "message": "refused " + r.Header.Get("Refresh")}})
+					return
+				}
+				sb.ServeHTTP(w, r)
+			}))
+			defer srv.Close()
+			r := &reserve{}
+			secrets := login("some-refresh-token-value")
+			tok, err := New().Issue(context.Background(), request(t, srv.URL, secrets, r))
+			if tc.fallback {
+				if err != nil || tok.Details["made"] != true || r.n.Load() != 1 {
+					t.Fatalf("want fallback to make: err=%v reserve=%d", err, r.n.Load())
+				}
+				return
+			}
+			if err == nil || r.n.Load() != 0 {
+				t.Fatalf("want no make: err=%v reserve=%d", err, r.n.Load())
+			}
+			ue, ok := upstream.AsError(err)
+			if !ok || ue.Code != tc.code {
+				t.Fatalf("err = %v", err)
+			}
+			noLeak(t, err, secrets["refresh_token"])
+		})
+	}
+}
+
+func TestBadResponses(t *testing.T) {
+	valid := func(mut func(d map[string]any)) string {
+		d := map[string]any{"cabinetUserId": 1, "accessToken": "at-123456", "accessTokenEndTime": time.Now().Add(time.Hour).Unix(),
+			"refreshToken": "rt-123456", "refreshTokenEndTime": time.Now().Add(48 * time.Hour).Unix()}
+		mut(d)
+		b, _ := json.Marshal(map[string]any{"success": true, "data": d})
+		return string(b)
+	}
+	cases := []struct {
+		name string
+		body string
+		want string
+	}{
+		{"not JSON", "<html>gateway</html>", "not the expected JSON"},
+		{"truncated", valid(func(map[string]any) {})[:60], "not the expected JSON"},
+		{"empty", "", "not the expected JSON"},
+		{"array", "[]", "not the expected JSON"},
+		{"success false, no error", `{"success": false}`, "success is false"},
+		{"no data", `{"success": true}`, "no readable data"},
+		{"data null", `{"success": true, "data": null}`, "no readable data"},
+		{"data a string", `{"success": true, "data": "x"}`, "no readable data"},
+		{"no accessToken", valid(func(d map[string]any) { delete(d, "accessToken") }), "accessToken"},
+		{"no refreshToken", valid(func(d map[string]any) { delete(d, "refreshToken") }), "refreshToken"},
+		{"no accessTokenEndTime", valid(func(d map[string]any) { delete(d, "accessTokenEndTime") }), "accessTokenEndTime"},
+		{"no refreshTokenEndTime", valid(func(d map[string]any) { d["refreshTokenEndTime"] = 0 }), "refreshTokenEndTime"},
+		{"end time not a number", valid(func(d map[string]any) { d["accessTokenEndTime"] = "soon" }), "no readable data"},
+		{"end time NaN", valid(func(d map[string]any) { d["accessTokenEndTime"] = "NaN" }), "no readable data"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				io.WriteString(w, tc.body)
+			}))
+			defer srv.Close()
+			for _, rt := range []string{"", "seeded-refresh-token"} {
+				tok, err := New().Issue(context.Background(), request(t, srv.URL, login(rt), &reserve{}))
+				ue, ok := upstream.AsError(err)
+				if tok != nil || !ok || ue.Kind != upstream.KindBadResponse || !strings.Contains(err.Error(), tc.want) {
+					t.Fatalf("refresh token %q: err = %v", rt, err)
+				}
+				// A successful body carries fresh tokens: never quoted.
+				noLeak(t, err, "at-123456", "rt-123456")
+			}
+		})
+	}
+}
+
+func TestEndTimesReadFromAnswer(t *testing.T) {
+	start := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
+	f := newFixture(t, sandbox.Options{Now: func() time.Time { return start }})
+	f.sb.SetChatAppLifetimes(90*time.Minute, 50*time.Hour)
+	tok := issueMade(t, f)
+	if !tok.ExpiresAt.Equal(start.Add(90*time.Minute)) || !tok.SecretExpiresAt.Equal(start.Add(50*time.Hour)) {
+		t.Fatalf("expires %v, secret expires %v", tok.ExpiresAt, tok.SecretExpiresAt)
+	}
+	if time.Since(tok.IssuedAt) > time.Minute || time.Since(tok.IssuedAt) < 0 {
+		t.Fatalf("issued at %v, want the receipt time", tok.IssuedAt)
+	}
+	// End times sent as numeric strings are read too.
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"success":true,"data":{"cabinetUserId":7,"accessToken":"a","accessTokenEndTime":"1900000000","refreshToken":"r","refreshTokenEndTime":1900086400}}`)
+	}))
+	defer srv.Close()
+	tok, err := New().Issue(context.Background(), request(t, srv.URL, login("x"), nil))
+	if err != nil || tok.ExpiresAt.Unix() != 1900000000 || tok.SecretExpiresAt.Unix() != 1900086400 || tok.Details["cabinet_user_id"] != int64(7) {
+		t.Fatalf("tok=%+v err=%v", tok, err)
+	}
+}
+
+func TestCheck(t *testing.T) {
+	clock := &fakeClock{t: time.Now()}
+	f := newFixture(t, sandbox.Options{Now: clock.now})
+	tok := issueMade(t, f)
+	c := newClient(t, upstream.Options{})
+	if err := Check(context.Background(), c, f.url, tok.AccessToken); err != nil {
+		t.Fatal(err)
+	}
+	sent := f.requests(sandbox.ChatAppCheckEP)
+	if len(sent) != 1 || sent[0].header.Get("Authorization") != tok.AccessToken {
+		t.Fatalf("check sent %+v, want the bare token in Authorization", sent)
+	}
+	bad := []struct {
+		name  string
+		token string
+		wait  time.Duration
+	}{
+		{"unknown", "not-a-chatapp-token", 0},
+		{"expired", tok.AccessToken, 25 * time.Hour},
+	}
+	for _, tc := range bad {
+		t.Run(tc.name, func(t *testing.T) {
+			clock.advance(tc.wait)
+			err := Check(context.Background(), c, f.url, tc.token)
+			ue, ok := upstream.AsError(err)
+			if !ok || ue.Kind != upstream.KindAuth || ue.Code != "ApiInvalidTokenError" || ue.Status != 401 || ue.Op != "GET /v1/tokens/check" {
+				t.Fatalf("err = %v", err)
+			}
+			noLeak(t, err, tc.token)
+		})
+	}
+	// Check is idempotent: a transient 503 is retried.
+	f.sb.InjectFault(sandbox.ChatAppCheckEP, 503, 1)
+	fresh := issueMade(t, f)
+	before := f.sb.Calls(sandbox.ChatAppCheckEP)
+	if err := Check(context.Background(), c, f.url, fresh.AccessToken); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.sb.Calls(sandbox.ChatAppCheckEP) - before; n != 2 {
+		t.Fatalf("check called %d times, want a retry", n)
+	}
+}
+
+func TestScrubsEchoedSecrets(t *testing.T) {
+	secrets := login("echoed-refresh-token")
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		w.WriteHeader(http.StatusBadRequest)
+		json.NewEncoder(w).Encode(map[string]any{"success": false, "error": map[string]string{
+			"code": "ApiValidationError", "message": "bad request " + r.Header.Get("Refresh") + " " + string(body)}})
+	}))
+	defer srv.Close()
+	for _, rt := range []string{"", secrets["refresh_token"]} {
+		s := login(rt)
+		_, err := New().Issue(context.Background(), request(t, srv.URL, s, &reserve{}))
+		if err == nil || !strings.Contains(err.Error(), "[redacted]") {
+			t.Fatalf("err = %v", err)
+		}
+		noLeak(t, err, s["password"], s["email"], s["refresh_token"], s["app_id"])
+	}
+}
+
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
