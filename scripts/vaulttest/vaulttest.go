@@ -325,3 +325,175 @@ func cleanEnv() []string {
 	}
 	return env
 }
+
+// ServerOptions configure a non-dev server with file storage: a real
+// restart keeps its data, as a production Vault does.
+type ServerOptions struct {
+	// Dir holds the storage, config and log; reuse it to restart.
+	Dir string
+	// Port is the API port (0 picks a free one).
+	Port int
+}
+
+// Server is a non-dev Vault on file storage. After Start it is initialised
+// (once) and unsealed.
+type Server struct {
+	*Vault
+	Port      int
+	UnsealKey string
+}
+
+// StartServer starts (or restarts, when Dir holds an initialised Vault) a
+// file-storage server, initialises it on first start, and unseals it.
+func StartServer(ctx context.Context, opts ServerOptions) (*Server, error) {
+	bin, err := VaultBin()
+	if err != nil {
+		return nil, err
+	}
+	port := opts.Port
+	if port == 0 {
+		if port, err = freePort(); err != nil {
+			return nil, err
+		}
+	}
+	s := &Server{Port: port, Vault: &Vault{
+		Bin: bin, Dir: opts.Dir,
+		Addr:      fmt.Sprintf("http://127.0.0.1:%d", port),
+		PluginDir: filepath.Join(opts.Dir, "plugins"),
+		LogPath:   filepath.Join(opts.Dir, "vault.log"),
+		http:      &http.Client{Timeout: 60 * time.Second},
+		done:      make(chan error, 1),
+	}}
+	for _, d := range []string{s.PluginDir, filepath.Join(opts.Dir, "data")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, err
+		}
+	}
+	hcl := fmt.Sprintf(`
+storage "file" { path = %q }
+listener "tcp" {
+  address = "127.0.0.1:%d"
+  cluster_address = "127.0.0.1:%d"
+  tls_disable = true
+}
+api_addr = "http://127.0.0.1:%d"
+cluster_addr = "http://127.0.0.1:%d"
+plugin_directory = %q
+disable_mlock = true
+log_level = "debug"
+`, filepath.Join(opts.Dir, "data"), port, port+1, port, port+1, s.PluginDir)
+	cfgPath := filepath.Join(opts.Dir, "vault.hcl")
+	if err := os.WriteFile(cfgPath, []byte(hcl), 0o600); err != nil {
+		return nil, err
+	}
+	logf, err := os.OpenFile(s.LogPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	s.cmd = exec.Command(bin, "server", "-config="+cfgPath)
+	s.cmd.Env = cleanEnv()
+	s.cmd.Stdout, s.cmd.Stderr = logf, logf
+	if err := s.cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("starting vault: %w", err)
+	}
+	go func() { s.done <- s.cmd.Wait(); logf.Close() }()
+	if err := s.initAndUnseal(ctx); err != nil {
+		s.Kill()
+		return nil, fmt.Errorf("%w\n--- vault log ---\n%s", err, s.LogTail(40))
+	}
+	return s, nil
+}
+
+type initState struct {
+	UnsealKey string `json:"unseal_key"`
+	RootToken string `json:"root_token"`
+}
+
+func (s *Server) initAndUnseal(ctx context.Context) error {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		resp, err := s.http.Get(s.Addr + "/v1/sys/seal-status")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		select {
+		case err := <-s.done:
+			s.done <- err
+			return fmt.Errorf("vault exited: %v", err)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return errors.New("vault did not listen in 60s")
+		}
+	}
+	statePath := filepath.Join(s.Dir, "init.json")
+	var st initState
+	if b, err := os.ReadFile(statePath); err == nil {
+		if err := json.Unmarshal(b, &st); err != nil {
+			return err
+		}
+	} else {
+		var out struct {
+			Keys      []string `json:"unseal_keys_b64"`
+			RootToken string   `json:"root_token"`
+		}
+		if r := s.CLIJSON(&out, "operator", "init", "-key-shares=1", "-key-threshold=1", "-format=json"); !r.OK() {
+			return fmt.Errorf("operator init: %s", r)
+		}
+		st = initState{UnsealKey: out.Keys[0], RootToken: out.RootToken}
+		b, _ := json.Marshal(st)
+		if err := os.WriteFile(statePath, b, 0o600); err != nil {
+			return err
+		}
+	}
+	s.Token, s.UnsealKey = st.RootToken, st.UnsealKey
+	if r := s.CLI("operator", "unseal", st.UnsealKey); !r.OK() {
+		return fmt.Errorf("operator unseal: %s", r)
+	}
+	for time.Now().Before(deadline) {
+		resp, err := s.API(ctx, "GET", "sys/health", nil)
+		if err == nil && resp.Status == 200 {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return errors.New("vault did not become active in 60s")
+}
+
+// Kill ends the server with SIGKILL, as a crash would, and waits for it.
+// Plugin processes it started are killed too, so none outlives its Vault.
+func (s *Server) Kill() {
+	s.once.Do(func() {
+		if s.cmd == nil || s.cmd.Process == nil {
+			return
+		}
+		_ = s.cmd.Process.Kill()
+		<-s.done
+		killPlugins(s.PluginDir)
+	})
+}
+
+// killPlugins kills processes running a binary from dir (orphaned plugins of
+// a killed Vault).
+func killPlugins(dir string) {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		pid := 0
+		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil || pid <= 0 {
+			continue
+		}
+		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
+		if err == nil && strings.HasPrefix(exe, dir+string(os.PathSeparator)) {
+			if p, err := os.FindProcess(pid); err == nil {
+				_ = p.Kill()
+			}
+		}
+	}
+}
