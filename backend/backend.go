@@ -8,6 +8,7 @@ import (
 	"context"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -50,9 +51,10 @@ type backend struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu     sync.RWMutex
-	states map[string]*configState
-	sched  *schedule
+	mu            sync.RWMutex
+	states        map[string]*configState
+	sched         *schedule
+	settingsCache atomic.Pointer[mountSettings]
 	// makeMu serialises make-budget updates.
 	makeMu sync.Mutex
 
@@ -93,6 +95,8 @@ func newBackend(version string) *backend {
 			b.pathConfig(),
 			b.pathCreds(),
 			b.pathRotateRoot(),
+			b.pathRetire(),
+			b.pathSettings(),
 		),
 		Secrets:      []*framework.Secret{b.secretToken()},
 		Invalidate:   b.invalidate,
@@ -119,6 +123,10 @@ func (b *backend) clean(context.Context) {
 
 // invalidate drops the in-memory state of a config another node changed.
 func (b *backend) invalidate(_ context.Context, key string) {
+	if key == settingsKey {
+		b.settingsCache.Store(nil)
+		return
+	}
 	for _, p := range []string{configPrefix, tokenPrefix} {
 		if name, ok := strings.CutPrefix(key, p); ok {
 			b.dropState(name)

@@ -131,20 +131,26 @@ type tokenRecord struct {
 	// SecretExpiresAt is when the broker said the (rotated) long-lived
 	// secret expires.
 	SecretExpiresAt time.Time `json:"secret_expires_at,omitzero"`
-	LastRefresh     time.Time `json:"last_refresh,omitzero"`
-	LastError       string    `json:"last_error,omitempty"`
-	LastErrorAt     time.Time `json:"last_error_at,omitzero"`
+	// RetiredBefore: no token minted before this is handed out (incident
+	// retirement through config/<name>/retire).
+	RetiredBefore time.Time `json:"retired_before,omitzero"`
+	LastRefresh   time.Time `json:"last_refresh,omitzero"`
+	LastError     string    `json:"last_error,omitempty"`
+	LastErrorAt   time.Time `json:"last_error_at,omitzero"`
 }
 
 // storedToken is a provider.Token as persisted and cached.
 type storedToken struct {
-	ID          string         `json:"id"`
-	AccessToken string         `json:"access_token"`
-	IssuedAt    time.Time      `json:"issued_at"`
-	ExpiresAt   time.Time      `json:"expires_at,omitzero"`
-	AccountIDs  []string       `json:"account_ids"`
-	ReadOnly    bool           `json:"readonly"`
-	Details     map[string]any `json:"details,omitempty"`
+	ID          string `json:"id"`
+	AccessToken string `json:"access_token"`
+	// MintedAt is when this host started the mint that produced the token,
+	// on its own clock (immune to the broker's clock skew).
+	MintedAt   time.Time      `json:"minted_at"`
+	IssuedAt   time.Time      `json:"issued_at"`
+	ExpiresAt  time.Time      `json:"expires_at,omitzero"`
+	AccountIDs []string       `json:"account_ids"`
+	ReadOnly   bool           `json:"readonly"`
+	Details    map[string]any `json:"details,omitempty"`
 }
 
 func readTokenRecord(ctx context.Context, s logical.Storage, name string) (tokenRecord, error) {

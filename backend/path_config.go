@@ -216,6 +216,13 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 		return logical.ErrorResponse(err.Error()), nil
 	}
 	p := b.providers[cfg.Provider]
+	ms, err := b.settings(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	if !ms.hostAllowed(baseURL(p.Spec(), cfg), p.Spec().Environments) {
+		return logical.ErrorResponse("base_url: host is not in this mount's allowed_hosts (%s); ask an operator to add it to broker/settings", strings.Join(ms.AllowedHosts, ", ")), nil
+	}
 	client, err := newClient(p.Spec(), cfg)
 	if err != nil {
 		return logical.ErrorResponse(badField("ca_cert", "%v", err).Error()), nil

@@ -73,6 +73,7 @@ type configState struct {
 }
 
 type flight struct {
+	gen  uint64
 	done chan struct{}
 	tok  *storedToken
 	err  error
@@ -188,29 +189,43 @@ func (b *backend) currentToken(ctx context.Context, s logical.Storage, name stri
 // on the token to be at most maxAge old (0: any usable token will do). A
 // renew of a passthrough lease uses it to revalidate upstream.
 func (b *backend) tokenNoOlderThan(ctx context.Context, s logical.Storage, name string, maxAge time.Duration) (*brokerConfig, *storedToken, error) {
+	// A mint that was under way when the config changed or its tokens were
+	// retired yields a token no reader may get: wait for the next one.
+	for attempt := 0; ; attempt++ {
+		cfg, tok, stale, err := b.tokenOnce(ctx, s, name, maxAge)
+		if err != nil || !stale || attempt == 2 {
+			if err == nil && stale {
+				err = fmt.Errorf("config %q changed while its token was being minted; read again", name)
+			}
+			return cfg, tok, err
+		}
+	}
+}
+
+func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string, maxAge time.Duration) (*brokerConfig, *storedToken, bool, error) {
 	st := b.state(name)
 	st.mu.Lock()
 	if err := b.loadLocked(ctx, s, st); err != nil {
 		st.mu.Unlock()
-		return nil, nil, err
+		return nil, nil, false, err
 	}
 	cfg := st.cfg
 	if cfg == nil {
 		st.mu.Unlock()
-		return nil, nil, errConfigNotFound
+		return nil, nil, false, errConfigNotFound
 	}
 	now := b.now()
-	if tok := st.rec.Token; usable(tok, now) && (maxAge == 0 || now.Sub(tok.IssuedAt) <= maxAge) {
+	if tok := st.rec.Token; st.rec.servable(tok, now) && (maxAge == 0 || now.Sub(tok.IssuedAt) <= maxAge) {
 		if dueForRefresh(tok, now) && st.flight == nil && !now.Before(st.nextRetry) {
 			b.startMintLocked(st)
 		}
 		st.mu.Unlock()
-		return cfg, tok, nil
+		return cfg, tok, false, nil
 	}
 	if st.failErr != nil && now.Before(st.failUntil) {
 		err := st.failErr
 		st.mu.Unlock()
-		return nil, nil, err
+		return nil, nil, false, err
 	}
 	f := st.flight
 	if f == nil {
@@ -221,19 +236,28 @@ func (b *backend) tokenNoOlderThan(ctx context.Context, s logical.Storage, name 
 	select {
 	case <-f.done:
 	case <-ctx.Done():
-		return nil, nil, fmt.Errorf("waiting for %s token of %q: %w", cfg.Provider, name, ctx.Err())
+		return nil, nil, false, fmt.Errorf("waiting for %s token of %q: %w", cfg.Provider, name, ctx.Err())
 	}
 	if f.err != nil {
-		return nil, nil, f.err
+		return nil, nil, false, f.err
 	}
-	return cfg, f.tok, nil
+	st.mu.Lock()
+	stale := st.gen != f.gen || f.tok.MintedAt.Before(st.rec.RetiredBefore)
+	st.mu.Unlock()
+	return cfg, f.tok, stale, nil
+}
+
+// servable reports whether tok may be handed out at now: usable, and not
+// minted before an incident retirement of the config's tokens.
+func (r tokenRecord) servable(tok *storedToken, now time.Time) bool {
+	return usable(tok, now) && !tok.MintedAt.Before(r.RetiredBefore)
 }
 
 // startMintLocked starts the single mint of st; st.mu must be held. The mint
 // runs on the backend's context, not the reader's: a reader that gives up
 // does not abort the mint others are waiting on.
 func (b *backend) startMintLocked(st *configState) *flight {
-	f := &flight{done: make(chan struct{})}
+	f := &flight{gen: st.gen, done: make(chan struct{})}
 	st.flight = f
 	cfg, client, gen := st.cfg, st.client, st.gen
 	secrets := effectiveSecrets(cfg, st.rec)
@@ -311,7 +335,7 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 		if err != nil {
 			st.failures++
 			st.nextRetry = now.Add(min(refreshBackoff<<min(st.failures-1, 8), maxRefreshBackoff))
-			if !usable(rec.Token, now) {
+			if !rec.servable(rec.Token, now) {
 				st.failErr, st.failUntil = err, now.Add(failFastFor)
 			}
 		} else {
@@ -347,7 +371,7 @@ type minted struct {
 // with returns the record after a successful mint: the new token, the
 // rotated secrets merged in, the error cleared.
 func (r tokenRecord) with(m *minted, now time.Time) tokenRecord {
-	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated}
+	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated, RetiredBefore: r.RetiredBefore}
 	if len(m.rotated) > 0 {
 		out.Rotated = make(map[string]string, len(r.Rotated)+len(m.rotated))
 		for k, v := range r.Rotated {
@@ -381,12 +405,24 @@ func effectiveSecrets(cfg *brokerConfig, rec tokenRecord) map[string]string {
 
 // mint asks the provider for a token under cfg with the given secrets.
 func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, reserve func(context.Context) error) (*minted, error) {
+	started := b.now()
 	p, ok := b.providers[cfg.Provider]
 	if !ok {
 		return nil, fmt.Errorf("provider %q is not supported by this plugin version", cfg.Provider)
 	}
 	if !cfg.SecretExpiresAt.IsZero() && !b.now().Before(cfg.SecretExpiresAt) {
 		return nil, fmt.Errorf("%w: %s", errSecretExpired, cfg.expiryWarning(b.now()))
+	}
+	// The allow-list may have tightened since the config was written: the
+	// secret is never sent to a host it no longer allows.
+	if b.storage != nil {
+		ms, err := b.settings(ctx, b.storage)
+		if err != nil {
+			return nil, err
+		}
+		if !ms.hostAllowed(baseURL(p.Spec(), cfg), p.Spec().Environments) {
+			return nil, fmt.Errorf("%w: base_url %s is not in the mount's allowed_hosts; the secret was not sent", provider.ErrGuard, baseURL(p.Spec(), cfg))
+		}
 	}
 	if client == nil {
 		var err error
@@ -407,6 +443,7 @@ func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.
 		return nil, err
 	}
 	st := toStored(tok)
+	st.MintedAt = started
 	if st.ExpiresAt.IsZero() {
 		// A passthrough token's age is the age of its validation, on the
 		// clock the token core judges freshness by.
@@ -481,4 +518,28 @@ func (b *backend) retire(ctx context.Context, s logical.Storage, name, tokenID s
 	st.mu.Unlock()
 	b.Logger().Info("token retired by an early lease revoke", "config", name, "token_id", tokenID)
 	return writeTokenRecord(ctx, s, name, rec)
+}
+
+// retireAll is the incident switch: from now on no lease receives a token
+// minted before this moment, including one a running mint is about to
+// deliver. Rotated secrets such a mint brings are still stored.
+func (b *backend) retireAll(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
+	st := b.state(name)
+	st.mu.Lock()
+	if err := b.loadLocked(ctx, s, st); err != nil {
+		st.mu.Unlock()
+		return nil, nil, err
+	}
+	if st.cfg == nil {
+		st.mu.Unlock()
+		return nil, nil, errConfigNotFound
+	}
+	old := st.rec.Token
+	st.rec.Token = nil
+	st.rec.RetiredBefore = b.now()
+	st.failErr = nil
+	rec, cfg := st.rec, st.cfg
+	st.mu.Unlock()
+	b.Logger().Warn("all tokens of the config retired", "config", name)
+	return cfg, old, writeTokenRecord(ctx, s, name, rec)
 }

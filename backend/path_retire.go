@@ -1,0 +1,67 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"strings"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+)
+
+func (b *backend) pathRetire() []*framework.Path {
+	return []*framework.Path{{
+		Pattern: "config/" + framework.GenericNameRegex("name") + "/retire$",
+		Fields: map[string]*framework.FieldSchema{
+			"name": {Type: framework.TypeString, Description: "Name of the config whose tokens to retire.", Required: true},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRetireWrite, Summary: "Incident switch: no lease issued from now on carries a token minted before now."},
+		},
+		HelpSynopsis:    "Retire every token of a config: the next creds read gets a freshly minted one.",
+		HelpDescription: strings.TrimSpace(retireHelp),
+	}}
+}
+
+const retireHelp = `
+Use with "vault lease revoke -prefix broker/creds/<name>" when a token may have
+leaked. After this call no lease receives a token minted before it, including
+one a mint in progress was about to deliver. Brokers offer no API to kill a
+minted token: tokens already handed out stay valid until their own expiry,
+which the response shows. To kill them sooner, act at the broker (see the
+"note" field).
+`
+
+// brokerKill says, per provider, what kills already-issued tokens.
+var brokerKill = map[string]string{
+	"finam":   "Finam JWTs cannot be revoked; revoke the API secret on the Finam portal (Tokens page) to kill every JWT minted from it, then write a new secret here",
+	"alor":    "ALOR access JWTs cannot be revoked; revoke the refresh token on the ALOR developer portal (API Access Tokens) to kill every JWT made from it, then write a new refresh token here",
+	"chatapp": "ChatApp access tokens cannot be revoked and live up to 24 hours; change the cabinet password to stop new pairs being made",
+	"tinvest": "the T-Invest token is the long-lived secret itself: retiring cannot stop it; revoke it in the T-Invest settings and write a new token here",
+}
+
+func (b *backend) pathRetireWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	cfg, old, err := b.retireAll(ctx, req.Storage, name)
+	if errors.Is(err, errConfigNotFound) {
+		return logical.ErrorResponse("no config named %q", name), nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	data := map[string]any{
+		"retired_at":              formatTime(b.now()),
+		"issued_tokens_expire_at": "",
+		"note":                    brokerKill[cfg.Provider],
+	}
+	if old != nil {
+		data["issued_tokens_expire_at"] = formatTime(old.ExpiresAt)
+	}
+	resp := &logical.Response{Data: data}
+	if p, ok := b.providers[cfg.Provider]; ok && p.Spec().Kind == provider.Passthrough {
+		resp.AddWarning("retiring does not change a " + p.Spec().Display + " token: " + brokerKill[cfg.Provider])
+	}
+	return resp, nil
+}

@@ -1,0 +1,139 @@
+package backend
+
+import (
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+)
+
+func TestAllowedHosts(t *testing.T) {
+	ms := &mountSettings{AllowedHosts: []string{"proxy.example.com", "127.0.0.1:8443", "*.corp.example"}}
+	builtin := map[string]string{"production": "https://api.finam.ru"}
+	cases := []struct {
+		url  string
+		want bool
+	}{
+		{"https://api.finam.ru", true}, // the broker's own endpoint
+		{"https://proxy.example.com", true},
+		{"https://PROXY.example.com:9443", true},
+		{"https://evil.example.com", false},
+		{"http://127.0.0.1:8443", true},
+		{"http://127.0.0.1:9999", false},
+		{"https://a.corp.example", true},
+		{"https://corp.example", false},
+		{"https://a.corp.example.evil.com", false},
+	}
+	for _, tc := range cases {
+		if got := ms.hostAllowed(tc.url, builtin); got != tc.want {
+			t.Errorf("%s: got %v, want %v", tc.url, got, tc.want)
+		}
+	}
+	if !(&mountSettings{}).hostAllowed("https://anything.example", builtin) {
+		t.Error("an empty allow-list must allow any host")
+	}
+}
+
+func TestAllowedHostsEnforcedAtWriteAndMint(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	h.writeFinam("finam", nil)
+	h.mustOK(logical.UpdateOperation, "settings", map[string]any{"allowed_hosts": "proxy.example.com"})
+	resp, err := h.do(logical.UpdateOperation, "config/other", map[string]any{"provider": "finam", "secret": sandbox.FinamSecret, "base_url": h.url})
+	if statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "allowed_hosts") {
+		t.Fatalf("a disallowed host was accepted: %d %q", statusOf(resp, err), errText(resp, err))
+	}
+	// The existing config's secret is not sent there either once its token
+	// needs replacing.
+	h.mustOK(logical.UpdateOperation, "config/finam/retire", nil)
+	before := h.sb.Calls(sessionsEP)
+	resp, err = h.do(logical.ReadOperation, "creds/finam", nil)
+	if statusOf(resp, err) != 403 || h.sb.Calls(sessionsEP) != before {
+		t.Fatalf("mint to a disallowed host: %d %q (calls %d->%d)", statusOf(resp, err), errText(resp, err), before, h.sb.Calls(sessionsEP))
+	}
+	r := h.mustOK(logical.ReadOperation, "settings", nil)
+	if got := r.Data["allowed_hosts"].([]string); len(got) != 1 || got[0] != "proxy.example.com" {
+		t.Fatalf("settings read: %v", got)
+	}
+	if resp, err := h.do(logical.UpdateOperation, "settings", map[string]any{"allowed_hosts": "https://x/y"}); statusOf(resp, err) != 400 {
+		t.Fatal("a URL was accepted as a host")
+	}
+}
+
+func TestRetireGuaranteesFreshTokens(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	h.writeFinam("finam", nil)
+	old := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+
+	// A mint already under way when the retire lands must not be handed out.
+	h.sb.SetLatency(300 * time.Millisecond)
+	h.mustOK(logical.UpdateOperation, "config/finam", map[string]any{"verify": false, "ttl": "10m"}) // same upstream: token kept
+	h.b.dropState("finam")
+	st := h.b.state("finam")
+	st.mu.Lock()
+	if err := h.b.loadLocked(t.Context(), h.storage, st); err != nil {
+		t.Fatal(err)
+	}
+	st.rec.Token = nil
+	inflight := h.b.startMintLocked(st) // the mint in flight
+	st.mu.Unlock()
+	time.Sleep(50 * time.Millisecond)
+
+	resp := h.mustOK(logical.UpdateOperation, "config/finam/retire", nil)
+	if resp.Data["note"] == "" || resp.Data["retired_at"] == "" {
+		t.Fatalf("retire response: %v", resp.Data)
+	}
+	retiredAt := time.Now()
+	var wg sync.WaitGroup
+	got := make([]string, 20)
+	for i := range got {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, err := h.do(logical.ReadOperation, "creds/finam", nil)
+			if errText(r, err) != "" {
+				t.Error(errText(r, err))
+				return
+			}
+			got[i] = r.Data["access_token"].(string)
+		}()
+	}
+	wg.Wait()
+	<-inflight.done
+	if inflight.tok == nil {
+		t.Fatal("the in-flight mint failed; the test proves nothing")
+	}
+	for _, tok := range got {
+		if tok == old || tok == inflight.tok.AccessToken {
+			t.Fatal("a token minted before retire was handed out")
+		}
+	}
+	// Every token handed out was minted after the retire.
+	rec, _ := readTokenRecord(t.Context(), h.storage, "finam")
+	if rec.Token == nil || rec.Token.MintedAt.Before(retiredAt.Add(-time.Second)) || rec.Token.AccessToken != got[0] {
+		t.Fatalf("token after retire: %+v", rec.Token)
+	}
+	// And it holds across a restart.
+	b2, _ := h.newBackend(h.storage)
+	r, err := h.doOn(b2, logical.ReadOperation, "creds/finam", nil)
+	if errText(r, err) != "" || r.Data["access_token"] != got[0] {
+		t.Fatal("restart changed the token")
+	}
+}
+
+func TestRetireOfTInvestWarns(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	if resp, err := h.writeTInvest("tb", sandbox.TInvestReadOnlyToken, nil); errText(resp, err) != "" {
+		t.Fatal(errText(resp, err))
+	}
+	resp := h.mustOK(logical.UpdateOperation, "config/tb/retire", nil)
+	if len(resp.Warnings) == 0 || !strings.Contains(resp.Warnings[0], "T-Invest settings") {
+		t.Fatalf("warnings: %v", resp.Warnings)
+	}
+	if r, err := h.do(logical.UpdateOperation, "config/nope/retire", nil); statusOf(r, err) != 400 {
+		t.Fatal("retire of a missing config did not 400")
+	}
+}
