@@ -80,6 +80,9 @@ type chatappFake struct {
 	access      map[string]chatappGrant
 	refresh     map[string]chatappGrant
 	makes       map[string]chatappDay // by email+"\x00"+appId
+	// issued remembers every refresh token handed out, live or dead, so
+	// leak tests can search for each.
+	issued []string
 }
 
 // registerChatApp builds the fake, mounts its endpoints and admin API, and
@@ -217,6 +220,7 @@ func (f *chatappFake) issueLocked(now time.Time, email string, acct chatappAccou
 	at, rt := chatappToken(), chatappToken()
 	f.access[at] = chatappGrant{email: email, appID: acct.appID, expires: atEnd}
 	f.refresh[rt] = chatappGrant{email: email, appID: acct.appID, expires: rtEnd}
+	f.issued = append(f.issued, rt)
 	return map[string]any{"success": true, "data": map[string]any{
 		"cabinetUserId":       acct.cabinetUserID,
 		"accessToken":         at,
@@ -307,6 +311,13 @@ func (s *Server) ChatAppMakes() int {
 		}
 	}
 	return n
+}
+
+// ChatAppIssuedRefreshTokens returns every refresh token ever issued.
+func (s *Server) ChatAppIssuedRefreshTokens() []string {
+	s.chatapp.mu.Lock()
+	defer s.chatapp.mu.Unlock()
+	return append([]string(nil), s.chatapp.issued...)
 }
 
 // ChatAppRefreshValid reports whether tokens.refresh would accept rt now.
