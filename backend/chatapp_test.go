@@ -215,3 +215,16 @@ func TestChatAppRecoversInterruptedRotation(t *testing.T) {
 		t.Fatalf("makes = %d: recovery should refresh, be refused, then make once", h.sb.ChatAppMakes())
 	}
 }
+
+func TestChatAppRefusesGuardsItCannotCheck(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	for _, extra := range []map[string]any{{"require_readonly": true}, {"allowed_accounts": "1"}} {
+		resp, err := h.writeChatApp("chat", extra)
+		if statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "cannot be checked") {
+			t.Fatalf("%v: %d %q", extra, statusOf(resp, err), errText(resp, err))
+		}
+	}
+	if h.sb.ChatAppMakes() != 0 {
+		t.Fatal("a refused config spent a make")
+	}
+}

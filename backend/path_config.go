@@ -452,6 +452,15 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 		}
 		cfg.AllowedAccounts = accts
 	}
+	// A guard that cannot be checked must not look as if it were.
+	if cfg.Provider == "chatapp" {
+		if cfg.RequireReadOnly {
+			return nil, false, badField("require_readonly", "cannot be checked for chatapp: ChatApp reports no read-only flag")
+		}
+		if len(cfg.AllowedAccounts) > 0 {
+			return nil, false, badField("allowed_accounts", "cannot be checked for chatapp: ChatApp reports no accounts")
+		}
+	}
 	return cfg, d.Get("verify").(bool), nil
 }
 
