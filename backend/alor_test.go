@@ -80,12 +80,12 @@ func TestAlorReadOnlyFromScope(t *testing.T) {
 
 func TestAlorRejectedRefreshTokenStopsServing(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
-	h.sb.SetAlorTokenLifetime(6 * time.Second)
+	h.sb.SetAlorTokenLifetime(9 * time.Second)
 	if resp, err := h.writeAlor("alor", sandbox.AlorRefreshToken, nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
 	h.sb.RevokeAlorRefreshToken(sandbox.AlorRefreshToken)
-	time.Sleep(4200 * time.Millisecond) // refresh due: the background refresh meets 403
+	time.Sleep(6600 * time.Millisecond) // refresh due: the background refresh meets 403
 	h.mustOK(logical.ReadOperation, "creds/alor", nil)
 	if !waitFor(t, 3*time.Second, func() bool {
 		st := h.mustOK(logical.ReadOperation, "config/alor", nil)

@@ -55,6 +55,7 @@ type backend struct {
 	states        map[string]*configState
 	sched         *schedule
 	settingsCache atomic.Pointer[mountSettings]
+	metrics       *metrics
 	// makeMu serialises make-budget updates.
 	makeMu sync.Mutex
 
@@ -82,6 +83,7 @@ func newBackend(version string) *backend {
 		cancel:    cancel,
 		states:    map[string]*configState{},
 		sched:     newSchedule(),
+		metrics:   newMetrics(),
 		now:       time.Now,
 	}
 	b.Backend = &framework.Backend{
@@ -97,12 +99,14 @@ func newBackend(version string) *backend {
 			b.pathRotateRoot(),
 			b.pathRetire(),
 			b.pathSettings(),
+			b.pathMetrics(),
 		),
-		Secrets:      []*framework.Secret{b.secretToken()},
-		Invalidate:   b.invalidate,
-		Clean:        b.clean,
-		PeriodicFunc: b.periodicFunc,
-		WALRollback:  b.walRollback,
+		Secrets:        []*framework.Secret{b.secretToken()},
+		Invalidate:     b.invalidate,
+		Clean:          b.clean,
+		PeriodicFunc:   b.periodicFunc,
+		WALRollback:    b.walRollback,
+		InitializeFunc: b.initialize,
 		// An interrupted rotation is recovered once its record is this old.
 		WALRollbackMinAge: walRecoverAfter,
 	}

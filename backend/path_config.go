@@ -93,9 +93,10 @@ const configHelp = `
 Stores a broker's long-lived secret. Fields by provider:
 
   finam    secret
-  tinvest  token                 (not yet supported)
-  alor     refresh_token         (not yet supported)
-  chatapp  email, password, app_id, optional refresh_token (not yet supported)
+  tinvest  token; validation_interval (daily keep-alive validation)
+  alor     refresh_token; refresh_token_expires_at, expiry_warning
+  chatapp  email, password, app_id, optional refresh_token seed;
+           make_budget, rotation_fraction
 
 Secret fields are write-only: a read shows "<field>_set" instead, and surrounding
 whitespace is trimmed (so secret=@file works). A write checks the secret with
@@ -143,6 +144,13 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, d *f
 		return nil, nil
 	}
 	resp := &logical.Response{Data: b.configData(cfg, rec)}
+	if b.rotates(cfg) {
+		n, err := b.makesToday(ctx, req.Storage, cfg)
+		if err != nil {
+			return nil, err
+		}
+		resp.Data["makes_today"] = n
+	}
 	if w := cfg.expiryWarning(b.now()); w != "" {
 		resp.AddWarning(w)
 	}
@@ -178,6 +186,7 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		}
 		if p.Spec().RotatesSecret {
 			data["make_budget"] = cmp.Or(cfg.MakeBudget, defaultMakeBudget)
+			data["rotated_refresh_token"] = len(rec.Rotated) > 0
 			data["rotation_fraction"] = cmp.Or(cfg.RotationFraction, 0.5)
 		}
 		if p.Spec().Kind == provider.Passthrough {
@@ -223,7 +232,7 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if !ms.hostAllowed(baseURL(p.Spec(), cfg), p.Spec().Environments) {
 		return logical.ErrorResponse("base_url: host is not in this mount's allowed_hosts (%s); ask an operator to add it to broker/settings", strings.Join(ms.AllowedHosts, ", ")), nil
 	}
-	client, err := newClient(p.Spec(), cfg)
+	client, err := b.newClient(p.Spec(), cfg)
 	if err != nil {
 		return logical.ErrorResponse(badField("ca_cert", "%v", err).Error()), nil
 	}
@@ -279,6 +288,9 @@ func verifyFailure(cfg *brokerConfig, err error) (*logical.Response, error) {
 	msg := fmt.Sprintf("verifying the %s secret failed; nothing was stored: %v", cfg.Provider, err)
 	if errors.Is(err, provider.ErrGuard) {
 		return logical.ErrorResponse(msg), nil
+	}
+	if errors.Is(err, errMakeBudget) {
+		return nil, logical.CodedError(http.StatusTooManyRequests, msg)
 	}
 	if ue, ok := upstream.AsError(err); ok {
 		switch ue.Kind {

@@ -31,7 +31,14 @@ func (b *backend) pathCreds() []*framework.Path {
 
 const credsHelp = `
 Returns access_token, expires_at (RFC 3339), provider, account_ids and readonly,
-plus what the broker reports about the token (finam: md_permissions).
+plus what the broker reports about the token:
+
+  finam    md_permissions
+  tinvest  accounts (id, type, name, status, access_level), user_id, tariff,
+           token_kind; access_token is the T-Invest token itself, and
+           expires_at is empty (T-Invest does not tell)
+  alor     login, scope (account_ids are the JWT's portfolios)
+  chatapp  cabinet_user_id
 
 Every reader of a config shares one cached token; it is refreshed in the
 background before it expires, so reads do not wait on the broker. The lease TTL
@@ -48,6 +55,7 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		return logical.ErrorResponse("no config named %q: write config/%s first", name, name), nil
 	}
 	if err != nil {
+		b.metrics.inc("broker_creds_total", "config", name, "outcome", "error")
 		return nil, upstreamFailure(name, err)
 	}
 	if err := checkGuards(cfg, tok); err != nil {
@@ -78,6 +86,9 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		"lease_end":   formatTimeNano(now.Add(ttl)),
 	})
 	if w := cfg.expiryWarning(now); w != "" {
+		resp.AddWarning(w)
+	}
+	if w := b.staleWarning(name); w != "" {
 		resp.AddWarning(w)
 	}
 	resp.Secret.TTL = ttl

@@ -113,25 +113,25 @@ func TestConcurrentColdReadsMintOnce(t *testing.T) {
 }
 
 func TestRefreshAheadServesWithoutWaiting(t *testing.T) {
-	// A 6 s token: refresh is due at 2 s left, and it stays servable down to
-	// 1 s left (a sixth of its life).
-	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 6 * time.Second})
+	// A 9 s token: refresh is due at 3 s left, and it stays servable down to
+	// 1.5 s left (a sixth of its life).
+	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 9 * time.Second})
 	h.writeFinam("finam", nil)
 	first := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
-	time.Sleep(4300 * time.Millisecond)
-	h.sb.SetLatency(500 * time.Millisecond)
+	time.Sleep(6600 * time.Millisecond)
+	h.sb.SetLatency(1500 * time.Millisecond)
 	start := time.Now()
 	due := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
-	if waited := time.Since(start); waited > 300*time.Millisecond {
+	if waited := time.Since(start); waited > time.Second {
 		t.Fatalf("a read with a valid token waited %v on the broker", waited)
 	}
 	if due != first {
 		t.Fatal("a still-valid token was not served while the refresh ran")
 	}
-	if !waitFor(t, 3*time.Second, func() bool { return h.sb.Calls(sessionsEP) == 2 }) {
+	if !waitFor(t, 6*time.Second, func() bool { return h.sb.Calls(sessionsEP) == 2 }) {
 		t.Fatalf("background refresh did not mint: %d mints", h.sb.Calls(sessionsEP))
 	}
-	if !waitFor(t, 3*time.Second, func() bool {
+	if !waitFor(t, 8*time.Second, func() bool {
 		return h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"] != first
 	}) {
 		t.Fatal("the refreshed token is not served")
@@ -163,11 +163,11 @@ func TestNearlyExpiredTokenIsNeverHandedOut(t *testing.T) {
 }
 
 func TestFailingBrokerStillServesValidToken(t *testing.T) {
-	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 6 * time.Second})
+	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 9 * time.Second})
 	h.writeFinam("finam", nil)
 	first := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
 	h.sb.InjectFault(sessionsEP, 503, -1)
-	time.Sleep(4200 * time.Millisecond) // refresh due, still servable
+	time.Sleep(6600 * time.Millisecond) // refresh due, still servable
 	for range 5 {
 		if got := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; got != first {
 			t.Fatal("token changed while the broker fails")

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -53,7 +54,8 @@ var (
 // configState is the in-memory state of one config: its settings, its HTTP
 // client and its current token, shared by every reader.
 type configState struct {
-	name string
+	name  string
+	mkeys atomic.Pointer[metricKeys]
 
 	mu     sync.Mutex
 	loaded bool
@@ -70,6 +72,25 @@ type configState struct {
 	// background refresh backoff after failures.
 	failures  int
 	nextRetry time.Time
+}
+
+// metricKeys are a config's series names, rendered once: the read path
+// only bumps a counter.
+type metricKeys struct{ hit, miss, mintOK, mintErr, rotation string }
+
+func (st *configState) keys() *metricKeys {
+	if k := st.mkeys.Load(); k != nil {
+		return k
+	}
+	k := &metricKeys{
+		hit:      series("broker_creds_total", "config", st.name, "outcome", "hit"),
+		miss:     series("broker_creds_total", "config", st.name, "outcome", "miss"),
+		mintOK:   series("broker_mints_total", "config", st.name, "outcome", "ok"),
+		mintErr:  series("broker_mints_total", "config", st.name, "outcome", "error"),
+		rotation: series("broker_rotations_total", "config", st.name),
+	}
+	st.mkeys.Store(k)
+	return k
 }
 
 type flight struct {
@@ -112,6 +133,15 @@ func (b *backend) dropState(name string) {
 		st.gen++
 		st.close()
 		st.mu.Unlock()
+	}
+}
+
+// forget drops the state of a config that does not exist, if it is still st.
+func (b *backend) forget(name string, st *configState) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.states[name] == st {
+		delete(b.states, name)
 	}
 }
 
@@ -212,6 +242,7 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 	cfg := st.cfg
 	if cfg == nil {
 		st.mu.Unlock()
+		b.forget(name, st) // reads of made-up names must not grow memory
 		return nil, nil, false, errConfigNotFound
 	}
 	now := b.now()
@@ -220,8 +251,10 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 			b.startMintLocked(st)
 		}
 		st.mu.Unlock()
+		b.metrics.incKey(st.keys().hit)
 		return cfg, tok, false, nil
 	}
+	b.metrics.incKey(st.keys().miss)
 	if st.failErr != nil && now.Before(st.failUntil) {
 		err := st.failErr
 		st.mu.Unlock()
@@ -245,6 +278,23 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 	stale := st.gen != f.gen || f.tok.MintedAt.Before(st.rec.RetiredBefore)
 	st.mu.Unlock()
 	return cfg, f.tok, stale, nil
+}
+
+// staleWarning says, when the last refresh of a config failed, that the
+// token served is the cached one and why it was not replaced.
+func (b *backend) staleWarning(name string) string {
+	st := b.state(name)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	rec := st.rec
+	if rec.Token == nil || !rec.LastErrorAt.After(rec.LastRefresh) {
+		return ""
+	}
+	until := "until revalidated"
+	if !rec.Token.ExpiresAt.IsZero() {
+		until = "until " + formatTime(rec.Token.ExpiresAt)
+	}
+	return fmt.Sprintf("serving the cached token (valid %s): the last refresh at %s failed: %s", until, formatTime(rec.LastErrorAt), rec.LastError)
 }
 
 // servable reports whether tok may be handed out at now: usable, and not
@@ -345,8 +395,13 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 	st.mu.Unlock()
 
 	if err != nil {
+		b.metrics.incKey(st.keys().mintErr)
 		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
 	} else {
+		b.metrics.incKey(st.keys().mintOK)
+		if len(m.rotated) > 0 {
+			b.metrics.incKey(st.keys().rotation)
+		}
 		b.Logger().Debug("token minted", "config", st.name, "expires_at", m.tok.ExpiresAt)
 		if w := cfg.expiryWarning(now); w != "" {
 			b.Logger().Warn(w, "config", st.name)
@@ -426,7 +481,7 @@ func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.
 	}
 	if client == nil {
 		var err error
-		if client, err = newClient(p.Spec(), cfg); err != nil {
+		if client, err = b.newClient(p.Spec(), cfg); err != nil {
 			return nil, err
 		}
 		defer client.Close()
@@ -476,8 +531,15 @@ func toStored(t *provider.Token) *storedToken {
 	}
 }
 
-func newClient(spec provider.Spec, cfg *brokerConfig) (*upstream.Client, error) {
-	return upstream.New(upstream.Options{Broker: spec.Display, CACertPEM: cfg.CACert})
+func (b *backend) newClient(spec provider.Spec, cfg *brokerConfig) (*upstream.Client, error) {
+	return upstream.New(upstream.Options{
+		Broker:        spec.Display,
+		CACertPEM:     cfg.CACert,
+		RatePerMinute: spec.RatePerMinute,
+		RatePerOp:     spec.RatePerOp,
+		MaxConcurrent: spec.MaxConcurrent,
+		Observe:       b.metrics.observeUpstream(spec.Name),
+	})
 }
 
 func baseURL(spec provider.Spec, cfg *brokerConfig) string {

@@ -57,6 +57,9 @@ func (Provider) Spec() provider.Spec {
 			Description: "ALOR: the refresh token created on the ALOR developer portal (API Access Tokens page).",
 		}},
 		Environments: map[string]string{"production": ProductionURL, "sandbox": SandboxURL},
+		// ALOR answers 429 to too many concurrent requests; its limit is
+		// not published, so stay well under any plausible one.
+		MaxConcurrent: 4,
 	}
 }
 

@@ -41,6 +41,9 @@ func (Provider) Spec() provider.Spec {
 			Description: "Finam: the API secret issued on the Finam portal (Tokens page).",
 		}},
 		Environments: map[string]string{"production": ProductionURL},
+		// Finam allows 200 requests a minute per method.
+		RatePerMinute: 180,
+		RatePerOp:     true,
 	}
 }
 

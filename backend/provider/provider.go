@@ -51,6 +51,12 @@ type Spec struct {
 	// (Token.Rotated): the backend then records its intent before the call
 	// and keeps the rotated secret alive with periodic refreshes.
 	RotatesSecret bool
+	// Client-side limits kept under the broker's published ones, so many
+	// leases renewing at once never earn a 429: requests a minute (per
+	// operation when RatePerOp) and requests in flight. Zero: none.
+	RatePerMinute int
+	RatePerOp     bool
+	MaxConcurrent int
 }
 
 // Request is what a provider receives for one upstream operation.

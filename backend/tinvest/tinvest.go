@@ -67,7 +67,9 @@ func (Provider) Spec() provider.Spec {
 			Description: "tinvest: the T-Invest API token issued in the T-Invest settings (" + SettingsURL + "). A sandbox token needs environment=sandbox.",
 		}},
 		Environments: map[string]string{EnvProduction: ProductionURL, EnvSandbox: SandboxURL},
-		DefaultTTL:   DefaultTTL,
+		// UsersService allows 100 unary requests a minute per token.
+		RatePerMinute: 90,
+		DefaultTTL:    DefaultTTL,
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"sync"
 	"time"
 )
 
@@ -40,6 +41,17 @@ type Options struct {
 	MaxBody   int64
 	// MaxAttempts bounds tries of idempotent calls on retryable failures.
 	MaxAttempts int
+	// RatePerMinute keeps calls under the broker's published rate; with
+	// RatePerOp the budget applies to each operation separately (Finam
+	// limits each method). Zero: no client-side rate limit.
+	RatePerMinute int
+	RatePerOp     bool
+	// MaxConcurrent caps calls in flight (ALOR answers 429 to too many
+	// concurrent requests). Zero: no cap.
+	MaxConcurrent int
+	// Observe, if set, is told the outcome and duration of every attempt,
+	// for metrics. outcome is "ok" or a Kind's metric name.
+	Observe func(op, outcome string, d time.Duration)
 }
 
 // Client talks to one broker endpoint.
@@ -48,6 +60,12 @@ type Client struct {
 	http        *http.Client
 	maxBody     int64
 	maxAttempts int
+	observe     func(op, outcome string, d time.Duration)
+
+	ratePerMinute, maxConcurrent int
+	ratePerOp                    bool
+	limMu                        sync.Mutex
+	limiters                     map[string]*limiter
 }
 
 // New builds a Client. It fails only on an unusable CA bundle.
@@ -62,9 +80,14 @@ func New(opts Options) (*Client, error) {
 		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
 	c := &Client{
-		broker:      opts.Broker,
-		maxBody:     opts.MaxBody,
-		maxAttempts: opts.MaxAttempts,
+		broker:        opts.Broker,
+		maxBody:       opts.MaxBody,
+		maxAttempts:   opts.MaxAttempts,
+		observe:       opts.Observe,
+		ratePerMinute: opts.RatePerMinute,
+		maxConcurrent: opts.MaxConcurrent,
+		ratePerOp:     opts.RatePerOp,
+		limiters:      map[string]*limiter{},
 		http: &http.Client{
 			Transport: tr,
 			Timeout:   opts.Timeout,
@@ -143,7 +166,7 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 			case <-t.C:
 			}
 		}
-		resp, err := c.once(ctx, call, body)
+		resp, err := c.limited(ctx, call, body)
 		if err != nil {
 			lastErr = err
 			if ctx.Err() != nil || !err.Retryable() {
@@ -161,15 +184,64 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 		if ue == nil {
 			ue = c.GenericError(call, resp)
 		}
-		if ue.RetryAfter == 0 {
+		// A broker may send rate-limit headers on every answer; "retry
+		// after" only means something on an answer that asks for a retry.
+		if ue.RetryAfter == 0 && retryableStatus(resp.Status) {
 			ue.RetryAfter = RetryAfter(resp.Header)
 		}
 		lastErr = ue
-		if !ue.Retryable() {
+		if !retryableStatus(resp.Status) {
 			return resp, ue
 		}
 	}
 	return nil, lastErr
+}
+
+// retryableStatus: only statuses that say "try again" are retried; a 500
+// may be a bug the same request will hit again.
+func retryableStatus(status int) bool {
+	switch status {
+	case http.StatusTooManyRequests, http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+		return true
+	}
+	return false
+}
+
+// limited sends one attempt within the client-side limits and reports it.
+func (c *Client) limited(ctx context.Context, call Call, body []byte) (*Response, *Error) {
+	l := c.limiter(call.Op)
+	if err := l.acquire(ctx); err != nil {
+		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Message: "gave up waiting for the client-side rate limit: " + err.Error()}
+	}
+	start := time.Now()
+	resp, err := c.once(ctx, call, body)
+	l.release()
+	if c.observe != nil {
+		outcome := "ok"
+		switch {
+		case err != nil:
+			outcome = err.Kind.metric()
+		case resp.Status < 200 || resp.Status >= 300:
+			outcome = KindForStatus(resp.Status).metric()
+		}
+		c.observe(call.Op, outcome, time.Since(start))
+	}
+	return resp, err
+}
+
+func (c *Client) limiter(op string) *limiter {
+	key := ""
+	if c.ratePerOp {
+		key = op
+	}
+	c.limMu.Lock()
+	defer c.limMu.Unlock()
+	l := c.limiters[key]
+	if l == nil {
+		l = newLimiter(c.ratePerMinute, c.maxConcurrent)
+		c.limiters[key] = l
+	}
+	return l
 }
 
 func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *Error) {

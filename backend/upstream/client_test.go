@@ -166,3 +166,68 @@ func TestScrubAndExcerpt(t *testing.T) {
 		t.Fatal("errors.As")
 	}
 }
+
+func TestRateLimiterHoldsTheRate(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { calls.Add(1) }))
+	defer srv.Close()
+	// 600 a minute = 10 a second, burst 60: 80 calls need about 2 s.
+	c, _ := New(Options{Broker: "Test", RatePerMinute: 600})
+	start := time.Now()
+	for range 80 {
+		if _, err := c.Do(context.Background(), Call{Method: "GET", URL: srv.URL, Op: "GET /"}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if d := time.Since(start); d < 1500*time.Millisecond || d > 4*time.Second {
+		t.Fatalf("80 calls at 10/s after a burst of 60 took %v", d)
+	}
+}
+
+func TestConcurrencyCap(t *testing.T) {
+	var inFlight, peak atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := inFlight.Add(1)
+		for {
+			p := peak.Load()
+			if n <= p || peak.CompareAndSwap(p, n) {
+				break
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+		inFlight.Add(-1)
+	}))
+	defer srv.Close()
+	c, _ := New(Options{Broker: "Test", MaxConcurrent: 3})
+	done := make(chan struct{})
+	for range 20 {
+		go func() {
+			c.Do(context.Background(), Call{Method: "GET", URL: srv.URL, Op: "GET /"}, nil)
+			done <- struct{}{}
+		}()
+	}
+	for range 20 {
+		<-done
+	}
+	if peak.Load() > 3 {
+		t.Fatalf("%d calls in flight, cap 3", peak.Load())
+	}
+}
+
+func TestServerErrorIsNotRetried(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.WriteHeader(500)
+	}))
+	defer srv.Close()
+	var outcomes []string
+	c, _ := New(Options{Broker: "Test", Observe: func(op, outcome string, d time.Duration) { outcomes = append(outcomes, outcome) }})
+	_, err := c.Do(context.Background(), Call{Method: "GET", URL: srv.URL, Idempotent: true, Op: "GET /"}, nil)
+	if err == nil || calls.Load() != 1 {
+		t.Fatalf("500 retried: %d calls", calls.Load())
+	}
+	if len(outcomes) != 1 || outcomes[0] != "unavailable" {
+		t.Fatalf("observed %v", outcomes)
+	}
+}

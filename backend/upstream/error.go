@@ -40,6 +40,23 @@ func (k Kind) String() string {
 	return "error"
 }
 
+// metric is the Kind's label value in metrics.
+func (k Kind) metric() string {
+	switch k {
+	case KindUnavailable:
+		return "unavailable"
+	case KindAuth:
+		return "auth"
+	case KindRateLimited:
+		return "rate_limited"
+	case KindBadResponse:
+		return "bad_response"
+	case KindRejected:
+		return "rejected"
+	}
+	return "error"
+}
+
 // Error is a failure talking to a broker. Its text names the broker, the
 // operation, the HTTP status and what the broker said, and never contains a
 // secret: messages are scrubbed before they are stored here.

@@ -1,0 +1,316 @@
+package chatapp
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+)
+
+// Fuzz targets for what ChatApp (or whatever answers in its place) sends
+// back. Fuzzed bodies may hold the markers below, replaced by the login's
+// secrets before they are served: an echo must not reach an error.
+
+const (
+	fuzzPassword = "fz-ChatPass-8Jd2Kq5XwT0m"
+	fuzzRefresh  = "fz-ChatRefresh-4Vn7Bc1Lp9Ys"
+	fuzzEmail    = "fuzz.ops@example.com"
+	fuzzAppID    = "app_fz_5521"
+	markPassword = "@@PASSWORD@@"
+	markRefresh  = "@@REFRESH@@"
+)
+
+var fuzzSecrets = []string{fuzzPassword, fuzzRefresh, fuzzEmail, fuzzAppID}
+
+func serve(body string) string {
+	return strings.NewReplacer(markPassword, fuzzPassword, markRefresh, fuzzRefresh).Replace(body)
+}
+
+func unmarked(body string) string {
+	return strings.NewReplacer(markPassword, "", markRefresh, "").Replace(body)
+}
+
+// leaks reports whether msg shows a secret, whole or as a leading piece of 8
+// or more characters that the broker's own words do not explain.
+func leaks(msg, without string) string {
+	for _, s := range fuzzSecrets {
+		if strings.Contains(msg, s) {
+			return s
+		}
+		if head := s[:8]; strings.Contains(msg, head) && !strings.Contains(without, head) {
+			return s
+		}
+	}
+	return ""
+}
+
+func checkError(t *testing.T, err error, without string) *upstream.Error {
+	t.Helper()
+	msg := err.Error()
+	if s := leaks(msg, without); s != "" {
+		t.Fatalf("error shows secret %q: %q", s, msg)
+	}
+	ue, ok := upstream.AsError(err)
+	if !ok {
+		t.Fatalf("not an *upstream.Error: %T %v", err, err)
+	}
+	if ue.Broker != broker || !strings.HasPrefix(msg, "ChatApp ") {
+		t.Fatalf("error does not name ChatApp: %q", msg)
+	}
+	if len(ue.Message) > 1024 || len(ue.Code) > 256 {
+		t.Fatalf("error is not an excerpt: message %d bytes, code %d bytes", len(ue.Message), len(ue.Code))
+	}
+	if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
+		t.Fatalf("error carries control characters: %q", msg)
+	}
+	return ue
+}
+
+// FuzzClassify: every ChatApp error answer (including a 2xx with
+// success:false) names ChatApp and the call, shows no secret, and has a kind
+// that keeps the make quota safe: only a refusal (auth) of tokens.refresh
+// may lead to tokens.make, and a 5xx is never a refusal.
+func FuzzClassify(f *testing.F) {
+	f.Add(401, `{"success":false,"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`, 1)
+	f.Add(401, `{"success":false,"error":{"code":"ApiInvalidCredentialsError","message":"Invalid email, password or appId"}}`, 0)
+	f.Add(429, `{"success":false,"error":{"code":"ApiTooManyRequestsError","message":"Token limit exceeded: 100 tokens a day"}}`, 0)
+	f.Add(200, `{"success":false,"error":{"code":"ApiRefreshTokenExpiredError","message":"expired"}}`, 1)
+	f.Add(200, `{"success":false}`, 1)
+	f.Add(503, `{"success":false,"error":{"code":"ApiInvalidTokenError","message":"upstream down"}}`, 1)
+	f.Add(500, `<html><body>Internal Server Error</body></html>`, 2)
+	f.Add(422, `{"success":false,"error":{"code":"ApiValidationError","message":"password `+markPassword+` too short"}}`, 0)
+	f.Add(401, `{"success":false,"error":{"code":"`+markRefresh+`","message":"unknown refresh token"}}`, 1)
+	f.Add(502, strings.Repeat("g", 190)+markRefresh, 1)
+	f.Add(400, `{"success":false,"error":{"code":"X","message":"`+strings.Repeat("m", 5000)+`"}}`, 0)
+	f.Add(400, "{\"success\":false,\"error\":{\"code\":\"X\",\"message\":\"a\\nb\\u0000\"}}", 2)
+	f.Fuzz(func(t *testing.T, status int, body string, which int) {
+		if status < 200 || status > 599 {
+			return
+		}
+		ops := []string{opMake, opRefresh, opCheck}
+		op := ops[((which%3)+3)%3]
+		call := upstream.Call{Op: op, Secrets: fuzzSecrets}
+		e := classify(call, status, []byte(serve(body)))
+		ue := checkError(t, e, unmarked(body))
+		if ue.Status != status || ue.Op != op {
+			t.Fatalf("status/op %d %q", ue.Status, ue.Op)
+		}
+		switch {
+		case status >= 500 && ue.Kind != upstream.KindUnavailable:
+			t.Fatalf("HTTP %d is %v: a failing ChatApp must not look like a refusal", status, ue.Kind)
+		case status == 429 && ue.Kind != upstream.KindRateLimited:
+			t.Fatalf("HTTP 429 is %v", ue.Kind)
+		case (status == 401 || status == 403) && ue.Kind != upstream.KindAuth && ue.Kind != upstream.KindRateLimited:
+			t.Fatalf("HTTP %d is %v", status, ue.Kind)
+		}
+		if ue.Kind == upstream.KindUnavailable && refused(e) {
+			t.Fatal("an unavailable ChatApp counts as refusing the refresh token")
+		}
+	})
+}
+
+// FuzzTokenFrom: a make/refresh answer is accepted only with all four
+// fields, end times read as sent, and the new refresh token handed back for
+// storage. A refusal describes the answer and never quotes it (it may hold
+// fresh tokens the scrubber does not know).
+func FuzzTokenFrom(f *testing.F) {
+	f.Add(`{"cabinetUserId":4242,"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1773568800}`, true)
+	f.Add(`{"cabinetUserId":"4242","accessToken":"at-0123456789abcdef","accessTokenEndTime":"1772445600","refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1.7735688e9}`, false)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":"rt-0123456789abcdef"}`, false)
+	f.Add(`{"accessToken":"","accessTokenEndTime":0,"refreshToken":"","refreshTokenEndTime":-1}`, false)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1e16,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":"NaN"}`, false)
+	f.Add(`null`, false)
+	f.Add(`[]`, false)
+	f.Add(`"data"`, false)
+	f.Add(``, false)
+	f.Fuzz(func(t *testing.T, data string, made bool) {
+		tok, err := tokenFrom(opRefresh, json.RawMessage(data), made)
+		if err != nil {
+			if tok != nil {
+				t.Fatal("token and error")
+			}
+			ue := checkError(t, err, "")
+			if ue.Kind != upstream.KindBadResponse {
+				t.Fatalf("kind %v", ue.Kind)
+			}
+			var p map[string]any
+			if json.Unmarshal([]byte(data), &p) == nil {
+				for _, k := range []string{"accessToken", "refreshToken"} {
+					if s, _ := p[k].(string); len(s) >= 8 && strings.Contains(err.Error(), s) {
+						t.Fatalf("error quotes %s: %v", k, err)
+					}
+				}
+			}
+			return
+		}
+		var p pair
+		if err := json.Unmarshal([]byte(data), &p); err != nil {
+			t.Fatalf("accepted data that does not decode: %v", err)
+		}
+		if tok.AccessToken == "" || tok.AccessToken != p.AccessToken {
+			t.Fatalf("access token %q", tok.AccessToken)
+		}
+		if rt := tok.Rotated["refresh_token"]; rt == "" || rt != p.RefreshToken {
+			t.Fatalf("rotated refresh token %q, answer had %q", rt, p.RefreshToken)
+		}
+		if !tok.ExpiresAt.Equal(time.Unix(p.AccessTokenEndTime.value(), 0)) || !tok.SecretExpiresAt.Equal(time.Unix(p.RefreshTokenEndTime.value(), 0)) {
+			t.Fatalf("end times %v %v not read as sent", tok.ExpiresAt, tok.SecretExpiresAt)
+		}
+		if tok.ExpiresAt.Unix() <= 0 || tok.SecretExpiresAt.Unix() <= 0 {
+			t.Fatal("accepted a non-positive end time")
+		}
+		if tok.Details["made"] != made {
+			t.Fatal("made flag lost")
+		}
+		if _, err := json.Marshal(tok.Details); err != nil {
+			t.Fatalf("details are not JSON-friendly: %v", err)
+		}
+	})
+}
+
+// FuzzUnixOrInt: integers as numbers or numeric strings; the value of a
+// plain integer literal is exact.
+func FuzzUnixOrInt(f *testing.F) {
+	for _, s := range []string{`1772445600`, `"1772445600"`, `1.7724456e9`, `null`, `""`, `"abc"`, `1e300`, `-5`, `"NaN"`, `"Inf"`, `9223372036854775807`, `"""`, `"1"2"`} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		var u unixOrInt
+		err := u.UnmarshalJSON([]byte(raw))
+		if n, perr := strconv.ParseInt(raw, 10, 64); perr == nil {
+			if err != nil || int64(u) != n {
+				t.Fatalf("integer %s read as %d, %v", raw, u, err)
+			}
+		}
+		if err == nil && (int64(u) > 1e15 || int64(u) < -1e15) {
+			if _, perr := strconv.ParseInt(strings.Trim(raw, `"`), 10, 64); perr != nil {
+				t.Fatalf("non-integer %q read as the huge %d", raw, u)
+			}
+		}
+	})
+}
+
+type fuzzChatApp struct {
+	mu                   sync.Mutex
+	refreshStatus        int
+	refreshBody          string
+	makeStatus           int
+	makeBody             string
+	refreshCalls, makes  int
+	refreshHeaderSeen    string
+	makeRequestPassword  string
+	unexpectedPathOrVerb string
+}
+
+func (s *fuzzChatApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var status int
+	var body string
+	switch r.Method + " " + r.URL.Path {
+	case opRefresh:
+		s.refreshCalls++
+		s.refreshHeaderSeen = r.Header.Get("Refresh")
+		status, body = s.refreshStatus, s.refreshBody
+	case opMake:
+		s.makes++
+		var req map[string]string
+		_ = json.NewDecoder(r.Body).Decode(&req)
+		s.makeRequestPassword = req["password"]
+		status, body = s.makeStatus, s.makeBody
+	default:
+		s.unexpectedPathOrVerb = r.Method + " " + r.URL.Path
+		status, body = 404, ""
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(serve(body)))
+}
+
+// FuzzIssue drives Issue end to end through the real upstream client with a
+// stored refresh token. The make quota is spent only after a refusal of the
+// refresh token, at most once, and only through ReserveMake.
+func FuzzIssue(f *testing.F) {
+	srv := &fuzzChatApp{}
+	ts := httptest.NewServer(srv)
+	defer ts.Close()
+	client, err := upstream.New(upstream.Options{Broker: broker, MaxAttempts: 3, Timeout: 5 * time.Second})
+	if err != nil {
+		f.Fatal(err)
+	}
+	end := time.Now().Add(24 * time.Hour).Unix()
+	okBody := `{"success":true,"data":{"cabinetUserId":4242,"accessToken":"at-` + strconv.FormatInt(end, 10) + `","accessTokenEndTime":` + strconv.FormatInt(end, 10) + `,"refreshToken":"rt-new-0123456789","refreshTokenEndTime":` + strconv.FormatInt(end+13*86400, 10) + `}}`
+	invalid := `{"success":false,"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`
+	f.Add(200, okBody, 200, okBody)
+	f.Add(401, invalid, 200, okBody)
+	f.Add(401, invalid, 401, `{"success":false,"error":{"code":"ApiInvalidCredentialsError","message":"bad `+markPassword+`"}}`)
+	f.Add(503, `{"success":false,"error":{"code":"ApiInvalidTokenError","message":"down"}}`, 200, okBody)
+	f.Add(200, `{"success":true,"data":{"accessToken":"x"}}`, 200, okBody)
+	f.Add(200, `{"success":true,"data":{"cabinetUserId":4242,"accessToken":"at-`, 200, okBody)
+	f.Add(200, `<!DOCTYPE html><html>`+markRefresh+`</html>`, 200, okBody)
+	f.Add(429, `{"success":false,"error":{"code":"ApiTooManyRequestsError","message":"slow down"}}`, 200, okBody)
+	f.Fuzz(func(t *testing.T, refreshStatus int, refreshBody string, makeStatus int, makeBody string) {
+		if refreshStatus < 200 || refreshStatus > 599 || makeStatus < 200 || makeStatus > 599 {
+			return
+		}
+		srv.mu.Lock()
+		srv.refreshStatus, srv.refreshBody, srv.makeStatus, srv.makeBody = refreshStatus, refreshBody, makeStatus, makeBody
+		srv.refreshCalls, srv.makes, srv.unexpectedPathOrVerb = 0, 0, ""
+		srv.mu.Unlock()
+		reserved := 0
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		tok, err := New().Issue(ctx, provider.Request{
+			BaseURL: ts.URL, Client: client,
+			Secrets:     map[string]string{"email": fuzzEmail, "password": fuzzPassword, "app_id": fuzzAppID, "refresh_token": fuzzRefresh},
+			ReserveMake: func(context.Context) error { reserved++; return nil },
+		})
+		srv.mu.Lock()
+		refreshCalls, makes, odd := srv.refreshCalls, srv.makes, srv.unexpectedPathOrVerb
+		srv.mu.Unlock()
+		if odd != "" {
+			t.Fatalf("called %s", odd)
+		}
+		if refreshCalls != 1 {
+			t.Fatalf("refresh called %d times: it rotates the pair and is never retried", refreshCalls)
+		}
+		if makes > 1 || makes != reserved {
+			t.Fatalf("%d makes, %d reserved", makes, reserved)
+		}
+		// Whether ChatApp refused the refresh token: an error answer that
+		// classifies as an auth failure.
+		refreshRefused := false
+		var env envelope
+		if refreshStatus >= 300 || (json.Unmarshal([]byte(serve(refreshBody)), &env) == nil && env.Success != nil && !*env.Success) {
+			refreshRefused = classify(upstream.Call{Op: opRefresh}, refreshStatus, []byte(serve(refreshBody))).Kind == upstream.KindAuth
+		}
+		if makes == 1 && !refreshRefused {
+			t.Fatalf("spent a make after refresh answered HTTP %d %q", refreshStatus, refreshBody)
+		}
+		if refreshStatus >= 500 && makes != 0 {
+			t.Fatal("spent a make on a failing ChatApp")
+		}
+		if err != nil {
+			if tok != nil {
+				t.Fatal("token and error")
+			}
+			if errors.Is(err, ErrMakeNotAllowed) {
+				t.Fatal("ReserveMake was given")
+			}
+			checkError(t, err, unmarked(refreshBody+makeBody))
+			return
+		}
+		if tok.Rotated["refresh_token"] == "" || tok.Rotated["refresh_token"] == fuzzRefresh {
+			t.Fatalf("no new refresh token to store: %q", tok.Rotated["refresh_token"])
+		}
+	})
+}

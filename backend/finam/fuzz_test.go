@@ -1,0 +1,273 @@
+package finam
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+)
+
+// Fuzz targets for what Finam (or whatever answers in its place) sends back.
+// Fuzzed bodies may hold the marker fuzzSecretMarker, replaced by the API
+// secret before they are served: a broker that echoes the secret must not
+// get it into an error.
+
+const (
+	fuzzSecret       = "fz-Finam-7Qx9LmN2pRk4Wv"
+	fuzzSecretMarker = "@@SECRET@@"
+)
+
+func fuzzJWT(claims string) string {
+	enc := base64.RawURLEncoding.EncodeToString
+	return enc([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc([]byte(claims)) + ".c2ln"
+}
+
+// leaksSecret reports whether msg shows the secret, whole or as a leading
+// piece of 8 or more characters that the broker's own words (body with the
+// secret taken out) do not explain.
+func leaksSecret(msg, secret, bodyWithoutSecret string) bool {
+	if strings.Contains(msg, secret) {
+		return true
+	}
+	head := secret[:8]
+	return strings.Contains(msg, head) && !strings.Contains(bodyWithoutSecret, head)
+}
+
+// checkUpstreamError holds for every error Finam's code returns.
+func checkUpstreamError(t *testing.T, err error, bodyWithoutSecret string) *upstream.Error {
+	t.Helper()
+	msg := err.Error()
+	if leaksSecret(msg, fuzzSecret, bodyWithoutSecret) {
+		t.Fatalf("error shows the secret: %q", msg)
+	}
+	ue, ok := upstream.AsError(err)
+	if !ok {
+		// Only the local refusals (empty secret) are plain errors.
+		t.Fatalf("not an *upstream.Error: %T %v", err, err)
+	}
+	if ue.Broker != "Finam" || !strings.HasPrefix(msg, "Finam POST /v1/sessions") {
+		t.Fatalf("error does not name Finam and the call: %q", msg)
+	}
+	// What the broker said reaches Vault responses, config status and logs:
+	// an excerpt, bounded and free of control characters.
+	if len(ue.Message) > 1024 || len(ue.Code) > 64 {
+		t.Fatalf("error is not an excerpt: message %d bytes, code %d bytes", len(ue.Message), len(ue.Code))
+	}
+	if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
+		t.Fatalf("error carries control characters: %q", msg)
+	}
+	return ue
+}
+
+// FuzzTokenFrom: TokenDetails as the broker sends it. An accepted answer
+// yields a token that is alive at receipt, ends no later than the broker
+// said, keeps the broker's accounts, and never outlives what the JWT and the
+// details agree on.
+func FuzzTokenFrom(f *testing.F) {
+	now := time.Date(2026, 3, 1, 10, 0, 0, 0, time.UTC)
+	good := `{"created_at":"2026-03-01T10:00:00Z","expires_at":"2026-03-01T10:15:00Z","md_permissions":[{"quote_level":"QUOTE_LEVEL_LAST_PRICE","delay_minutes":0,"mic":"MISX"},{"quote_level":"QUOTE_LEVEL_BEST_BID_OFFER","delay_minutes":15,"worldwide":true}],"account_ids":["1899011","1899012"],"readonly":false}`
+	claims := `{"iss":"broker-sandbox/finam","sub":"client-1a2b3c","iat":1772359200,"exp":1772360100}`
+	f.Add(good, claims, int64(0))
+	f.Add(`{"account_ids":["1899011"],"readonly":true}`, claims, int64(30))
+	f.Add(`{"created_at":"2026-03-01T10:00:00.123456789+03:00","expires_at":"2026-03-01T13:15:00.5+03:00"}`, `{}`, int64(-120))
+	f.Add(`{"expires_at":"tomorrow"}`, claims, int64(0))
+	f.Add(`{"expires_at":"2026-03-01T09:00:00Z"}`, claims, int64(0))
+	f.Add(`{"created_at":"2026-03-01T10:20:00Z","expires_at":"2026-03-01T10:15:00Z"}`, claims, int64(0))
+	f.Add(`{"md_permissions":[{"quote_level":"X","country":"RU"},{"continent":"EU"},{}]}`, `{"exp":1772360100.9}`, int64(0))
+	f.Add(`{}`, `{"exp":"1772360100"}`, int64(0))
+	f.Add(`{}`, `null`, int64(0))
+	f.Fuzz(func(t *testing.T, details, claims string, skewSec int64) {
+		var det Details
+		if json.Unmarshal([]byte(details), &det) != nil {
+			return // post refuses such a body before tokenFrom sees it
+		}
+		if skewSec < -86400 || skewSec > 86400 {
+			return
+		}
+		received := now.Add(time.Duration(skewSec) * time.Second)
+		jwt := fuzzJWT(claims)
+		tok, err := tokenFrom(jwt, det, received)
+		if err != nil {
+			if tok != nil {
+				t.Fatal("token and error")
+			}
+			if ue := checkUpstreamError(t, err, details); ue.Kind != upstream.KindBadResponse {
+				t.Fatalf("a bad answer is %v, want bad response", ue.Kind)
+			}
+			if strings.Contains(err.Error(), jwt) {
+				t.Fatalf("error quotes the JWT: %v", err)
+			}
+			return
+		}
+		if tok.AccessToken != jwt {
+			t.Fatal("access token is not the minted JWT")
+		}
+		if !tok.ExpiresAt.After(received) {
+			t.Fatalf("accepted a token expiring at %v, received %v", tok.ExpiresAt, received)
+		}
+		if !tok.IssuedAt.Before(tok.ExpiresAt) {
+			t.Fatalf("issued %v not before expiry %v", tok.IssuedAt, tok.ExpiresAt)
+		}
+		// Never later than the broker's expiry, from whichever field it came.
+		var brokerExp time.Time
+		if det.ExpiresAt != "" {
+			brokerExp, _ = time.Parse(time.RFC3339Nano, det.ExpiresAt)
+		} else {
+			c, _ := provider.JWTClaims(jwt)
+			brokerExp, _ = provider.NumericDate(c, "exp")
+		}
+		if tok.ExpiresAt.After(brokerExp) {
+			t.Fatalf("expires %v, after the broker's %v", tok.ExpiresAt, brokerExp)
+		}
+		if tok.AccountIDs == nil || strings.Join(tok.AccountIDs, "\x00") != strings.Join(det.AccountIDs, "\x00") {
+			t.Fatalf("accounts %q, broker said %q", tok.AccountIDs, det.AccountIDs)
+		}
+		if tok.ReadOnly != det.ReadOnly {
+			t.Fatal("readonly flag changed")
+		}
+		perms, ok := tok.Details["md_permissions"].([]map[string]any)
+		if !ok || len(perms) != len(det.MDPermissions) {
+			t.Fatalf("md_permissions %v", tok.Details["md_permissions"])
+		}
+		if _, err := json.Marshal(tok.Details); err != nil {
+			t.Fatalf("details are not JSON-friendly: %v", err)
+		}
+	})
+}
+
+// FuzzClassify: any non-2xx answer becomes an error that names Finam and the
+// call, never shows the secret, and has the kind its status means.
+func FuzzClassify(f *testing.F) {
+	f.Add(401, `{"code":16,"message":"Token is expired or invalid","details":[]}`, true)
+	f.Add(400, `{"code":3,"message":"secret `+fuzzSecretMarker+` is invalid"}`, true)
+	f.Add(400, `{"code":3,"message":"bad token"}`, false)
+	f.Add(429, `{"code":8,"message":"Too many requests. Limit: 200 requests per minute"}`, true)
+	f.Add(503, `<html><body><h1>503 Service Temporarily Unavailable</h1><hr><center>nginx</center></body></html>`, true)
+	f.Add(500, strings.Repeat("x", 190)+fuzzSecretMarker+strings.Repeat("y", 50), true)
+	f.Add(500, `{"code":"13","message":"`+strings.Repeat("m", 3000)+`"}`, false)
+	f.Add(502, "{\"code\":13,\"message\":\"line one\\nline two\\r\\u0000\"}", true)
+	f.Add(404, `{"code":5,"message":"account 1899013 not found"}`, false)
+	f.Add(302, ``, false)
+	f.Fuzz(func(t *testing.T, status int, body string, sessions bool) {
+		if status < 300 || status > 599 {
+			return
+		}
+		op := "POST " + pathDetails
+		if sessions {
+			op = "POST " + pathSessions
+		}
+		call := upstream.Call{Method: http.MethodPost, Op: op, Secrets: []string{fuzzSecret}}
+		served := strings.ReplaceAll(body, fuzzSecretMarker, fuzzSecret)
+		e := classify(call, &upstream.Response{Status: status, Header: http.Header{}, Body: []byte(served)})
+		if e == nil {
+			t.Fatal("no error for a non-2xx answer")
+		}
+		if e.Status != status || e.Op != op {
+			t.Fatalf("status/op %d %q", e.Status, e.Op)
+		}
+		ue := checkUpstreamError(t, e, strings.ReplaceAll(body, fuzzSecretMarker, ""))
+		want := upstream.KindForStatus(status)
+		if status == http.StatusUnauthorized || (status == http.StatusBadRequest && sessions) {
+			want = upstream.KindAuth
+		}
+		if ue.Kind != want {
+			t.Fatalf("HTTP %d on %s is %v, want %v", status, op, ue.Kind, want)
+		}
+	})
+}
+
+// fuzzServer serves the fuzzed answers of one Issue.
+type fuzzServer struct {
+	mu                      sync.Mutex
+	authStatus, detStatus   int
+	authBody, detBody       string
+	authCalls, detailsCalls int
+}
+
+func (s *fuzzServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var status int
+	var body string
+	switch r.URL.Path {
+	case pathSessions:
+		s.authCalls++
+		status, body = s.authStatus, s.authBody
+	case pathDetails:
+		s.detailsCalls++
+		status, body = s.detStatus, s.detBody
+	default:
+		status, body = 404, "no such path"
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(strings.ReplaceAll(body, fuzzSecretMarker, fuzzSecret)))
+}
+
+// FuzzIssue drives Issue end to end through the real upstream client against
+// a server answering with the fuzzed statuses and bodies.
+func FuzzIssue(f *testing.F) {
+	srv := &fuzzServer{}
+	ts := httptest.NewServer(srv)
+	defer ts.Close()
+	client, err := upstream.New(upstream.Options{Broker: "Finam", MaxAttempts: 1, Timeout: 5 * time.Second})
+	if err != nil {
+		f.Fatal(err)
+	}
+	now := time.Now().Unix()
+	jwt := fuzzJWT(`{"iat":` + itoa(now) + `,"exp":` + itoa(now+900) + `}`)
+	detOK := `{"created_at":"` + time.Unix(now, 0).UTC().Format(time.RFC3339) + `","expires_at":"` + time.Unix(now+900, 0).UTC().Format(time.RFC3339) + `","account_ids":["1899011"],"readonly":true}`
+	f.Add(200, `{"token":"`+jwt+`"}`, 200, detOK)
+	f.Add(200, `{"token":"`+jwt+`"}`, 200, `{}`)
+	f.Add(200, `{"token":""}`, 200, detOK)
+	f.Add(200, `{"token":"`+jwt[:20], 200, detOK)
+	f.Add(200, `<!DOCTYPE html><html><body>Sign in</body></html>`, 200, detOK)
+	f.Add(401, `{"code":16,"message":"Token is expired or invalid"}`, 200, detOK)
+	f.Add(200, `{"token":"`+jwt+`"}`, 401, `{"code":16,"message":"`+fuzzSecretMarker+`"}`)
+	f.Add(200, `{"token":"`+jwt+`"}`, 503, `upstream connect error`)
+	f.Add(200, `{"token":"`+fuzzSecretMarker+`"}`, 200, `{"expires_at":"2020-01-01T00:00:00Z"}`)
+	f.Fuzz(func(t *testing.T, authStatus int, authBody string, detStatus int, detBody string) {
+		if authStatus < 200 || authStatus > 599 || detStatus < 200 || detStatus > 599 {
+			return
+		}
+		srv.mu.Lock()
+		srv.authStatus, srv.authBody, srv.detStatus, srv.detBody = authStatus, authBody, detStatus, detBody
+		srv.authCalls, srv.detailsCalls = 0, 0
+		srv.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		tok, err := New().Issue(ctx, provider.Request{BaseURL: ts.URL, Client: client, Secrets: map[string]string{"secret": fuzzSecret}})
+		srv.mu.Lock()
+		authCalls := srv.authCalls
+		srv.mu.Unlock()
+		if authCalls != 1 {
+			t.Fatalf("mint called %d times: it must never be retried", authCalls)
+		}
+		if err != nil {
+			if tok != nil {
+				t.Fatal("token and error")
+			}
+			checkUpstreamError(t, err, strings.ReplaceAll(authBody+detBody, fuzzSecretMarker, ""))
+			return
+		}
+		if authStatus >= 300 || detStatus >= 300 {
+			t.Fatalf("succeeded on HTTP %d/%d", authStatus, detStatus)
+		}
+		if tok.AccessToken == "" || !tok.ExpiresAt.After(time.Now().Add(-time.Second)) {
+			t.Fatalf("accepted token %+v", tok)
+		}
+	})
+}
+
+func itoa(n int64) string {
+	b, _ := json.Marshal(n)
+	return string(b)
+}

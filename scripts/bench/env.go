@@ -1,0 +1,228 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+)
+
+const (
+	// pluginVersion is what the broker plugin is built and registered as.
+	pluginVersion = "v0.1.0-bench"
+	// kvPluginName is the external kv engine's catalog name.
+	kvPluginName = "vault-plugin-secrets-kv"
+	kvModule     = "github.com/hashicorp/vault-plugin-secrets-kv"
+
+	// Mount paths.
+	brokerMount = "broker"
+	kvExtMount  = "kvext" // HashiCorp's kv as an external plugin (kv v1: passthrough)
+	kvV2Mount   = "kvv2"  // Vault's built-in kv, version 2
+)
+
+// env is one running bench setup: the sandbox in this process, a dev Vault
+// with the broker plugin and the external kv plugin registered through the
+// catalog, and a keep-alive HTTP client.
+type env struct {
+	v      *vaulttest.Vault
+	sb     *sandbox.Server
+	sbSrv  *httptest.Server
+	sbURL  string
+	c      *client
+	dir    string
+	keep   bool
+	logf   func(string, ...any)
+	plugin string // the broker plugin's binary in the plugin dir
+
+	kvExe     string
+	kvVersion string
+	kvSHA     string
+	vaultVer  string
+}
+
+// setup starts everything. kvBin is the external kv plugin binary built by
+// scripts/build-kvplugin.sh.
+func setup(ctx context.Context, kvBin string, keep bool, logf func(string, ...any)) (*env, error) {
+	e := &env{keep: keep, logf: logf}
+	kvVersion, err := kvPluginVersion()
+	if err != nil {
+		return nil, err
+	}
+	e.kvVersion = kvVersion
+	if _, err := os.Stat(kvBin); err != nil {
+		return nil, fmt.Errorf("no kv plugin binary at %s: run scripts/build-kvplugin.sh (make bench does)", kvBin)
+	}
+
+	// The sandbox in-process, so its counters are read directly. Finam's
+	// per-minute limit is lifted: P4 mints 10,000 tokens.
+	e.sb = sandbox.New(sandbox.Options{FinamTokenLifetime: 24 * time.Hour, FinamRateLimit: 1 << 30})
+	e.sb.SetTInvestRateLimit(1 << 30)
+	e.sbSrv = httptest.NewServer(e.sb)
+	e.sbURL = e.sbSrv.URL
+
+	if e.dir, err = os.MkdirTemp("", "broker-bench-"); err != nil {
+		return nil, err
+	}
+	logf("starting Vault dev server (%s)", e.dir)
+	if e.v, err = vaulttest.StartDev(ctx, vaulttest.Options{Dir: e.dir}); err != nil {
+		e.close()
+		return nil, err
+	}
+	e.c = newClient(e.v.Addr, e.v.Token)
+	if r := e.v.CLI("version"); r.OK() {
+		e.vaultVer = strings.TrimSpace(r.Stdout)
+	}
+
+	logf("building and registering the broker plugin %s", pluginVersion)
+	if err := e.v.Register(pluginVersion, brokerMount); err != nil {
+		e.close()
+		return nil, err
+	}
+	e.plugin = filepath.Join(e.v.PluginDir, vaulttest.PluginName)
+
+	logf("registering %s %s and mounting it at %s/", kvPluginName, kvVersion, kvExtMount)
+	if err := e.mountKV(ctx, kvBin); err != nil {
+		e.close()
+		return nil, err
+	}
+	return e, nil
+}
+
+// mountKV registers the external kv plugin in the catalog and mounts it as a
+// plain kv (Vault allows version 2 only for its built-in kv), and mounts the
+// built-in kv-v2.
+func (e *env) mountKV(ctx context.Context, kvBin string) error {
+	// The catalog runs only binaries inside the plugin directory: copy it.
+	e.kvExe = filepath.Join(e.v.PluginDir, kvPluginName)
+	if err := copyFile(kvBin, e.kvExe); err != nil {
+		return err
+	}
+	sum, err := vaulttest.FileSHA256(e.kvExe)
+	if err != nil {
+		return err
+	}
+	e.kvSHA = sum
+	if err := e.c.apiJSON(ctx, "PUT", "sys/plugins/catalog/secret/"+kvPluginName,
+		map[string]any{"sha256": sum, "command": kvPluginName, "version": e.kvVersion}, nil); err != nil {
+		return err
+	}
+	if err := e.c.apiJSON(ctx, "POST", "sys/mounts/"+kvExtMount,
+		map[string]any{"type": kvPluginName, "plugin_version": e.kvVersion}, nil); err != nil {
+		return err
+	}
+	return e.c.apiJSON(ctx, "POST", "sys/mounts/"+kvV2Mount,
+		map[string]any{"type": "kv", "options": map[string]string{"version": "2"}}, nil)
+}
+
+// writeKV stores data under name in both kv mounts. A fresh kv-v2 mount
+// answers 400 while it upgrades its storage: retry for a while.
+func (e *env) writeKV(ctx context.Context, name string, data map[string]any) error {
+	if err := e.c.apiJSON(ctx, "POST", kvExtMount+"/"+name, data, nil); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := e.c.apiJSON(ctx, "POST", kvV2Mount+"/data/"+name, map[string]any{"data": data}, nil)
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// writeConfig writes broker/config/<name>; fields are added to the Finam
+// defaults.
+func (e *env) writeFinamConfig(ctx context.Context, name string, verify bool) error {
+	return e.c.apiJSON(ctx, "POST", brokerMount+"/config/"+name, map[string]any{
+		"provider": "finam", "secret": sandbox.FinamSecret, "base_url": e.sbURL, "verify": verify,
+	}, nil)
+}
+
+// pluginPID finds the broker plugin's process (one for all its mounts:
+// the plugin is multiplexed).
+func (e *env) pluginPID() (int, error) { return findProcess(e.plugin) }
+
+func (e *env) close() {
+	if e.v != nil {
+		e.v.Stop()
+	}
+	if e.sbSrv != nil {
+		e.sbSrv.CloseClientConnections()
+		e.sbSrv.Close()
+	}
+	if e.dir != "" && !e.keep {
+		os.RemoveAll(e.dir)
+	}
+}
+
+// kvPluginVersion reads the kv module's version from tools/kvplugin/go.mod.
+func kvPluginVersion() (string, error) {
+	p := filepath.Join(vaulttest.RepoRoot(), "tools", "kvplugin", "go.mod")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return "", err
+	}
+	m := regexp.MustCompile(regexp.QuoteMeta(kvModule) + ` (v\S+)`).FindSubmatch(b)
+	if m == nil {
+		return "", fmt.Errorf("%s does not require %s", p, kvModule)
+	}
+	return string(m[1]), nil
+}
+
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// gitInfo describes the checkout the numbers belong to.
+type gitInfo struct {
+	Commit  string `json:"commit"`
+	Subject string `json:"subject,omitempty"`
+	Dirty   bool   `json:"dirty"`
+}
+
+func readGit() gitInfo {
+	root := vaulttest.RepoRoot()
+	run := func(args ...string) string {
+		cmd := exec.Command("git", args...)
+		cmd.Dir = root
+		out, err := cmd.Output()
+		if err != nil {
+			return ""
+		}
+		return strings.TrimSpace(string(out))
+	}
+	g := gitInfo{
+		Commit:  run("rev-parse", "HEAD"),
+		Subject: run("log", "-1", "--format=%s"),
+		// Untracked files (bench-results/) do not make the tree dirty.
+		Dirty: run("status", "--porcelain", "--untracked-files=no") != "",
+	}
+	if g.Commit == "" {
+		// An exported tree (git archive) is not a repository: take the
+		// commit from the environment.
+		g.Commit, g.Subject = os.Getenv("BENCH_GIT_COMMIT"), os.Getenv("BENCH_GIT_SUBJECT")
+	}
+	return g
+}

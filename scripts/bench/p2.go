@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// P2: what readers cost upstream.
+//
+// Cold: N clients read creds of a config that has no token yet, all at once,
+// while the broker answers slowly (so they really overlap the mint): the
+// single flight must make exactly one mint.
+//
+// Steady: a fixed rate of reads for minutes with a short token lifetime:
+// mints stay at one per two thirds of the lifetime (refresh ahead), and once
+// warm no read waits on the broker. The broker is made slow (latency) after
+// warm-up, so a read that waited on it stands out by its latency.
+
+const (
+	sessionsEP = "POST /v1/sessions"
+	detailsEP  = "POST /v1/sessions/details"
+)
+
+type p2ColdResult struct {
+	Readers         int     `json:"readers"`
+	BrokerLatencyMs float64 `json:"broker_latency_ms"`
+	Mints           int     `json:"upstream_mints"`
+	DetailsCalls    int     `json:"upstream_details_calls"`
+	OK              int     `json:"ok"`
+	DistinctTokens  int     `json:"distinct_tokens"`
+	// Readers that waited on the mint (slower than half the broker latency).
+	WaitedOnMint int     `json:"readers_that_waited_on_the_mint"`
+	Latency      stats   `json:"latency"`
+	Seconds      float64 `json:"seconds"`
+}
+
+func runP2Cold(ctx context.Context, e *env, readers int, brokerLatency time.Duration) (*p2ColdResult, error) {
+	e.sb.SetFinamTokenLifetime(15 * time.Minute)
+	if err := e.writeFinamConfig(ctx, "cold", false); err != nil {
+		return nil, err
+	}
+	e.sb.SetLatency(brokerLatency)
+	defer e.sb.SetLatency(0)
+	mints, details := e.sb.Calls(sessionsEP), e.sb.Calls(detailsEP)
+
+	start := make(chan struct{})
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		tokens = map[string]int{}
+		s      = &sample{}
+		ready  sync.WaitGroup
+	)
+	for range readers {
+		wg.Add(1)
+		ready.Add(1)
+		go func() {
+			defer wg.Done()
+			ready.Done()
+			<-start
+			t := time.Now()
+			r := e.c.do(ctx, http.MethodGet, brokerMount+"/creds/cold", nil, true)
+			s.add(time.Since(t), r)
+			if r.err == nil && r.status == http.StatusOK {
+				var out struct {
+					Data struct {
+						AccessToken string `json:"access_token"`
+					} `json:"data"`
+				}
+				if json.Unmarshal(r.body, &out) == nil {
+					mu.Lock()
+					tokens[out.Data.AccessToken]++
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	ready.Wait()
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+	res := &p2ColdResult{
+		Readers:         readers,
+		BrokerLatencyMs: ms(brokerLatency),
+		Mints:           e.sb.Calls(sessionsEP) - mints,
+		DetailsCalls:    e.sb.Calls(detailsEP) - details,
+		OK:              len(s.lat),
+		DistinctTokens:  len(tokens),
+		WaitedOnMint:    s.countOver(brokerLatency / 2),
+		Latency:         s.stats(),
+		Seconds:         round(time.Since(t0).Seconds(), 2),
+	}
+	e.logf("P2 cold: %d readers, %d ok, %d upstream mint(s), %d waited on it", readers, res.OK, res.Mints, res.WaitedOnMint)
+	return res, nil
+}
+
+type p2SteadyResult struct {
+	Rate            int     `json:"reads_per_second"`
+	DurationS       float64 `json:"duration_s"`
+	WarmupS         float64 `json:"warmup_s"`
+	TokenLifetimeS  float64 `json:"token_lifetime_s"`
+	BrokerLatencyMs float64 `json:"broker_latency_ms_after_warmup"`
+	SlowThresholdMs float64 `json:"slow_threshold_ms"`
+	Mints           int     `json:"upstream_mints"`
+	// MintBound is duration / (2/3 lifetime) + 1.
+	MintBound float64 `json:"mint_bound"`
+	// When each mint was seen, seconds after the run started.
+	MintAtS []float64 `json:"mints_at_s"`
+	// Reads slower than the threshold: they waited on the broker.
+	WaitedOnBroker int       `json:"reads_that_waited_on_the_broker"`
+	SlowAtS        []float64 `json:"slow_reads_at_s,omitempty"`
+	Latency        stats     `json:"latency"`
+}
+
+func runP2Steady(ctx context.Context, e *env, rate int, warm, d, lifetime, brokerLatency, slow time.Duration) (*p2SteadyResult, error) {
+	e.sb.SetFinamTokenLifetime(lifetime)
+	e.sb.SetLatency(0)
+	if err := e.writeFinamConfig(ctx, "steady", true); err != nil {
+		return nil, err
+	}
+	path := brokerMount + "/creds/steady"
+	if s := openLoop(ctx, e.c, path, rate, warm, nil); s.errors > 0 {
+		e.logf("P2 steady warm-up: %d errors (last: %s)", s.errors, s.lastErr)
+	}
+
+	e.sb.SetLatency(brokerLatency)
+	defer e.sb.SetLatency(0)
+	start := time.Now()
+	stopWatch := watchCalls(e, sessionsEP, start)
+	var mu sync.Mutex
+	var slowAt []float64
+	s := openLoop(ctx, e.c, path, rate, d, func(due time.Time, lat time.Duration, r result) {
+		if lat > slow {
+			mu.Lock()
+			if len(slowAt) < 100 {
+				slowAt = append(slowAt, round(due.Sub(start).Seconds(), 2))
+			}
+			mu.Unlock()
+		}
+	})
+	mintAt := stopWatch()
+	res := &p2SteadyResult{
+		Rate: rate, DurationS: d.Seconds(), WarmupS: warm.Seconds(),
+		TokenLifetimeS:  lifetime.Seconds(),
+		BrokerLatencyMs: ms(brokerLatency),
+		SlowThresholdMs: ms(slow),
+		Mints:           len(mintAt),
+		MintBound:       round(d.Seconds()/(lifetime.Seconds()*2/3)+1, 2),
+		MintAtS:         mintAt,
+		WaitedOnBroker:  s.countOver(slow),
+		SlowAtS:         slowAt,
+		Latency:         s.stats(),
+	}
+	e.logf("P2 steady: %d reads in %s, %d mints (bound %.1f), %d waited on the broker, p99 %.2f ms",
+		res.Latency.N, d, res.Mints, res.MintBound, res.WaitedOnBroker, res.Latency.P99ms)
+	return res, nil
+}
+
+// watchCalls polls a sandbox counter every 50 ms and, when stopped, returns
+// the times (seconds after start) at which calls were seen.
+func watchCalls(e *env, endpoint string, start time.Time) func() []float64 {
+	done := make(chan struct{})
+	out := make(chan []float64, 1)
+	base := e.sb.Calls(endpoint)
+	go func() {
+		var at []float64
+		seen := base
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			stop := false
+			select {
+			case <-done:
+				stop = true
+			case <-tick.C:
+			}
+			n := e.sb.Calls(endpoint)
+			for ; seen < n; seen++ {
+				at = append(at, round(time.Since(start).Seconds(), 2))
+			}
+			if stop {
+				out <- at
+				return
+			}
+		}
+	}()
+	return func() []float64 { close(done); return <-out }
+}
