@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -17,8 +18,8 @@ import (
 // operation and outcome come from fixed sets, and config names are the only
 // open label (one series per config, never per token or account).
 type metrics struct {
-	mu       sync.Mutex
-	counters map[string]float64 // rendered series name -> value
+	mu       sync.RWMutex
+	counters map[string]*atomic.Uint64 // rendered series name -> value
 	hists    map[string]*histogram
 }
 
@@ -32,7 +33,7 @@ type histogram struct {
 var latencyBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
 
 func newMetrics() *metrics {
-	return &metrics{counters: map[string]float64{}, hists: map[string]*histogram{}}
+	return &metrics{counters: map[string]*atomic.Uint64{}, hists: map[string]*histogram{}}
 }
 
 func series(name string, labels ...string) string {
@@ -56,11 +57,21 @@ func (m *metrics) inc(name string, labels ...string) {
 	m.incKey(series(name, labels...))
 }
 
-// incKey bumps a counter by its rendered series name.
+// incKey bumps a counter by its rendered series name. It is on the creds
+// read path, so the common case takes only a shared lock and an atomic add.
 func (m *metrics) incKey(key string) {
-	m.mu.Lock()
-	m.counters[key]++
-	m.mu.Unlock()
+	m.mu.RLock()
+	c := m.counters[key]
+	m.mu.RUnlock()
+	if c == nil {
+		m.mu.Lock()
+		if c = m.counters[key]; c == nil {
+			c = new(atomic.Uint64)
+			m.counters[key] = c
+		}
+		m.mu.Unlock()
+	}
+	c.Add(1)
 }
 
 func (m *metrics) observe(name string, v float64, labels ...string) {
@@ -103,10 +114,15 @@ func (m *metrics) render(gauges map[string]float64) string {
 			fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind)
 		}
 	}
-	for _, k := range sortedKeysF(m.counters) {
+	ck := make([]string, 0, len(m.counters))
+	for k := range m.counters {
+		ck = append(ck, k)
+	}
+	sort.Strings(ck)
+	for _, k := range ck {
 		name := k[:strings.IndexAny(k+"{", "{")]
 		header(name, "counter", metricHelp[name])
-		fmt.Fprintf(&b, "%s %g\n", k, m.counters[k])
+		fmt.Fprintf(&b, "%s %d\n", k, m.counters[k].Load())
 	}
 	hk := make([]string, 0, len(m.hists))
 	for k := range m.hists {
