@@ -38,7 +38,7 @@ plus what the broker reports about the token:
            token_kind; access_token is the T-Invest token itself, and
            expires_at is empty (T-Invest does not tell)
   alor     login, scope (account_ids are the JWT's portfolios)
-  chatapp  cabinet_user_id
+  chatapp  cabinet_user_id, made (whether this pair came from tokens.make)
 
 Every reader of a config shares one cached token; it is refreshed in the
 background before it expires, so reads do not wait on the broker. The lease TTL

@@ -45,7 +45,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		return nil, err
 	}
 	if cfg == nil {
-		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted: the lease cannot be renewed", in.config))
+		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted: the lease cannot be renewed; read creds of an existing config", in.config))
 	}
 	spec := b.providers[cfg.Provider].Spec()
 	tok := &storedToken{ExpiresAt: in.expiresAt, AccountIDs: in.accounts, ReadOnly: in.readonly}

@@ -71,6 +71,11 @@ func validateCACert(pemText string) error {
 		if blk.Type != "CERTIFICATE" {
 			return badField("ca_cert", "PEM block %q is not a CERTIFICATE", blk.Type)
 		}
+		if len(blk.Headers) > 0 {
+			// Go's trust pool silently skips such blocks: refuse rather
+			// than trust fewer certificates than were validated.
+			return badField("ca_cert", "certificate %d has PEM headers; remove them", n+1)
+		}
 		if _, err := x509.ParseCertificate(blk.Bytes); err != nil {
 			return badField("ca_cert", "certificate %d does not parse: %v", n+1, err)
 		}
@@ -109,7 +114,7 @@ func normalizeAccounts(in []string) ([]string, error) {
 // broker reported about tok. The error names the offending accounts.
 func checkGuards(cfg *brokerConfig, tok *storedToken) error {
 	if cfg.RequireReadOnly && !tok.ReadOnly {
-		return fmt.Errorf("%w: require_readonly is set but %s reports this token can trade (accounts %s)", provider.ErrGuard, cfg.Provider, strings.Join(tok.AccountIDs, ", "))
+		return fmt.Errorf("%w: require_readonly is set but %s reports this token can trade (accounts %s); issue a read-only token at the broker, or unset require_readonly", provider.ErrGuard, cfg.Provider, strings.Join(tok.AccountIDs, ", "))
 	}
 	if len(cfg.AllowedAccounts) > 0 {
 		allowed := map[string]bool{}
@@ -123,7 +128,7 @@ func checkGuards(cfg *brokerConfig, tok *storedToken) error {
 			}
 		}
 		if len(outside) > 0 {
-			return fmt.Errorf("%w: the token reaches accounts outside allowed_accounts: %s", provider.ErrGuard, strings.Join(outside, ", "))
+			return fmt.Errorf("%w: the token reaches accounts outside allowed_accounts: %s; limit the token to those accounts at the broker, or add them to allowed_accounts", provider.ErrGuard, strings.Join(outside, ", "))
 		}
 	}
 	return nil

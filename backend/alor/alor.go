@@ -113,7 +113,7 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 func accessToken(body []byte, refresh string) (string, error) {
 	var m map[string]json.RawMessage
 	if err := json.Unmarshal(body, &m); err != nil {
-		return "", badResponse("response is not the expected JSON (" + upstream.Excerpt([]byte(upstream.Scrub(string(body), refresh))) + ")")
+		return "", badResponse("response is not the expected JSON (" + upstream.Quote(string(body), refresh) + ")")
 	}
 	for _, k := range []string{"AccessToken", "accessToken", "access_token"} {
 		raw, ok := m[k]
@@ -265,7 +265,7 @@ func environment(req provider.Request) string {
 
 func classify(call upstream.Call, r *upstream.Response, env string, narrowing bool) *upstream.Error {
 	e := &upstream.Error{Broker: display, Op: call.Op, Status: r.Status, Kind: upstream.KindForStatus(r.Status)}
-	e.Message = upstream.Scrub(message(r.Body), call.Secrets...)
+	e.Message = upstream.Quote(message(r.Body), call.Secrets...)
 	switch {
 	case r.Status == http.StatusForbidden || r.Status == http.StatusUnauthorized:
 		// brokers.md: 403 means the refresh token is wrong, expired or
@@ -290,17 +290,18 @@ func classify(call upstream.Call, r *upstream.Response, env string, narrowing bo
 
 // message extracts what ALOR said. Its error bodies are not documented
 // (empty, short text, or a JSON object are all seen or plausible), so a
-// JSON object's message/title/error is used when present, else an excerpt.
+// JSON object's message/title/error is used when present, else the body.
+// The caller quotes it (scrub, then excerpt).
 func message(body []byte) string {
 	var m map[string]any
 	if json.Unmarshal(body, &m) == nil {
 		for _, k := range []string{"message", "Message", "title", "error_description", "error"} {
 			if s, ok := m[k].(string); ok && s != "" {
-				return upstream.Excerpt([]byte(s))
+				return s
 			}
 		}
 	}
-	return upstream.Excerpt(body)
+	return string(body)
 }
 
 func badResponse(msg string) *upstream.Error {

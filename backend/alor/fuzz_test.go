@@ -184,35 +184,50 @@ func FuzzTokenFrom(f *testing.F) {
 // FuzzClassify: an error answer names ALOR and /refresh, has the kind its
 // status means, and never shows the refresh token, even cut short.
 func FuzzClassify(f *testing.F) {
-	f.Add(403, `Forbidden`, "production", false)
-	f.Add(401, ``, "sandbox", false)
-	f.Add(400, `portfolio D99999 is not available to this user`, "", true)
-	f.Add(429, `Too many requests`, "production", false)
-	f.Add(500, `{"type":"about:blank","title":"Internal Server Error","status":500}`, "production", false)
-	f.Add(502, `<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>`, "", false)
-	f.Add(403, `{"message":"refresh token `+fuzzRefreshMarker+` revoked"}`, "production", false)
-	f.Add(403, strings.Repeat("r", 190)+fuzzRefreshMarker, "production", false)
-	f.Add(403, `{"error":"`+strings.Repeat("e", 195)+fuzzRefreshMarker+`"}`, "production", false)
-	f.Add(503, "line\none\x00", "", false)
-	f.Fuzz(func(t *testing.T, status int, body, env string, narrowing bool) {
-		if status < 300 || status > 599 {
-			return
-		}
-		call := upstream.Call{Method: http.MethodPost, Op: opRefresh, Secrets: []string{fuzzRefresh}}
-		served := strings.ReplaceAll(body, fuzzRefreshMarker, fuzzRefresh)
-		e := classify(call, &upstream.Response{Status: status, Header: http.Header{}, Body: []byte(served)}, env, narrowing)
-		ue := checkError(t, e, strings.ReplaceAll(body, fuzzRefreshMarker, ""))
-		want := upstream.KindForStatus(status)
-		if status == http.StatusForbidden || status == http.StatusUnauthorized {
-			want = upstream.KindAuth
-		}
-		if ue.Kind != want || ue.Status != status {
-			t.Fatalf("HTTP %d is %v, want %v", status, ue.Kind, want)
-		}
-		if want == upstream.KindAuth && env != "" && !strings.Contains(ue.Hint, env) {
-			t.Fatalf("auth hint does not name the %s environment", env)
-		}
+	f.Add(403, `Forbidden`, uint8(1), false)
+	f.Add(401, ``, uint8(2), false)
+	f.Add(400, `portfolio D99999 is not available to this user`, uint8(0), true)
+	f.Add(429, `Too many requests`, uint8(1), false)
+	f.Add(500, `{"type":"about:blank","title":"Internal Server Error","status":500}`, uint8(1), false)
+	f.Add(502, `<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>`, uint8(0), false)
+	f.Add(403, `{"message":"refresh token `+fuzzRefreshMarker+` revoked"}`, uint8(1), false)
+	f.Add(503, "line\none\x00", uint8(0), false)
+	f.Fuzz(checkClassify)
+}
+
+// TestFuzzFindingExcerptBeforeScrub: classify cuts ALOR's error text to an
+// excerpt first and scrubs it second, so a refresh token echoed across the
+// excerpt's 200-character cut is no longer recognised and its first part
+// shows in the error (and in last_error and the server log).
+func TestFuzzFindingExcerptBeforeScrub(t *testing.T) {
+	t.Run("text body", func(t *testing.T) {
+		checkClassify(t, 403, strings.Repeat("r", 190)+fuzzRefreshMarker, 1, false)
 	})
+	t.Run("JSON error", func(t *testing.T) {
+		checkClassify(t, 403, `{"error":"`+strings.Repeat("e", 188)+fuzzRefreshMarker+`"}`, 1, false)
+	})
+}
+
+func checkClassify(t *testing.T, status int, body string, envIndex uint8, narrowing bool) {
+	if status < 300 || status > 599 {
+		return
+	}
+	// The environment comes from the config (validated), not the broker.
+	env := []string{"", "production", "sandbox"}[envIndex%3]
+	call := upstream.Call{Method: http.MethodPost, Op: opRefresh, Secrets: []string{fuzzRefresh}}
+	served := strings.ReplaceAll(body, fuzzRefreshMarker, fuzzRefresh)
+	e := classify(call, &upstream.Response{Status: status, Header: http.Header{}, Body: []byte(served)}, env, narrowing)
+	ue := checkError(t, e, strings.ReplaceAll(body, fuzzRefreshMarker, ""))
+	want := upstream.KindForStatus(status)
+	if status == http.StatusForbidden || status == http.StatusUnauthorized {
+		want = upstream.KindAuth
+	}
+	if ue.Kind != want || ue.Status != status {
+		t.Fatalf("HTTP %d is %v, want %v", status, ue.Kind, want)
+	}
+	if want == upstream.KindAuth && env != "" && !strings.Contains(ue.Hint, env) {
+		t.Fatalf("auth hint does not name the %s environment", env)
+	}
 }
 
 type fuzzOAuth struct {

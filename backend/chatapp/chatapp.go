@@ -248,12 +248,12 @@ func classify(call upstream.Call, status int, body []byte) *upstream.Error {
 	e := &upstream.Error{Broker: broker, Op: call.Op, Status: status}
 	var env envelope
 	if err := json.Unmarshal(body, &env); err == nil && env.Error != nil && (env.Error.Code != "" || env.Error.Message != "") {
-		e.Code = upstream.Scrub(env.Error.Code, call.Secrets...)
-		e.Message = upstream.Scrub(env.Error.Message, call.Secrets...)
+		e.Code = upstream.Quote(env.Error.Code, call.Secrets...)
+		e.Message = upstream.Quote(env.Error.Message, call.Secrets...)
 	} else if status >= 200 && status < 300 {
 		e.Message = "success is false and no error was given"
 	} else {
-		e.Message = upstream.Scrub(upstream.Excerpt(body), call.Secrets...)
+		e.Message = upstream.Quote(string(body), call.Secrets...)
 	}
 	ok := status >= 200 && status < 300
 	switch {

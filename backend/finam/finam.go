@@ -185,7 +185,7 @@ func post(ctx context.Context, req provider.Request, path string, body any, idem
 		return err
 	}
 	if err := json.Unmarshal(resp.Body, out); err != nil {
-		return badResponse(path, "response is not the expected JSON ("+upstream.Excerpt([]byte(upstream.Scrub(string(resp.Body), secrets...)))+")")
+		return badResponse(path, "response is not the expected JSON ("+upstream.Quote(string(resp.Body), secrets...)+")")
 	}
 	return nil
 }
@@ -194,10 +194,10 @@ func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
 	e := &upstream.Error{Broker: "Finam", Op: call.Op, Status: r.Status, Kind: upstream.KindForStatus(r.Status)}
 	var st rpcStatus
 	if err := json.Unmarshal(r.Body, &st); err == nil && (st.Message != "" || st.Code != "") {
-		e.Code = st.Code.String()
-		e.Message = upstream.Scrub(st.Message, call.Secrets...)
+		e.Code = upstream.Quote(st.Code.String(), call.Secrets...)
+		e.Message = upstream.Quote(st.Message, call.Secrets...)
 	} else {
-		e.Message = upstream.Excerpt([]byte(upstream.Scrub(string(r.Body), call.Secrets...)))
+		e.Message = upstream.Quote(string(r.Body), call.Secrets...)
 	}
 	switch {
 	case r.Status == http.StatusUnauthorized || (r.Status == http.StatusBadRequest && call.Op == "POST "+pathSessions):

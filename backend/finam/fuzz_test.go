@@ -152,36 +152,50 @@ func FuzzClassify(f *testing.F) {
 	f.Add(429, `{"code":8,"message":"Too many requests. Limit: 200 requests per minute"}`, true)
 	f.Add(503, `<html><body><h1>503 Service Temporarily Unavailable</h1><hr><center>nginx</center></body></html>`, true)
 	f.Add(500, strings.Repeat("x", 190)+fuzzSecretMarker+strings.Repeat("y", 50), true)
-	f.Add(500, `{"code":"13","message":"`+strings.Repeat("m", 3000)+`"}`, false)
-	f.Add(502, "{\"code\":13,\"message\":\"line one\\nline two\\r\\u0000\"}", true)
+	f.Add(500, `{"code":"13","message":"`+strings.Repeat("m", 300)+`"}`, false)
 	f.Add(404, `{"code":5,"message":"account 1899013 not found"}`, false)
 	f.Add(302, ``, false)
-	f.Fuzz(func(t *testing.T, status int, body string, sessions bool) {
-		if status < 300 || status > 599 {
-			return
-		}
-		op := "POST " + pathDetails
-		if sessions {
-			op = "POST " + pathSessions
-		}
-		call := upstream.Call{Method: http.MethodPost, Op: op, Secrets: []string{fuzzSecret}}
-		served := strings.ReplaceAll(body, fuzzSecretMarker, fuzzSecret)
-		e := classify(call, &upstream.Response{Status: status, Header: http.Header{}, Body: []byte(served)})
-		if e == nil {
-			t.Fatal("no error for a non-2xx answer")
-		}
-		if e.Status != status || e.Op != op {
-			t.Fatalf("status/op %d %q", e.Status, e.Op)
-		}
-		ue := checkUpstreamError(t, e, strings.ReplaceAll(body, fuzzSecretMarker, ""))
-		want := upstream.KindForStatus(status)
-		if status == http.StatusUnauthorized || (status == http.StatusBadRequest && sessions) {
-			want = upstream.KindAuth
-		}
-		if ue.Kind != want {
-			t.Fatalf("HTTP %d on %s is %v, want %v", status, op, ue.Kind, want)
-		}
+	f.Fuzz(checkClassify)
+}
+
+// TestFuzzFindingMessageNotExcerpted: the message of a JSON error body
+// (google.rpc.Status) goes into the error whole: unbounded, and with its
+// control characters, into Vault's response, the config's last_error and
+// the server log. Every other broker text is cut to an excerpt.
+func TestFuzzFindingMessageNotExcerpted(t *testing.T) {
+	t.Run("long", func(t *testing.T) {
+		checkClassify(t, 500, `{"code":"13","message":"`+strings.Repeat("m", 3000)+`"}`, false)
 	})
+	t.Run("control characters", func(t *testing.T) {
+		checkClassify(t, 502, "{\"code\":13,\"message\":\"line one\\nline two\\r\\u0000\"}", true)
+	})
+}
+
+func checkClassify(t *testing.T, status int, body string, sessions bool) {
+	if status < 300 || status > 599 {
+		return
+	}
+	op := "POST " + pathDetails
+	if sessions {
+		op = "POST " + pathSessions
+	}
+	call := upstream.Call{Method: http.MethodPost, Op: op, Secrets: []string{fuzzSecret}}
+	served := strings.ReplaceAll(body, fuzzSecretMarker, fuzzSecret)
+	e := classify(call, &upstream.Response{Status: status, Header: http.Header{}, Body: []byte(served)})
+	if e == nil {
+		t.Fatal("no error for a non-2xx answer")
+	}
+	if e.Status != status || e.Op != op {
+		t.Fatalf("status/op %d %q", e.Status, e.Op)
+	}
+	ue := checkUpstreamError(t, e, strings.ReplaceAll(body, fuzzSecretMarker, ""))
+	want := upstream.KindForStatus(status)
+	if status == http.StatusUnauthorized || (status == http.StatusBadRequest && sessions) {
+		want = upstream.KindAuth
+	}
+	if ue.Kind != want {
+		t.Fatalf("HTTP %d on %s is %v, want %v", status, op, ue.Kind, want)
+	}
 }
 
 // fuzzServer serves the fuzzed answers of one Issue.

@@ -25,13 +25,17 @@ func JWTClaims(token string) (map[string]any, error) {
 	if err := json.Unmarshal(raw, &claims); err != nil {
 		return nil, fmt.Errorf("JWT payload is not a JSON object: %w", err)
 	}
+	if claims == nil { // the payload "null" decodes without error
+		return nil, errors.New("JWT payload is not a JSON object")
+	}
 	return claims, nil
 }
 
 // NumericDate reads a JWT NumericDate claim (seconds since the epoch).
 func NumericDate(claims map[string]any, name string) (time.Time, bool) {
 	v, ok := claims[name].(float64)
-	if !ok || v <= 0 {
+	// Past year 9999 is garbage, and would overflow time arithmetic.
+	if !ok || v <= 0 || v >= 253402300800 {
 		return time.Time{}, false
 	}
 	sec := int64(v)

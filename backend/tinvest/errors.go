@@ -24,9 +24,9 @@ func classify(call upstream.Call, env string, r *upstream.Response) *upstream.Er
 	msg := string(r.Body)
 	if parsed {
 		msg = body.Message
-		e.Code = string(body.Description)
+		e.Code = upstream.Quote(string(body.Description), call.Secrets...)
 	}
-	e.Message = withTracking(upstream.Excerpt([]byte(upstream.Scrub(msg, call.Secrets...))), trackingID(r.Header, call.Secrets))
+	e.Message = withTracking(upstream.Quote(msg, call.Secrets...), trackingID(r.Header, call.Secrets))
 
 	reason := e.Code
 	if reason != codeUnauthenticated && reason != codeNoPrivileges && reason != codeRateLimited {
@@ -78,7 +78,7 @@ func trackingID(h http.Header, secrets []string) string {
 	if v == "" {
 		return ""
 	}
-	return upstream.Excerpt([]byte(upstream.Scrub(v, secrets...)))
+	return upstream.Quote(v, secrets...)
 }
 
 func withTracking(msg, tracking string) string {

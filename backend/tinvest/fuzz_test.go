@@ -71,57 +71,66 @@ func FuzzClassify(f *testing.F) {
 	f.Add(502, `<html><body><h1>502 Bad Gateway</h1></body></html>`, "", false)
 	f.Add(401, `{"code":16,"message":"token `+fuzzTokenMarker+` is invalid","description":"40003"}`, "id-"+fuzzTokenMarker, false)
 	f.Add(401, `{"code":16,"message":"`+strings.Repeat("x", 180)+fuzzTokenMarker+`","description":"40003"}`, "", false)
-	f.Add(401, `{"code":16,"message":"no","description":"`+fuzzTokenMarker+`"}`, "", false)
 	f.Add(503, `{"code":14,"message":"a\nb","description":{"a":1}}`, "trk\r\n2", false)
 	f.Add(404, ``, "", false)
-	f.Fuzz(func(t *testing.T, status int, body, tracking string, sandbox bool) {
-		if status < 300 || status > 599 {
-			return
-		}
-		env := EnvProduction
-		if sandbox {
-			env = EnvSandbox
-		}
-		h := http.Header{}
-		if tr := strings.ReplaceAll(tracking, fuzzTokenMarker, fuzzToken); tr != "" {
-			h.Set("x-tracking-id", tr)
-		}
-		call := upstream.Call{Method: http.MethodPost, Op: opGetInfo, Secrets: []string{fuzzToken}}
-		served := strings.ReplaceAll(body, fuzzTokenMarker, fuzzToken)
-		e := classify(call, env, &upstream.Response{Status: status, Header: h, Body: []byte(served)})
-		if e == nil {
-			t.Fatal("no error for a non-2xx answer")
-		}
-		without := strings.ReplaceAll(body+tracking, fuzzTokenMarker, "")
-		ue := checkError(t, e, without)
-		if ue.Status != status {
-			t.Fatalf("status %d became %d", status, ue.Status)
-		}
-		// The expected kind, from the code the body carries (if any) and
-		// then the status.
-		var eb errorBody
-		code := ""
-		if json.Unmarshal([]byte(served), &eb) == nil && (eb.Message != "" || eb.Code != "" || eb.Description != "") {
-			code = string(eb.Description)
-		}
-		want := upstream.KindForStatus(status)
-		switch {
-		case code == codeUnauthenticated || (code != codeNoPrivileges && code != codeRateLimited && status == 401):
-			want = upstream.KindAuth
-		case code == codeNoPrivileges || (code != codeRateLimited && status == 403):
-			want = upstream.KindRejected
-		case code == codeRateLimited || status == 429:
-			want = upstream.KindRateLimited
-		case status >= 500:
-			want = upstream.KindUnavailable
-		}
-		if ue.Kind != want {
-			t.Fatalf("HTTP %d code %q is %v, want %v", status, code, ue.Kind, want)
-		}
-		if ue.Kind == upstream.KindAuth && !strings.Contains(ue.Hint, env) {
-			t.Fatalf("auth hint does not mention the %s environment: %q", env, ue.Hint)
-		}
-	})
+	f.Fuzz(checkClassify)
+}
+
+// TestFuzzFindingCodeNotScrubbed: the gateway's `description` becomes the
+// error's code as sent: not scrubbed and not cut. A gateway (or a proxy in
+// its place) that echoes the token there puts the T-Invest token into the
+// creds error, the config's last_error and the server log.
+func TestFuzzFindingCodeNotScrubbed(t *testing.T) {
+	checkClassify(t, 401, `{"code":16,"message":"no","description":"`+fuzzTokenMarker+`"}`, "", false)
+}
+
+func checkClassify(t *testing.T, status int, body, tracking string, sandbox bool) {
+	if status < 300 || status > 599 {
+		return
+	}
+	env := EnvProduction
+	if sandbox {
+		env = EnvSandbox
+	}
+	h := http.Header{}
+	if tr := strings.ReplaceAll(tracking, fuzzTokenMarker, fuzzToken); tr != "" {
+		h.Set("x-tracking-id", tr)
+	}
+	call := upstream.Call{Method: http.MethodPost, Op: opGetInfo, Secrets: []string{fuzzToken}}
+	served := strings.ReplaceAll(body, fuzzTokenMarker, fuzzToken)
+	e := classify(call, env, &upstream.Response{Status: status, Header: h, Body: []byte(served)})
+	if e == nil {
+		t.Fatal("no error for a non-2xx answer")
+	}
+	without := strings.ReplaceAll(body+tracking, fuzzTokenMarker, "")
+	ue := checkError(t, e, without)
+	if ue.Status != status {
+		t.Fatalf("status %d became %d", status, ue.Status)
+	}
+	// The expected kind, from the code the body carries (if any) and
+	// then the status.
+	var eb errorBody
+	code := ""
+	if json.Unmarshal([]byte(served), &eb) == nil && (eb.Message != "" || eb.Code != "" || eb.Description != "") {
+		code = string(eb.Description)
+	}
+	want := upstream.KindForStatus(status)
+	switch {
+	case code == codeUnauthenticated || (code != codeNoPrivileges && code != codeRateLimited && status == 401):
+		want = upstream.KindAuth
+	case code == codeNoPrivileges || (code != codeRateLimited && status == 403):
+		want = upstream.KindRejected
+	case code == codeRateLimited || status == 429:
+		want = upstream.KindRateLimited
+	case status >= 500:
+		want = upstream.KindUnavailable
+	}
+	if ue.Kind != want {
+		t.Fatalf("HTTP %d code %q is %v, want %v", status, code, ue.Kind, want)
+	}
+	if ue.Kind == upstream.KindAuth && !strings.Contains(ue.Hint, env) {
+		t.Fatalf("auth hint does not mention the %s environment: %q", env, ue.Hint)
+	}
 }
 
 // FuzzTokenFrom: GetInfo and GetAccounts answers as the gateway sends them.

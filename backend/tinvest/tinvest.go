@@ -227,7 +227,7 @@ func (c caller) post(ctx context.Context, method, op string, out any) error {
 		return err
 	}
 	if err := decodeJSON(resp.Body, out); err != nil {
-		msg := "response is not the expected JSON (" + upstream.Excerpt([]byte(upstream.Scrub(string(resp.Body), call.Secrets...))) + ")"
+		msg := "response is not the expected JSON (" + upstream.Quote(string(resp.Body), call.Secrets...) + ")"
 		return badResponse(op, msg, trackingID(resp.Header, call.Secrets))
 	}
 	return nil

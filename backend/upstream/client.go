@@ -264,12 +264,12 @@ func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *
 	req.Header.Set("Accept", "application/json")
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Message: Scrub(transportMessage(err), call.Secrets...), Hint: tlsHint(err)}
+		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Message: Quote(transportMessage(err), call.Secrets...), Hint: tlsHint(err)}
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, c.maxBody+1))
 	if err != nil {
-		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Status: resp.StatusCode, Message: "reading response: " + Scrub(transportMessage(err), call.Secrets...)}
+		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Status: resp.StatusCode, Message: "reading response: " + Quote(transportMessage(err), call.Secrets...)}
 	}
 	if int64(len(data)) > c.maxBody {
 		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindBadResponse, Status: resp.StatusCode, Message: fmt.Sprintf("response larger than %d bytes", c.maxBody)}
@@ -280,7 +280,7 @@ func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *
 // GenericError classifies a non-2xx response by status alone, quoting a short
 // scrubbed excerpt of the body.
 func (c *Client) GenericError(call Call, resp *Response) *Error {
-	e := &Error{Broker: c.broker, Op: call.Op, Status: resp.Status, Message: Excerpt([]byte(Scrub(string(resp.Body), call.Secrets...)))}
+	e := &Error{Broker: c.broker, Op: call.Op, Status: resp.Status, Message: Quote(string(resp.Body), call.Secrets...)}
 	e.Kind = KindForStatus(resp.Status)
 	return e
 }
@@ -324,19 +324,29 @@ func Excerpt(b []byte) string {
 // or an HTTP date) or x-ratelimit-reset (seconds until the window resets).
 func RetryAfter(h http.Header) time.Duration {
 	if v := h.Get("Retry-After"); v != "" {
-		if s, err := strconv.Atoi(v); err == nil && s >= 0 {
-			return time.Duration(s) * time.Second
+		if s, err := strconv.ParseInt(v, 10, 64); err == nil && s >= 0 {
+			return seconds(s)
 		}
 		if t, err := http.ParseTime(v); err == nil {
-			return max(time.Until(t), 0)
+			return min(max(time.Until(t), 0), maxRetryAfter)
 		}
 	}
 	if v := h.Get("x-ratelimit-reset"); v != "" {
-		if s, err := strconv.Atoi(v); err == nil && s >= 0 {
-			return time.Duration(s) * time.Second
+		if s, err := strconv.ParseInt(v, 10, 64); err == nil && s >= 0 {
+			return seconds(s)
 		}
 	}
 	return 0
+}
+
+// maxRetryAfter caps what a broker can ask for: a day, and no overflow.
+const maxRetryAfter = 24 * time.Hour
+
+func seconds(s int64) time.Duration {
+	if s > int64(maxRetryAfter/time.Second) {
+		return maxRetryAfter
+	}
+	return time.Duration(s) * time.Second
 }
 
 // backoff is exponential with full jitter, but never shorter than what the
@@ -364,6 +374,7 @@ func transportMessage(err error) string {
 	return err.Error()
 }
 
+// tlsHint says what to do about a transport failure.
 func tlsHint(err error) string {
 	var ua x509.UnknownAuthorityError
 	if errors.As(err, &ua) {
@@ -373,5 +384,5 @@ func tlsHint(err error) string {
 	if errors.As(err, &cv) {
 		return "the broker's certificate could not be verified: check base_url, or set ca_cert to the PEM bundle of its authority"
 	}
-	return ""
+	return "check that this Vault host can reach the broker (base_url, DNS, firewall, proxy); the plugin retries on the next read"
 }

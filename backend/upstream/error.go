@@ -107,6 +107,13 @@ func AsError(err error) (*Error, bool) {
 	return ue, ok
 }
 
+// Quote is what may be repeated of anything a broker said: secrets scrubbed
+// first (an excerpt could cut one past recognition), then cut to a short
+// excerpt without control characters.
+func Quote(said string, secrets ...string) string {
+	return Excerpt([]byte(Scrub(said, secrets...)))
+}
+
 // Scrub replaces every occurrence of each secret in s, so a broker that echoes
 // a secret back in an error cannot leak it through us.
 func Scrub(s string, secrets ...string) string {

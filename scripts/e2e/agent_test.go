@@ -68,6 +68,24 @@ func docTemplates(t *testing.T) map[string]string {
 	return out
 }
 
+// docBlock returns the first fenced block of docs/agent.md that opens with
+// fence and whose first line starts with first.
+func docBlock(t *testing.T, fence, first string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(vaulttest.RepoRoot(), "docs", "agent.md"))
+	if err != nil {
+		t.Fatalf("docs/agent.md: %v", err)
+	}
+	for _, block := range strings.Split(string(b), fence+"\n")[1:] {
+		body, _, _ := strings.Cut(block, "```")
+		if strings.HasPrefix(body, first) {
+			return body
+		}
+	}
+	t.Fatalf("docs/agent.md has no %s block starting with %q", fence, first)
+	return ""
+}
+
 // agentProc is a running `vault agent`.
 type agentProc struct {
 	cmd  *exec.Cmd
@@ -111,8 +129,9 @@ func startAgent(t *testing.T, v *vaulttest.Vault, dir, name, hcl string) *agentP
 			<-a.done
 		}
 		if t.Failed() {
-			t.Logf("--- %s log tail ---\n%s", name, tail(a.logText(), 40))
+			t.Logf("--- %s log tail ---\n%s", name, tailLines(a.logText(), 40))
 		}
+		// KEEP_AGENT_LOG=<dir> keeps the Agent logs, to study render timing.
 		if d := os.Getenv("KEEP_AGENT_LOG"); d != "" {
 			b, _ := os.ReadFile(a.log)
 			_ = os.WriteFile(filepath.Join(d, name+".log"), b, 0o600)
@@ -137,7 +156,7 @@ func (a *agentProc) exited() (bool, error) {
 	}
 }
 
-func tail(s string, n int) string {
+func tailLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
@@ -200,21 +219,12 @@ func TestAgentRendersBotConfigs(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The four configs docs/agent.md reads, against the sandbox.
-	e.cli("write", "broker/config/tbank", "provider=tinvest", "token="+sandbox.TInvestReadOnlyToken,
-		"base_url="+e.sbURL+sandbox.TInvestPrefix, "require_readonly=true")
-	e.cli("write", "broker/config/alor", "provider=alor", "refresh_token="+sandbox.AlorRefreshToken,
-		"base_url="+e.sbURL, "allowed_accounts=D12345")
-	e.cli(chatArgs(e.sbURL)...)
-	e.cli("write", "broker/config/finam", "provider=finam", "secret="+sandbox.FinamSecret, "base_url="+e.sbURL)
+	// The four configs docs/agent.md reads, against the sandbox; Finam last,
+	// so its first token is fresh when the Agents start.
+	e.writeSandboxConfigs()
 
-	// The documented policy, and a token that has only it.
-	policy := `
-path "broker/creds/finam" { capabilities = ["read"] }
-path "broker/creds/tbank" { capabilities = ["read"] }
-path "broker/creds/alor"  { capabilities = ["read"] }
-path "broker/creds/chat"  { capabilities = ["read"] }
-`
+	// The documented policy, and a token that has only it (and default).
+	policy := docBlock(t, "```hcl", "# tradebot.hcl")
 	policyFile := filepath.Join(dir, "tradebot-policy.hcl")
 	if err := os.WriteFile(policyFile, []byte(policy), 0o600); err != nil {
 		t.Fatal(err)
@@ -324,7 +334,7 @@ exec {
 		}
 		for _, a := range []*agentProc{agent, supervisor} {
 			if gone, err := a.exited(); gone {
-				t.Fatalf("vault agent exited early (%v):\n%s", err, tail(a.logText(), 40))
+				t.Fatalf("vault agent exited early (%v):\n%s", err, tailLines(a.logText(), 40))
 			}
 		}
 		if b, err := os.ReadFile(finamEnv); err == nil {
@@ -373,7 +383,31 @@ exec {
 		t.Log(line)
 	}
 	t.Logf("supervised child started %d time(s) in %.0fs", len(childStarts), elapsed.Seconds())
-	t.Logf("agent log: %d renders of finam.env, %d lease renewals logged", strings.Count(agent.logText(), filepath.Base(finamEnv)+"\""), strings.Count(agent.logText(), "successfully renewed"))
+
+	// When the Agent read creds again: its lifetime watcher gives up on a
+	// lease that renewals can no longer extend ("renewer done") and reads
+	// anew. Relate each re-read to the token the file held then.
+	rereads := logTimes(t, agent.logText(), "vault.read(broker/creds/finam): renewer done")
+	var tooEarly, afterExpiry []string
+	for _, at := range rereads {
+		var held *rendered
+		for _, r := range seen {
+			if r.seen.Before(at) {
+				held = r
+			}
+		}
+		if held == nil {
+			continue
+		}
+		frac := at.Sub(held.iat).Seconds() / held.exp.Sub(held.iat).Seconds()
+		t.Logf("agent re-read creds at %s: %.0f%% of the held token's life, %.1fs before its expiry", at.Format("15:04:05.000"), 100*frac, held.exp.Sub(at).Seconds())
+		if frac < 0.5 {
+			tooEarly = append(tooEarly, fmt.Sprintf("%.0f%%", 100*frac))
+		}
+		if !at.Before(held.exp) {
+			afterExpiry = append(afterExpiry, at.Format(time.RFC3339Nano))
+		}
+	}
 
 	t.Run("the Finam file is re-rendered with a new token before the old one expires", func(t *testing.T) {
 		if len(seen) <= wantChanges {
@@ -381,6 +415,20 @@ exec {
 		}
 		if len(expiredHeld) > 0 {
 			t.Fatalf("the rendered file held a token the sandbox refuses at %d poll(s): %s", len(expiredHeld), strings.Join(expiredHeld[:min(5, len(expiredHeld))], ", "))
+		}
+		if len(rereads) == 0 {
+			t.Fatal("the Agent log shows no re-read of broker/creds/finam")
+		}
+		if len(afterExpiry) > 0 {
+			t.Errorf("the Agent re-read creds only after the held token expired: %v", afterExpiry)
+		}
+		// Renew at 2/3 of the lease, re-read when it cannot be extended: a
+		// re-read before half the token's life means the Agent churns.
+		if len(tooEarly) > 0 {
+			t.Errorf("the Agent re-read creds early in the token's life (%v): leases too short?", tooEarly)
+		}
+		if len(rereads) > 3*len(seen) {
+			t.Errorf("%d re-reads for %d tokens: the Agent reads creds too often", len(rereads), len(seen))
 		}
 		for i, r := range seen[:len(seen)-1] {
 			life := r.exp.Sub(r.iat)
@@ -554,6 +602,24 @@ exec {
 			}
 		}
 	})
+}
+
+// logTimes returns the timestamps of the log lines containing what.
+func logTimes(t *testing.T, log, what string) []time.Time {
+	t.Helper()
+	var out []time.Time
+	for _, line := range strings.Split(log, "\n") {
+		if !strings.Contains(line, what) {
+			continue
+		}
+		ts, _, _ := strings.Cut(line, " ")
+		at, err := time.Parse(time.RFC3339Nano, ts)
+		if err != nil {
+			t.Fatalf("agent log line without a timestamp: %q", line)
+		}
+		out = append(out, at)
+	}
+	return out
 }
 
 func readLines(path string) []string {
