@@ -40,3 +40,14 @@ e2e: vault
 
 clean:
 	rm -rf bin tmp
+
+# Benchmarks (docs/performance.md): real Vault with the plugin and the sandbox,
+# against Vault's built-in kv-v2 and HashiCorp's kv as an external plugin.
+# bench: the full run (~15 min); bench-quick: the CI regression guard (<2 min).
+.PHONY: bench bench-quick
+bench: vault
+	@scripts/build-kvplugin.sh
+	$(GO) run ./scripts/bench -out bench-results
+bench-quick: vault
+	@scripts/build-kvplugin.sh
+	$(GO) run ./scripts/bench -quick -out bench-results

@@ -6,6 +6,7 @@ package backend
 
 import (
 	"context"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -56,6 +57,9 @@ type backend struct {
 	sched         *schedule
 	settingsCache atomic.Pointer[mountSettings]
 	metrics       *metrics
+	// transports are connection pools shared by configs, by CA bundle.
+	trMu       sync.Mutex
+	transports map[[32]byte]*http.Transport
 	// makeMu serialises make-budget updates.
 	makeMu sync.Mutex
 
@@ -78,13 +82,14 @@ func Factory(version string) logical.Factory {
 func newBackend(version string) *backend {
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &backend{
-		providers: registry(),
-		ctx:       ctx,
-		cancel:    cancel,
-		states:    map[string]*configState{},
-		sched:     newSchedule(),
-		metrics:   newMetrics(),
-		now:       time.Now,
+		providers:  registry(),
+		ctx:        ctx,
+		cancel:     cancel,
+		states:     map[string]*configState{},
+		sched:      newSchedule(),
+		transports: map[[32]byte]*http.Transport{},
+		metrics:    newMetrics(),
+		now:        time.Now,
 	}
 	b.Backend = &framework.Backend{
 		Help:           strings.TrimSpace(backendHelp),
@@ -123,6 +128,12 @@ func (b *backend) clean(context.Context) {
 		st.close()
 	}
 	b.states = map[string]*configState{}
+	b.trMu.Lock()
+	for _, tr := range b.transports {
+		tr.CloseIdleConnections()
+	}
+	b.transports = map[[32]byte]*http.Transport{}
+	b.trMu.Unlock()
 }
 
 // invalidate drops the in-memory state of a config another node changed.

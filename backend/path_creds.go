@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"time"
@@ -117,7 +118,12 @@ func leaseTTL(cfg *brokerConfig, defaultTTL time.Duration, tok *storedToken, iss
 			return 0, fmt.Errorf("the %s token expired at %s", cfg.Provider, formatTime(tok.ExpiresAt))
 		}
 		if ttl == 0 || remaining < ttl {
-			ttl = remaining
+			// Every lease capped by one token would end in the same second,
+			// and Vault would revoke them in one burst that stalls reads on
+			// every mount; ending each up to a tenth (at most 30 s) early
+			// spreads them out.
+			ttl = remaining - rand.N(min(remaining/10, 30*time.Second)+1)
+			ttl = max(ttl.Truncate(time.Second), time.Second)
 		}
 	}
 	if cfg.MaxTTL > 0 {

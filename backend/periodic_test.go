@@ -63,18 +63,25 @@ func BenchmarkPeriodicTick(b *testing.B) {
 	for _, due := range []int{0, 100} {
 		b.Run(fmt.Sprintf("configs=10000/due=%d", due), func(b *testing.B) {
 			now := time.Now()
+			s := newSchedule()
+			for i := range 10000 {
+				s.set(fmt.Sprintf("c%d", i), now.Add(time.Duration(i+1)*time.Minute))
+			}
 			for b.Loop() {
 				b.StopTimer()
-				s := newSchedule()
-				for i := range 10000 {
-					at := now.Add(time.Duration(i+1) * time.Minute)
-					if i < due {
-						at = now.Add(-time.Second)
-					}
-					s.set(fmt.Sprintf("c%d", i), at)
+				for i := range due {
+					s.set(fmt.Sprintf("c%d", i), now.Add(-time.Second))
 				}
 				b.StartTimer()
-				s.popDue(now, maxDuePerTick)
+				got := s.popDue(now, maxDuePerTick)
+				b.StopTimer()
+				if len(got) != due {
+					b.Fatalf("popped %d, want %d", len(got), due)
+				}
+				for _, name := range got {
+					s.set(name, now.Add(time.Hour))
+				}
+				b.StartTimer()
 			}
 		})
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -532,14 +533,35 @@ func toStored(t *provider.Token) *storedToken {
 }
 
 func (b *backend) newClient(spec provider.Spec, cfg *brokerConfig) (*upstream.Client, error) {
+	tr, err := b.transport(cfg.CACert)
+	if err != nil {
+		return nil, err
+	}
 	return upstream.New(upstream.Options{
 		Broker:        spec.Display,
-		CACertPEM:     cfg.CACert,
+		Transport:     tr,
 		RatePerMinute: spec.RatePerMinute,
 		RatePerOp:     spec.RatePerOp,
 		MaxConcurrent: spec.MaxConcurrent,
 		Observe:       b.metrics.observeUpstream(spec.Name),
 	})
+}
+
+// transport returns the connection pool shared by every config that trusts
+// the same CAs (most trust the system roots: one pool for the mount).
+func (b *backend) transport(caPEM string) (*http.Transport, error) {
+	key := sha256.Sum256([]byte(caPEM))
+	b.trMu.Lock()
+	defer b.trMu.Unlock()
+	if tr, ok := b.transports[key]; ok {
+		return tr, nil
+	}
+	tr, err := upstream.NewTransport(caPEM)
+	if err != nil {
+		return nil, err
+	}
+	b.transports[key] = tr
+	return tr, nil
 }
 
 func baseURL(spec provider.Spec, cfg *brokerConfig) string {

@@ -18,7 +18,7 @@ mkdir -p "$root/bin"
 
 if [ ! -x "$dir/vault-plugin-secrets-kv" ]; then
   start=$(date +%s)
-  echo "==> Building vault-plugin-secrets-kv $version from tools/kvplugin (first time only, about a minute)."
+  echo "==> Building vault-plugin-secrets-kv $version from tools/kvplugin (first time only, under a minute)."
   mkdir -p "$dir"
   go build -trimpath -o "$dir/vault-plugin-secrets-kv.tmp" .
   mv "$dir/vault-plugin-secrets-kv.tmp" "$dir/vault-plugin-secrets-kv"

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
@@ -49,8 +50,8 @@ func checkError(t *testing.T, err error, without string) *upstream.Error {
 		if ue.Broker != display || !strings.HasPrefix(msg, "ALOR POST /refresh") {
 			t.Fatalf("error does not name ALOR and the call: %q", msg)
 		}
-		if len(ue.Message) > 1024 {
-			t.Fatalf("error is not an excerpt: message %d bytes", len(ue.Message))
+		if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
+			t.Fatalf("error is not an excerpt: message of %d runes", utf8.RuneCountInString(ue.Message))
 		}
 		if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
 			t.Fatalf("error carries control characters: %q", msg)

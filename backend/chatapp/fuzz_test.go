@@ -11,6 +11,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
@@ -66,8 +67,8 @@ func checkError(t *testing.T, err error, without string) *upstream.Error {
 	if ue.Broker != broker || !strings.HasPrefix(msg, "ChatApp ") {
 		t.Fatalf("error does not name ChatApp: %q", msg)
 	}
-	if len(ue.Message) > 1024 || len(ue.Code) > 256 {
-		t.Fatalf("error is not an excerpt: message %d bytes, code %d bytes", len(ue.Message), len(ue.Code))
+	if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
+		t.Fatalf("error is not an excerpt: message of %d runes, code of %d", utf8.RuneCountInString(ue.Message), utf8.RuneCountInString(ue.Code))
 	}
 	if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
 		t.Fatalf("error carries control characters: %q", msg)
@@ -86,6 +87,7 @@ func FuzzClassify(f *testing.F) {
 	f.Add(200, `{"success":false,"error":{"code":"ApiRefreshTokenExpiredError","message":"expired"}}`, 1)
 	f.Add(200, `{"success":false}`, 1)
 	f.Add(503, `{"success":false,"error":{"code":"ApiInvalidTokenError","message":"upstream down"}}`, 1)
+	f.Add(524, `{"error":{"Code":"TooMAnY"}}`, 0)
 	f.Add(500, `<html><body>Internal Server Error</body></html>`, 2)
 	f.Add(422, `{"success":false,"error":{"code":"ApiValidationError","message":"password `+markPassword+` too short"}}`, 0)
 	f.Add(401, `{"success":false,"error":{"code":"`+markRefresh+`","message":"unknown refresh token"}}`, 1)
@@ -122,8 +124,10 @@ func checkClassify(t *testing.T, status int, body string, which int) {
 		t.Fatalf("status/op %d %q", ue.Status, ue.Op)
 	}
 	switch {
-	case status >= 500 && ue.Kind != upstream.KindUnavailable:
-		t.Fatalf("HTTP %d is %v: a failing ChatApp must not look like a refusal", status, ue.Kind)
+	case status >= 500 && ue.Kind != upstream.KindUnavailable && ue.Kind != upstream.KindRateLimited:
+		// Transient either way (a quota code may make it "rate limited"),
+		// never a refusal or a final answer.
+		t.Fatalf("HTTP %d is %v: a failing ChatApp must look transient", status, ue.Kind)
 	case status == 429 && ue.Kind != upstream.KindRateLimited:
 		t.Fatalf("HTTP 429 is %v", ue.Kind)
 	case (status == 401 || status == 403) && ue.Kind != upstream.KindAuth && ue.Kind != upstream.KindRateLimited:

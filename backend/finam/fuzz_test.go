@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
@@ -58,8 +59,8 @@ func checkUpstreamError(t *testing.T, err error, bodyWithoutSecret string) *upst
 	}
 	// What the broker said reaches Vault responses, config status and logs:
 	// an excerpt, bounded and free of control characters.
-	if len(ue.Message) > 1024 || len(ue.Code) > 64 {
-		t.Fatalf("error is not an excerpt: message %d bytes, code %d bytes", len(ue.Message), len(ue.Code))
+	if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
+		t.Fatalf("error is not an excerpt: message of %d runes, code of %d", utf8.RuneCountInString(ue.Message), utf8.RuneCountInString(ue.Code))
 	}
 	if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
 		t.Fatalf("error carries control characters: %q", msg)

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
@@ -49,8 +50,8 @@ func checkError(t *testing.T, err error, without string) *upstream.Error {
 	if ue.Broker != broker || !strings.HasPrefix(msg, "T-Invest POST UsersService/") {
 		t.Fatalf("error does not name T-Invest and the call: %q", msg)
 	}
-	if len(ue.Message) > 1024 || len(ue.Code) > 64 {
-		t.Fatalf("error is not an excerpt: message %d bytes, code %d bytes", len(ue.Message), len(ue.Code))
+	if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
+		t.Fatalf("error is not an excerpt: message of %d runes, code of %d", utf8.RuneCountInString(ue.Message), utf8.RuneCountInString(ue.Code))
 	}
 	if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
 		t.Fatalf("error carries control characters: %q", msg)
@@ -73,6 +74,7 @@ func FuzzClassify(f *testing.F) {
 	f.Add(401, `{"code":16,"message":"`+strings.Repeat("x", 180)+fuzzTokenMarker+`","description":"40003"}`, "", false)
 	f.Add(503, `{"code":14,"message":"a\nb","description":{"a":1}}`, "trk\r\n2", false)
 	f.Add(404, ``, "", false)
+	f.Add(403, "{\"desCription\":\""+strings.Repeat("\xc3", 21)+"00\"}", "0", false) // invalid UTF-8 grows when quoted
 	f.Fuzz(checkClassify)
 }
 

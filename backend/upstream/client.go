@@ -37,6 +37,9 @@ type Options struct {
 	Broker string
 	// CACertPEM, if set, replaces the system roots for this broker.
 	CACertPEM string
+	// Transport, if set, is a shared pool (from NewTransport) used instead
+	// of building one from CACertPEM; Close leaves it open.
+	Transport *http.Transport
 	Timeout   time.Duration
 	MaxBody   int64
 	// MaxAttempts bounds tries of idempotent calls on retryable failures.
@@ -56,6 +59,7 @@ type Options struct {
 
 // Client talks to one broker endpoint.
 type Client struct {
+	shared      bool
 	broker      string
 	http        *http.Client
 	maxBody     int64
@@ -68,18 +72,35 @@ type Client struct {
 	limiters                     map[string]*limiter
 }
 
-// New builds a Client. It fails only on an unusable CA bundle.
-func New(opts Options) (*Client, error) {
+// NewTransport builds the connection pool for one trust configuration.
+// Clients that trust the same CAs should share one: a pool per config
+// would hold a connection and two goroutines per config (37 KB each at
+// 10,000 configs) and repeat every TLS handshake.
+func NewTransport(caCertPEM string) (*http.Transport, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.MaxIdleConnsPerHost = 16
-	if opts.CACertPEM != "" {
+	if caCertPEM != "" {
 		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM([]byte(opts.CACertPEM)) {
+		if !pool.AppendCertsFromPEM([]byte(caCertPEM)) {
 			return nil, errors.New("ca_cert holds no PEM certificate")
 		}
 		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
+	return tr, nil
+}
+
+// New builds a Client. It fails only on an unusable CA bundle.
+func New(opts Options) (*Client, error) {
+	tr := opts.Transport
+	shared := tr != nil
+	if !shared {
+		var err error
+		if tr, err = NewTransport(opts.CACertPEM); err != nil {
+			return nil, err
+		}
+	}
 	c := &Client{
+		shared:        shared,
 		broker:        opts.Broker,
 		maxBody:       opts.MaxBody,
 		maxAttempts:   opts.MaxAttempts,
@@ -107,8 +128,12 @@ func New(opts Options) (*Client, error) {
 	return c, nil
 }
 
-// Close releases idle connections.
-func (c *Client) Close() { c.http.CloseIdleConnections() }
+// Close releases idle connections of a pool the client owns.
+func (c *Client) Close() {
+	if !c.shared {
+		c.http.CloseIdleConnections()
+	}
+}
 
 // Broker is the display name of the broker this client talks to.
 func (c *Client) Broker() string { return c.broker }

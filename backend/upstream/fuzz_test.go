@@ -19,7 +19,7 @@ func FuzzRetryAfter(f *testing.F) {
 	for _, s := range [][2]string{
 		{"7", ""}, {"", "12"}, {"3", "12"}, {"soon", ""}, {"", "-5"}, {"Wed, 21 Oct 2015 07:28:00 GMT", ""},
 		{time.Now().Add(90 * time.Second).UTC().Format(http.TimeFormat), ""}, {"0", "0"}, {" 5", ""},
-		{"99999999999", ""}, {"1e3", ""}, {"+4", ""},
+		{"99999999999", ""}, {"1e3", ""}, {"+4", ""}, {"A", "100000"}, {"3600", ""}, {"", "3601"},
 	} {
 		f.Add(s[0], s[1])
 	}
@@ -45,14 +45,29 @@ func checkRetryAfter(t *testing.T, retryAfter, reset string) {
 	if got < 0 {
 		t.Fatalf("Retry-After %q / x-ratelimit-reset %q read as a negative wait %v", retryAfter, reset, got)
 	}
-	if n, err := strconv.Atoi(retryAfter); err == nil && n >= 0 && n < 1<<31 {
-		if got != time.Duration(n)*time.Second {
+	// A count of seconds reads as that many seconds; a huge one may be
+	// capped, but not below an hour, and never read as more than asked.
+	asked := func(v string) (time.Duration, bool) {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return 0, false
+		}
+		if n > int64(time.Hour/time.Second) {
+			if got < time.Hour || (n < int64(1<<62/time.Second) && got > time.Duration(n)*time.Second) {
+				t.Fatalf("Retry-After %q / x-ratelimit-reset %q (%d s) read as %v", retryAfter, reset, n, got)
+			}
+			return got, true
+		}
+		return time.Duration(n) * time.Second, true
+	}
+	if want, ok := asked(retryAfter); ok {
+		if got != want {
 			t.Fatalf("Retry-After %q read as %v", retryAfter, got)
 		}
 		return
 	}
 	if _, err := http.ParseTime(retryAfter); err != nil {
-		if n, err := strconv.Atoi(reset); err == nil && n >= 0 && n < 1<<31 && got != time.Duration(n)*time.Second {
+		if want, ok := asked(reset); ok && got != want {
 			t.Fatalf("x-ratelimit-reset %q read as %v", reset, got)
 		}
 	}

@@ -43,6 +43,10 @@ type env struct {
 	logf   func(string, ...any)
 	plugin string // the broker plugin's binary in the plugin dir
 
+	// shortLeasesUntil is when the last short lease (60 s tokens) issued
+	// so far expires: until then Vault revokes leases through the plugin.
+	shortLeasesUntil time.Time
+
 	kvExe     string
 	kvVersion string
 	kvSHA     string
@@ -139,12 +143,14 @@ func (e *env) writeKV(ctx context.Context, name string, data map[string]any) err
 	}
 }
 
-// writeConfig writes broker/config/<name>; fields are added to the Finam
-// defaults.
-func (e *env) writeFinamConfig(ctx context.Context, name string, verify bool) error {
-	return e.c.apiJSON(ctx, "POST", brokerMount+"/config/"+name, map[string]any{
-		"provider": "finam", "secret": sandbox.FinamSecret, "base_url": e.sbURL, "verify": verify,
-	}, nil)
+// writeFinamConfig writes broker/config/<name> for the sandbox's Finam;
+// ttl, when set, bounds its leases (default: the token's remaining life).
+func (e *env) writeFinamConfig(ctx context.Context, name string, verify bool, ttl time.Duration) error {
+	body := map[string]any{"provider": "finam", "secret": sandbox.FinamSecret, "base_url": e.sbURL, "verify": verify}
+	if ttl > 0 {
+		body["ttl"] = int(ttl.Seconds())
+	}
+	return e.c.apiJSON(ctx, "POST", brokerMount+"/config/"+name, body, nil)
 }
 
 // pluginPID finds the broker plugin's process (one for all its mounts:

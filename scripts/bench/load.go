@@ -137,8 +137,9 @@ func (s *sample) merge(o *sample) {
 }
 
 // closedLoop runs n clients, each sending its next request as soon as the
-// previous one is answered, until d has passed.
-func closedLoop(ctx context.Context, c *client, path string, n int, d time.Duration) *sample {
+// previous one is answered, until d has passed. onResult, if set, sees
+// every answer with the time its request was sent.
+func closedLoop(ctx context.Context, c *client, path string, n int, d time.Duration, onResult func(sent time.Time, lat time.Duration, r result)) *sample {
 	s := &sample{}
 	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
@@ -152,7 +153,11 @@ func closedLoop(ctx context.Context, c *client, path string, n int, d time.Durat
 			for ctx.Err() == nil {
 				t := time.Now()
 				r := c.do(context.WithoutCancel(ctx), http.MethodGet, path, nil, false)
-				local.add(time.Since(t), r)
+				lat := time.Since(t)
+				local.add(lat, r)
+				if onResult != nil {
+					onResult(t, lat, r)
+				}
 			}
 			s.mu.Lock()
 			s.merge(local)

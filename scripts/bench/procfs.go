@@ -62,7 +62,11 @@ func readMem(pid int) (procMem, error) {
 }
 
 // cpuTime is user+system CPU the process has used.
-func cpuTime(pid int) (time.Duration, error) {
+func cpuTime(pid int) (time.Duration, error) { return procCPU(pid, false) }
+
+// procCPU is user+system CPU of the process, and with children also of its
+// children that have exited and been waited for (a plugin Vault restarted).
+func procCPU(pid int, children bool) (time.Duration, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, err
@@ -78,9 +82,89 @@ func cpuTime(pid int) (time.Duration, error) {
 	if len(f) < 13 {
 		return 0, fmt.Errorf("short /proc/%d/stat", pid)
 	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * clockTick, nil
+	var sum int64
+	n := 2
+	if children {
+		n = 4 // cutime, cstime (fields 16, 17)
+	}
+	for _, v := range f[11 : 11+n] {
+		t, _ := strconv.ParseInt(v, 10, 64)
+		sum += t
+	}
+	return time.Duration(sum) * clockTick, nil
+}
+
+// machineCPU is the CPU time all CPUs spent busy (not idle or waiting for
+// I/O) since boot, from /proc/stat.
+func machineCPU() time.Duration {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0
+	}
+	var busy int64
+	for i, v := range f[1:] {
+		if i == 3 || i == 4 || i >= 8 { // idle, iowait; guest time is in user already
+			continue
+		}
+		t, _ := strconv.ParseInt(v, 10, 64)
+		busy += t
+	}
+	return time.Duration(busy) * clockTick
+}
+
+// meter tells how much of the machine a phase had: the CPU its own
+// processes used (this one, Vault and its plugins) and what everything else
+// on the machine used meanwhile.
+type meter struct {
+	e        *env
+	start    time.Time
+	all, own time.Duration
+}
+
+// phaseLoad is a meter's reading, in cores (1.0 = one CPU busy throughout).
+type phaseLoad struct {
+	WallS      float64 `json:"wall_s"`
+	BenchCores float64 `json:"bench_cores"`
+	OtherCores float64 `json:"other_processes_cores"`
+}
+
+func (e *env) ownCPU() time.Duration {
+	var sum time.Duration
+	if t, err := procCPU(os.Getpid(), false); err == nil {
+		sum += t
+	}
+	if e.v != nil {
+		if t, err := procCPU(e.v.PID(), true); err == nil {
+			sum += t
+		}
+	}
+	for _, exe := range []string{e.plugin, e.kvExe} {
+		if pid, err := findProcess(exe); err == nil {
+			if t, err := cpuTime(pid); err == nil {
+				sum += t
+			}
+		}
+	}
+	return sum
+}
+
+func (e *env) meter() *meter {
+	return &meter{e: e, start: time.Now(), all: machineCPU(), own: e.ownCPU()}
+}
+
+func (m *meter) read() phaseLoad {
+	wall := time.Since(m.start)
+	all, own := machineCPU()-m.all, m.e.ownCPU()-m.own
+	return phaseLoad{
+		WallS:      round(wall.Seconds(), 1),
+		BenchCores: round(own.Seconds()/wall.Seconds(), 2),
+		OtherCores: round(max(0, (all-own).Seconds())/wall.Seconds(), 2),
+	}
 }
 
 // openFDs counts the process's open file descriptors (sockets included).
@@ -99,4 +183,87 @@ func threads(pid int) int {
 		return -1
 	}
 	return len(e)
+}
+
+// cpuTimeline samples the CPU time of Vault (its own, not its plugins') and
+// of the broker plugin every step, to show when work happens.
+type cpuTimeline struct {
+	StepS    float64   `json:"step_s"`
+	VaultMs  []float64 `json:"vault_cpu_ms"`
+	PluginMs []float64 `json:"plugin_cpu_ms"`
+	// Around token expiries: CPU in the window [expiry-1s, expiry+3s]
+	// against the run's average for a window that long.
+	AtExpiryVaultMs  float64 `json:"vault_cpu_ms_per_4s_at_token_expiries,omitempty"`
+	AtExpiryPluginMs float64 `json:"plugin_cpu_ms_per_4s_at_token_expiries,omitempty"`
+	AvgVaultMs       float64 `json:"vault_cpu_ms_per_4s_average,omitempty"`
+	AvgPluginMs      float64 `json:"plugin_cpu_ms_per_4s_average,omitempty"`
+}
+
+// sampleCPU starts sampling; stop returns the timeline.
+func (e *env) sampleCPU(step time.Duration) (stop func() *cpuTimeline) {
+	tl := &cpuTimeline{StepS: step.Seconds()}
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	read := func() (time.Duration, time.Duration) {
+		var v, p time.Duration
+		if e.v != nil {
+			v, _ = cpuTime(e.v.PID())
+		}
+		if pid, err := e.pluginPID(); err == nil {
+			p, _ = cpuTime(pid)
+		}
+		return v, p
+	}
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(step)
+		defer t.Stop()
+		v0, p0 := read()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			v, p := read()
+			tl.VaultMs = append(tl.VaultMs, ms(v-v0))
+			tl.PluginMs = append(tl.PluginMs, ms(p-p0))
+			v0, p0 = v, p
+		}
+	}()
+	return func() *cpuTimeline { close(done); <-finished; return tl }
+}
+
+// around fills the expiry window figures; at are seconds after the
+// timeline's start.
+func (tl *cpuTimeline) around(at []float64) {
+	n := len(tl.VaultMs)
+	if n == 0 {
+		return
+	}
+	var tv, tp float64
+	for i := range n {
+		tv += tl.VaultMs[i]
+		tp += tl.PluginMs[i]
+	}
+	per := 4 / tl.StepS // samples in 4 s
+	tl.AvgVaultMs = round(tv/float64(n)*per, 1)
+	tl.AvgPluginMs = round(tp/float64(n)*per, 1)
+	var sv, sp float64
+	k := 0
+	for _, x := range at {
+		lo, hi := int((x-1)/tl.StepS), int((x+3)/tl.StepS)
+		if lo < 0 || hi > n {
+			continue
+		}
+		for i := lo; i < hi; i++ {
+			sv += tl.VaultMs[i]
+			sp += tl.PluginMs[i]
+		}
+		k++
+	}
+	if k > 0 {
+		tl.AtExpiryVaultMs = round(sv/float64(k), 1)
+		tl.AtExpiryPluginMs = round(sp/float64(k), 1)
+	}
 }

@@ -13,24 +13,27 @@ import (
 
 // report is the machine-readable result (docs/bench/latest.json is one).
 type report struct {
-	Schema      int             `json:"schema"`
-	Mode        string          `json:"mode"`
-	Date        string          `json:"date"`
-	DurationS   float64         `json:"duration_s"`
-	Machine     machine         `json:"machine"`
-	Git         gitInfo         `json:"git"`
-	Vault       string          `json:"vault_version"`
-	Plugin      string          `json:"plugin_version"`
-	KVPlugin    kvPlugin        `json:"kv_plugin"`
-	Notes       []string        `json:"notes"`
-	P1          *p1Result       `json:"p1,omitempty"`
-	P2Cold      *p2ColdResult   `json:"p2_cold,omitempty"`
-	P2Steady    *p2SteadyResult `json:"p2_steady,omitempty"`
-	P3          *p3Result       `json:"p3,omitempty"`
-	P4          *p4Result       `json:"p4,omitempty"`
-	Targets     []target        `json:"targets"`
-	Passed      bool            `json:"all_passed"`
-	FailedCount int             `json:"failed"`
+	Schema    int      `json:"schema"`
+	Mode      string   `json:"mode"`
+	Date      string   `json:"date"`
+	DurationS float64  `json:"duration_s"`
+	Machine   machine  `json:"machine"`
+	Git       gitInfo  `json:"git"`
+	Vault     string   `json:"vault_version"`
+	Plugin    string   `json:"plugin_version"`
+	KVPlugin  kvPlugin `json:"kv_plugin"`
+	Notes     []string `json:"notes"`
+	// Load is, per phase, how busy the machine was: the bench's own
+	// processes and everything else (other work on a shared machine).
+	Load        map[string]phaseLoad `json:"machine_load"`
+	P1          *p1Result            `json:"p1,omitempty"`
+	P2Cold      *p2ColdResult        `json:"p2_cold,omitempty"`
+	P2Steady    *p2SteadyResult      `json:"p2_steady,omitempty"`
+	P3          *p3Result            `json:"p3,omitempty"`
+	P4          *p4Result            `json:"p4,omitempty"`
+	Targets     []target             `json:"targets"`
+	Passed      bool                 `json:"all_passed"`
+	FailedCount int                  `json:"failed"`
 }
 
 type kvPlugin struct {
@@ -142,13 +145,21 @@ func (r *report) print(w io.Writer) {
 	}
 	if s := r.P2Steady; s != nil {
 		fmt.Fprintf(w, "P2  steady: %d reads/s for %.0fs, token lifetime %.0fs, broker latency %.0f ms after warm-up:\n", s.Rate, s.DurationS, s.TokenLifetimeS, s.BrokerLatencyMs)
-		fmt.Fprintf(w, "    %d reads, %d errors, %d upstream mints (bound %.1f) at %v s; %d reads over %.0f ms; p50 %.2f ms, p99 %.2f ms, max %.1f ms\n",
-			s.Latency.N, s.Latency.Errors, s.Mints, s.MintBound, s.MintAtS, s.WaitedOnBroker, s.SlowThresholdMs, s.Latency.P50ms, s.Latency.P99ms, s.Latency.MaxMs)
+		fmt.Fprintf(w, "    %d reads, %d errors, %d upstream mints (bound %.1f) at %v s; p50 %.2f ms, p99 %.2f ms, p99.9 %.1f ms, max %.1f ms\n",
+			s.Latency.N, s.Latency.Errors, s.Mints, s.MintBound, s.MintAtS, s.Latency.P50ms, s.Latency.P99ms, s.Latency.P999ms, s.Latency.MaxMs)
+		fmt.Fprintf(w, "    %d reads over %.0f ms: %d during a mint, %d at a token expiry (tokens expire at %v s); sent at %v s\n",
+			s.SlowReads, s.SlowThresholdMs, s.WaitedOnBroker, s.AtTokenExpiry, s.TokenExpiriesAtS, s.SlowAtS)
+		if c := s.CPU; c != nil {
+			fmt.Fprintf(w, "    CPU per 4 s around a token expiry (-1 s to +3 s): Vault %.0f ms, plugin %.0f ms (on average over the run: Vault %.0f ms, plugin %.0f ms)\n",
+				c.AtExpiryVaultMs, c.AtExpiryPluginMs, c.AvgVaultMs, c.AvgPluginMs)
+		}
 	}
 	if p := r.P3; p != nil {
 		fmt.Fprintf(w, "P3  broker latency %.0f ms, token lifetime %.0fs, %d clients, %.0fs, refreshes at %v s:\n", p.BrokerLatencyMs, p.TokenLifetimeS, p.Clients, p.DurationS, p.RefreshesAtS)
-		fmt.Fprintf(w, "    creds p50 %.3f p99 %.3f max %.1f ms (%d over %.0f ms) | kvext p50 %.3f p99 %.3f max %.1f ms | p99 creds/kvext %.2f\n",
-			p.Creds.P50ms, p.Creds.P99ms, p.Creds.MaxMs, p.CredsSlow, p.SlowThresholdMs, p.KVExt.P50ms, p.KVExt.P99ms, p.KVExt.MaxMs, p.P99CredsOverKV)
+		fmt.Fprintf(w, "    creds p50 %.3f p99 %.3f max %.1f ms | kvext p50 %.3f p99 %.3f max %.1f ms | p99 creds/kvext %.2f\n",
+			p.Creds.P50ms, p.Creds.P99ms, p.Creds.MaxMs, p.KVExt.P50ms, p.KVExt.P99ms, p.KVExt.MaxMs, p.P99CredsOverKV)
+		fmt.Fprintf(w, "    reads over %.0f ms: creds %d (%d during a refresh, %d at a token expiry; tokens expire at %v s), kvext %d\n",
+			p.SlowThresholdMs, p.CredsSlow, p.CredsSlowInMint, p.CredsSlowAtExp, p.TokenExpiriesAtS, p.KVExtSlow)
 	}
 	if p := r.P4; p != nil {
 		fmt.Fprintf(w, "P4  %d configs (%d finam verify=false, %d tinvest): written %.0f/s, warmed %.0f/s (%d mints, %d errors)\n",
@@ -167,6 +178,15 @@ func (r *report) print(w io.Writer) {
 		for _, b := range p.PeriodicBench {
 			fmt.Fprintf(w, "    in-process %s: %.0f ns/op, %.0f B/op, %.0f allocs/op\n", b.Name, b.NsPerOp, b.BytesPerOp, b.AllocsPerOp)
 		}
+	}
+	if len(r.Load) > 0 {
+		fmt.Fprintf(w, "\nmachine load per phase (cores busy; %d CPUs): ", r.Machine.CPUs)
+		for _, k := range []string{"p1", "p2_cold", "p2_steady", "p4", "p3"} {
+			if l, ok := r.Load[k]; ok {
+				fmt.Fprintf(w, "%s bench %.2f + other %.2f; ", k, l.BenchCores, l.OtherCores)
+			}
+		}
+		fmt.Fprintln(w)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "targets")
