@@ -51,3 +51,8 @@ bench: vault
 bench-quick: vault
 	@scripts/build-kvplugin.sh
 	$(GO) run ./scripts/bench -quick -out bench-results
+
+# A short fuzz run of every parser of untrusted input (CI); longer: FUZZTIME=60s scripts/fuzz.sh
+.PHONY: fuzz-quick
+fuzz-quick:
+	FUZZTIME=3s scripts/fuzz.sh

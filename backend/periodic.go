@@ -126,7 +126,10 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 	if last.IsZero() {
 		return b.now()
 	}
-	return last.Add(interval)
+	// last is when the previous validation finished, a moment after the
+	// tick that started it; without the slack the next tick (about a minute
+	// later) would find it not yet due and a 1m interval would become 2m.
+	return last.Add(interval - min(interval/20, 10*time.Second))
 }
 
 // nextRotation is when a rotating pair is refreshed proactively: once
