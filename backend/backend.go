@@ -45,6 +45,9 @@ type backend struct {
 	*framework.Backend
 
 	providers map[string]provider.Provider
+	// specs are the providers' Specs, built once: Spec() allocates, and the
+	// creds read path needs one on every read.
+	specs map[string]provider.Spec
 	// storage outlives requests, for background refreshes.
 	storage logical.Storage
 	// ctx is cancelled when the backend is unloaded; background work uses it.
@@ -81,8 +84,14 @@ func Factory(version string) logical.Factory {
 
 func newBackend(version string) *backend {
 	ctx, cancel := context.WithCancel(context.Background())
+	providers := registry()
+	specs := make(map[string]provider.Spec, len(providers))
+	for name, p := range providers {
+		specs[name] = p.Spec()
+	}
 	b := &backend{
-		providers:  registry(),
+		providers:  providers,
+		specs:      specs,
 		ctx:        ctx,
 		cancel:     cancel,
 		states:     map[string]*configState{},

@@ -178,22 +178,22 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		"account_ids":       []string{},
 		"readonly":          nil,
 	}
-	if p, ok := b.providers[cfg.Provider]; ok {
-		data["endpoint"] = baseURL(p.Spec(), cfg)
+	if spec, ok := b.specs[cfg.Provider]; ok {
+		data["endpoint"] = baseURL(spec, cfg)
 		if slices.Contains(providerOptions["refresh_token_expires_at"], cfg.Provider) {
 			data["refresh_token_expires_at"] = formatTime(cfg.SecretExpiresAt)
 			data["expiry_warning"] = int64(cmp.Or(cfg.ExpiryWarning, defaultExpiryWarning) / time.Second)
 		}
-		if p.Spec().RotatesSecret {
+		if spec.RotatesSecret {
 			data["make_budget"] = cmp.Or(cfg.MakeBudget, defaultMakeBudget)
 			data["rotated_refresh_token"] = len(rec.Rotated) > 0
 			data["rotation_fraction"] = cmp.Or(cfg.RotationFraction, 0.5)
 		}
-		if p.Spec().Kind == provider.Passthrough {
+		if spec.Kind == provider.Passthrough {
 			data["validation_interval"] = int64(cmp.Or(cfg.ValidationInterval, defaultValidationInterval) / time.Second)
 			data["last_validated"] = formatTime(rec.LastRefresh)
 		}
-		for _, f := range p.Spec().Fields {
+		for _, f := range spec.Fields {
 			if f.Secret {
 				data[f.Name+"_set"] = cfg.Secrets[f.Name] != ""
 			}
@@ -224,15 +224,15 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), nil
 	}
-	p := b.providers[cfg.Provider]
+	spec := b.specs[cfg.Provider]
 	ms, err := b.settings(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
-	if !ms.hostAllowed(baseURL(p.Spec(), cfg), p.Spec().Environments) {
+	if !ms.hostAllowed(baseURL(spec, cfg), spec.Environments) {
 		return logical.ErrorResponse("base_url: host is not in this mount's allowed_hosts (%s); ask an operator to add it to broker/settings", strings.Join(ms.AllowedHosts, ", ")), nil
 	}
-	client, err := b.newClient(p.Spec(), cfg)
+	client, err := b.newClient(spec, cfg)
 	if err != nil {
 		return logical.ErrorResponse(badField("ca_cert", "%v", err).Error()), nil
 	}
@@ -334,11 +334,10 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 	} else if old == nil {
 		return nil, false, badField("provider", "is required when creating a config (one of %s)", strings.Join(knownProviders, ", "))
 	}
-	p, ok := b.providers[cfg.Provider]
+	spec, ok := b.specs[cfg.Provider]
 	if !ok {
 		return nil, false, badField("provider", "unknown provider %q (one of %s)", cfg.Provider, strings.Join(knownProviders, ", "))
 	}
-	spec := p.Spec()
 
 	// environment
 	if v, ok := d.GetOk("environment"); ok {

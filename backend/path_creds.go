@@ -63,7 +63,7 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		return nil, logical.CodedError(http.StatusForbidden, fmt.Sprintf("config %q: %v", name, err))
 	}
 	now := b.now()
-	ttl, err := leaseTTL(cfg, b.providers[cfg.Provider].Spec().DefaultTTL, tok, now, now)
+	ttl, err := leaseTTL(cfg, b.specs[cfg.Provider].DefaultTTL, tok, now, now)
 	if err != nil {
 		return nil, logical.CodedError(http.StatusBadGateway, fmt.Sprintf("config %q: %v", name, err))
 	}

@@ -60,8 +60,8 @@ func (b *backend) pathRetireWrite(ctx context.Context, req *logical.Request, d *
 		data["issued_tokens_expire_at"] = formatTime(old.ExpiresAt)
 	}
 	resp := &logical.Response{Data: data}
-	if p, ok := b.providers[cfg.Provider]; ok && p.Spec().Kind == provider.Passthrough {
-		resp.AddWarning("retiring does not change a " + p.Spec().Display + " token: " + brokerKill[cfg.Provider])
+	if spec, ok := b.specs[cfg.Provider]; ok && spec.Kind == provider.Passthrough {
+		resp.AddWarning("retiring does not change a " + spec.Display + " token: " + brokerKill[cfg.Provider])
 	}
 	return resp, nil
 }

@@ -104,14 +104,14 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 	if cfg == nil {
 		return time.Time{}
 	}
-	p, ok := b.providers[cfg.Provider]
+	spec, ok := b.specs[cfg.Provider]
 	if !ok {
 		return time.Time{}
 	}
-	if p.Spec().RotatesSecret {
+	if spec.RotatesSecret {
 		return b.nextRotation(cfg, rec)
 	}
-	if p.Spec().Kind != provider.Passthrough {
+	if spec.Kind != provider.Passthrough {
 		// Minted tokens are refreshed ahead on the read path; nothing to keep alive.
 		return time.Time{}
 	}

@@ -41,8 +41,7 @@ type rotationWAL struct {
 }
 
 func (b *backend) rotates(cfg *brokerConfig) bool {
-	p, ok := b.providers[cfg.Provider]
-	return ok && p.Spec().RotatesSecret
+	return b.specs[cfg.Provider].RotatesSecret
 }
 
 func (b *backend) putRotationWAL(ctx context.Context, name string) (string, error) {

@@ -47,7 +47,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	if cfg == nil {
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted: the lease cannot be renewed; read creds of an existing config", in.config))
 	}
-	spec := b.providers[cfg.Provider].Spec()
+	spec := b.specs[cfg.Provider]
 	tok := &storedToken{ExpiresAt: in.expiresAt, AccountIDs: in.accounts, ReadOnly: in.readonly}
 	if spec.Kind == provider.Passthrough {
 		// The lease holds the long-lived token itself: renewing means asking

@@ -466,6 +466,8 @@ func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.
 	if !ok {
 		return nil, fmt.Errorf("provider %q is not supported by this plugin version", cfg.Provider)
 	}
+	spec := b.specs[cfg.Provider]
+	endpoint := baseURL(spec, cfg)
 	if !cfg.SecretExpiresAt.IsZero() && !b.now().Before(cfg.SecretExpiresAt) {
 		return nil, fmt.Errorf("%w: %s", errSecretExpired, cfg.expiryWarning(b.now()))
 	}
@@ -476,19 +478,19 @@ func (b *backend) mint(ctx context.Context, cfg *brokerConfig, client *upstream.
 		if err != nil {
 			return nil, err
 		}
-		if !ms.hostAllowed(baseURL(p.Spec(), cfg), p.Spec().Environments) {
-			return nil, fmt.Errorf("%w: base_url %s is not in the mount's allowed_hosts; the secret was not sent", provider.ErrGuard, baseURL(p.Spec(), cfg))
+		if !ms.hostAllowed(endpoint, spec.Environments) {
+			return nil, fmt.Errorf("%w: base_url %s is not in the mount's allowed_hosts; the secret was not sent", provider.ErrGuard, endpoint)
 		}
 	}
 	if client == nil {
 		var err error
-		if client, err = b.newClient(p.Spec(), cfg); err != nil {
+		if client, err = b.newClient(spec, cfg); err != nil {
 			return nil, err
 		}
 		defer client.Close()
 	}
 	tok, err := p.Issue(ctx, provider.Request{
-		BaseURL:         baseURL(p.Spec(), cfg),
+		BaseURL:         endpoint,
 		Environment:     cfg.Environment,
 		Client:          client,
 		Secrets:         secrets,
