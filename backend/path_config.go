@@ -464,12 +464,12 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 		cfg.AllowedAccounts = accts
 	}
 	// A guard that cannot be checked must not look as if it were.
-	if cfg.Provider == "chatapp" {
+	if spec.ReportsNoAccess {
 		if cfg.RequireReadOnly {
-			return nil, false, badField("require_readonly", "cannot be checked for chatapp: ChatApp reports no read-only flag")
+			return nil, false, badField("require_readonly", "cannot be checked for %s: %s reports no read-only flag", cfg.Provider, spec.Display)
 		}
 		if len(cfg.AllowedAccounts) > 0 {
-			return nil, false, badField("allowed_accounts", "cannot be checked for chatapp: ChatApp reports no accounts")
+			return nil, false, badField("allowed_accounts", "cannot be checked for %s: %s reports no accounts", cfg.Provider, spec.Display)
 		}
 	}
 	return cfg, d.Get("verify").(bool), nil

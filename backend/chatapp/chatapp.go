@@ -68,6 +68,8 @@ func (Provider) Spec() provider.Spec {
 		Kind:    provider.Minted,
 		// Every refresh replaces the refresh token.
 		RotatesSecret: true,
+		// ChatApp is not a broker: no accounts, no read-only flag.
+		ReportsNoAccess: true,
 		Fields: []provider.Field{
 			{Name: "email", Secret: true, Required: true, Description: "ChatApp: the cabinet login's email, used by tokens.make."},
 			{Name: "password", Secret: true, Required: true, Description: "ChatApp: the cabinet login's password, used by tokens.make."},

@@ -51,6 +51,10 @@ type Spec struct {
 	// (Token.Rotated): the backend then records its intent before the call
 	// and keeps the rotated secret alive with periodic refreshes.
 	RotatesSecret bool
+	// ReportsNoAccess is true when the broker tells nothing of a token's
+	// accounts or trading rights: require_readonly and allowed_accounts
+	// cannot be checked, so a config refuses them rather than pretend.
+	ReportsNoAccess bool
 	// Client-side limits kept under the broker's published ones, so many
 	// leases renewing at once never earn a 429: requests a minute (per
 	// operation when RatePerOp) and requests in flight. Zero: none.
