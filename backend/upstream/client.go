@@ -135,9 +135,6 @@ func (c *Client) Close() {
 	}
 }
 
-// Broker is the display name of the broker this client talks to.
-func (c *Client) Broker() string { return c.broker }
-
 // Call is one HTTP request to a broker.
 type Call struct {
 	Method string
