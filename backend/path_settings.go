@@ -77,7 +77,7 @@ func (b *backend) pathSettingsWrite(ctx context.Context, req *logical.Request, d
 			if h == "" {
 				continue
 			}
-			if strings.ContainsAny(h, "/@ ") || strings.Count(h, "*") > 1 || (strings.Contains(h, "*") && !strings.HasPrefix(h, "*.")) {
+			if strings.ContainsAny(h, "/@ ") || strings.Count(h, "*") > 1 || (strings.Contains(h, "*") && (!strings.HasPrefix(h, "*.") || len(h) == 2)) {
 				return logical.ErrorResponse("allowed_hosts: %q is not a host name, host:port or *.domain", h), nil
 			}
 			ms.AllowedHosts = append(ms.AllowedHosts, h)
@@ -112,7 +112,9 @@ func (ms *mountSettings) hostAllowed(rawURL string, builtin map[string]string) b
 	host, hostPort := strings.ToLower(u.Hostname()), strings.ToLower(u.Host)
 	for _, a := range ms.AllowedHosts {
 		if suffix, ok := strings.CutPrefix(a, "*."); ok {
-			if strings.HasSuffix(host, "."+suffix) {
+			// One or more labels before the suffix; an empty suffix ("*.")
+			// must not match every host ending in a dot.
+			if suffix != "" && len(host) > len(suffix)+1 && strings.HasSuffix(host, "."+suffix) {
 				return true
 			}
 			continue
