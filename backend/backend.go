@@ -67,13 +67,31 @@ type backend struct {
 	makeMu sync.Mutex
 
 	now func() time.Time
+	// mintTimeout bounds one broker call (tests shorten it).
+	mintTimeout time.Duration
+}
+
+// Options are what a backend is built from. The zero value is the plugin as
+// shipped; tests inject providers and a clock so they never sleep.
+type Options struct {
+	// Version is reported as the plugin's running version.
+	Version string
+	// Providers replace the built-in registry when set.
+	Providers map[string]provider.Provider
+	// Clock is the backend's time source (time.Now when nil).
+	Clock func() time.Time
 }
 
 // Factory returns a logical.Factory that reports version as the plugin's
 // running version.
 func Factory(version string) logical.Factory {
+	return FactoryWith(Options{Version: version})
+}
+
+// FactoryWith returns a logical.Factory for a backend built from opts.
+func FactoryWith(opts Options) logical.Factory {
 	return func(ctx context.Context, conf *logical.BackendConfig) (logical.Backend, error) {
-		b := newBackend(version)
+		b := New(opts)
 		if err := b.Setup(ctx, conf); err != nil {
 			return nil, err
 		}
@@ -82,23 +100,33 @@ func Factory(version string) logical.Factory {
 	}
 }
 
-func newBackend(version string) *backend {
+// New builds a backend; Setup must still be called (FactoryWith does).
+func New(opts Options) *backend {
 	ctx, cancel := context.WithCancel(context.Background())
-	providers := registry()
+	providers := opts.Providers
+	if providers == nil {
+		providers = registry()
+	}
+	now := opts.Clock
+	if now == nil {
+		now = time.Now
+	}
+	version := opts.Version
 	specs := make(map[string]provider.Spec, len(providers))
 	for name, p := range providers {
 		specs[name] = p.Spec()
 	}
 	b := &backend{
-		providers:  providers,
-		specs:      specs,
-		ctx:        ctx,
-		cancel:     cancel,
-		states:     map[string]*configState{},
-		sched:      newSchedule(),
-		transports: map[[32]byte]*http.Transport{},
-		metrics:    newMetrics(),
-		now:        time.Now,
+		providers:   providers,
+		specs:       specs,
+		ctx:         ctx,
+		cancel:      cancel,
+		states:      map[string]*configState{},
+		sched:       newSchedule(),
+		transports:  map[[32]byte]*http.Transport{},
+		metrics:     newMetrics(),
+		now:         now,
+		mintTimeout: defaultMintTimeout,
 	}
 	b.Backend = &framework.Backend{
 		Help:           strings.TrimSpace(backendHelp),
@@ -134,7 +162,9 @@ func (b *backend) clean(context.Context) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, st := range b.states {
-		st.close()
+		st.mu.Lock()
+		st.killLocked()
+		st.mu.Unlock()
 	}
 	b.states = map[string]*configState{}
 	b.trMu.Lock()

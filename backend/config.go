@@ -134,9 +134,13 @@ type tokenRecord struct {
 	// RetiredBefore: no token minted before this is handed out (incident
 	// retirement through config/<name>/retire).
 	RetiredBefore time.Time `json:"retired_before,omitzero"`
-	LastRefresh   time.Time `json:"last_refresh,omitzero"`
-	LastError     string    `json:"last_error,omitempty"`
-	LastErrorAt   time.Time `json:"last_error_at,omitzero"`
+	// RetireEpoch counts retirements; a token minted under an older epoch
+	// is never handed out. Unlike RetiredBefore it needs no agreement
+	// between the clocks of HA nodes.
+	RetireEpoch uint64    `json:"retire_epoch,omitempty"`
+	LastRefresh time.Time `json:"last_refresh,omitzero"`
+	LastError   string    `json:"last_error,omitempty"`
+	LastErrorAt time.Time `json:"last_error_at,omitzero"`
 }
 
 // storedToken is a provider.Token as persisted and cached.
@@ -145,7 +149,9 @@ type storedToken struct {
 	AccessToken string `json:"access_token"`
 	// MintedAt is when this host started the mint that produced the token,
 	// on its own clock (immune to the broker's clock skew).
-	MintedAt   time.Time      `json:"minted_at"`
+	MintedAt time.Time `json:"minted_at"`
+	// Epoch is the config's RetireEpoch when the mint started.
+	Epoch      uint64         `json:"epoch,omitempty"`
 	IssuedAt   time.Time      `json:"issued_at"`
 	ExpiresAt  time.Time      `json:"expires_at,omitzero"`
 	AccountIDs []string       `json:"account_ids"`

@@ -78,10 +78,12 @@ func (b *backend) pathConfig() []*framework.Path {
 			Fields:         fields,
 			ExistenceCheck: b.pathConfigExists,
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.CreateOperation: &framework.PathOperation{Callback: b.pathConfigWrite, Summary: "Store a broker's long-lived secret."},
-				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathConfigWrite, Summary: "Update a config; omitted fields keep their values."},
+				// Paths that change something upstream before they write
+				// storage run on the node that can write.
+				logical.CreateOperation: &framework.PathOperation{Callback: b.pathConfigWrite, Summary: "Store a broker's long-lived secret.", ForwardPerformanceStandby: true, ForwardPerformanceSecondary: true},
+				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathConfigWrite, Summary: "Update a config; omitted fields keep their values.", ForwardPerformanceStandby: true, ForwardPerformanceSecondary: true},
 				logical.ReadOperation:   &framework.PathOperation{Callback: b.pathConfigRead, Summary: "Settings and status; never a secret."},
-				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathConfigDelete, Summary: "Delete a config and its cached token."},
+				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathConfigDelete, Summary: "Delete a config and its cached token.", ForwardPerformanceStandby: true, ForwardPerformanceSecondary: true},
 			},
 			HelpSynopsis:    "Keep one broker's long-lived secret and the rules for the tokens issued from it.",
 			HelpDescription: strings.TrimSpace(configHelp),
@@ -123,13 +125,27 @@ func (b *backend) pathConfigList(ctx context.Context, req *logical.Request, _ *f
 
 func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
+	st := b.pin(name)
+	defer b.unpin(st)
+	// One step of the config's owner: a mint finishing now either stored
+	// its token before this delete (and it is deleted) or finds the state
+	// dead and stores nothing, so the token never comes back.
+	st.lockOwner()
+	defer st.owner.Unlock()
 	if err := req.Storage.Delete(ctx, configPrefix+name); err != nil {
 		return nil, fmt.Errorf("deleting config %q: %w", name, err)
 	}
 	if err := req.Storage.Delete(ctx, tokenPrefix+name); err != nil {
 		return nil, fmt.Errorf("deleting token of %q: %w", name, err)
 	}
-	b.dropState(name)
+	b.mu.Lock()
+	if b.states[name] == st {
+		delete(b.states, name)
+	}
+	b.mu.Unlock()
+	st.mu.Lock()
+	st.killLocked()
+	st.mu.Unlock()
 	b.sched.set(name, time.Time{})
 	return nil, nil
 }
@@ -216,61 +232,111 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 
 func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	old, err := readConfig(ctx, req.Storage, name)
-	if err != nil {
-		return nil, err
+	for {
+		st := b.pin(name)
+		resp, retry, err := b.configWrite(ctx, req, d, st)
+		b.unpin(st)
+		if !retry {
+			return resp, err
+		}
 	}
+}
+
+// configWrite is one config write on st. It holds the config's upstream
+// lock throughout, so its verifying call never runs beside a refresh (a
+// ChatApp refresh token is presented once) and it sees the record the last
+// refresh stored; the storage writes are one step of the config's owner.
+// retry: st was deleted or replaced before anything happened; start again.
+func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *framework.FieldData, st *configState) (*logical.Response, bool, error) {
+	name := st.name
+	st.lockUpstream()
+	defer st.upstream.Unlock()
+	st.mu.Lock()
+	err := b.loadLocked(ctx, req.Storage, st)
+	dead, old, cur := st.dead, st.cfg, st.rec
+	st.mu.Unlock()
+	if err != nil {
+		return nil, false, err
+	}
+	if dead {
+		return nil, true, nil
+	}
+
 	cfg, verify, err := b.parseConfig(d, old)
 	if err != nil {
-		return logical.ErrorResponse(err.Error()), nil
+		return logical.ErrorResponse(err.Error()), false, nil
 	}
 	spec := b.specs[cfg.Provider]
+	// A stored secret goes only to the endpoint it was written with: a
+	// caller who can update the config but never had its secret must not
+	// point it elsewhere and have the plugin send the secret there.
+	if missing := secretsToResend(d, old, cfg, spec); len(missing) > 0 {
+		return logical.ErrorResponse("%s: changing base_url, ca_cert or environment needs the secret fields again in the same write (%s); the stored secret goes only to the endpoint it was written with; nothing was stored", strings.Join(missing, ", "), strings.Join(missing, ", ")), false, nil
+	}
 	ms, err := b.settings(ctx, req.Storage)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if !ms.hostAllowed(baseURL(spec, cfg), spec.Environments) {
-		return logical.ErrorResponse("base_url: host is not in this mount's allowed_hosts (%s); ask an operator to add it to broker/settings", strings.Join(ms.AllowedHosts, ", ")), nil
+		return logical.ErrorResponse("base_url: host is not in this mount's allowed_hosts (%s); ask an operator to add it to broker/settings", strings.Join(ms.AllowedHosts, ", ")), false, nil
 	}
 	client, err := b.newClient(spec, cfg)
 	if err != nil {
-		return logical.ErrorResponse(badField("ca_cert", "%v", err).Error()), nil
+		return logical.ErrorResponse(badField("ca_cert", "%v", err).Error()), false, nil
 	}
+	keep := false
+	defer func() {
+		if !keep {
+			client.Close()
+		}
+	}()
 
 	// A config rewritten with the same upstream keeps its token and any
 	// secret the broker rotated since (a stale ChatApp seed must not be
 	// used again).
 	var rec tokenRecord
 	if old != nil && old.sameUpstream(cfg) {
-		if _, rec, err = b.status(ctx, req.Storage, name); err != nil {
-			client.Close()
-			return nil, err
-		}
+		rec = cur
 	}
+	var walID string
 	if verify {
-		m, err := b.mint(ctx, cfg, client, effectiveSecrets(cfg, rec), b.reserveMake(cfg))
+		var m *minted
+		m, walID, err = b.issue(ctx, name, cfg, client, effectiveSecrets(cfg, rec), rec.RetireEpoch)
 		if err != nil {
-			client.Close()
-			return verifyFailure(cfg, err)
+			resp, err := verifyFailure(cfg, err)
+			return resp, false, err
 		}
 		if err := checkGuards(cfg, m.tok); err != nil {
-			client.Close()
-			return logical.ErrorResponse("%s; nothing was stored", err), nil
+			return logical.ErrorResponse("%s; nothing was stored", err), false, nil
 		}
 		// The verifying mint is the first token: readers need not mint again.
 		rec = rec.with(m, b.now())
 	}
 
+	// The broker may have rotated a secret: store it even if the caller
+	// went away.
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), persistTimeout)
+	defer cancel()
+	st.lockOwner()
+	defer st.owner.Unlock()
+	st.mu.Lock()
+	dead = st.dead
+	st.mu.Unlock()
+	if dead {
+		return nil, false, logical.CodedError(http.StatusConflict, fmt.Sprintf("config %q was deleted while this write ran; nothing was stored: write it again", name))
+	}
 	cfg.UpdatedAt = b.now().UTC()
-	if err := writeConfig(ctx, req.Storage, name, cfg); err != nil {
-		client.Close()
-		return nil, err
+	if err := writeConfig(wctx, req.Storage, name, cfg); err != nil {
+		return nil, false, err
 	}
-	if err := writeTokenRecord(ctx, req.Storage, name, rec); err != nil {
-		client.Close()
-		return nil, err
+	if err := writeTokenRecord(wctx, req.Storage, name, rec); err != nil {
+		return nil, false, err
 	}
-	b.install(name, cfg, client, rec)
+	st.install(cfg, client, rec)
+	keep = true
+	if walID != "" {
+		b.deleteRotationWAL(wctx, walID)
+	}
 	b.sched.set(name, b.nextDue(cfg, rec))
 	resp := &logical.Response{Data: b.configData(cfg, rec)}
 	if w := cfg.expiryWarning(b.now()); w != "" {
@@ -279,7 +345,25 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if !verify {
 		resp.AddWarning("verify=false: the secret was stored without checking it with the broker")
 	}
-	return resp, nil
+	return resp, false, nil
+}
+
+// secretsToResend lists the secret fields an update must carry because it
+// moves the config to another endpoint (base_url, ca_cert or environment).
+func secretsToResend(d *framework.FieldData, old, cfg *brokerConfig, spec provider.Spec) []string {
+	if old == nil || (old.BaseURL == cfg.BaseURL && old.CACert == cfg.CACert && old.Environment == cfg.Environment) {
+		return nil
+	}
+	var missing []string
+	for _, f := range spec.Fields {
+		if !f.Secret || old.Secrets[f.Name] == "" {
+			continue
+		}
+		if _, given := d.Raw[f.Name]; !given {
+			missing = append(missing, f.Name)
+		}
+	}
+	return missing
 }
 
 // verifyFailure turns a failed verifying mint into a response: a rejected

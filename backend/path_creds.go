@@ -44,9 +44,9 @@ plus what the broker reports about the token:
 Every reader of a config shares one cached token; it is refreshed in the
 background before it expires, so reads do not wait on the broker. The lease TTL
 is min(ttl, the token's remaining life): renewing extends it up to the token's
-expiry, never past it. Revoking a lease early retires the token from the cache
-so no new lease receives it; brokers offer no API to kill it, so it lives until
-its own expiry.
+expiry, never past it. Revoking a lease ends that lease only: other readers
+share the token, and no broker can kill a minted token, so it lives until its
+own expiry. To stop handing out the current token, write config/<name>/retire.
 `
 
 func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
@@ -54,6 +54,9 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 	cfg, tok, err := b.currentToken(ctx, req.Storage, name)
 	if errors.Is(err, errConfigNotFound) {
 		return logical.ErrorResponse("no config named %q: write config/%s first", name, name), nil
+	}
+	if errors.Is(err, logical.ErrReadOnly) {
+		return nil, logical.ErrReadOnly // Vault forwards it to the active node
 	}
 	if err != nil {
 		b.metrics.inc("broker_creds_total", "config", name, "outcome", "error")
@@ -84,12 +87,11 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		"expires_at":  formatTimeNano(tok.ExpiresAt),
 		"account_ids": tok.AccountIDs,
 		"readonly":    tok.ReadOnly,
-		"lease_end":   formatTimeNano(now.Add(ttl)),
 	})
 	if w := cfg.expiryWarning(now); w != "" {
 		resp.AddWarning(w)
 	}
-	if w := b.staleWarning(name); w != "" {
+	if w := b.staleWarning(ctx, req.Storage, name); w != "" {
 		resp.AddWarning(w)
 	}
 	resp.Secret.TTL = ttl

@@ -191,39 +191,28 @@ func TestRestartDoesNotMintAgain(t *testing.T) {
 	}
 }
 
-func TestRevokeEarlyRetiresNaturalExpiryKeeps(t *testing.T) {
-	cases := []struct {
-		name      string
-		leaseEnd  time.Duration // relative to now
-		wantFresh bool
-	}{
-		{"explicit early revoke retires the token", 4 * time.Minute, true},
-		{"revoke at natural expiry keeps the shared token", -time.Second, false},
+func TestRevokeNeverEvictsTheSharedToken(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	h.writeFinam("finam", map[string]any{"ttl": "5m"})
+	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	first := resp.Data["access_token"]
+	revoke := &logical.Request{Operation: logical.RevokeOperation, Storage: h.storage, Secret: resp.Secret}
+	for i := range 2 { // idempotent: a second revoke is harmless
+		if rr, err := h.b.HandleRequest(context.Background(), revoke); errText(rr, err) != "" {
+			t.Fatalf("revoke %d: %s", i+1, errText(rr, err))
+		}
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, sandbox.Options{})
-			h.writeFinam("finam", map[string]any{"ttl": "5m"})
-			resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
-			first := resp.Data["access_token"]
-			resp.Secret.InternalData["lease_end"] = time.Now().Add(tc.leaseEnd).UTC().Format(time.RFC3339Nano)
-			revoke := &logical.Request{Operation: logical.RevokeOperation, Storage: h.storage, Secret: resp.Secret}
-			for i := range 2 { // idempotent: a second revoke is harmless
-				if rr, err := h.b.HandleRequest(context.Background(), revoke); errText(rr, err) != "" {
-					t.Fatalf("revoke %d: %s", i+1, errText(rr, err))
-				}
-			}
-			next := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
-			if fresh := next != first; fresh != tc.wantFresh {
-				t.Fatalf("new token after revoke = %v, want %v", fresh, tc.wantFresh)
-			}
-			// The retirement survives a restart.
-			b2, _ := h.newBackend(h.storage)
-			again, err := h.doOn(b2, logical.ReadOperation, "creds/finam", nil)
-			if errText(again, err) != "" || again.Data["access_token"] != next {
-				t.Fatal("after restart a different token is served")
-			}
-		})
+	mints := h.sb.Calls(sessionsEP)
+	if next := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; next != first || h.sb.Calls(sessionsEP) != mints {
+		t.Fatal("a lease revoke evicted the token every reader shares")
+	}
+	// A lease from before this version carries lease_end: still nothing evicted.
+	resp.Secret.InternalData["lease_end"] = time.Now().Add(time.Hour).UTC().Format(time.RFC3339Nano)
+	if rr, err := h.b.HandleRequest(context.Background(), revoke); errText(rr, err) != "" {
+		t.Fatal(errText(rr, err))
+	}
+	if next := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; next != first {
+		t.Fatal("an old lease's revoke evicted the shared token")
 	}
 }
 

@@ -18,7 +18,7 @@ func (b *backend) pathRetire() []*framework.Path {
 			"name": {Type: framework.TypeString, Description: "Name of the config whose tokens to retire.", Required: true},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRetireWrite, Summary: "Incident switch: no lease issued from now on carries a token minted before now."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRetireWrite, Summary: "Incident switch: no lease issued from now on carries a token minted before now.", ForwardPerformanceStandby: true, ForwardPerformanceSecondary: true},
 		},
 		HelpSynopsis:    "Retire every token of a config: the next creds read gets a freshly minted one.",
 		HelpDescription: strings.TrimSpace(retireHelp),

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -18,7 +17,7 @@ func (b *backend) pathRotateRoot() []*framework.Path {
 			"name": {Type: framework.TypeString, Description: "Name of the config whose long-lived secret to rotate.", Required: true},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRotateRootWrite, Summary: "Push the long-lived secret forward now, where the broker allows it."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRotateRootWrite, Summary: "Push the long-lived secret forward now, where the broker allows it.", ForwardPerformanceStandby: true, ForwardPerformanceSecondary: true},
 		},
 		HelpSynopsis:    "Rotate a config's long-lived secret now (chatapp: refresh the token pair).",
 		HelpDescription: strings.TrimSpace(rotateHelp),
@@ -47,9 +46,8 @@ func (b *backend) pathRotateRootWrite(ctx context.Context, req *logical.Request,
 	if !b.rotates(cfg) {
 		return logical.ErrorResponse("%s has no API to rotate its long-lived secret: create a new one at the broker's portal and write it to config/%s", cfg.Provider, name), nil
 	}
-	// Demand a token newer than now: this forces one refresh, shared with
-	// any that is already running.
-	_, tok, err := b.tokenNoOlderThan(ctx, req.Storage, name, time.Nanosecond)
+	// One refresh now, shared with any that is already running.
+	_, tok, err := b.refreshNow(ctx, req.Storage, name)
 	if errors.Is(err, errConfigNotFound) {
 		return logical.ErrorResponse("no config named %q", name), nil
 	}

@@ -4,11 +4,11 @@ import (
 	"cmp"
 	"container/heap"
 	"context"
+	"errors"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
@@ -77,6 +77,17 @@ func (s *schedule) set(name string, at time.Time) {
 		it = &dueItem{name: name, at: at}
 		heap.Push(&s.h, it)
 		s.items[name] = it
+	}
+}
+
+// setIfAbsent schedules name at at unless it is already scheduled (a
+// write or a mint since knows better).
+func (s *schedule) setIfAbsent(name string, at time.Time) {
+	s.mu.Lock()
+	_, ok := s.items[name]
+	s.mu.Unlock()
+	if !ok {
+		s.set(name, at)
 	}
 }
 
@@ -152,16 +163,19 @@ func (b *backend) nextRotation(cfg *brokerConfig, rec tokenRecord) time.Time {
 // it does nothing on a performance standby or secondary, whose writes would
 // not be theirs to make.
 func (b *backend) periodicFunc(ctx context.Context, req *logical.Request) error {
-	if sys := b.System(); sys != nil {
-		if st := sys.ReplicationState(); st.HasState(consts.ReplicationPerformanceStandby) || st.HasState(consts.ReplicationPerformanceSecondary) {
-			return nil
-		}
+	if !b.canWrite() {
+		return nil
 	}
 	if err := b.loadSchedule(ctx, req.Storage); err != nil {
 		return err
 	}
-	for _, name := range b.sched.popDue(b.now(), maxDuePerTick) {
+	due := b.sched.popDue(b.now(), maxDuePerTick)
+	for i, name := range due {
 		if ctx.Err() != nil {
+			// Cut short: what this tick did not reach stays due.
+			for _, rest := range due[i:] {
+				b.sched.setIfAbsent(rest, b.now())
+			}
 			return ctx.Err()
 		}
 		b.keepAlive(ctx, req.Storage, name)
@@ -173,20 +187,24 @@ func (b *backend) periodicFunc(ctx context.Context, req *logical.Request) error 
 func (b *backend) keepAlive(ctx context.Context, s logical.Storage, name string) {
 	cfg, rec, err := b.status(ctx, s, name)
 	if err != nil {
-		b.sched.set(name, b.now().Add(retryFailedValidation))
+		b.sched.setIfAbsent(name, b.now().Add(retryFailedValidation))
 		return
 	}
 	if b.nextDue(cfg, rec).IsZero() {
 		return // deleted, or changed to a provider with no periodic work
 	}
-	// Any validation older than this instant is too old: force one call.
-	_, _, err = b.tokenNoOlderThan(ctx, s, name, time.Nanosecond)
-	if err != nil && err != errConfigNotFound {
+	_, _, err = b.refreshNow(ctx, s, name)
+	if ctx.Err() != nil {
+		// The tick was cut short mid-call: due again at the next one.
+		b.sched.setIfAbsent(name, b.now())
+		return
+	}
+	if err != nil && !errors.Is(err, errConfigNotFound) {
 		b.Logger().Warn("keep-alive validation failed", "config", name, "error", err)
 	}
 	cfg, rec, err = b.status(ctx, s, name)
 	if err != nil {
-		b.sched.set(name, b.now().Add(retryFailedValidation))
+		b.sched.setIfAbsent(name, b.now().Add(retryFailedValidation))
 		return
 	}
 	b.sched.set(name, b.nextDue(cfg, rec))
@@ -210,9 +228,11 @@ func (b *backend) loadSchedule(ctx context.Context, s logical.Storage) error {
 		}
 		cfg, rec, err := b.status(ctx, s, name)
 		if err != nil {
-			return err
+			// One unreadable entry skips that entry, not the rest.
+			b.Logger().Error("skipping a config the schedule cannot read", "config", name, "error", err)
+			continue
 		}
-		b.sched.set(name, b.nextDue(cfg, rec))
+		b.sched.setIfAbsent(name, b.nextDue(cfg, rec))
 	}
 	b.sched.mu.Lock()
 	b.sched.loaded = true

@@ -24,7 +24,7 @@ import (
 const (
 	walRotation = "rotation"
 	// A rotation intent older than this was interrupted: recover it. It is
-	// longer than mintTimeout so a live rotation is never taken for a dead one.
+	// longer than defaultMintTimeout so a live rotation is never taken for a dead one.
 	walRecoverAfter = 2 * time.Minute
 	makesPrefix     = "makes/"
 	// defaultMakeBudget leaves 10 of ChatApp's 100 makes a day for a human.
@@ -76,7 +76,7 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 		return nil
 	}
 	b.Logger().Warn("recovering an interrupted rotation", "config", w.Config, "started", w.Started)
-	_, _, err = b.tokenNoOlderThan(ctx, req.Storage, w.Config, time.Nanosecond)
+	_, _, err = b.refreshNow(ctx, req.Storage, w.Config)
 	return err
 }
 

@@ -25,7 +25,7 @@ func TestSchemaMigration(t *testing.T) {
 				e, _ := logical.StorageEntryJSON(schemaKey, tc.stored)
 				s.Put(context.Background(), e)
 			}
-			b := newBackend("test")
+			b := New(Options{Version: "test"})
 			conf := logical.TestBackendConfig()
 			conf.StorageView = s
 			if err := b.Setup(context.Background(), conf); err != nil {

@@ -14,10 +14,6 @@ import (
 
 const secretTokenType = "broker_token"
 
-// A revoke this close to the lease's end is Vault expiring it, not a person
-// revoking it early; expiry must not evict a token other leases share.
-const naturalExpirySlack = 2 * time.Second
-
 func (b *backend) secretToken() *framework.Secret {
 	return &framework.Secret{
 		Type: secretTokenType,
@@ -52,7 +48,8 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	if spec.Kind == provider.Passthrough {
 		// The lease holds the long-lived token itself: renewing means asking
 		// the broker again whether it still lives and what it can reach.
-		_, fresh, err := b.tokenNoOlderThan(ctx, req.Storage, in.config, renewMaxAge)
+		// Every renew asks the broker (concurrent renews share one call).
+		_, fresh, err := b.refreshNow(ctx, req.Storage, in.config)
 		if err != nil {
 			if rejectedSecret(err) {
 				return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: %v", in.config, err))
@@ -74,26 +71,16 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	}
 	resp := &logical.Response{Secret: req.Secret}
 	resp.Secret.TTL = ttl
-	resp.Secret.InternalData["lease_end"] = formatTimeNano(now.Add(ttl))
 	return resp, nil
 }
 
-// revokeToken never fails for a token that is already gone. An early revoke
-// retires the token from the cache; one at the lease's natural end does not.
-func (b *backend) revokeToken(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	in, err := parseInternal(req.Secret.InternalData)
-	if err != nil {
-		// A lease we cannot read must still go: a stuck lease blocks
-		// `vault secrets disable`.
-		b.Logger().Warn("revoking a lease with unreadable internal data", "error", err)
-		return nil, nil
-	}
-	if in.leaseEnd.IsZero() || !b.now().Before(in.leaseEnd.Add(-naturalExpirySlack)) {
-		return nil, nil
-	}
-	if err := b.retire(ctx, req.Storage, in.config, in.tokenID); err != nil {
-		return nil, fmt.Errorf("retiring the token of %q: %w", in.config, err)
-	}
+// revokeToken ends the lease and nothing else. Vault calls it for an
+// operator's lease revoke, for every lease of a reader's Vault token that is
+// revoked or expires, for max_lease_ttl and for tools that end leases as
+// routine; it cannot tell them apart, so it never evicts the token other
+// readers share (config/<name>/retire is the incident switch). No broker
+// can revoke a minted token, so there is nothing to call upstream.
+func (b *backend) revokeToken(context.Context, *logical.Request, *framework.FieldData) (*logical.Response, error) {
 	return nil, nil
 }
 
@@ -101,7 +88,6 @@ type leaseInternal struct {
 	config    string
 	tokenID   string
 	expiresAt time.Time
-	leaseEnd  time.Time
 	accounts  []string
 	readonly  bool
 }
@@ -119,7 +105,7 @@ func parseInternal(m map[string]any) (leaseInternal, error) {
 	for _, k := range []struct {
 		key string
 		dst *time.Time
-	}{{"expires_at", &in.expiresAt}, {"lease_end", &in.leaseEnd}} {
+	}{{"expires_at", &in.expiresAt}} {
 		if s, _ := m[k.key].(string); s != "" {
 			t, err := time.Parse(time.RFC3339Nano, s)
 			if err != nil {

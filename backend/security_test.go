@@ -2,9 +2,7 @@ package backend
 
 import (
 	"strings"
-	"sync"
 	"testing"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -60,67 +58,6 @@ func TestAllowedHostsEnforcedAtWriteAndMint(t *testing.T) {
 	}
 	if resp, err := h.do(logical.UpdateOperation, "settings", map[string]any{"allowed_hosts": "https://x/y"}); statusOf(resp, err) != 400 {
 		t.Fatal("a URL was accepted as a host")
-	}
-}
-
-func TestRetireGuaranteesFreshTokens(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
-	h.writeFinam("finam", nil)
-	old := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
-
-	// A mint already under way when the retire lands must not be handed out.
-	h.sb.SetLatency(300 * time.Millisecond)
-	h.mustOK(logical.UpdateOperation, "config/finam", map[string]any{"verify": false, "ttl": "10m"}) // same upstream: token kept
-	h.b.dropState("finam")
-	st := h.b.state("finam")
-	st.mu.Lock()
-	if err := h.b.loadLocked(t.Context(), h.storage, st); err != nil {
-		t.Fatal(err)
-	}
-	st.rec.Token = nil
-	inflight := h.b.startMintLocked(st) // the mint in flight
-	st.mu.Unlock()
-	time.Sleep(50 * time.Millisecond)
-
-	resp := h.mustOK(logical.UpdateOperation, "config/finam/retire", nil)
-	if resp.Data["note"] == "" || resp.Data["retired_at"] == "" {
-		t.Fatalf("retire response: %v", resp.Data)
-	}
-	retiredAt := time.Now()
-	var wg sync.WaitGroup
-	got := make([]string, 20)
-	for i := range got {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r, err := h.do(logical.ReadOperation, "creds/finam", nil)
-			if errText(r, err) != "" {
-				t.Error(errText(r, err))
-				return
-			}
-			got[i] = r.Data["access_token"].(string)
-		}()
-	}
-	wg.Wait()
-	<-inflight.done
-	if inflight.tok == nil {
-		t.Fatal("the in-flight mint failed; the test proves nothing")
-	}
-	for _, tok := range got {
-		if tok == old || tok == inflight.tok.AccessToken {
-			t.Fatal("a token minted before retire was handed out")
-		}
-	}
-	// Every token handed out was minted after the retire.
-	rec, _ := readTokenRecord(t.Context(), h.storage, "finam")
-	if rec.Token == nil || rec.Token.MintedAt.Before(retiredAt.Add(-time.Second)) || rec.Token.AccessToken != got[0] {
-		t.Fatalf("token after retire: %+v", rec.Token)
-	}
-	// And it holds across a restart.
-	b2, _ := h.newBackend(h.storage)
-	r, err := h.doOn(b2, logical.ReadOperation, "creds/finam", nil)
-	if errText(r, err) != "" || r.Data["access_token"] != got[0] {
-		t.Fatal("restart changed the token")
 	}
 }
 

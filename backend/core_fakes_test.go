@@ -1,0 +1,352 @@
+package backend
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+)
+
+// Test doubles for the token core: a clock moved by hand, a broker that can
+// hold a call until the test releases it, and storage that can hold or fail
+// a chosen write. With them every race window is opened on purpose, never
+// by sleeping.
+
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock() *fakeClock {
+	return &fakeClock{t: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// fakeBroker is a provider whose tokens live on a fakeClock. Rotating: every
+// Issue needs the current refresh token and replaces it, as ChatApp does.
+type fakeBroker struct {
+	name     string
+	kind     provider.Kind
+	rotating bool
+	clock    *fakeClock
+	life     time.Duration
+
+	mu        sync.Mutex
+	calls     int
+	inFlight  int
+	maxFlight int
+	presented []string // refresh tokens presented, in order
+	refresh   string   // the refresh token the broker accepts now
+	secretOf  map[string]string
+	readOnly  bool
+	accounts  []string
+	fail      error
+	// hold, when set, makes the next Issue announce itself on entered and
+	// wait for release (or its context when ignoreCtx is false).
+	hold      bool
+	entered   chan struct{}
+	release   chan struct{}
+	ignoreCtx bool
+	onIssue   func(ctx context.Context, req provider.Request)
+}
+
+func newFakeBroker(name string, kind provider.Kind, rotating bool, clock *fakeClock) *fakeBroker {
+	return &fakeBroker{name: name, kind: kind, rotating: rotating, clock: clock, life: 15 * time.Minute,
+		secretOf: map[string]string{}, readOnly: true, accounts: []string{"A1"}}
+}
+
+func (f *fakeBroker) Spec() provider.Spec {
+	fields := []provider.Field{{Name: "secret", Secret: true, Required: true, Description: "the fake's secret"}}
+	if f.rotating {
+		fields = append(fields, provider.Field{Name: "refresh_token", Secret: true, Description: "seed"})
+	}
+	return provider.Spec{
+		Name: f.name, Display: "Fake" + f.name, Kind: f.kind, Fields: fields,
+		Environments:  map[string]string{"production": "https://" + f.name + ".example"},
+		RotatesSecret: f.rotating,
+		DefaultTTL: func() time.Duration {
+			if f.kind == provider.Passthrough {
+				return time.Hour
+			}
+			return 0
+		}(),
+	}
+}
+
+// holdNext makes the next Issue block until the returned release is called.
+func (f *fakeBroker) holdNext() (entered <-chan struct{}, release func()) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.hold = true
+	f.entered = make(chan struct{})
+	f.release = make(chan struct{})
+	rel := f.release
+	return f.entered, sync.OnceFunc(func() { close(rel) })
+}
+
+func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider.Token, error) {
+	f.mu.Lock()
+	f.calls++
+	f.inFlight++
+	f.maxFlight = max(f.maxFlight, f.inFlight)
+	hold, entered, release := f.hold, f.entered, f.release
+	f.hold = false
+	hook := f.onIssue
+	f.mu.Unlock()
+	defer func() {
+		f.mu.Lock()
+		f.inFlight--
+		f.mu.Unlock()
+	}()
+	if hook != nil {
+		hook(ctx, req)
+	}
+	if hold {
+		close(entered)
+		if f.ignoreCtx {
+			<-release
+		} else {
+			select {
+			case <-release:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fail != nil {
+		return nil, f.fail
+	}
+	tok := &provider.Token{
+		AccessToken: fmt.Sprintf("%s-token-%d", f.name, f.calls),
+		IssuedAt:    f.clock.Now(),
+		AccountIDs:  f.accounts,
+		ReadOnly:    f.readOnly,
+	}
+	if f.kind == provider.Passthrough {
+		tok.AccessToken = req.Secrets["secret"]
+	} else {
+		tok.ExpiresAt = tok.IssuedAt.Add(f.life)
+	}
+	f.secretOf[tok.AccessToken] = req.Secrets["secret"]
+	if f.rotating {
+		rt := req.Secrets["refresh_token"]
+		f.presented = append(f.presented, rt)
+		// A seed is accepted once; after that only the current one.
+		if rt != f.refresh && !strings.HasPrefix(rt, "seed-") {
+			return nil, &upstream.Error{Broker: "Fake", Op: "refresh", Kind: upstream.KindAuth, Status: 401, Message: "refresh token is not valid"}
+		}
+		f.refresh = fmt.Sprintf("rt-%d", f.calls)
+		tok.Rotated = map[string]string{"refresh_token": f.refresh}
+		tok.SecretExpiresAt = f.clock.Now().Add(14 * 24 * time.Hour)
+	}
+	return tok, nil
+}
+
+func (f *fakeBroker) callCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls
+}
+
+// gateStorage wraps storage: it can hold the next Put of a key until
+// released, fail Puts of a key, and honours a cancelled context as Vault's
+// real storage does.
+type gateStorage struct {
+	logical.Storage
+	mu      sync.Mutex
+	holdKey string
+	hit     chan struct{}
+	release chan struct{}
+	failKey string
+}
+
+func (g *gateStorage) holdNextPut(key string) (hit <-chan struct{}, release func()) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.holdKey = key
+	g.hit = make(chan struct{})
+	g.release = make(chan struct{})
+	rel := g.release
+	return g.hit, sync.OnceFunc(func() { close(rel) })
+}
+
+func (g *gateStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	var wait chan struct{}
+	if g.holdKey != "" && e.Key == g.holdKey {
+		g.holdKey = ""
+		close(g.hit)
+		wait = g.release
+	}
+	fail := g.failKey != "" && e.Key == g.failKey
+	g.mu.Unlock()
+	if wait != nil {
+		<-wait
+	}
+	if fail {
+		return fmt.Errorf("injected storage failure for %s", e.Key)
+	}
+	return g.Storage.Put(ctx, e)
+}
+
+// coreHarness is a backend on gated in-memory storage with fake brokers and
+// a fake clock.
+type coreHarness struct {
+	t       *testing.T
+	clock   *fakeClock
+	brokers map[string]*fakeBroker
+	raw     *logical.InmemStorage
+	storage *gateStorage
+	b       *backend
+}
+
+func newCoreHarness(t *testing.T, brokers ...*fakeBroker) *coreHarness {
+	t.Helper()
+	c := &coreHarness{t: t, clock: newFakeClock(), brokers: map[string]*fakeBroker{}, raw: &logical.InmemStorage{}}
+	c.storage = &gateStorage{Storage: c.raw}
+	for _, f := range brokers {
+		f.clock = c.clock
+		c.brokers[f.name] = f
+	}
+	c.b = c.newBackend(nil)
+	return c
+}
+
+// newBackend builds another backend on the same storage (a restart, a
+// reload, another node); sys overrides the system view when set.
+func (c *coreHarness) newBackend(sys logical.SystemView) *backend {
+	c.t.Helper()
+	conf := logical.TestBackendConfig()
+	conf.StorageView = c.storage
+	if sys != nil {
+		conf.System = sys
+	}
+	provs := map[string]provider.Provider{}
+	for n, f := range c.brokers {
+		provs[n] = f
+	}
+	lb, err := FactoryWith(Options{Version: "test", Providers: provs, Clock: c.clock.Now})(context.Background(), conf)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	b := lb.(*backend)
+	c.t.Cleanup(func() { b.Clean(context.Background()) })
+	return b
+}
+
+func (c *coreHarness) do(op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
+	return c.doOn(c.b, op, path, data)
+}
+
+func (c *coreHarness) doOn(b *backend, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
+	req := &logical.Request{Operation: op, Path: path, Storage: c.storage, Data: data}
+	if op == logical.CreateOperation || op == logical.UpdateOperation {
+		checked, exists, err := b.HandleExistenceCheck(context.Background(), req)
+		if err != nil {
+			return nil, err
+		}
+		req.Operation = logical.UpdateOperation
+		if checked && !exists {
+			req.Operation = logical.CreateOperation
+		}
+	}
+	return b.HandleRequest(context.Background(), req)
+}
+
+func (c *coreHarness) ok(op logical.Operation, path string, data map[string]any) *logical.Response {
+	c.t.Helper()
+	resp, err := c.do(op, path, data)
+	if err != nil || (resp != nil && resp.IsError()) {
+		c.t.Fatalf("%s %s: err=%v resp=%v", op, path, err, resp)
+	}
+	return resp
+}
+
+func (c *coreHarness) token(path string) string {
+	c.t.Helper()
+	return c.ok(logical.ReadOperation, path, nil).Data["access_token"].(string)
+}
+
+// stored reads the token record as storage holds it.
+func (c *coreHarness) stored(name string) (tokenRecord, bool) {
+	c.t.Helper()
+	e, err := c.raw.Get(context.Background(), tokenPrefix+name)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if e == nil {
+		return tokenRecord{}, false
+	}
+	var rec tokenRecord
+	if err := e.DecodeJSON(&rec); err != nil {
+		c.t.Fatal(err)
+	}
+	return rec, true
+}
+
+// queued waits until a goroutine is blocked on name's upstream or owner
+// lock, or done is closed: either way the writer under test has reached the
+// point the race is about. It polls a counter, never a timer.
+func (c *coreHarness) queued(name string, done <-chan struct{}) {
+	c.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-done:
+			return
+		default:
+		}
+		c.b.mu.RLock()
+		st := c.b.states[name]
+		c.b.mu.RUnlock()
+		if st != nil && st.waiting.Load() > 0 {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	c.t.Fatal("the writer neither finished nor queued on the config")
+}
+
+// waitBackground waits for the backend's background mints to finish.
+func (c *coreHarness) waitIdle(name string) {
+	c.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		c.b.mu.RLock()
+		st := c.b.states[name]
+		c.b.mu.RUnlock()
+		if st == nil {
+			return
+		}
+		st.mu.Lock()
+		f := st.flight
+		st.mu.Unlock()
+		if f == nil {
+			return
+		}
+		<-f.done
+	}
+}

@@ -1,0 +1,457 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/consts"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+)
+
+// Each test here opens one race window of the token core on purpose (a
+// held storage write or a held broker call) and checks that the config's
+// serialized owner keeps its state sound. Each failed on the core before it
+// was made one owner per config.
+
+func finamLike() *fakeBroker { return newFakeBroker("fake", provider.Minted, false, nil) }
+func chatLike() *fakeBroker  { return newFakeBroker("fakerot", provider.Minted, true, nil) }
+func tinvestLike() *fakeBroker {
+	return newFakeBroker("fakepass", provider.Passthrough, false, nil)
+}
+
+// dueRefresh moves the clock to where the token is due for a refresh ahead
+// and reads once, which starts the background refresh.
+func (c *coreHarness) dueRefresh(path string) string {
+	c.t.Helper()
+	c.clock.Advance(11 * time.Minute) // 4 of 15 minutes left
+	return c.token(path)
+}
+
+func TestR1RetireDuringMintPersistIsNotUndone(t *testing.T) {
+	c := newCoreHarness(t, finamLike())
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	first := c.token("creds/x")
+
+	hit, release := c.storage.holdNextPut(tokenPrefix + "x")
+	if got := c.dueRefresh("creds/x"); got != first {
+		t.Fatal("a valid token was not served while the refresh was due")
+	}
+	<-hit // the refresh is writing its token record
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.ok(logical.UpdateOperation, "config/x/retire", nil)
+	}()
+	c.queued("x", done)
+	release()
+	<-done
+	c.waitIdle("x")
+
+	rec, _ := c.stored("x")
+	if rec.RetireEpoch == 0 || rec.RetiredBefore.IsZero() {
+		t.Fatalf("the retire was undone in storage: %+v", rec)
+	}
+	refreshed := c.brokers["fake"].callCount()
+	got := c.token("creds/x")
+	if got == first || c.brokers["fake"].callCount() != refreshed+1 {
+		t.Fatalf("after retire a read got a token minted before it (%q; %d mints)", got, c.brokers["fake"].callCount())
+	}
+	// A restart honours it too.
+	b2 := c.newBackend(nil)
+	resp, err := c.doOn(b2, logical.ReadOperation, "creds/x", nil)
+	if err != nil || resp.IsError() || resp.Data["access_token"] != got {
+		t.Fatalf("restart: %v %v", resp, err)
+	}
+}
+
+func TestR8ConfigWriteDuringRefreshPersistWins(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		broker func() *fakeBroker
+		create map[string]any
+		write  map[string]any
+		check  func(t *testing.T, c *coreHarness, rec tokenRecord)
+	}{
+		{
+			name: "new secret", broker: finamLike,
+			create: map[string]any{"provider": "fake", "secret": "s1"},
+			write:  map[string]any{"secret": "s2", "require_readonly": true},
+			check: func(t *testing.T, c *coreHarness, rec tokenRecord) {
+				if rec.Token == nil || c.brokers["fake"].secretOf[rec.Token.AccessToken] != "s2" {
+					t.Fatalf("storage holds a token minted from the old secret: %+v", rec.Token)
+				}
+			},
+		},
+		{
+			name: "new chatapp seed", broker: chatLike,
+			create: map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"},
+			write:  map[string]any{"secret": "s2", "refresh_token": "seed-2"},
+			check: func(t *testing.T, c *coreHarness, rec tokenRecord) {
+				f := c.brokers["fakerot"]
+				if last := f.presented[len(f.presented)-1]; last != "seed-2" {
+					t.Fatalf("the write verified with %q, not its new seed", last)
+				}
+				if rec.Rotated["refresh_token"] != f.refresh {
+					t.Fatalf("storage holds refresh token %q, the broker's current one is %q", rec.Rotated["refresh_token"], f.refresh)
+				}
+			},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := tc.broker()
+			c := newCoreHarness(t, f)
+			c.ok(logical.UpdateOperation, "config/x", tc.create)
+			c.token("creds/x")
+
+			hit, release := c.storage.holdNextPut(tokenPrefix + "x")
+			c.dueRefresh("creds/x")
+			<-hit // the refresh under the old settings is persisting
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				c.ok(logical.UpdateOperation, "config/x", tc.write)
+			}()
+			c.queued("x", done)
+			release()
+			<-done
+			c.waitIdle("x")
+
+			rec, _ := c.stored("x")
+			tc.check(t, c, rec)
+			// What standbys, a restart or a failover load is the same.
+			b2 := c.newBackend(nil)
+			resp, err := c.doOn(b2, logical.ReadOperation, "creds/x", nil)
+			if err != nil || resp.IsError() {
+				t.Fatalf("restart: %v %v", resp, err)
+			}
+			if got := resp.Data["access_token"]; got != rec.Token.AccessToken || f.secretOf[got.(string)] != "s2" {
+				t.Fatalf("after a restart the token served came from secret %q", f.secretOf[got.(string)])
+			}
+		})
+	}
+}
+
+func TestR5DeleteDuringPersistDoesNotResurrect(t *testing.T) {
+	c := newCoreHarness(t, chatLike())
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	hit, release := c.storage.holdNextPut(tokenPrefix + "x")
+	c.dueRefresh("creds/x")
+	<-hit
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.ok(logical.DeleteOperation, "config/x", nil)
+	}()
+	c.queued("x", done)
+	release()
+	<-done
+	c.waitIdle("x")
+
+	if rec, ok := c.stored("x"); ok {
+		t.Fatalf("token/x came back after the delete: rotated=%v token=%v", len(rec.Rotated) > 0, rec.Token != nil)
+	}
+	resp, err := c.do(logical.ReadOperation, "creds/x", nil)
+	if err != nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), "no config named") {
+		t.Fatalf("a deleted config still serves: %v %v", resp, err)
+	}
+}
+
+func TestR4ConfigWriteJoinsSingleFlightAndWAL(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	// Every call to the broker must find its rotation record in storage.
+	f.onIssue = func(ctx context.Context, _ provider.Request) {
+		keys, err := c.raw.List(ctx, framework.WALPrefix)
+		if err != nil || len(keys) == 0 {
+			t.Errorf("the broker was called with no rotation record in storage (%v)", err)
+		}
+	}
+	entered, release := f.holdNext()
+	c.dueRefresh("creds/x")
+	<-entered // a refresh-ahead is at the broker
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.ok(logical.UpdateOperation, "config/x", map[string]any{"ttl": "10m"}) // same upstream, verified
+	}()
+	c.queued("x", done)
+	release()
+	<-done
+	c.waitIdle("x")
+
+	if f.maxFlight != 1 {
+		t.Fatalf("the config write called the broker beside the refresh (%d at once)", f.maxFlight)
+	}
+	seen := map[string]bool{}
+	for _, rt := range f.presented {
+		if seen[rt] {
+			t.Fatalf("refresh token %q was presented twice: %v", rt, f.presented)
+		}
+		seen[rt] = true
+	}
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Fatalf("storage holds %q, the broker's current refresh token is %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+	if keys, _ := c.raw.List(context.Background(), framework.WALPrefix); len(keys) != 0 {
+		t.Fatalf("%d rotation records left after stored rotations", len(keys))
+	}
+}
+
+func TestR3CleanupPersistsAnsweredRotation(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	f.ignoreCtx = true // the broker answers although the plugin is being unloaded
+	entered, release := f.holdNext()
+	c.dueRefresh("creds/x")
+	<-entered
+	cleaned := make(chan struct{})
+	go func() {
+		defer close(cleaned)
+		c.b.Clean(context.Background()) // reload, step-down or seal
+	}()
+	// Clean cancels the backend's context first, then waits for the mint.
+	deadline := time.Now().Add(10 * time.Second)
+	for c.b.ctx.Err() == nil && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	release()
+	<-cleaned
+
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Fatalf("the rotation ChatApp applied was dropped: storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+}
+
+func TestR3MakeAtMintDeadlineStillPersists(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	c.b.mintTimeout = 50 * time.Millisecond
+	// A refused refresh and a make used the whole mint timeout: the answer
+	// arrives as the mint's context ends.
+	f.onIssue = func(ctx context.Context, _ provider.Request) { <-ctx.Done() }
+	c.dueRefresh("creds/x")
+	c.waitIdle("x")
+
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Fatalf("a rotation answered at the mint deadline was not stored: storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+}
+
+func TestR2TickCutShortKeepsTheRest(t *testing.T) {
+	f := tinvestLike()
+	c := newCoreHarness(t, f)
+	for i := range 3 {
+		c.ok(logical.UpdateOperation, fmt.Sprintf("config/p%d", i), map[string]any{"provider": "fakepass", "secret": fmt.Sprintf("t%d", i)})
+	}
+	c.clock.Advance(25 * time.Hour) // all three due for their keep-alive
+	ctx, cancel := context.WithCancel(context.Background())
+	f.onIssue = func(context.Context, provider.Request) { cancel() } // the tick ends during the first call
+	before := f.callCount()
+	if err := c.b.periodicFunc(ctx, &logical.Request{Storage: c.storage}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("tick: %v", err)
+	}
+	f.onIssue = nil
+	if n := c.b.sched.size(); n != 3 {
+		t.Fatalf("after a tick cut short %d of 3 configs are scheduled", n)
+	}
+	if err := c.b.periodicFunc(context.Background(), &logical.Request{Storage: c.storage}); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.callCount() - before; got < 3 {
+		t.Fatalf("the next tick validated %d configs, want all 3", got)
+	}
+}
+
+func TestR2LoadScheduleSkipsUnreadableEntry(t *testing.T) {
+	c := newCoreHarness(t, tinvestLike())
+	c.ok(logical.UpdateOperation, "config/a", map[string]any{"provider": "fakepass", "secret": "t1"})
+	c.ok(logical.UpdateOperation, "config/c", map[string]any{"provider": "fakepass", "secret": "t2"})
+	if err := c.raw.Put(context.Background(), &logical.StorageEntry{Key: configPrefix + "b", Value: []byte("{not json")}); err != nil {
+		t.Fatal(err)
+	}
+	b2 := c.newBackend(nil)
+	if err := b2.loadSchedule(context.Background(), c.storage); err != nil {
+		t.Fatalf("one unreadable entry failed the whole schedule: %v", err)
+	}
+	if n := b2.sched.size(); n != 2 || !b2.sched.loaded {
+		t.Fatalf("scheduled %d (loaded=%v), want the 2 readable configs", n, b2.sched.loaded)
+	}
+}
+
+func TestR7UnknownNamesLeaveNoState(t *testing.T) {
+	c := newCoreHarness(t, chatLike())
+	lease := &logical.Secret{InternalData: map[string]any{"secret_type": secretTokenType}}
+	for i := range 1000 {
+		name := fmt.Sprintf("nope%d", i)
+		c.do(logical.ReadOperation, "config/"+name, nil)
+		c.do(logical.ReadOperation, "creds/"+name, nil)
+		c.do(logical.UpdateOperation, "rotate-root/"+name, nil)
+		c.do(logical.UpdateOperation, "config/"+name+"/retire", nil)
+		c.do(logical.DeleteOperation, "config/"+name, nil)
+		c.do(logical.UpdateOperation, "config/"+name, map[string]any{"provider": "nope"}) // refused create
+		lease.InternalData["config"] = name
+		c.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: lease})
+		c.b.walRollback(context.Background(), &logical.Request{Storage: c.storage}, walRotation, map[string]any{"config": name})
+	}
+	c.b.mu.RLock()
+	n := len(c.b.states)
+	c.b.mu.RUnlock()
+	if n != 0 {
+		t.Fatalf("1,000 unknown names left %d states in memory", n)
+	}
+}
+
+func TestRevokeEndsTheLeaseOnly(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	for _, tc := range []struct {
+		name    string
+		advance time.Duration
+	}{
+		{"operator revoke at once", 0},
+		{"reader's Vault token revoked mid-lease", 2 * time.Minute},
+		{"short login expiring", 3 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp := c.ok(logical.ReadOperation, "creds/x", nil)
+			mints := f.callCount()
+			c.clock.Advance(tc.advance)
+			if _, err := c.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RevokeOperation, Storage: c.storage, Secret: resp.Secret}); err != nil {
+				t.Fatal(err)
+			}
+			if got := c.token("creds/x"); got != resp.Data["access_token"] || f.callCount() != mints {
+				t.Fatalf("a lease revoke evicted the shared token (%d -> %d mints)", mints, f.callCount())
+			}
+		})
+	}
+}
+
+func TestRetireHoldsAcrossRestartAndInFlightMint(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	first := c.token("creds/x")
+
+	// A mint already at the broker when the retire lands is not handed out.
+	entered, release := f.holdNext()
+	c.dueRefresh("creds/x")
+	<-entered
+	c.ok(logical.UpdateOperation, "config/x/retire", nil)
+	release()
+	c.waitIdle("x")
+	inflight := fmt.Sprintf("fake-token-%d", f.callCount())
+	got := c.token("creds/x")
+	if got == first || got == inflight {
+		t.Fatalf("after retire a read got a token minted before it: %q", got)
+	}
+	// A reload and a new node load the same rule from storage.
+	for i := range 2 {
+		b := c.newBackend(nil)
+		resp, err := c.doOn(b, logical.ReadOperation, "creds/x", nil)
+		if err != nil || resp.IsError() || resp.Data["access_token"] == first || resp.Data["access_token"] == inflight {
+			t.Fatalf("backend %d: %v %v", i, resp, err)
+		}
+	}
+}
+
+func TestPerformanceStandbyNeverRotates(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1", "verify": false})
+	standby := c.newBackend(&logical.StaticSystemView{ReplicationStateVal: consts.ReplicationPerformanceStandby})
+	calls := f.callCount()
+	_, err := c.doOn(standby, logical.ReadOperation, "creds/x", nil)
+	if !errors.Is(err, logical.ErrReadOnly) {
+		t.Fatalf("a standby needing a rotation answered %v, want ErrReadOnly (forwarded by Vault)", err)
+	}
+	if f.callCount() != calls {
+		t.Fatal("a standby called the broker for a rotation it cannot store")
+	}
+	// Paths that change something upstream before storage are forwarded.
+	for _, p := range standby.Paths {
+		for op, h := range p.Operations {
+			if op == logical.ReadOperation || op == logical.ListOperation {
+				continue
+			}
+			props := h.Properties()
+			if !props.ForwardPerformanceStandby || !props.ForwardPerformanceSecondary {
+				if strings.HasPrefix(p.Pattern, "config/") || strings.HasPrefix(p.Pattern, "rotate-root/") {
+					t.Errorf("%s %s is not forwarded from performance standbys", op, p.Pattern)
+				}
+			}
+		}
+	}
+}
+
+func TestPassthroughRenewsShareOneCall(t *testing.T) {
+	f := tinvestLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/p", map[string]any{"provider": "fakepass", "secret": "t1"})
+	lease := c.ok(logical.ReadOperation, "creds/p", nil).Secret
+	renew := func() error {
+		sec := *lease
+		sec.InternalData = map[string]any{}
+		for k, v := range lease.InternalData {
+			sec.InternalData[k] = v
+		}
+		sec.IssueTime = c.clock.Now()
+		resp, err := c.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: &sec})
+		if err == nil && resp.IsError() {
+			err = resp.Error()
+		}
+		return err
+	}
+	calls := f.callCount()
+	entered, release := f.holdNext()
+	const n = 50
+	errs := make(chan error, n)
+	go func() { errs <- renew() }()
+	<-entered // one renew is asking the broker
+	for range n - 1 {
+		go func() { errs <- renew() }()
+	}
+	c.b.mu.RLock()
+	st := c.b.states["p"]
+	c.b.mu.RUnlock()
+	st.mu.Lock()
+	fl := st.flight
+	st.mu.Unlock()
+	for deadline := time.Now().Add(10 * time.Second); fl.waiters.Load() < n && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	release()
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := f.callCount() - calls; got != 1 {
+		t.Fatalf("%d concurrent renews made %d calls, want 1 shared", n, got)
+	}
+	// A renew after them asks again: no validation is reused for a renew.
+	if err := renew(); err != nil || f.callCount()-calls != 2 {
+		t.Fatalf("a later renew did not ask the broker (%v, %d calls)", err, f.callCount()-calls)
+	}
+}

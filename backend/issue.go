@@ -1,0 +1,141 @@
+package backend
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+)
+
+// issue makes one call to the broker under cfg with the given secrets. For a
+// provider that rotates its long-lived secret it first writes a rotation
+// record (returned as walID) so that a crash between the broker's answer and
+// the storage write is recovered; the caller deletes it once the outcome is
+// stored. epoch is the config's retire epoch when the call started.
+func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, epoch uint64) (*minted, string, error) {
+	started := b.now()
+	p, ok := b.providers[cfg.Provider]
+	if !ok {
+		return nil, "", fmt.Errorf("provider %q is not supported by this plugin version", cfg.Provider)
+	}
+	spec := b.specs[cfg.Provider]
+	endpoint := baseURL(spec, cfg)
+	if !cfg.SecretExpiresAt.IsZero() && !started.Before(cfg.SecretExpiresAt) {
+		return nil, "", fmt.Errorf("%w: %s", errSecretExpired, cfg.expiryWarning(started))
+	}
+	// The allow-list may have tightened since the config was written: the
+	// secret is never sent to a host it no longer allows.
+	ms, err := b.settings(ctx, b.storage)
+	if err != nil {
+		return nil, "", err
+	}
+	if !ms.hostAllowed(endpoint, spec.Environments) {
+		return nil, "", fmt.Errorf("%w: base_url %s is not in the mount's allowed_hosts; the secret was not sent", provider.ErrGuard, endpoint)
+	}
+	if client == nil {
+		if client, err = b.newClient(spec, cfg); err != nil {
+			return nil, "", err
+		}
+		defer client.Close()
+	}
+	var walID string
+	if spec.RotatesSecret {
+		if !b.canWrite() {
+			return nil, "", logical.ErrReadOnly
+		}
+		if walID, err = b.putRotationWAL(ctx, name); err != nil {
+			return nil, "", fmt.Errorf("recording the rotation intent: %w", err)
+		}
+	}
+	tok, err := p.Issue(ctx, provider.Request{
+		BaseURL:         endpoint,
+		Environment:     cfg.Environment,
+		Client:          client,
+		Secrets:         secrets,
+		AllowedAccounts: cfg.AllowedAccounts,
+		ReserveMake:     b.reserveMake(cfg),
+	})
+	if err != nil {
+		return nil, walID, err
+	}
+	st := toStored(tok)
+	st.MintedAt = started
+	st.Epoch = epoch
+	if st.ExpiresAt.IsZero() {
+		// A passthrough token's age is the age of its validation, on the
+		// clock the token core judges freshness by.
+		st.IssuedAt = b.now()
+	}
+	return &minted{tok: st, rotated: tok.Rotated, secretExpiresAt: tok.SecretExpiresAt}, walID, nil
+}
+
+// rejectedSecret reports whether err is the broker refusing the long-lived
+// secret (as opposed to failing or rate-limiting).
+func rejectedSecret(err error) bool {
+	ue, ok := upstream.AsError(err)
+	return ok && ue.Kind == upstream.KindAuth
+}
+
+func toStored(t *provider.Token) *storedToken {
+	sum := sha256.Sum256([]byte(t.AccessToken))
+	accounts := t.AccountIDs
+	if accounts == nil {
+		accounts = []string{}
+	}
+	return &storedToken{
+		ID:          hex.EncodeToString(sum[:12]),
+		AccessToken: t.AccessToken,
+		IssuedAt:    t.IssuedAt,
+		ExpiresAt:   t.ExpiresAt,
+		AccountIDs:  accounts,
+		ReadOnly:    t.ReadOnly,
+		Details:     t.Details,
+	}
+}
+
+// newClient builds the HTTP client of one config: its broker's limits over
+// the connection pool shared by configs that trust the same CAs.
+func (b *backend) newClient(spec provider.Spec, cfg *brokerConfig) (*upstream.Client, error) {
+	tr, err := b.transport(cfg.CACert)
+	if err != nil {
+		return nil, err
+	}
+	return upstream.New(upstream.Options{
+		Broker:        spec.Display,
+		Transport:     tr,
+		RatePerMinute: spec.RatePerMinute,
+		RatePerOp:     spec.RatePerOp,
+		MaxConcurrent: spec.MaxConcurrent,
+		Observe:       b.metrics.observeUpstream(spec.Name),
+	})
+}
+
+// transport returns the connection pool shared by every config that trusts
+// the same CAs (most trust the system roots: one pool for the mount).
+func (b *backend) transport(caPEM string) (*http.Transport, error) {
+	key := sha256.Sum256([]byte(caPEM))
+	b.trMu.Lock()
+	defer b.trMu.Unlock()
+	if tr, ok := b.transports[key]; ok {
+		return tr, nil
+	}
+	tr, err := upstream.NewTransport(caPEM)
+	if err != nil {
+		return nil, err
+	}
+	b.transports[key] = tr
+	return tr, nil
+}
+
+func baseURL(spec provider.Spec, cfg *brokerConfig) string {
+	if cfg.BaseURL != "" {
+		return cfg.BaseURL
+	}
+	return spec.Environments[cfg.Environment]
+}

@@ -1,0 +1,329 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+const (
+	// defaultMintTimeout bounds one broker call, whoever waits on it.
+	defaultMintTimeout = 30 * time.Second
+	// persistTimeout bounds storing what the broker answered. It runs on a
+	// context that survives the backend's cleanup: a rotation ChatApp has
+	// applied is gone for good if it is dropped here.
+	persistTimeout = 10 * time.Second
+)
+
+// flight is the one mint of a config under way; every reader that needs a
+// token waits on it.
+type flight struct {
+	gen  uint64
+	done chan struct{}
+	tok  *storedToken
+	err  error
+	// stale: the config changed before the mint could start; the waiter
+	// looks again.
+	stale bool
+	// waiters counts callers waiting on done (tests observe sharing).
+	waiters atomic.Int32
+}
+
+// currentToken returns the config and a token to hand out. A valid cached
+// token is returned at once (starting a background refresh when it is due);
+// otherwise every concurrent caller waits on one single mint.
+func (b *backend) currentToken(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
+	return b.token(ctx, s, name, false)
+}
+
+// refreshNow asks the broker again, for a caller that needs its word now (a
+// passthrough renew, rotate-root, keep-alive, rotation recovery): it joins
+// the mint under way or starts one; it never returns the cached token.
+func (b *backend) refreshNow(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
+	return b.token(ctx, s, name, true)
+}
+
+func (b *backend) token(ctx context.Context, s logical.Storage, name string, fresh bool) (*brokerConfig, *storedToken, error) {
+	// A mint that was under way when the config changed or its tokens were
+	// retired yields a token no reader may get: wait for the next one.
+	for attempt := 0; ; attempt++ {
+		cfg, tok, stale, err := b.tokenOnce(ctx, s, name, fresh)
+		if err != nil || !stale {
+			return cfg, tok, err
+		}
+		if attempt == 2 {
+			return nil, nil, fmt.Errorf("config %q changed while its token was being minted; read again", name)
+		}
+	}
+}
+
+func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string, fresh bool) (*brokerConfig, *storedToken, bool, error) {
+	st, err := b.lookup(ctx, s, name)
+	if err != nil {
+		return nil, nil, false, err
+	}
+	if st == nil {
+		return nil, nil, false, errConfigNotFound
+	}
+	st.mu.Lock()
+	cfg := st.cfg
+	if cfg == nil || st.dead {
+		st.mu.Unlock()
+		return nil, nil, true, nil
+	}
+	now := b.now()
+	if tok := st.rec.Token; !fresh && st.rec.servable(tok, now) {
+		if dueForRefresh(tok, now) && st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(cfg) {
+			b.startMintLocked(st)
+		}
+		st.mu.Unlock()
+		b.metrics.incKey(st.keys().hit)
+		return cfg, tok, false, nil
+	}
+	if !fresh {
+		b.metrics.incKey(st.keys().miss)
+	}
+	if !fresh && st.failErr != nil && now.Before(st.failUntil) {
+		err := st.failErr
+		st.mu.Unlock()
+		return nil, nil, false, err
+	}
+	f := st.flight
+	if f == nil {
+		if !b.canRotate(cfg) {
+			// A performance standby cannot store a rotated secret: Vault
+			// forwards the request to the active node on this error.
+			st.mu.Unlock()
+			return nil, nil, false, logical.ErrReadOnly
+		}
+		f = b.startMintLocked(st)
+	}
+	f.waiters.Add(1)
+	st.mu.Unlock()
+
+	select {
+	case <-f.done:
+	case <-ctx.Done():
+		return nil, nil, false, fmt.Errorf("waiting for %s token of %q: %w", cfg.Provider, name, ctx.Err())
+	}
+	if f.stale {
+		return nil, nil, true, nil
+	}
+	if f.err != nil {
+		return nil, nil, false, f.err
+	}
+	st.mu.Lock()
+	stale := st.dead || st.gen != f.gen || !st.rec.servable(f.tok, b.now())
+	cfg = st.cfg
+	st.mu.Unlock()
+	return cfg, f.tok, stale, nil
+}
+
+// canRotate reports whether this node may run a mint of cfg: one that
+// rotates the long-lived secret must be stored, which only a node that can
+// write may do.
+func (b *backend) canRotate(cfg *brokerConfig) bool {
+	return !b.rotates(cfg) || b.canWrite()
+}
+
+// canWrite reports whether this node's writes are its own to make.
+func (b *backend) canWrite() bool {
+	return b.System() == nil || b.WriteSafeReplicationState()
+}
+
+// staleWarning says, when the last refresh of a config failed, that the
+// token served is the cached one and why it was not replaced.
+func (b *backend) staleWarning(ctx context.Context, s logical.Storage, name string) string {
+	_, rec, err := b.status(ctx, s, name)
+	if err != nil || rec.Token == nil || !rec.LastErrorAt.After(rec.LastRefresh) {
+		return ""
+	}
+	until := "until revalidated"
+	if !rec.Token.ExpiresAt.IsZero() {
+		until = "until " + formatTime(rec.Token.ExpiresAt)
+	}
+	return fmt.Sprintf("serving the cached token (valid %s): the last refresh at %s failed: %s", until, formatTime(rec.LastErrorAt), rec.LastError)
+}
+
+// startMintLocked starts the single mint of st; st.mu must be held. The mint
+// runs on the backend's context, not the reader's: a reader that gives up
+// does not abort the mint others are waiting on.
+func (b *backend) startMintLocked(st *configState) *flight {
+	f := &flight{gen: st.gen, done: make(chan struct{})}
+	st.flight = f
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		b.runMint(st, f)
+	}()
+	return f
+}
+
+// runMint obtains a token and stores the outcome before anyone uses it: a
+// rotated long-lived secret (ChatApp) must be in storage before the token it
+// came with is handed out, and a write-ahead record covers the moment
+// between the broker rotating it and that write.
+func (b *backend) runMint(st *configState, f *flight) {
+	st.lockUpstream()
+	defer st.upstream.Unlock()
+
+	st.mu.Lock()
+	if st.dead || st.gen != f.gen || st.cfg == nil {
+		// The config changed while this mint waited its turn: whoever
+		// changed it installed what readers need.
+		if st.flight == f {
+			st.flight = nil
+		}
+		st.mu.Unlock()
+		f.stale = true
+		close(f.done)
+		return
+	}
+	cfg, client := st.cfg, st.client
+	secrets := effectiveSecrets(cfg, st.rec)
+	epoch := st.rec.RetireEpoch
+	st.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(b.ctx, b.mintTimeout)
+	m, walID, err := b.issue(ctx, st.name, cfg, client, secrets, epoch)
+	cancel()
+
+	// What the broker answered is stored even if the backend is being
+	// unloaded or sealed: a rotation it applied cannot be asked for again.
+	pctx, pcancel := context.WithTimeout(context.WithoutCancel(b.ctx), persistTimeout)
+	defer pcancel()
+	b.finishMint(pctx, st, cfg, f, m, err, walID)
+}
+
+// finishMint persists and installs a mint's outcome as one step of the
+// config's owner, re-checking the config's generation and retirement
+// against the current record, then releases waiters.
+func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerConfig, f *flight, m *minted, err error, walID string) {
+	now := b.now()
+	st.lockOwner()
+	st.mu.Lock()
+	current := !st.dead && st.gen == f.gen
+	prev := st.rec
+	st.mu.Unlock()
+
+	rec := prev
+	persisted := false
+	if current {
+		if err != nil {
+			rec.LastError, rec.LastErrorAt = err.Error(), now
+			if rejectedSecret(err) {
+				// The broker refused the long-lived secret itself (revoked,
+				// expired): tokens from it are dead or about to be, so none
+				// is handed out any more.
+				rec.Token = nil
+			}
+		} else {
+			rec = rec.with(m, now)
+			if m.tok.Epoch < prev.RetireEpoch {
+				// Retired while in flight: keep what it rotated, never
+				// the token.
+				rec.Token = prev.Token
+			}
+		}
+		// Store first, install second: a reader never gets a token whose
+		// rotated secret could still be lost.
+		if werr := writeTokenRecord(ctx, b.storage, st.name, rec); werr != nil {
+			if m != nil && len(m.rotated) > 0 {
+				b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh", "config", st.name, "error", werr)
+			} else {
+				b.Logger().Warn("could not persist token; a restart will mint again", "config", st.name, "error", werr)
+			}
+		} else {
+			persisted = true
+		}
+		st.mu.Lock()
+		st.rec = rec
+		if err != nil {
+			st.failures++
+			st.nextRetry = now.Add(min(refreshBackoff<<min(st.failures-1, 8), maxRefreshBackoff))
+			if !rec.servable(rec.Token, now) && !errors.Is(err, logical.ErrReadOnly) {
+				st.failErr, st.failUntil = err, now.Add(failFastFor)
+			}
+		} else {
+			st.failures, st.nextRetry, st.failErr = 0, time.Time{}, nil
+		}
+		st.mu.Unlock()
+	} else if m != nil && len(m.rotated) > 0 {
+		b.Logger().Info("discarding a rotation of a config deleted while it ran", "config", st.name)
+	}
+	st.mu.Lock()
+	if st.flight == f {
+		st.flight = nil
+	}
+	st.mu.Unlock()
+	st.owner.Unlock()
+
+	if walID != "" && (persisted || !current) {
+		b.deleteRotationWAL(ctx, walID)
+	}
+	if err != nil {
+		b.metrics.incKey(st.keys().mintErr)
+		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
+	} else {
+		b.metrics.incKey(st.keys().mintOK)
+		if len(m.rotated) > 0 {
+			b.metrics.incKey(st.keys().rotation)
+		}
+		b.Logger().Debug("token minted", "config", st.name, "expires_at", m.tok.ExpiresAt)
+		if w := cfg.expiryWarning(now); w != "" {
+			b.Logger().Warn(w, "config", st.name)
+		}
+		f.tok = m.tok
+	}
+	f.err = err
+	close(f.done)
+	if current && err == nil {
+		b.sched.set(st.name, b.nextDue(cfg, rec))
+	}
+}
+
+// minted is one successful Issue: the token and what it changed upstream.
+type minted struct {
+	tok             *storedToken
+	rotated         map[string]string
+	secretExpiresAt time.Time
+}
+
+// with returns the record after a successful mint: the new token, the
+// rotated secrets merged in, the error cleared.
+func (r tokenRecord) with(m *minted, now time.Time) tokenRecord {
+	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated, RetiredBefore: r.RetiredBefore, RetireEpoch: r.RetireEpoch}
+	if len(m.rotated) > 0 {
+		out.Rotated = make(map[string]string, len(r.Rotated)+len(m.rotated))
+		for k, v := range r.Rotated {
+			out.Rotated[k] = v
+		}
+		for k, v := range m.rotated {
+			out.Rotated[k] = v
+		}
+	}
+	if !m.secretExpiresAt.IsZero() {
+		out.SecretExpiresAt = m.secretExpiresAt
+	}
+	return out
+}
+
+// effectiveSecrets are the config's secrets with the broker's rotations on
+// top: after a ChatApp refresh, the stored refresh token is the new one.
+func effectiveSecrets(cfg *brokerConfig, rec tokenRecord) map[string]string {
+	if len(rec.Rotated) == 0 {
+		return cfg.Secrets
+	}
+	out := make(map[string]string, len(cfg.Secrets)+len(rec.Rotated))
+	for k, v := range cfg.Secrets {
+		out[k] = v
+	}
+	for k, v := range rec.Rotated {
+		out[k] = v
+	}
+	return out
+}
