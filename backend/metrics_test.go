@@ -52,7 +52,7 @@ func TestStaleTokenServedWithWarning(t *testing.T) {
 	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 9 * time.Second})
 	h.writeFinam("finam", nil)
 	h.sb.InjectFault(sessionsEP, 503, -1)
-	time.Sleep(6600 * time.Millisecond)
+	h.skip(6600 * time.Millisecond)
 	h.mustOK(logical.ReadOperation, "creds/finam", nil) // starts the failing refresh
 	if !waitFor(t, 3*time.Second, func() bool {
 		r := h.mustOK(logical.ReadOperation, "creds/finam", nil)

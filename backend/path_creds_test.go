@@ -113,31 +113,29 @@ func TestConcurrentColdReadsMintOnce(t *testing.T) {
 }
 
 func TestRefreshAheadServesWithoutWaiting(t *testing.T) {
-	// A 9 s token: refresh is due at 3 s left, and it stays servable down to
-	// 1.5 s left (a sixth of its life).
-	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 9 * time.Second})
-	h.writeFinam("finam", nil)
-	first := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
-	time.Sleep(6600 * time.Millisecond)
-	h.sb.SetLatency(1500 * time.Millisecond)
-	start := time.Now()
-	due := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
-	if waited := time.Since(start); waited > time.Second {
-		t.Fatalf("a read with a valid token waited %v on the broker", waited)
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	first := c.token("creds/x")
+	// Due for a refresh (a third of the life left); the broker then holds
+	// the refresh: reads must not wait on it.
+	entered, release := f.holdNext()
+	if got := c.dueRefresh("creds/x"); got != first {
+		t.Fatal("a still-valid token was not served while the refresh was due")
 	}
-	if due != first {
-		t.Fatal("a still-valid token was not served while the refresh ran")
+	<-entered
+	for range 5 {
+		if got := c.token("creds/x"); got != first {
+			t.Fatal("the token changed before the refresh finished")
+		}
 	}
-	if !waitFor(t, 6*time.Second, func() bool { return h.sb.Calls(sessionsEP) == 2 }) {
-		t.Fatalf("background refresh did not mint: %d mints", h.sb.Calls(sessionsEP))
+	if n := f.callCount(); n != 2 {
+		t.Fatalf("reads during the refresh started more mints: %d, want 2", n)
 	}
-	if !waitFor(t, 8*time.Second, func() bool {
-		return h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"] != first
-	}) {
-		t.Fatal("the refreshed token is not served")
-	}
-	if n := h.sb.Calls(sessionsEP); n != 2 {
-		t.Fatalf("mints = %d, want 2", n)
+	release()
+	c.waitIdle("x")
+	if got := c.token("creds/x"); got == first || f.callCount() != 2 {
+		t.Fatalf("the refreshed token is not served (%d mints)", f.callCount())
 	}
 }
 
@@ -145,7 +143,7 @@ func TestNearlyExpiredTokenIsNeverHandedOut(t *testing.T) {
 	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 3 * time.Second})
 	h.writeFinam("finam", nil)
 	h.sb.InjectFault(sessionsEP, 503, -1) // no refresh can succeed
-	time.Sleep(2600 * time.Millisecond)   // 0.4 s left < a sixth of 3 s
+	h.skip(2600 * time.Millisecond)       // 0.4 s left < a sixth of 3 s
 	resp, err := h.do(logical.ReadOperation, "creds/finam", nil)
 	if statusOf(resp, err) != 502 || !strings.Contains(errText(resp, err), "HTTP 503") {
 		t.Fatalf("a nearly expired token was served or the error is unclear: %d %s", statusOf(resp, err), errText(resp, err))
@@ -167,7 +165,7 @@ func TestFailingBrokerStillServesValidToken(t *testing.T) {
 	h.writeFinam("finam", nil)
 	first := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
 	h.sb.InjectFault(sessionsEP, 503, -1)
-	time.Sleep(6600 * time.Millisecond) // refresh due, still servable
+	h.skip(6600 * time.Millisecond) // refresh due, still servable
 	for range 5 {
 		if got := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; got != first {
 			t.Fatal("token changed while the broker fails")
