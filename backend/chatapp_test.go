@@ -228,3 +228,55 @@ func TestChatAppRefusesGuardsItCannotCheck(t *testing.T) {
 		t.Fatal("a refused config spent a make")
 	}
 }
+
+// A crash between ChatApp's answer and the storage write: ChatApp has
+// retired the old refresh token, storage still holds it, and the rotation
+// record written before the call is all that tells. Recovery through the
+// record costs exactly one tokens.make, and never loops.
+func TestChatAppCrashAfterAnswerRecoversThroughRecord(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	if resp, err := h.writeChatApp("chat", nil); errText(resp, err) != "" {
+		t.Fatal(errText(resp, err))
+	}
+	old := h.storedRefresh("chat")
+	makes := h.sb.ChatAppMakes()
+
+	// The node that crashes: its write of the rotated pair never lands.
+	crashing := &gateStorage{Storage: h.storage, failKey: tokenPrefix + "chat"}
+	b1, _ := h.newBackend(crashing)
+	req := &logical.Request{Operation: logical.UpdateOperation, Path: "rotate-root/chat", Storage: crashing}
+	if _, err := b1.HandleRequest(context.Background(), req); err != nil {
+		t.Fatalf("rotate-root: %v", err)
+	}
+	if h.sb.ChatAppRefreshValid(old) || h.storedRefresh("chat") != old {
+		t.Fatal("the crash was not simulated: ChatApp did not rotate, or the new pair reached storage")
+	}
+	ids, err := framework.ListWAL(context.Background(), h.storage)
+	if err != nil || len(ids) != 1 {
+		t.Fatalf("rotation records after the crash: %v %v, want 1", ids, err)
+	}
+
+	// The restarted node: Vault's rollback replays the record.
+	b2, _ := h.newBackend(h.storage)
+	rollback := &logical.Request{Operation: logical.RollbackOperation, Storage: h.storage, Data: map[string]any{"immediate": true}}
+	for i := range 2 { // a second pass finds nothing to do
+		if _, err := b2.HandleRequest(context.Background(), rollback); err != nil {
+			t.Fatalf("rollback %d: %v", i+1, err)
+		}
+	}
+	if got := h.sb.ChatAppMakes() - makes; got != 1 {
+		t.Fatalf("recovery spent %d tokens.make, want exactly 1", got)
+	}
+	if rt := h.storedRefresh("chat"); !h.sb.ChatAppRefreshValid(rt) {
+		t.Fatal("recovery did not store a live refresh token")
+	}
+	if ids, _ := framework.ListWAL(context.Background(), h.storage); len(ids) != 0 {
+		t.Fatalf("%d rotation records left after recovery", len(ids))
+	}
+	if r, err := h.doOn(b2, logical.ReadOperation, "creds/chat", nil); errText(r, err) != "" {
+		t.Fatal(errText(r, err))
+	}
+	if got := h.sb.ChatAppMakes() - makes; got != 1 {
+		t.Fatalf("reads after recovery spent more makes: %d", got)
+	}
+}
