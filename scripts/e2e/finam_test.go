@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
 )
 
 const sessionsEP = "POST /v1/sessions"
@@ -141,15 +143,61 @@ func TestFinamEndToEnd(t *testing.T) {
 		}
 	})
 
-	t.Run("revoke retires the token and is idempotent", func(t *testing.T) {
-		e.cli("lease", "revoke", cred.LeaseID)
-		if r := e.vault.CLI("lease", "revoke", cred.LeaseID); !r.OK() {
-			t.Fatalf("second revoke failed: %s", r)
+	t.Run("lease ends never evict the shared token; retire does", func(t *testing.T) {
+		shared := cred.Data["access_token"]
+		before := e.sb.Calls(sessionsEP)
+		e.cli("policy", "write", "finam-reader", writeTemp(t, `path "broker/creds/finam" { capabilities = ["read"] }`))
+		// Five short jobs: each logs in, reads, and has its Vault token
+		// revoked when done, which revokes its lease.
+		var ended []string
+		for i := range 5 {
+			job := e.login(t, "finam-reader", "10m")
+			var got secretResponse
+			if r := e.asToken(job, &got, "read", "-format=json", "broker/creds/finam"); !r.OK() {
+				t.Fatalf("job %d: %s", i, r)
+			}
+			if got.Data["access_token"] != shared {
+				t.Fatalf("job %d got a different token", i)
+			}
+			e.cli("token", "revoke", job)
+			ended = append(ended, got.LeaseID)
 		}
+		// An operator revokes one lease, twice (idempotent).
+		var one secretResponse
+		e.cliJSON(&one, "read", "-format=json", "broker/creds/finam")
+		e.cli("lease", "revoke", one.LeaseID)
+		e.cli("lease", "revoke", one.LeaseID)
+		// A 3-second login expires, and Vault revokes its lease.
+		short := e.login(t, "finam-reader", "3s")
+		var last secretResponse
+		if r := e.asToken(short, &last, "read", "-format=json", "broker/creds/finam"); !r.OK() {
+			t.Fatalf("short login: %s", r)
+		}
+		// Vault revokes leases in the background: wait until every one is
+		// gone, so each revoke has reached the plugin.
+		deadline := time.Now().Add(30 * time.Second)
+		for _, id := range append(ended, one.LeaseID, last.LeaseID) {
+			for e.vault.CLI("lease", "lookup", id).OK() {
+				if time.Now().After(deadline) {
+					t.Fatalf("lease %s was never revoked", id)
+				}
+				time.Sleep(250 * time.Millisecond)
+			}
+		}
+		var after secretResponse
+		e.cliJSON(&after, "read", "-format=json", "broker/creds/finam")
+		extra := e.sb.Calls(sessionsEP) - before
+		t.Logf("consumer scenario (5 revoked jobs, 1 lease revoke, 1 expired login): %d extra mints", extra)
+		if extra != 0 || after.Data["access_token"] != shared {
+			t.Fatalf("lease ends cost %d mints and changed the shared token: %v", extra, after.Data["access_token"] != shared)
+		}
+
+		// The incident switch: the next read is a new token.
+		e.cli("write", "-f", "broker/config/finam/retire")
 		var next secretResponse
 		e.cliJSON(&next, "read", "-format=json", "broker/creds/finam")
-		if next.Data["access_token"] == cred.Data["access_token"] {
-			t.Fatal("a revoked lease's token is still handed out")
+		if next.Data["access_token"] == shared || e.sb.Calls(sessionsEP) != before+1 {
+			t.Fatal("after retire the retired token is still handed out")
 		}
 		cred = next
 	})
@@ -187,4 +235,42 @@ func TestFinamEndToEnd(t *testing.T) {
 			t.Fatal("the Finam secret appears in the Vault server log")
 		}
 	})
+}
+
+// login creates a Vault token with policy and ttl, as a job's login would.
+func (e *env) login(t *testing.T, policy, ttl string) string {
+	t.Helper()
+	var out struct {
+		Auth struct {
+			ClientToken string `json:"client_token"`
+		} `json:"auth"`
+	}
+	e.cliJSON(&out, "token", "create", "-format=json", "-policy="+policy, "-ttl="+ttl, "-explicit-max-ttl="+ttl)
+	return out.Auth.ClientToken
+}
+
+// asToken runs the CLI as another Vault token and decodes its JSON output.
+func (e *env) asToken(token string, out any, args ...string) vaulttest.CLIResult {
+	cmd := exec.Command(e.vault.Bin, args...)
+	cmd.Env = append(os.Environ(), "VAULT_ADDR="+e.vault.Addr, "VAULT_TOKEN="+token)
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	r := vaulttest.CLIResult{Err: cmd.Run()}
+	r.Stdout, r.Stderr = stdout.String(), stderr.String()
+	if r.OK() && out != nil {
+		if err := json.Unmarshal([]byte(r.Stdout), out); err != nil {
+			r.Err = err
+		}
+	}
+	return r
+}
+
+// writeTemp writes content to a temporary file and returns its path.
+func writeTemp(t *testing.T, content string) string {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(f, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
 }

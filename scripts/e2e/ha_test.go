@@ -92,6 +92,10 @@ func TestHAFailover(t *testing.T) {
 	periodicStart := time.Now()
 	mustOK(active, "POST", "broker/config/tbank", map[string]any{"provider": "tinvest", "token": sandbox.TInvestFullToken,
 		"base_url": sbSrv.URL + sandbox.TInvestPrefix, "validation_interval": "1m"})
+	// A config whose tokens are retired on the active node just before it
+	// dies: the new active node must never serve the retired token.
+	mustOK(active, "POST", "broker/config/incident", map[string]any{"provider": "finam", "secret": sandbox.FinamSecret, "base_url": sbSrv.URL})
+	retiredTok := mustOK(active, "GET", "broker/creds/incident", nil).Data["access_token"]
 	sb.ResetCalls()
 	infoTimes := newCallClock()
 
@@ -166,6 +170,7 @@ func TestHAFailover(t *testing.T) {
 		t.Fatalf("load before the crash: %d ok, %d failed (%v)", before.ok, before.failed, load.firstErrors(3))
 	}
 
+	mustOK(active, "POST", "broker/config/incident/retire", map[string]any{})
 	// Crash the active node, and its plugin with it.
 	old := active
 	killAt := time.Now()
@@ -223,6 +228,20 @@ func TestHAFailover(t *testing.T) {
 	if got := sb.ChatAppMakes(); got != 1 {
 		t.Errorf("%d tokens.make in all, want the one at config write", got)
 	}
+	// The retire made on the dead node holds on every surviving one.
+	var fresh any
+	for _, nd := range c.Alive() {
+		got := mustOK(nd, "GET", "broker/creds/incident", nil).Data["access_token"]
+		if got == retiredTok {
+			t.Errorf("%s served the token retired on the dead active node", nd.ID)
+		}
+		if fresh == nil {
+			fresh = got
+		} else if got != fresh {
+			t.Errorf("%s served a different token after the retire: one mint should serve all", nd.ID)
+		}
+	}
+	sb.ResetCalls()
 
 	// Nothing stored is lost: every config reads, on every surviving node.
 	secretFields := map[string][]string{"finam": {"secret"}, "alor": {"refresh_token"}, "chat": {"email", "password", "app_id"}, "tbank": {"token"}}
