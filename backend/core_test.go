@@ -455,3 +455,66 @@ func TestPassthroughRenewsShareOneCall(t *testing.T) {
 		t.Fatalf("a later renew did not ask the broker (%v, %d calls)", err, f.callCount()-calls)
 	}
 }
+
+func TestLeasesAreShapedToSwapWithLifeToSpare(t *testing.T) {
+	life := 40 * time.Second
+	issued := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	tok := &storedToken{IssuedAt: issued, ExpiresAt: issued.Add(life)}
+	for _, tc := range []struct {
+		age      time.Duration
+		min, max time.Duration
+	}{
+		{0, 24 * time.Second, 26 * time.Second},              // ends at a third left, up to a tenth early
+		{20 * time.Second, 5 * time.Second, 6 * time.Second}, // still before the refresh point
+		{26 * time.Second, time.Second, time.Second},         // due: come back shortly
+		{35 * time.Second, time.Second, time.Second},
+	} {
+		for range 20 { // the spread is random
+			got := shapedTTL(tok, issued.Add(tc.age))
+			if got < tc.min || got > tc.max {
+				t.Fatalf("age %v: lease %v, want %v..%v", tc.age, got, tc.min, tc.max)
+			}
+			// A client re-reading at 85-95% of its lease (Agent) swaps
+			// with at least a quarter of the token's life left.
+			if left := tok.ExpiresAt.Sub(issued.Add(tc.age + got*95/100)); tc.age < 26*time.Second && left < life/4 {
+				t.Fatalf("age %v: the holder re-reads with %v of %v left", tc.age, left, life)
+			}
+		}
+	}
+	// A 15-minute JWT: the lease ends with 5 minutes left (minus spread).
+	jwt := &storedToken{IssuedAt: issued, ExpiresAt: issued.Add(15 * time.Minute)}
+	if got := shapedTTL(jwt, issued); got > 10*time.Minute || got < 10*time.Minute-30*time.Second {
+		t.Fatalf("15-minute JWT: lease %v", got)
+	}
+}
+
+func TestClientAtLeaseEndMovesToNewTokenWithLifeToSpare(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	first := c.ok(logical.ReadOperation, "creds/x", nil)
+	exp, err := time.Parse(time.RFC3339, first.Data["expires_at"].(string))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A client that re-reads when its lease ends (Agent re-reads a little
+	// earlier still), as long as it gets the same token.
+	lease := first
+	for rounds := 1; ; rounds++ {
+		c.clock.Advance(lease.Secret.TTL)
+		c.waitIdle("x")
+		lease = c.ok(logical.ReadOperation, "creds/x", nil)
+		if lease.Data["access_token"] != first.Data["access_token"] {
+			if left := exp.Sub(c.clock.Now()); left < 15*time.Minute/4 {
+				t.Fatalf("moved to the new token with %v of the old one's 15m left", left)
+			}
+			break
+		}
+		if rounds == 5 {
+			t.Fatalf("still the old token after %d re-reads", rounds)
+		}
+	}
+	if f.callCount() != 2 {
+		t.Fatalf("%d mints, want 2", f.callCount())
+	}
+}

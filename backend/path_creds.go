@@ -85,6 +85,7 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		"config":      name,
 		"token_id":    tok.ID,
 		"expires_at":  formatTimeNano(tok.ExpiresAt),
+		"issued_at":   formatTimeNano(tok.IssuedAt),
 		"account_ids": tok.AccountIDs,
 		"readonly":    tok.ReadOnly,
 	})
@@ -106,9 +107,9 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 	return resp, nil
 }
 
-// leaseTTL is min(ttl, the token's remaining life, what max_ttl leaves since
-// issued). defaultTTL applies when the config sets no ttl; zero means the
-// token's whole remaining life.
+// leaseTTL is min(ttl, the shaped life of a lease on the token (see
+// shapedTTL), what max_ttl leaves since issued). defaultTTL applies when the
+// config sets no ttl; zero means as long as the token allows.
 func leaseTTL(cfg *brokerConfig, defaultTTL time.Duration, tok *storedToken, issued, now time.Time) (time.Duration, error) {
 	ttl := cfg.TTL
 	if ttl == 0 {
@@ -119,13 +120,8 @@ func leaseTTL(cfg *brokerConfig, defaultTTL time.Duration, tok *storedToken, iss
 		if remaining <= 0 {
 			return 0, fmt.Errorf("the %s token expired at %s", cfg.Provider, formatTime(tok.ExpiresAt))
 		}
-		if ttl == 0 || remaining < ttl {
-			// Every lease capped by one token would end in the same second,
-			// and Vault would revoke them in one burst that stalls reads on
-			// every mount; ending each up to a tenth (at most 30 s) early
-			// spreads them out.
-			ttl = remaining - rand.N(min(remaining/10, 30*time.Second)+1)
-			ttl = max(ttl.Truncate(time.Second), time.Second)
+		if shaped := shapedTTL(tok, now); ttl == 0 || shaped < ttl {
+			ttl = shaped
 		}
 	}
 	if cfg.MaxTTL > 0 {
@@ -159,6 +155,31 @@ func upstreamFailure(name string, err error) error {
 		return logical.CodedError(http.StatusTooManyRequests, msg)
 	}
 	return logical.CodedError(http.StatusBadGateway, msg)
+}
+
+// shapedTTL is how long a lease on tok lasts so that its holder (Vault
+// Agent, a LifetimeWatcher, a bot re-reading at its lease's end) moves to
+// the next token with about a third of the old one's life left, not a
+// tenth: a Vault blip or an Agent restart at that moment must not leave a
+// bot holding a dying token. Clients re-read a little before their lease
+// ends, so the lease ends where the refresh ahead is due; a read after
+// that point (which starts the refresh) gets a short lease, and the next
+// read gets the new token. The mint rate does not change.
+func shapedTTL(tok *storedToken, now time.Time) time.Duration {
+	life := tok.ExpiresAt.Sub(tok.IssuedAt)
+	remaining := tok.ExpiresAt.Sub(now)
+	if tok.IssuedAt.IsZero() {
+		life = 0 // a lease from before issued_at was recorded: no shaping
+	}
+	if until := remaining - life/refreshAtFraction; until >= 2*time.Second {
+		// Every lease on one token would end in the same second, and Vault
+		// would revoke them in one burst that stalls reads on every mount;
+		// ending each up to a tenth (at most 30 s) early spreads them out.
+		ttl := until - rand.N(min(until/10, 30*time.Second)+1)
+		return max(ttl.Truncate(time.Second), time.Second)
+	}
+	short := min(max(life/40, time.Second), remaining)
+	return max(short.Truncate(time.Second), time.Second)
 }
 
 func formatTimeNano(t time.Time) string {

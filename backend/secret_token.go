@@ -44,7 +44,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted: the lease cannot be renewed; read creds of an existing config", in.config))
 	}
 	spec := b.specs[cfg.Provider]
-	tok := &storedToken{ExpiresAt: in.expiresAt, AccountIDs: in.accounts, ReadOnly: in.readonly}
+	tok := &storedToken{IssuedAt: in.issuedAt, ExpiresAt: in.expiresAt, AccountIDs: in.accounts, ReadOnly: in.readonly}
 	if spec.Kind == provider.Passthrough {
 		// The lease holds the long-lived token itself: renewing means asking
 		// the broker again whether it still lives and what it can reach.
@@ -88,6 +88,7 @@ type leaseInternal struct {
 	config    string
 	tokenID   string
 	expiresAt time.Time
+	issuedAt  time.Time
 	accounts  []string
 	readonly  bool
 }
@@ -105,7 +106,7 @@ func parseInternal(m map[string]any) (leaseInternal, error) {
 	for _, k := range []struct {
 		key string
 		dst *time.Time
-	}{{"expires_at", &in.expiresAt}} {
+	}{{"expires_at", &in.expiresAt}, {"issued_at", &in.issuedAt}} {
 		if s, _ := m[k.key].(string); s != "" {
 			t, err := time.Parse(time.RFC3339Nano, s)
 			if err != nil {
