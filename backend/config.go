@@ -25,6 +25,9 @@ type brokerConfig struct {
 	// ValidationInterval is how often a passthrough token is validated to
 	// keep it alive (tinvest); zero means the default.
 	ValidationInterval time.Duration `json:"validation_interval,omitempty"`
+	// NoKeepAlive turns the background validation off (tinvest): the token
+	// then dies of T-Invest's own inactivity expiry when nothing reads it.
+	NoKeepAlive bool `json:"no_keep_alive,omitempty"`
 	// SecretExpiresAt is when the long-lived secret dies, where the operator
 	// knows it (alor: the portal shows it); zero when unknown.
 	SecretExpiresAt time.Time `json:"secret_expires_at,omitzero"`

@@ -518,3 +518,35 @@ func TestClientAtLeaseEndMovesToNewTokenWithLifeToSpare(t *testing.T) {
 		t.Fatalf("%d mints, want 2", f.callCount())
 	}
 }
+
+func TestKeepAliveCanBeTurnedOff(t *testing.T) {
+	f := tinvestLike()
+	c := newCoreHarness(t, f, finamLike())
+	c.ok(logical.UpdateOperation, "config/on", map[string]any{"provider": "fakepass", "secret": "t1"})
+	c.ok(logical.UpdateOperation, "config/off", map[string]any{"provider": "fakepass", "secret": "t2", "keep_alive": false})
+	if got := c.ok(logical.ReadOperation, "config/off", nil).Data["keep_alive"]; got != false {
+		t.Fatalf("config read shows keep_alive=%v", got)
+	}
+	calls := f.callCount()
+	c.clock.Advance(25 * time.Hour)
+	if err := c.b.periodicFunc(context.Background(), &logical.Request{Storage: c.storage}); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.callCount() - calls; got != 1 {
+		t.Fatalf("a day later the tick validated %d configs, want only the one with keep_alive on", got)
+	}
+	// Restarted: the schedule built from storage honours it too.
+	b2 := c.newBackend(nil)
+	c.clock.Advance(25 * time.Hour)
+	calls = f.callCount()
+	if err := b2.periodicFunc(context.Background(), &logical.Request{Storage: c.storage}); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.callCount() - calls; got != 1 {
+		t.Fatalf("after a restart the tick validated %d configs, want 1", got)
+	}
+	resp, err := c.do(logical.UpdateOperation, "config/on2", map[string]any{"provider": "fake", "secret": "s", "keep_alive": false})
+	if err == nil && (resp == nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), "keep_alive: does not apply")) {
+		t.Fatalf("keep_alive on a minted provider: %v", resp)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"slices"
 	"sort"
@@ -53,6 +54,8 @@ func (b *backend) pathConfig() []*framework.Path {
 			Description: "chatapp: most tokens.make calls a day (UTC) the plugin makes for this email and appId; ChatApp allows 100. Default 90."},
 		"rotation_fraction": {Type: framework.TypeFloat,
 			Description: "chatapp: refresh the token pair once this share of the refresh token's life has passed (0 < f < 1). Default 0.5."},
+		"keep_alive": {Type: framework.TypeBool, Default: true,
+			Description: "tinvest: validate the token in the background every validation_interval (default true). It keeps a token nobody reads alive (T-Invest kills tokens 3 months after their last use); false lets such a token die of disuse."},
 		"validation_interval": {Type: framework.TypeDurationSecond,
 			Description: "tinvest: how often the token is validated in the background, which keeps it alive (it dies 3 months after its last use) and shows a revocation early. Default 24h."},
 		"verify": {Type: framework.TypeBool, Default: true,
@@ -95,7 +98,7 @@ const configHelp = `
 Stores a broker's long-lived secret. Fields by provider:
 
   finam    secret
-  tinvest  token; validation_interval (daily keep-alive validation)
+  tinvest  token; keep_alive, validation_interval (daily keep-alive validation)
   alor     refresh_token; refresh_token_expires_at, expiry_warning
   chatapp  email, password, app_id, optional refresh_token seed;
            make_budget, rotation_fraction
@@ -196,7 +199,7 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 	}
 	if spec, ok := b.specs[cfg.Provider]; ok {
 		data["endpoint"] = baseURL(spec, cfg)
-		if slices.Contains(providerOptions["refresh_token_expires_at"], cfg.Provider) {
+		if providerOptions["refresh_token_expires_at"](spec) {
 			data["refresh_token_expires_at"] = formatTime(cfg.SecretExpiresAt)
 			data["expiry_warning"] = int64(cmp.Or(cfg.ExpiryWarning, defaultExpiryWarning) / time.Second)
 		}
@@ -207,6 +210,7 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		}
 		if spec.Kind == provider.Passthrough {
 			data["validation_interval"] = int64(cmp.Or(cfg.ValidationInterval, defaultValidationInterval) / time.Second)
+			data["keep_alive"] = !cfg.NoKeepAlive
 			data["last_validated"] = formatTime(rec.LastRefresh)
 		}
 		for _, f := range spec.Fields {
@@ -493,9 +497,9 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 		return nil, false, badField("ttl", "(%s) must not exceed max_ttl (%s)", cfg.TTL, cfg.MaxTTL)
 	}
 
-	for opt, providers := range providerOptions {
-		if _, ok := d.GetOk(opt); ok && !slices.Contains(providers, cfg.Provider) {
-			return nil, false, badField(opt, "does not apply to provider %s (only to %s)", cfg.Provider, strings.Join(providers, ", "))
+	for opt, applies := range providerOptions {
+		if _, ok := d.GetOk(opt); ok && !applies(spec) {
+			return nil, false, badField(opt, "does not apply to provider %s (only to %s)", cfg.Provider, strings.Join(b.providersWhere(applies), ", "))
 		}
 	}
 	if v, ok := d.GetOk("refresh_token_expires_at"); ok {
@@ -529,6 +533,9 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 			return nil, false, badField("rotation_fraction", "must be between 0 and 1 (exclusive)")
 		}
 	}
+	if v, ok := d.GetOk("keep_alive"); ok {
+		cfg.NoKeepAlive = !v.(bool)
+	}
 	if v, ok := d.GetOk("validation_interval"); ok {
 		cfg.ValidationInterval = time.Duration(v.(int)) * time.Second
 		if cfg.ValidationInterval != 0 && cfg.ValidationInterval < time.Minute {
@@ -559,13 +566,33 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 	return cfg, d.Get("verify").(bool), nil
 }
 
-// providerOptions are non-secret fields that only some providers take.
-var providerOptions = map[string][]string{
-	"make_budget":              {"chatapp"},
-	"rotation_fraction":        {"chatapp"},
-	"validation_interval":      {"tinvest"},
-	"refresh_token_expires_at": {"alor"},
-	"expiry_warning":           {"alor"},
+// providerOptions are non-secret fields that only some providers take, by
+// what the provider's Spec says it is.
+var providerOptions = map[string]func(provider.Spec) bool{
+	"make_budget":              rotating,
+	"rotation_fraction":        rotating,
+	"validation_interval":      passthrough,
+	"keep_alive":               passthrough,
+	"refresh_token_expires_at": declaredExpiry,
+	"expiry_warning":           declaredExpiry,
+}
+
+func rotating(s provider.Spec) bool    { return s.RotatesSecret }
+func passthrough(s provider.Spec) bool { return s.Kind == provider.Passthrough }
+
+// declaredExpiry: the broker's portal shows when the long-lived secret
+// expires but its API does not, so the operator declares it (ALOR).
+func declaredExpiry(s provider.Spec) bool { return s.Name == "alor" }
+
+// providersWhere lists the registered providers a predicate holds for.
+func (b *backend) providersWhere(f func(provider.Spec) bool) []string {
+	var out []string
+	for _, name := range slices.Sorted(maps.Keys(b.specs)) {
+		if f(b.specs[name]) {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // parseDate accepts RFC 3339 or a plain date (end of that day, UTC, so a

@@ -126,6 +126,9 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 		// Minted tokens are refreshed ahead on the read path; nothing to keep alive.
 		return time.Time{}
 	}
+	if cfg.NoKeepAlive {
+		return time.Time{} // the operator chose T-Invest's own inactivity expiry
+	}
 	interval := cfg.ValidationInterval
 	if interval <= 0 {
 		interval = defaultValidationInterval
