@@ -7,7 +7,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
@@ -49,12 +51,52 @@ func (Provider) Spec() provider.Spec {
 
 // MDPermission is one market-data permission reported by TokenDetails.
 type MDPermission struct {
-	QuoteLevel   string `json:"quote_level"`
-	DelayMinutes int    `json:"delay_minutes"`
-	MIC          string `json:"mic,omitempty"`
-	Country      string `json:"country,omitempty"`
-	Continent    string `json:"continent,omitempty"`
-	Worldwide    bool   `json:"worldwide,omitempty"`
+	QuoteLevel   QuoteLevel `json:"quote_level"`
+	DelayMinutes int        `json:"delay_minutes"`
+	MIC          string     `json:"mic,omitempty"`
+	Country      string     `json:"country,omitempty"`
+	Continent    string     `json:"continent,omitempty"`
+	Worldwide    bool       `json:"worldwide,omitempty"`
+}
+
+// quoteLevels are the names of the QuoteLevel enum by number
+// (grpc.tradeapi.v1.auth.MDPermission.QuoteLevel).
+var quoteLevels = []string{
+	"QUOTE_LEVEL_UNSPECIFIED",
+	"QUOTE_LEVEL_LAST_PRICE",
+	"QUOTE_LEVEL_BEST_BID_OFFER",
+	"QUOTE_LEVEL_DEPTH_OF_MARKET",
+	"QUOTE_LEVEL_DEPTH_OF_BOOK",
+	"QUOTE_LEVEL_ACCESS_FORBIDDEN",
+}
+
+// QuoteLevel is the quote_level enum, held by name. REST sends the name,
+// but a gateway may send the number (brokers.md): both are read, so that
+// one permission's encoding never fails the whole mint. A number the enum
+// does not know is kept as its decimal text.
+type QuoteLevel string
+
+// UnmarshalJSON reads a name or a number; null leaves it empty.
+func (q *QuoteLevel) UnmarshalJSON(b []byte) error {
+	var name string
+	if err := json.Unmarshal(b, &name); err == nil {
+		*q = QuoteLevel(name)
+		return nil
+	}
+	var n json.Number
+	if err := json.Unmarshal(b, &n); err != nil {
+		return fmt.Errorf("quote_level is neither an enum name nor a number: %w", err)
+	}
+	i, err := n.Int64()
+	if err != nil {
+		return fmt.Errorf("quote_level is not an enum number: %w", err)
+	}
+	if i >= 0 && i < int64(len(quoteLevels)) {
+		*q = QuoteLevel(quoteLevels[i])
+	} else {
+		*q = QuoteLevel(strconv.FormatInt(i, 10))
+	}
+	return nil
 }
 
 // Details is the TokenDetails response (REST JSON is snake_case).
@@ -88,7 +130,25 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 	if err := post(ctx, req, pathDetails, map[string]string{"token": auth.Token}, true, []string{secret, auth.Token}, &det); err != nil {
 		return nil, err
 	}
+	if err := accountsKnown(det, req.AllowedAccounts); err != nil {
+		return nil, err
+	}
 	return tokenFrom(auth.Token, det, received)
+}
+
+// ErrNoAccounts refuses allowed_accounts for a token whose TokenDetails
+// lists no account: a guard holds only on positive evidence, and proto3
+// JSON drops an empty list, so "none" and "not reported" look the same.
+var ErrNoAccounts = fmt.Errorf("%w: Finam lists no account for this token (TokenDetails account_ids is empty or absent), so allowed_accounts cannot be checked", provider.ErrGuard)
+
+// accountsKnown refuses a narrowing guard the broker's answer cannot prove.
+// Which accounts outside allowed the token reaches is the backend's check;
+// this one only makes sure there is a list to check.
+func accountsKnown(det Details, allowed []string) error {
+	if len(allowed) > 0 && len(det.AccountIDs) == 0 {
+		return fmt.Errorf("%w; unset allowed_accounts or use a secret whose token names its accounts", ErrNoAccounts)
+	}
+	return nil
 }
 
 // tokenFrom builds the token from TokenDetails, falling back to the JWT's
@@ -104,7 +164,7 @@ func tokenFrom(jwt string, det Details, received time.Time) (*provider.Token, er
 	}
 	perms := make([]map[string]any, 0, len(det.MDPermissions))
 	for _, p := range det.MDPermissions {
-		m := map[string]any{"quote_level": p.QuoteLevel, "delay_minutes": p.DelayMinutes}
+		m := map[string]any{"quote_level": string(p.QuoteLevel), "delay_minutes": p.DelayMinutes}
 		switch {
 		case p.MIC != "":
 			m["mic"] = p.MIC
@@ -200,8 +260,10 @@ func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
 		e.Message = upstream.Quote(string(r.Body), call.Secrets...)
 	}
 	switch {
-	case r.Status == http.StatusUnauthorized || (r.Status == http.StatusBadRequest && call.Op == "POST "+pathSessions):
-		// Finam answers 400/401 for an expired or invalid secret or token.
+	case r.Status == http.StatusUnauthorized || r.Status == http.StatusBadRequest:
+		// Every AuthService call answers 400/401 for an expired or invalid
+		// secret or token (the proto says so for 400 too). A JWT refused
+		// right after its mint means the secret behind it no longer works.
 		e.Kind = upstream.KindAuth
 		e.Hint = "the API secret is wrong, expired or revoked: issue a new one on the Finam portal (Tokens page) and write it to this config"
 	case r.Status == http.StatusTooManyRequests:

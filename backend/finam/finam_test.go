@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -32,14 +33,18 @@ func TestIssueAgainstSandbox(t *testing.T) {
 	cases := []struct {
 		name     string
 		secret   string
+		numeric  bool
 		readonly bool
 		accounts string
 	}{
-		{"trading secret", sandbox.FinamSecret, false, "1899011,1899012"},
-		{"read-only secret", sandbox.FinamReadOnlySecret, true, "1899011"},
+		{"trading secret", sandbox.FinamSecret, false, false, "1899011,1899012"},
+		{"read-only secret", sandbox.FinamReadOnlySecret, false, true, "1899011"},
+		// brokers.md: a gateway may send the enum's number.
+		{"quote_level as a number", sandbox.FinamSecret, true, false, "1899011,1899012"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
+			sb.SetFinamNumericQuoteLevel(tc.numeric)
 			tok, err := New().Issue(context.Background(), request(t, srv.URL, tc.secret))
 			if err != nil {
 				t.Fatal(err)
@@ -53,7 +58,9 @@ func TestIssueAgainstSandbox(t *testing.T) {
 			if life := tok.ExpiresAt.Sub(tok.IssuedAt); life < 9*time.Minute || life > 10*time.Minute+time.Second {
 				t.Fatalf("lifetime %v, want the sandbox's 10m", life)
 			}
-			if perms := tok.Details["md_permissions"].([]map[string]any); len(perms) != 2 || perms[0]["mic"] != "MISX" {
+			perms := tok.Details["md_permissions"].([]map[string]any)
+			if len(perms) != 2 || perms[0]["mic"] != "MISX" ||
+				perms[0]["quote_level"] != "QUOTE_LEVEL_LAST_PRICE" || perms[1]["quote_level"] != "QUOTE_LEVEL_BEST_BID_OFFER" {
 				t.Fatalf("md_permissions = %v", perms)
 			}
 		})
@@ -164,5 +171,128 @@ func TestLifetimeCorrectsClockSkew(t *testing.T) {
 	issued, expires := provider.Lifetime(now, now.Add(5*time.Minute), now.Add(20*time.Minute))
 	if !issued.Equal(now) || !expires.Equal(now.Add(15*time.Minute)) {
 		t.Fatalf("skew not corrected: %v..%v", issued, expires)
+	}
+}
+
+func TestQuoteLevel(t *testing.T) {
+	cases := []struct {
+		name, json, want string
+		fails            bool
+	}{
+		{name: "name", json: `"QUOTE_LEVEL_DEPTH_OF_BOOK"`, want: "QUOTE_LEVEL_DEPTH_OF_BOOK"},
+		{name: "unknown name kept", json: `"QUOTE_LEVEL_NEW"`, want: "QUOTE_LEVEL_NEW"},
+		{name: "number", json: `3`, want: "QUOTE_LEVEL_DEPTH_OF_MARKET"},
+		{name: "zero", json: `0`, want: "QUOTE_LEVEL_UNSPECIFIED"},
+		{name: "last known number", json: `5`, want: "QUOTE_LEVEL_ACCESS_FORBIDDEN"},
+		{name: "unknown number kept", json: `6`, want: "6"},
+		{name: "negative number kept", json: `-1`, want: "-1"},
+		{name: "null", json: `null`, want: ""},
+		{name: "fraction", json: `1.5`, fails: true},
+		{name: "bool", json: `true`, fails: true},
+		{name: "object", json: `{}`, fails: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var p MDPermission
+			err := json.Unmarshal([]byte(`{"quote_level":`+tc.json+`,"delay_minutes":15}`), &p)
+			if tc.fails {
+				if err == nil {
+					t.Fatalf("accepted %s as %q", tc.json, p.QuoteLevel)
+				}
+				return
+			}
+			if err != nil || string(p.QuoteLevel) != tc.want || p.DelayMinutes != 15 {
+				t.Fatalf("quote_level %s: %q, %v", tc.json, p.QuoteLevel, err)
+			}
+		})
+	}
+}
+
+// TestGuardEvidence: allowed_accounts holds only on a list of accounts from
+// Finam. A TokenDetails without one (proto3 JSON drops an empty list) proves
+// nothing, and the mint is refused with the reason.
+func TestGuardEvidence(t *testing.T) {
+	sb := sandbox.New(sandbox.Options{})
+	srv := httptest.NewServer(sb)
+	defer srv.Close()
+	sb.AddFinamSecret("no-accounts-secret", nil, false)
+	sb.AddFinamSecret("no-accounts-ro-secret", nil, true)
+	cases := []struct {
+		name     string
+		secret   string
+		allowed  []string
+		refused  bool
+		accounts string
+		readonly bool
+	}{
+		{name: "accounts listed, inside", secret: sandbox.FinamReadOnlySecret, allowed: []string{"1899011"}, accounts: "1899011", readonly: true},
+		// Which accounts are outside is the backend's check: the provider
+		// hands the list over.
+		{name: "accounts listed, some outside", secret: sandbox.FinamSecret, allowed: []string{"1899011"}, accounts: "1899011,1899012"},
+		{name: "no accounts listed, allowed_accounts set", secret: "no-accounts-secret", allowed: []string{"1899011"}, refused: true},
+		{name: "no accounts, read-only, allowed_accounts set", secret: "no-accounts-ro-secret", allowed: []string{"1899011"}, refused: true},
+		{name: "no accounts listed, no guard", secret: "no-accounts-secret", accounts: ""},
+		// readonly absent from the answer (proto3 drops false): not read-only.
+		{name: "readonly absent", secret: sandbox.FinamSecret, accounts: "1899011,1899012", readonly: false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			req := request(t, srv.URL, tc.secret)
+			req.AllowedAccounts = tc.allowed
+			tok, err := New().Issue(context.Background(), req)
+			if tc.refused {
+				if !errors.Is(err, provider.ErrGuard) || !errors.Is(err, ErrNoAccounts) {
+					t.Fatalf("want a guard refusal, got %v (token %+v)", err, tok)
+				}
+				if !strings.Contains(err.Error(), "allowed_accounts cannot be checked") || strings.Contains(err.Error(), tc.secret) {
+					t.Fatalf("refusal does not say why, or leaks: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Join(tok.AccountIDs, ",") != tc.accounts || tok.AccountIDs == nil || tok.ReadOnly != tc.readonly {
+				t.Fatalf("accounts %q readonly %v", tok.AccountIDs, tok.ReadOnly)
+			}
+		})
+	}
+}
+
+// TestAuthErrorsOnEveryCall: 400 and 401 mean an expired or invalid secret
+// or token on /v1/sessions and /v1/sessions/details alike.
+func TestAuthErrorsOnEveryCall(t *testing.T) {
+	cases := []struct {
+		name   string
+		path   string
+		status int
+		kind   upstream.Kind
+	}{
+		{"sessions 400", pathSessions, 400, upstream.KindAuth},
+		{"sessions 401", pathSessions, 401, upstream.KindAuth},
+		{"details 400", pathDetails, 400, upstream.KindAuth},
+		{"details 401", pathDetails, 401, upstream.KindAuth},
+		{"details 404", pathDetails, 404, upstream.KindRejected},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path != tc.path {
+					w.Write([]byte(`{"token":"a.e30.c"}`))
+					return
+				}
+				w.WriteHeader(tc.status)
+				w.Write([]byte(`{"code":3,"message":"token is expired or invalid"}`))
+			}))
+			defer srv.Close()
+			_, err := New().Issue(context.Background(), request(t, srv.URL, "s3cret-value"))
+			ue, ok := upstream.AsError(err)
+			if !ok || ue.Kind != tc.kind || ue.Op != "POST "+tc.path {
+				t.Fatalf("err = %v", err)
+			}
+			if tc.kind == upstream.KindAuth && !strings.Contains(err.Error(), "Finam portal") {
+				t.Fatalf("no hint: %v", err)
+			}
+		})
 	}
 }

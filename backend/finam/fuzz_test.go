@@ -83,6 +83,7 @@ func FuzzTokenFrom(f *testing.F) {
 	f.Add(`{"expires_at":"2026-03-01T09:00:00Z"}`, claims, int64(0))
 	f.Add(`{"created_at":"2026-03-01T10:20:00Z","expires_at":"2026-03-01T10:15:00Z"}`, claims, int64(0))
 	f.Add(`{"md_permissions":[{"quote_level":"X","country":"RU"},{"continent":"EU"},{}]}`, `{"exp":1772360100.9}`, int64(0))
+	f.Add(`{"md_permissions":[{"quote_level":1,"mic":"MISX"},{"quote_level":99},{"quote_level":null}]}`, claims, int64(0))
 	f.Add(`{}`, `{"exp":"1772360100"}`, int64(0))
 	f.Add(`{}`, `null`, int64(0))
 	f.Fuzz(func(t *testing.T, details, claims string, skewSec int64) {
@@ -191,7 +192,8 @@ func checkClassify(t *testing.T, status int, body string, sessions bool) {
 	}
 	ue := checkUpstreamError(t, e, strings.ReplaceAll(body, fuzzSecretMarker, ""))
 	want := upstream.KindForStatus(status)
-	if status == http.StatusUnauthorized || (status == http.StatusBadRequest && sessions) {
+	// Every AuthService call answers 400/401 for a dead secret or token.
+	if status == http.StatusUnauthorized || status == http.StatusBadRequest {
 		want = upstream.KindAuth
 	}
 	if ue.Kind != want {

@@ -21,6 +21,8 @@ func (s *Server) registerAdmin() {
 			Latency            *string `json:"latency"`
 			FinamTokenLifetime *string `json:"finam_token_lifetime"`
 			FinamRateLimit     *int    `json:"finam_rate_limit"`
+			// FinamNumericQuoteLevel sends quote_level as a number.
+			FinamNumericQuoteLevel *bool `json:"finam_numeric_quote_level"`
 		}
 		if !decode(w, r, &req) {
 			return
@@ -42,6 +44,9 @@ func (s *Server) registerAdmin() {
 		}
 		if req.FinamRateLimit != nil {
 			s.SetFinamRateLimit(*req.FinamRateLimit)
+		}
+		if req.FinamNumericQuoteLevel != nil {
+			s.SetFinamNumericQuoteLevel(*req.FinamNumericQuoteLevel)
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -34,9 +35,12 @@ type finamFake struct {
 	mu       sync.Mutex
 	lifetime time.Duration
 	limit    int
-	secrets  map[string]*finamAccount
-	sessions map[string]finamSession // by jti
-	window   map[string]rateWindow   // by method
+	// numericQuoteLevel sends quote_level as the enum's number, which
+	// brokers.md says a gateway may do instead of the name.
+	numericQuoteLevel bool
+	secrets           map[string]*finamAccount
+	sessions          map[string]finamSession // by jti
+	window            map[string]rateWindow   // by method
 }
 
 type rateWindow struct {
@@ -125,7 +129,7 @@ func (f *finamFake) auth(w http.ResponseWriter, r *http.Request) {
 	acct, ok := f.secrets[body.Secret]
 	if !ok || acct.revoked {
 		f.mu.Unlock()
-		writeJSON(w, http.StatusUnauthorized, finamStatus(16, "Token is expired or invalid"))
+		writeJSON(w, http.StatusUnauthorized, finamEcho(body.Secret))
 		return
 	}
 	jti := randomID()
@@ -156,19 +160,41 @@ func (f *finamFake) details(w http.ResponseWriter, r *http.Request) {
 	}
 	sess, acct, ok := f.session(body.Token)
 	if !ok {
-		writeJSON(w, http.StatusUnauthorized, finamStatus(16, "Token is expired or invalid"))
+		writeJSON(w, http.StatusUnauthorized, finamEcho(body.Token))
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{
+	f.mu.Lock()
+	numeric := f.numericQuoteLevel
+	f.mu.Unlock()
+	// QUOTE_LEVEL_LAST_PRICE = 1, QUOTE_LEVEL_BEST_BID_OFFER = 2.
+	var last, bbo any = "QUOTE_LEVEL_LAST_PRICE", "QUOTE_LEVEL_BEST_BID_OFFER"
+	if numeric {
+		last, bbo = 1, 2
+	}
+	det := map[string]any{
 		"created_at": sess.created.UTC().Format(time.RFC3339Nano),
 		"expires_at": sess.expires.UTC().Format(time.RFC3339Nano),
 		"md_permissions": []map[string]any{
-			{"quote_level": "QUOTE_LEVEL_LAST_PRICE", "delay_minutes": 0, "mic": "MISX"},
-			{"quote_level": "QUOTE_LEVEL_BEST_BID_OFFER", "delay_minutes": 15, "worldwide": true},
+			{"quote_level": last, "delay_minutes": 0, "mic": "MISX"},
+			{"quote_level": bbo, "delay_minutes": 15, "worldwide": true},
 		},
-		"account_ids": acct.Accounts,
-		"readonly":    acct.ReadOnly,
-	})
+	}
+	// proto3 JSON leaves out an empty list and a false bool, as Finam's
+	// gateway may: the plugin must not read "absent" as "none".
+	if len(acct.Accounts) > 0 {
+		det["account_ids"] = acct.Accounts
+	}
+	if acct.ReadOnly {
+		det["readonly"] = true
+	}
+	writeJSON(w, http.StatusOK, det)
+}
+
+// finamEcho is the 401 for a secret or token Finam does not accept. It
+// quotes what was presented, as gateways' error texts often do, so that
+// tests see whether the plugin scrubs a secret echoed back to it.
+func finamEcho(presented string) map[string]any {
+	return finamStatus(16, "Token is expired or invalid: "+strconv.Quote(presented))
 }
 
 // session validates a JWT the sandbox issued and finds its live session.
@@ -219,6 +245,14 @@ func (s *Server) SetFinamTokenLifetime(d time.Duration) {
 	s.finam.mu.Lock()
 	defer s.finam.mu.Unlock()
 	s.finam.lifetime = d
+}
+
+// SetFinamNumericQuoteLevel makes TokenDetails send quote_level as the
+// enum's number instead of its name.
+func (s *Server) SetFinamNumericQuoteLevel(numeric bool) {
+	s.finam.mu.Lock()
+	defer s.finam.mu.Unlock()
+	s.finam.numericQuoteLevel = numeric
 }
 
 // SetFinamRateLimit changes the per-method limit (requests a minute).

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 )
@@ -125,5 +126,65 @@ func TestAdminAPI(t *testing.T) {
 	}
 	if st, _ := post(t, srv.URL+"/_sandbox/settings", map[string]any{"bogus": 1}, nil); st != 400 {
 		t.Fatalf("unknown admin field accepted: %d", st)
+	}
+}
+
+// TestFinamVariants: the fake sends what brokers.md allows, not only the
+// easy form: quote_level as a number on request, empty lists and false
+// flags left out (proto3 JSON), and the presented secret echoed in a 401.
+func TestFinamVariants(t *testing.T) {
+	sb := New(Options{})
+	srv := httptest.NewServer(sb)
+	defer srv.Close()
+	sb.AddFinamSecret("no-accounts", nil, false)
+	cases := []struct {
+		name      string
+		secret    string
+		numeric   bool
+		level     any
+		accounts  bool
+		readonly  bool
+		adminBody map[string]any
+	}{
+		{name: "names", secret: FinamSecret, level: "QUOTE_LEVEL_LAST_PRICE", accounts: true},
+		{name: "numbers", secret: FinamSecret, numeric: true, level: float64(1), accounts: true},
+		{name: "numbers through the admin API", secret: FinamSecret, level: float64(1), accounts: true,
+			adminBody: map[string]any{"finam_numeric_quote_level": true}},
+		{name: "no accounts: field left out", secret: "no-accounts", level: "QUOTE_LEVEL_LAST_PRICE"},
+		{name: "read-only flag sent when true", secret: FinamReadOnlySecret, level: "QUOTE_LEVEL_LAST_PRICE", accounts: true, readonly: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			sb.SetFinamNumericQuoteLevel(tc.numeric)
+			if tc.adminBody != nil {
+				if st, _ := post(t, srv.URL+"/_sandbox/settings", tc.adminBody, nil); st != 204 {
+					t.Fatalf("admin: %d", st)
+				}
+			}
+			_, auth := post(t, srv.URL+"/v1/sessions", map[string]string{"secret": tc.secret}, nil)
+			st, det := post(t, srv.URL+"/v1/sessions/details", map[string]string{"token": auth["token"].(string)}, nil)
+			if st != 200 {
+				t.Fatalf("details: %d %v", st, det)
+			}
+			perms := det["md_permissions"].([]any)
+			if got := perms[0].(map[string]any)["quote_level"]; got != tc.level {
+				t.Errorf("quote_level %#v, want %#v", got, tc.level)
+			}
+			if _, ok := det["account_ids"]; ok != tc.accounts {
+				t.Errorf("account_ids present = %v, want %v", ok, tc.accounts)
+			}
+			if _, ok := det["readonly"]; ok != tc.readonly {
+				t.Errorf("readonly present = %v, want %v", ok, tc.readonly)
+			}
+		})
+	}
+	for _, c := range []struct{ path, field, value string }{
+		{"/v1/sessions", "secret", "revoked-or-unknown-secret"},
+		{"/v1/sessions/details", "token", "not.a.token"},
+	} {
+		st, out := post(t, srv.URL+c.path, map[string]string{c.field: c.value}, nil)
+		if msg, _ := out["message"].(string); st != 401 || !strings.Contains(msg, c.value) {
+			t.Errorf("%s: %d %v: the presented value is not echoed", c.path, st, out)
+		}
 	}
 }
