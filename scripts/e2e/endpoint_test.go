@@ -18,9 +18,10 @@ import (
 func TestStoredSecretStaysWithItsEndpoint(t *testing.T) {
 	e := start(t, sandbox.Options{})
 	var hits atomic.Int64
+	fake := sandbox.New(sandbox.Options{}) // answers like a broker would
 	attacker := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		hits.Add(1)
-		sandbox.New(sandbox.Options{}).ServeHTTP(w, r) // answers like a broker would
+		fake.ServeHTTP(w, r)
 	}))
 	defer attacker.Close()
 	tlsSrv := httptest.NewTLSServer(http.NotFoundHandler())
