@@ -290,7 +290,8 @@ func (fe *faultEnv) providers() []*faultProvider {
 			valid:  func(fe *faultEnv, tok string) bool { return fe.sb.AlorValid(tok) },
 			revoke: func(fe *faultEnv, p *faultProvider, _ string) { fe.sb.RevokeAlorRefreshToken(p.secret) },
 			recover: func(fe *faultEnv, t *testing.T, p *faultProvider) string {
-				p.secret = sandbox.AlorReadOnlyRefreshToken
+				p.secret = "e2e-faults-alor-new"
+				fe.sb.AddAlorRefreshToken(p.secret)
 				fe.mustWrite(t, p.config, map[string]any{"refresh_token": p.secret})
 				return "new refresh token written"
 			},
