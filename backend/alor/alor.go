@@ -106,27 +106,22 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 	return tokenFrom(jwt, received, req.AllowedAccounts)
 }
 
-// accessToken reads the JWT from the response. ALOR documents
-// {"AccessToken": ...}; "accessToken" and the OAuth-style "access_token"
-// are accepted too, because the casing is not confirmed and costs nothing
-// to tolerate.
+// accessToken reads the JWT from the response {"AccessToken": ...} (that
+// casing, as ALOR's docs and its .NET SDK show).
 func accessToken(body []byte, refresh string) (string, error) {
 	var m map[string]json.RawMessage
 	if err := json.Unmarshal(body, &m); err != nil {
 		return "", badResponse("response is not the expected JSON (" + upstream.Quote(string(body), refresh) + ")")
 	}
-	for _, k := range []string{"AccessToken", "accessToken", "access_token"} {
-		raw, ok := m[k]
-		if !ok {
-			continue
-		}
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil || s == "" {
-			return "", badResponse(k + " is not a non-empty string")
-		}
-		return s, nil
+	raw, ok := m["AccessToken"]
+	if !ok {
+		return "", badResponse("no AccessToken in response")
 	}
-	return "", badResponse("no AccessToken in response")
+	var s string
+	if err := json.Unmarshal(raw, &s); err != nil || s == "" {
+		return "", badResponse("AccessToken is not a non-empty string")
+	}
+	return s, nil
 }
 
 // tokenFrom reads what ALOR granted from the JWT's claims and checks it
@@ -157,7 +152,20 @@ func tokenFrom(jwt string, received time.Time, allowed []string) (*provider.Toke
 	if !present {
 		portfolios = []string{}
 	}
+	agreements, agreementsPresent, ok := words(claims, "agreements")
+	if !ok {
+		return nil, badResponse("the agreements claim is neither a string nor a list of strings")
+	}
+	// The creds show the portfolios and the agreements they belong to as
+	// the JWT states them (account_ids are the portfolios too); a claim the
+	// JWT lacks is left out rather than shown as an empty list.
 	details := map[string]any{}
+	if present {
+		details["portfolios"] = portfolios
+	}
+	if agreementsPresent {
+		details["agreements"] = nonNil(agreements)
+	}
 	if sub, ok := claims["sub"].(string); ok && sub != "" {
 		details["login"] = sub
 	}
@@ -175,16 +183,24 @@ func tokenFrom(jwt string, received time.Time, allowed []string) (*provider.Toke
 		IssuedAt:    issued,
 		ExpiresAt:   expires,
 		AccountIDs:  portfolios,
-		// A token without a scope claim is not known to be read-only:
-		// require_readonly must fail closed.
-		ReadOnly: scopePresent && readOnly(scope),
+		// Read-only needs positive evidence: a scope that lists rights and
+		// none of them an order right. No scope claim, or an empty one,
+		// proves nothing, and require_readonly must then fail closed.
+		ReadOnly: scopePresent && len(scope) > 0 && readOnly(scope),
 		Details:  details,
 	}, nil
 }
 
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
 // words reads a claim ALOR sends as a space-separated string. A JSON list of
-// strings is accepted too (UNCONFIRMED that ALOR never sends one). present is
-// false when the claim is absent; ok is false when it has another type.
+// strings is read too: it costs nothing and says the same. present is false
+// when the claim is absent; ok is false when it has another type.
 func words(claims map[string]any, name string) (list []string, present, ok bool) {
 	v, present := claims[name]
 	if !present || v == nil {
@@ -207,7 +223,8 @@ func words(claims map[string]any, name string) (list []string, present, ok bool)
 	return nil, true, false
 }
 
-// readOnly reports whether a scope grants no order rights. Any word starting
+// readOnly reports whether a scope grants no order rights (the caller
+// refuses an empty scope as no evidence). Any word starting
 // with "Orders" other than "OrdersRead..." counts as trading: OrdersCreate
 // places orders, and OrdersCancel is trading too (cancelling a stop-loss
 // leaves a position unprotected, cancelling a closing order keeps it open).
@@ -224,13 +241,19 @@ func readOnly(scope []string) bool {
 }
 
 // checkNarrowed refuses a JWT that reaches a portfolio outside allowed:
-// ALOR narrows on request, but the plugin does not take that on trust.
+// ALOR narrows on request, but the plugin does not take that on trust. The
+// guard holds only on positive evidence: ALOR does not document that the
+// narrowed JWT's portfolios claim shows the narrowing, so a JWT whose claim
+// is missing or empty is refused, never passed.
 func checkNarrowed(got []string, present bool, allowed []string) error {
 	if len(allowed) == 0 {
 		return nil
 	}
 	if !present {
-		return fmt.Errorf("%w: the token does not say which portfolios it reaches (no portfolios claim)", ErrNarrowing)
+		return fmt.Errorf("%w: the token does not say which portfolios it reaches (no portfolios claim), so the narrowing cannot be verified", ErrNarrowing)
+	}
+	if len(got) == 0 {
+		return fmt.Errorf("%w: the token's portfolios claim is empty, so the narrowing cannot be verified", ErrNarrowing)
 	}
 	ok := make(map[string]bool, len(allowed))
 	for _, a := range allowed {

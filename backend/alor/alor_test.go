@@ -110,21 +110,19 @@ func TestIssue(t *testing.T) {
 		wantScope   string
 		wantPath    string
 		wantNarrows bool
+		wantAgrees  []string
 	}{
 		{name: "trading token", refresh: sandbox.AlorRefreshToken,
-			wantAccts: []string{"D12345", "D67890", "G11111"}, wantLogin: "P012345",
+			wantAccts: []string{"D12345", "D67890", "G11111"}, wantLogin: "P012345", wantAgrees: []string{"1234567", "7654321"},
 			wantScope: "OrdersRead OrdersCreate Trades Personal Stats", wantPath: "/refresh"},
-		{name: "read-only token", refresh: sandbox.AlorReadOnlyRefreshToken, wantRO: true,
-			wantAccts: []string{"D12345", "D67890", "G11111"}, wantLogin: "P012345",
-			wantScope: "OrdersRead Trades Personal Stats", wantPath: "/refresh"},
 		{name: "narrowed to one portfolio", refresh: sandbox.AlorRefreshToken, allowed: []string{"D67890"},
-			wantAccts: []string{"D67890"}, wantLogin: "P012345",
+			wantAccts: []string{"D67890"}, wantLogin: "P012345", wantAgrees: []string{"7654321"},
 			wantScope: "OrdersRead OrdersCreate Trades Personal Stats", wantPath: "/refresh", wantNarrows: true},
-		{name: "narrowed to two portfolios", refresh: sandbox.AlorReadOnlyRefreshToken, allowed: []string{"G11111", "D12345"}, wantRO: true,
-			wantAccts: []string{"D12345", "G11111"}, wantLogin: "P012345",
-			wantScope: "OrdersRead Trades Personal Stats", wantPath: "/refresh", wantNarrows: true},
+		{name: "narrowed to two portfolios", refresh: sandbox.AlorRefreshToken, allowed: []string{"G11111", "D12345"},
+			wantAccts: []string{"D12345", "G11111"}, wantLogin: "P012345", wantAgrees: []string{"1234567"},
+			wantScope: "OrdersRead OrdersCreate Trades Personal Stats", wantPath: "/refresh", wantNarrows: true},
 		{name: "test environment", dev: true, refresh: sandbox.AlorDevRefreshToken,
-			wantAccts: []string{"D88888", "G88888"}, wantLogin: "P098765",
+			wantAccts: []string{"D88888", "G88888"}, wantLogin: "P098765", wantAgrees: []string{"8888888"},
 			wantScope: "OrdersRead OrdersCreate Trades Personal Stats", wantPath: "/alor-dev/refresh"},
 	}
 	for _, tc := range tests {
@@ -151,6 +149,13 @@ func TestIssue(t *testing.T) {
 			}
 			if tok.Details["login"] != tc.wantLogin || tok.Details["scope"] != tc.wantScope {
 				t.Errorf("Details %v", tok.Details)
+			}
+			// creds hand out the agreements with the portfolios.
+			if got, _ := tok.Details["agreements"].([]string); !slices.Equal(got, tc.wantAgrees) {
+				t.Errorf("agreements %v, want %v", tok.Details["agreements"], tc.wantAgrees)
+			}
+			if got, _ := tok.Details["portfolios"].([]string); !slices.Equal(got, tok.AccountIDs) {
+				t.Errorf("portfolios %v, want the account ids %v", tok.Details["portfolios"], tok.AccountIDs)
 			}
 			// The fake mints 30-minute tokens; whole-second claims allow 1s slack.
 			if tok.IssuedAt.Before(before.Add(-time.Second)) || tok.IssuedAt.After(after) {
@@ -309,10 +314,19 @@ func TestIssueResponses(t *testing.T) {
 		narrow  bool
 		check   func(t *testing.T, tok *provider.Token)
 	}{
-		{name: "lower-case accessToken accepted", status: 200, body: jsonBody("accessToken", good(nil)),
+		{name: "AccessToken", status: 200, body: jsonBody("AccessToken", good(nil)),
 			check: func(t *testing.T, tok *provider.Token) {
 				if !slices.Equal(tok.AccountIDs, []string{"D1", "D2"}) || !tok.ReadOnly {
 					t.Errorf("token %+v", tok)
+				}
+			}},
+		// The casing is confirmed by ALOR's docs and .NET SDK.
+		{name: "another casing is not ALOR's answer", status: 200, body: jsonBody("accessToken", good(nil)), kind: upstream.KindBadResponse},
+		{name: "agreements of another type", status: 200, body: jsonBody("AccessToken", good(map[string]any{"agreements": 7})), kind: upstream.KindBadResponse},
+		{name: "no agreements claim: left out", status: 200, body: jsonBody("AccessToken", good(map[string]any{"agreements": nil})),
+			check: func(t *testing.T, tok *provider.Token) {
+				if _, ok := tok.Details["agreements"]; ok {
+					t.Errorf("agreements shown though the JWT has none: %v", tok.Details)
 				}
 			}},
 		{name: "portfolios as a JSON list", status: 200, body: jsonBody("AccessToken", good(map[string]any{"portfolios": []string{"D1", "G2"}})),
@@ -423,7 +437,7 @@ func TestReadOnly(t *testing.T) {
 		want  bool
 	}{
 		{"OrdersRead Trades Personal Stats", true},
-		{"", true}, // present but empty: no rights at all; Issue handles an absent claim
+		{"", true}, // no order right here; tokenFrom refuses an empty scope as no evidence
 		{"OrdersRead OrdersCreate Trades Personal Stats", false},
 		{"OrdersRead OrdersCancel", false},
 		{"ordersCreate", false},
@@ -452,5 +466,96 @@ func TestEnvironmentName(t *testing.T) {
 		if got := environment(tc.req); got != tc.want {
 			t.Errorf("environment(%+v) = %q, want %q", tc.req, got, tc.want)
 		}
+	}
+}
+
+// TestGuardEvidence: every guard holds only on what the JWT proves. A
+// missing or empty portfolios claim cannot show the narrowing, and a missing
+// or empty scope cannot show the token is read-only.
+func TestGuardEvidence(t *testing.T) {
+	now := time.Now()
+	claims := func(extra map[string]any) map[string]any {
+		c := map[string]any{"sub": "P1", "portfolios": "D1 D2", "agreements": "100", "scope": "OrdersRead Trades",
+			"iat": now.Unix(), "exp": now.Add(30 * time.Minute).Unix()}
+		for k, v := range extra {
+			if v == nil {
+				delete(c, k)
+			} else {
+				c[k] = v
+			}
+		}
+		return c
+	}
+	tests := []struct {
+		name    string
+		claims  map[string]any
+		allowed []string
+		refused string // a guard refusal naming this reason
+		ro      bool
+	}{
+		{name: "portfolios inside allowed", claims: claims(nil), allowed: []string{"D1", "D2"}, ro: true},
+		{name: "portfolio outside allowed", claims: claims(nil), allowed: []string{"D1"}, refused: "it also reaches D2"},
+		{name: "no portfolios claim", claims: claims(map[string]any{"portfolios": nil}), allowed: []string{"D1"},
+			refused: "no portfolios claim), so the narrowing cannot be verified"},
+		{name: "empty portfolios claim", claims: claims(map[string]any{"portfolios": ""}), allowed: []string{"D1"},
+			refused: "portfolios claim is empty, so the narrowing cannot be verified"},
+		{name: "empty portfolios list", claims: claims(map[string]any{"portfolios": []string{}}), allowed: []string{"D1"},
+			refused: "portfolios claim is empty"},
+		{name: "no portfolios claim, no guard", claims: claims(map[string]any{"portfolios": nil}), ro: true},
+		{name: "read-only scope", claims: claims(nil), ro: true},
+		{name: "trading scope", claims: claims(map[string]any{"scope": "OrdersRead OrdersCreate"}), ro: false},
+		{name: "no scope claim", claims: claims(map[string]any{"scope": nil}), ro: false},
+		{name: "empty scope", claims: claims(map[string]any{"scope": ""}), ro: false},
+		{name: "empty scope list", claims: claims(map[string]any{"scope": []string{}}), ro: false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			tok, err := tokenFrom(fakeJWT(tc.claims), now, tc.allowed)
+			if tc.refused != "" {
+				if !errors.Is(err, ErrNarrowing) || !errors.Is(err, provider.ErrGuard) || !strings.Contains(err.Error(), tc.refused) {
+					t.Fatalf("want a guard refusal saying %q, got %v", tc.refused, err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tok.ReadOnly != tc.ro {
+				t.Errorf("ReadOnly %v, want %v", tok.ReadOnly, tc.ro)
+			}
+		})
+	}
+}
+
+// TestNarrowingUnverifiable drives the strict variant end to end: when the
+// JWT carries no portfolios claim, allowed_accounts is refused, saying why,
+// and a config without the guard still gets its token.
+func TestNarrowingUnverifiable(t *testing.T) {
+	tests := []struct {
+		name    string
+		allowed []string
+		refused bool
+	}{
+		{"narrowing requested", []string{"D12345"}, true},
+		{"no narrowing", nil, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			e.sb.SetAlorOmitPortfolios(true)
+			tok, err := New().Issue(context.Background(), request(e.cl, e.url, sandbox.AlorRefreshToken, "production", tc.allowed...))
+			if !tc.refused {
+				if err != nil || len(tok.AccountIDs) != 0 || tok.Details["portfolios"] != nil {
+					t.Fatalf("token %+v, err %v", tok, err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrNarrowing) || !strings.Contains(err.Error(), "cannot be verified") {
+				t.Fatalf("want a refusal saying the narrowing cannot be verified, got %v", err)
+			}
+			if strings.Contains(err.Error(), sandbox.AlorRefreshToken) {
+				t.Fatalf("error leaks the refresh token: %v", err)
+			}
+		})
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"io"
 	"math/big"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -25,12 +26,11 @@ import (
 // environment "sandbox" uses base URL "<sandbox>/alor-dev", and the provider
 // appends /refresh to either base unchanged.
 const (
-	// AlorRefreshToken is a production refresh token of login P012345 that
-	// can trade (its JWT scope holds OrdersCreate).
+	// AlorRefreshToken is a production refresh token of login P012345. Like
+	// every self-issued ALOR refresh token it carries full rights (its JWT
+	// scope holds OrdersCreate): no public source shows a read-only one, so
+	// the fake offers none.
 	AlorRefreshToken = "sandbox-alor-refresh"
-	// AlorReadOnlyRefreshToken is a production refresh token of the same
-	// login whose scope holds no order rights.
-	AlorReadOnlyRefreshToken = "sandbox-alor-readonly"
 	// AlorDevRefreshToken is valid on the test environment only.
 	AlorDevRefreshToken = "sandbox-alor-dev"
 
@@ -51,8 +51,7 @@ const (
 	// alorPruneAt bounds the record of issued JWTs in a long-running sandbox.
 	alorPruneAt = 1024
 
-	alorTradingScope  = "OrdersRead OrdersCreate Trades Personal Stats"
-	alorReadOnlyScope = "OrdersRead Trades Personal Stats"
+	alorTradingScope = "OrdersRead OrdersCreate Trades Personal Stats"
 )
 
 type alorPortfolio struct {
@@ -89,9 +88,13 @@ type alorFake struct {
 	processing      time.Duration
 	inFlight        int
 	ignoreNarrowing bool
-	lastAllowed     []string
-	users           map[string]*alorUser  // by refresh token
-	issued          map[string]alorIssued // by JWT
+	// omitPortfolios leaves the portfolios claim out of the JWT: whether a
+	// narrowed JWT's claim shows the narrowing is not documented, and this
+	// is the strict variant of that open fact.
+	omitPortfolios bool
+	lastAllowed    []string
+	users          map[string]*alorUser  // by refresh token
+	issued         map[string]alorIssued // by JWT
 }
 
 // newAlor builds the ALOR fake and registers its broker endpoints and its
@@ -101,16 +104,12 @@ func newAlor(s *Server) *alorFake {
 	if err != nil {
 		panic("sandbox: no randomness: " + err.Error())
 	}
-	owned := []alorPortfolio{{"D12345", "1234567"}, {"D67890", "7654321"}, {"G11111", "1234567"}}
 	f := &alorFake{
 		s: s, key: key,
 		lifetime: alorDefaultLifetime,
 		limit:    alorDefaultConcurrency,
 		users: map[string]*alorUser{
-			AlorRefreshToken: {env: alorProduction, login: "P012345", clientID: "12345", ein: "99001",
-				scope: alorTradingScope, portfolios: owned},
-			AlorReadOnlyRefreshToken: {env: alorProduction, login: "P012345", clientID: "12345", ein: "99001",
-				scope: alorReadOnlyScope, portfolios: owned},
+			AlorRefreshToken: alorMainUser(),
 			AlorDevRefreshToken: {env: alorTest, login: "P098765", clientID: "98765", ein: "99002",
 				scope: alorTradingScope, portfolios: []alorPortfolio{{"D88888", "8888888"}, {"G88888", "8888888"}}},
 		},
@@ -120,6 +119,14 @@ func newAlor(s *Server) *alorFake {
 	s.handle(http.MethodPost, AlorDevPrefix+"/refresh", alorFault, f.refresh(alorTest))
 	f.registerAdmin(s)
 	return f
+}
+
+// alorMainUser is login P012345 on production, with full rights, as every
+// refresh token self-issued on the portal has.
+func alorMainUser() *alorUser {
+	owned := []alorPortfolio{{"D12345", "1234567"}, {"D67890", "7654321"}, {"G11111", "1234567"}}
+	return &alorUser{env: alorProduction, login: "P012345", clientID: "12345", ein: "99001",
+		scope: alorTradingScope, portfolios: owned}
 }
 
 func (f *alorFake) endpoints() []string {
@@ -233,7 +240,9 @@ func (f *alorFake) mint(env, token string, allowed []string) (string, int, strin
 	// A token of the other environment is unknown there: the two are
 	// separate systems.
 	if !ok || u.revoked || u.env != env {
-		return "", http.StatusForbidden, "Forbidden"
+		// The presented token is quoted back, as gateways' error texts
+		// often do, so tests see whether the plugin scrubs it.
+		return "", http.StatusForbidden, "Forbidden: refresh token " + strconv.Quote(token) + " is invalid, expired or revoked"
 	}
 	ports := u.portfolios
 	if len(allowed) > 0 && !f.ignoreNarrowing {
@@ -271,12 +280,16 @@ func (f *alorFake) mint(env, token string, allowed []string) (string, int, strin
 	if env == alorTest {
 		iss = "AlorDev.Identity"
 	}
-	jwt, err := signES256(f.key, map[string]any{
+	claims := map[string]any{
 		"sub": u.login, "ein": u.ein, "clientid": u.clientID,
 		"agreements": strings.Join(agreements, " "), "portfolios": strings.Join(ids, " "),
 		"scope": u.scope, "iss": iss, "aud": "Client WARP WarpATConnector subscriptionsApi",
 		"iat": now.Unix(), "exp": exp.Unix(),
-	})
+	}
+	if f.omitPortfolios {
+		delete(claims, "portfolios")
+	}
+	jwt, err := signES256(f.key, claims)
 	if err != nil {
 		return "", http.StatusInternalServerError, "Internal Server Error"
 	}
@@ -308,6 +321,7 @@ func (f *alorFake) registerAdmin(s *Server) {
 			ProcessingTime   *string `json:"processing_time"`
 			ConcurrencyLimit *int    `json:"concurrency_limit"`
 			IgnoreNarrowing  *bool   `json:"ignore_narrowing"`
+			OmitPortfolios   *bool   `json:"omit_portfolios"`
 		}
 		if !decode(w, r, &req) {
 			return
@@ -341,6 +355,23 @@ func (f *alorFake) registerAdmin(s *Server) {
 		if req.IgnoreNarrowing != nil {
 			s.SetAlorIgnoreNarrowing(*req.IgnoreNarrowing)
 		}
+		if req.OmitPortfolios != nil {
+			s.SetAlorOmitPortfolios(*req.OmitPortfolios)
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	s.mux.HandleFunc("POST /_sandbox/alor/tokens", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			RefreshToken string `json:"refresh_token"`
+		}
+		if !decode(w, r, &req) {
+			return
+		}
+		if req.RefreshToken == "" {
+			http.Error(w, "bad request: refresh_token is required", http.StatusBadRequest)
+			return
+		}
+		s.AddAlorRefreshToken(req.RefreshToken)
 		w.WriteHeader(http.StatusNoContent)
 	})
 }
@@ -409,6 +440,24 @@ func (s *Server) SetAlorIgnoreNarrowing(ignore bool) {
 	s.alor.ignoreNarrowing = ignore
 }
 
+// SetAlorOmitPortfolios makes minted JWTs carry no portfolios claim, the
+// strict variant of an undocumented fact: the plugin must then refuse
+// allowed_accounts, since it cannot verify the narrowing.
+func (s *Server) SetAlorOmitPortfolios(omit bool) {
+	s.alor.mu.Lock()
+	defer s.alor.mu.Unlock()
+	s.alor.omitPortfolios = omit
+}
+
+// AddAlorRefreshToken creates another production refresh token of login
+// P012345, as the portal's "create token" does: full rights, the same
+// portfolios, revoked independently of the others.
+func (s *Server) AddAlorRefreshToken(token string) {
+	s.alor.mu.Lock()
+	defer s.alor.mu.Unlock()
+	s.alor.users[token] = alorMainUser()
+}
+
 // AlorLastAllowedPortfolios returns the allowedPortfolios of the last
 // refresh request (nil when it sent none).
 func (s *Server) AlorLastAllowedPortfolios() []string {
@@ -420,7 +469,7 @@ func (s *Server) AlorLastAllowedPortfolios() []string {
 // signES256 makes a compact JWS signed with ECDSA P-256 and SHA-256, the
 // signature being r||s as JWS requires (not ASN.1).
 func signES256(key *ecdsa.PrivateKey, claims map[string]any) (string, error) {
-	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"ES256","typ":"JWT"}`))
+	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"ES256","typ":"JWT","cty":"JWT"}`))
 	body, err := json.Marshal(claims)
 	if err != nil {
 		return "", err

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -94,13 +95,12 @@ func TestAlorMint(t *testing.T) {
 		scope      string
 		sub, iss   string
 		allowed    []string
+		echo       string // a refusal quotes the presented token
 	}{
 		{name: "query token", url: prod + "?token=" + url.QueryEscape(AlorRefreshToken), status: 200,
 			portfolios: "D12345 D67890 G11111", agreements: "1234567 7654321", scope: alorTradingScope, sub: "P012345", iss: "Alor.Identity"},
 		{name: "body token", url: prod, body: `{"token":"` + AlorRefreshToken + `"}`, status: 200,
 			portfolios: "D12345 D67890 G11111", agreements: "1234567 7654321", scope: alorTradingScope, sub: "P012345", iss: "Alor.Identity"},
-		{name: "read-only token", url: prod, body: tokenBody(AlorReadOnlyRefreshToken), status: 200,
-			portfolios: "D12345 D67890 G11111", agreements: "1234567 7654321", scope: alorReadOnlyScope, sub: "P012345", iss: "Alor.Identity"},
 		{name: "narrowed to one", url: prod, body: tokenBody(AlorRefreshToken, "G11111"), status: 200, allowed: []string{"G11111"},
 			portfolios: "G11111", agreements: "1234567", scope: alorTradingScope, sub: "P012345", iss: "Alor.Identity"},
 		{name: "narrowed to two, duplicates ignored", url: prod, body: tokenBody(AlorRefreshToken, "G11111", "D67890", "G11111"), status: 200,
@@ -110,9 +110,9 @@ func TestAlorMint(t *testing.T) {
 		{name: "test environment", url: dev, body: tokenBody(AlorDevRefreshToken), status: 200,
 			portfolios: "D88888 G88888", agreements: "8888888", scope: alorTradingScope, sub: "P098765", iss: "AlorDev.Identity"},
 		{name: "unowned portfolio", url: prod, body: tokenBody(AlorRefreshToken, "D12345", "X99999"), status: 400, allowed: []string{"D12345", "X99999"}},
-		{name: "unknown token", url: prod, body: tokenBody("no-such-token"), status: 403},
-		{name: "production token on test environment", url: dev, body: tokenBody(AlorRefreshToken), status: 403},
-		{name: "test token on production", url: prod, body: tokenBody(AlorDevRefreshToken), status: 403},
+		{name: "unknown token", url: prod, body: tokenBody("no-such-token"), status: 403, echo: "no-such-token"},
+		{name: "production token on test environment", url: dev, body: tokenBody(AlorRefreshToken), status: 403, echo: AlorRefreshToken},
+		{name: "test token on production", url: prod, body: tokenBody(AlorDevRefreshToken), status: 403, echo: AlorDevRefreshToken},
 		{name: "no token", url: prod, status: 400},
 		{name: "body not JSON", url: prod, body: "token=" + AlorRefreshToken, status: 400},
 	}
@@ -126,8 +126,8 @@ func TestAlorMint(t *testing.T) {
 				t.Errorf("last allowedPortfolios %v, want %v", got, tc.allowed)
 			}
 			if tc.status != 200 {
-				if strings.Contains(rep.body, AlorRefreshToken) {
-					t.Errorf("error body echoes the refresh token: %q", rep.body)
+				if !strings.Contains(rep.body, tc.echo) {
+					t.Errorf("error body %q does not quote the presented token %q", rep.body, tc.echo)
 				}
 				return
 			}
@@ -161,8 +161,10 @@ func TestAlorMint(t *testing.T) {
 
 func TestAlorRevokeAndExpiry(t *testing.T) {
 	s, srv, clk := newAlorTest(t)
+	const second = "sandbox-alor-second"
+	s.AddAlorRefreshToken(second)
 	rep := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(AlorRefreshToken))
-	ro := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(AlorReadOnlyRefreshToken))
+	ro := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(second))
 	if rep.status != 200 || ro.status != 200 {
 		t.Fatalf("mint: %d %d", rep.status, ro.status)
 	}
@@ -199,7 +201,7 @@ func TestAlorRevokeAndExpiry(t *testing.T) {
 	}
 
 	s.SetAlorTokenLifetime(5 * time.Minute)
-	short := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(AlorReadOnlyRefreshToken))
+	short := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(second))
 	claims, err := verifyES256(&s.alor.key.PublicKey, short.jwt)
 	if err != nil {
 		t.Fatal(err)
@@ -328,10 +330,60 @@ func TestAlorAdmin(t *testing.T) {
 	if lifetime != time.Minute {
 		t.Errorf("a rejected request changed the lifetime to %v", lifetime)
 	}
-	if st := admin("/_sandbox/alor/revoke", `{"refresh_token":"`+AlorReadOnlyRefreshToken+`"}`); st != 204 {
+	const added = "sandbox-alor-added"
+	if st := admin("/_sandbox/alor/tokens", `{"refresh_token":"`+added+`"}`); st != 204 {
+		t.Fatalf("add token: %d", st)
+	}
+	if st := admin("/_sandbox/alor/tokens", `{}`); st != 400 {
+		t.Errorf("empty token added: %d", st)
+	}
+	rep := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(added))
+	if claims, err := verifyES256(&s.alor.key.PublicKey, rep.jwt); err != nil || claims["scope"] != alorTradingScope {
+		t.Fatalf("added token: %d %v %v", rep.status, claims, err)
+	}
+	if st := admin("/_sandbox/alor/revoke", `{"refresh_token":"`+added+`"}`); st != 204 {
 		t.Fatalf("revoke: %d", st)
 	}
-	if rep := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(AlorReadOnlyRefreshToken)); rep.status != 403 {
+	if rep := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(added)); rep.status != 403 {
 		t.Errorf("revoked via admin, mint: %d", rep.status)
+	}
+	if rep := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(AlorRefreshToken)); rep.status != 200 {
+		t.Errorf("revoking an added token killed another: %d", rep.status)
+	}
+}
+
+// TestAlorOmitPortfoliosSwitch: the strict variant of the undocumented
+// narrowing claim leaves portfolios out of the JWT, narrowed or not; the
+// other claims stay.
+func TestAlorOmitPortfoliosSwitch(t *testing.T) {
+	s, srv, _ := newAlorTest(t)
+	for _, tc := range []struct {
+		name    string
+		omit    bool
+		allowed []string
+	}{
+		{"default keeps the claim", false, nil},
+		{"omitted", true, nil},
+		{"omitted while narrowing", true, []string{"D12345"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			body := `{"omit_portfolios":` + strconv.FormatBool(tc.omit) + `}`
+			resp, err := http.Post(srv.URL+"/_sandbox/alor/settings", "application/json", strings.NewReader(body))
+			if err != nil || resp.StatusCode != 204 {
+				t.Fatalf("settings: %v %v", resp, err)
+			}
+			resp.Body.Close()
+			rep := alorPost(t, context.Background(), srv.URL+"/refresh", tokenBody(AlorRefreshToken, tc.allowed...))
+			claims, err := verifyES256(&s.alor.key.PublicKey, rep.jwt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, has := claims["portfolios"]; has == tc.omit {
+				t.Errorf("portfolios claim present = %v with omit = %v", has, tc.omit)
+			}
+			if claims["agreements"] == "" || claims["scope"] != alorTradingScope {
+				t.Errorf("other claims changed: %v", claims)
+			}
+		})
 	}
 }
