@@ -590,3 +590,105 @@ func (c *fakeClock) advance(d time.Duration) {
 	defer c.mu.Unlock()
 	c.t = c.t.Add(d)
 }
+
+// TestGuardsCannotBeProven: ChatApp tells nothing of accounts or trading
+// rights, so the provider claims neither (no account, never read-only) and
+// its Spec says so, which makes a config refuse require_readonly and
+// allowed_accounts rather than pass them on no evidence.
+func TestGuardsCannotBeProven(t *testing.T) {
+	if !New().Spec().ReportsNoAccess {
+		t.Fatal("Spec does not say ChatApp reports no access: the guards would pass on no evidence")
+	}
+	f := newFixture(t, sandbox.Options{})
+	made := issueMade(t, f)
+	cases := []struct {
+		name    string
+		secrets map[string]string
+	}{
+		{"make", login("")},
+		{"refresh", login(made.Rotated["refresh_token"])},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tok, err := New().Issue(context.Background(), request(t, f.url, tc.secrets, &reserve{}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tok.ReadOnly || tok.AccountIDs == nil || len(tok.AccountIDs) != 0 {
+				t.Fatalf("token claims readonly=%v accounts=%v", tok.ReadOnly, tok.AccountIDs)
+			}
+		})
+	}
+}
+
+// TestRealShapedTokens: ChatApp's tokens ("$2y$10$...", with "$" and "/")
+// travel as opaque header values, and one quoted back in a refusal is
+// scrubbed from the error.
+func TestRealShapedTokens(t *testing.T) {
+	f := newFixture(t, sandbox.Options{})
+	made := issueMade(t, f)
+	rt := made.Rotated["refresh_token"]
+	if !strings.HasPrefix(rt, "$2y$10$") || !strings.HasPrefix(made.AccessToken, "$2y$10$") {
+		t.Fatalf("the sandbox hands out tokens not shaped like ChatApp's: %q", rt)
+	}
+	tok, err := New().Issue(context.Background(), request(t, f.url, login(rt), nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sent := f.requests(sandbox.ChatAppRefreshEP); len(sent) != 1 || sent[0].header.Get("Refresh") != rt {
+		t.Fatalf("Refresh header %+v, want the token unchanged", sent)
+	}
+	if err := Check(context.Background(), newClient(t, upstream.Options{}), f.url, tok.AccessToken); err != nil {
+		t.Fatal(err)
+	}
+	// The refresh token just used is dead; the sandbox quotes it back in
+	// its refusal, and make is not allowed here.
+	_, err = New().Issue(context.Background(), request(t, f.url, login(rt), nil))
+	if !errors.Is(err, ErrMakeNotAllowed) || !strings.Contains(err.Error(), "[redacted]") {
+		t.Fatalf("err = %v", err)
+	}
+	noLeak(t, err, rt)
+}
+
+// TestAccessTokenAtRefresh: whether ChatApp kills the old access token at a
+// refresh is UNCONFIRMED. Under either variant the provider hands out the
+// new pair; under the strict one the old access token is refused by
+// tokens.check with the hint to refresh, which is why the plugin refreshes
+// only when the access token is near its end (leases holding it are cut
+// short by a refresh).
+func TestAccessTokenAtRefresh(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		strict  bool
+		oldDies bool
+	}{
+		{"old access token lives on", false, false},
+		{"strict: old access token dies", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, sandbox.Options{})
+			f.sb.SetChatAppAccessDiesAtRefresh(tc.strict)
+			first := issueMade(t, f)
+			next, err := New().Issue(context.Background(), request(t, f.url, login(first.Rotated["refresh_token"]), nil))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := newClient(t, upstream.Options{})
+			if err := Check(context.Background(), c, f.url, next.AccessToken); err != nil {
+				t.Fatalf("new access token refused: %v", err)
+			}
+			err = Check(context.Background(), c, f.url, first.AccessToken)
+			if !tc.oldDies {
+				if err != nil {
+					t.Fatalf("old access token refused: %v", err)
+				}
+				return
+			}
+			ue, ok := upstream.AsError(err)
+			if !ok || ue.Kind != upstream.KindAuth || ue.Hint != hintAccess {
+				t.Fatalf("old access token: %v", err)
+			}
+			noLeak(t, err, first.AccessToken)
+		})
+	}
+}

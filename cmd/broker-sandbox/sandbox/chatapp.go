@@ -2,10 +2,10 @@ package sandbox
 
 import (
 	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -14,13 +14,15 @@ import (
 // tokens.make (email, password, appId) returns an access/refresh pair,
 // tokens.refresh (header Refresh:) returns a new pair and kills the old
 // refresh token, tokens.check (header Authorization: <accessToken>, no
-// Bearer) validates an access token. Tokens are opaque random strings.
+// Bearer) validates an access token. Tokens are shaped like ChatApp's real
+// ones ("$2y$10$" and 53 characters), and clients must treat them as opaque.
 //
 // UNCONFIRMED, and so chosen here: every error code except
 // ApiInvalidTokenError (documented for an invalid or expired access token),
-// the HTTP statuses of the errors, the body of a successful check, the
-// make-quota window (a calendar day in UTC), and that a refresh leaves the
-// old access token working until its own end time.
+// the HTTP statuses of the errors, the body of a successful check, and the
+// make-quota window (a calendar day in UTC). Whether the old access token
+// keeps working after a refresh is UNCONFIRMED too: by default it does, and
+// SetChatAppAccessDiesAtRefresh switches to the strict variant.
 const (
 	// The one known cabinet login.
 	ChatAppEmail    = "ops@example.com"
@@ -62,6 +64,8 @@ type chatappGrant struct {
 	email   string
 	appID   string
 	expires time.Time
+	// access is, for a refresh token, the access token issued with it.
+	access string
 }
 
 type chatappDay struct {
@@ -76,10 +80,13 @@ type chatappFake struct {
 	accessLife  time.Duration
 	refreshLife time.Duration
 	quota       int // makes a day per email+appId; negative: unlimited
-	accounts    map[string]chatappAccount
-	access      map[string]chatappGrant
-	refresh     map[string]chatappGrant
-	makes       map[string]chatappDay // by email+"\x00"+appId
+	// accessDiesAtRefresh kills the pair's access token when its refresh
+	// token is used: the strict variant of an UNCONFIRMED fact.
+	accessDiesAtRefresh bool
+	accounts            map[string]chatappAccount
+	access              map[string]chatappGrant
+	refresh             map[string]chatappGrant
+	makes               map[string]chatappDay // by email+"\x00"+appId
 	// issued remembers every refresh token handed out, live or dead, so
 	// leak tests can search for each.
 	issued []string
@@ -151,7 +158,10 @@ func (f *chatappFake) make(w http.ResponseWriter, r *http.Request) {
 	defer f.mu.Unlock()
 	acct, ok := f.accounts[body.Email]
 	if !ok || acct.password != body.Password || acct.appID != body.AppID {
-		writeJSON(w, http.StatusUnauthorized, chatappError(ChatAppInvalidCredentials, "Invalid email, password or appId"))
+		// The login is quoted back, as validation errors often do, so tests
+		// see whether the plugin scrubs it.
+		writeJSON(w, http.StatusUnauthorized, chatappError(ChatAppInvalidCredentials,
+			"Invalid email, password or appId for "+strconv.Quote(body.Email)))
 		return
 	}
 	// Only tokens actually issued count against the daily limit.
@@ -178,7 +188,8 @@ func (f *chatappFake) refreshPair(w http.ResponseWriter, r *http.Request) {
 	defer f.mu.Unlock()
 	g, ok := f.refresh[rt]
 	if rt == "" || !ok || !now.Before(g.expires) {
-		chatappInvalidToken(w)
+		// A refused refresh token is quoted back: the plugin must scrub it.
+		writeJSON(w, http.StatusUnauthorized, chatappError(ChatAppInvalidToken, "Invalid Token: "+strconv.Quote(rt)))
 		return
 	}
 	acct, ok := f.accounts[g.email]
@@ -186,8 +197,12 @@ func (f *chatappFake) refreshPair(w http.ResponseWriter, r *http.Request) {
 		chatappInvalidToken(w)
 		return
 	}
-	// The pair rotates: the refresh token just used is dead from now on.
+	// The pair rotates: the refresh token just used is dead from now on,
+	// and under the strict variant its access token too.
 	delete(f.refresh, rt)
+	if f.accessDiesAtRefresh {
+		delete(f.access, g.access)
+	}
 	writeJSON(w, http.StatusOK, f.issueLocked(now, g.email, acct))
 }
 
@@ -219,7 +234,7 @@ func (f *chatappFake) issueLocked(now time.Time, email string, acct chatappAccou
 	rtEnd := time.Unix(now.Add(f.refreshLife).Unix(), 0)
 	at, rt := chatappToken(), chatappToken()
 	f.access[at] = chatappGrant{email: email, appID: acct.appID, expires: atEnd}
-	f.refresh[rt] = chatappGrant{email: email, appID: acct.appID, expires: rtEnd}
+	f.refresh[rt] = chatappGrant{email: email, appID: acct.appID, expires: rtEnd, access: at}
 	f.issued = append(f.issued, rt)
 	return map[string]any{"success": true, "data": map[string]any{
 		"cabinetUserId":       acct.cabinetUserID,
@@ -243,12 +258,21 @@ func (f *chatappFake) pruneLocked(now time.Time) {
 	}
 }
 
+// chatappAlphabet is bcrypt's base64 alphabet, which ChatApp's tokens use.
+const chatappAlphabet = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+// chatappToken makes a token shaped like ChatApp's: "$2y$10$" and 53
+// characters of bcrypt's alphabet (60 in all). The "$" and "/" in it are
+// what a client that does not treat tokens as opaque trips on.
 func chatappToken() string {
-	b := make([]byte, 24)
+	b := make([]byte, 53)
 	if _, err := rand.Read(b); err != nil {
 		panic("sandbox: no randomness: " + err.Error())
 	}
-	return hex.EncodeToString(b)
+	for i := range b {
+		b[i] = chatappAlphabet[int(b[i])%len(chatappAlphabet)]
+	}
+	return "$2y$10$" + string(b)
 }
 
 // registerAdmin adds /_sandbox/chatapp/{settings,revoke,makes}.
@@ -259,6 +283,9 @@ func (f *chatappFake) registerAdmin() {
 			AccessLifetime  *string `json:"access_lifetime"`
 			RefreshLifetime *string `json:"refresh_lifetime"`
 			MakeQuota       *int    `json:"make_quota"`
+			// AccessDiesAtRefresh: the strict variant, see
+			// SetChatAppAccessDiesAtRefresh.
+			AccessDiesAtRefresh *bool `json:"access_dies_at_refresh"`
 		}
 		if !decode(w, r, &req) {
 			return
@@ -280,6 +307,9 @@ func (f *chatappFake) registerAdmin() {
 		s.SetChatAppLifetimes(life[0], life[1])
 		if req.MakeQuota != nil {
 			s.SetChatAppMakeQuota(*req.MakeQuota)
+		}
+		if req.AccessDiesAtRefresh != nil {
+			s.SetChatAppAccessDiesAtRefresh(*req.AccessDiesAtRefresh)
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})
@@ -357,6 +387,17 @@ func (s *Server) SetChatAppLifetimes(access, refresh time.Duration) {
 	if refresh > 0 {
 		s.chatapp.refreshLife = refresh
 	}
+}
+
+// SetChatAppAccessDiesAtRefresh makes a refresh kill the access token
+// issued with the refresh token used (true), instead of leaving it working
+// until its own end time (false, the default). Which ChatApp does is
+// UNCONFIRMED; under the strict variant every lease holding the old access
+// token is cut short by a refresh.
+func (s *Server) SetChatAppAccessDiesAtRefresh(dies bool) {
+	s.chatapp.mu.Lock()
+	defer s.chatapp.mu.Unlock()
+	s.chatapp.accessDiesAtRefresh = dies
 }
 
 // SetChatAppMakeQuota sets how many makes a day each email+appId gets

@@ -353,3 +353,75 @@ func TestChatAppAdmin(t *testing.T) {
 	}
 	caWantError(t, caRefresh(t, url, d.RefreshToken), 401, "ApiInvalidTokenError")
 }
+
+// TestChatAppTokensLookReal: tokens are shaped like ChatApp's own, "$2y$10$"
+// and 53 characters of bcrypt's alphabet, and still work in the Refresh and
+// Authorization headers.
+func TestChatAppTokensLookReal(t *testing.T) {
+	_, url, _ := newChatAppSandbox(t)
+	pair := caMake(t, url)
+	for _, tok := range []string{pair.Data.AccessToken, pair.Data.RefreshToken} {
+		rest, ok := strings.CutPrefix(tok, "$2y$10$")
+		if !ok || len(rest) != 53 || strings.Trim(rest, "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") != "" {
+			t.Errorf("token %q is not shaped like ChatApp's", tok)
+		}
+	}
+	if r := caCheck(t, url, pair.Data.AccessToken); r.status != 200 {
+		t.Fatalf("check: %s", r.raw)
+	}
+	if r := caRefresh(t, url, pair.Data.RefreshToken); r.status != 200 {
+		t.Fatalf("refresh: %s", r.raw)
+	}
+}
+
+// TestChatAppAccessDiesAtRefreshSwitch: by default the old access token
+// lives on after a refresh; the strict variant (switched through the API or
+// the admin endpoint) kills it, and only it.
+func TestChatAppAccessDiesAtRefreshSwitch(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		set     func(sb *sandbox.Server, url string)
+		oldDies bool
+	}{
+		{"default: old access token lives", func(*sandbox.Server, string) {}, false},
+		{"strict via API", func(sb *sandbox.Server, _ string) { sb.SetChatAppAccessDiesAtRefresh(true) }, true},
+		{"strict via admin", func(_ *sandbox.Server, url string) {
+			caAdmin(t, http.MethodPost, url+"/_sandbox/chatapp/settings", `{"access_dies_at_refresh":true}`, http.StatusNoContent)
+		}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sb, url, _ := newChatAppSandbox(t)
+			tc.set(sb, url)
+			other := caMake(t, url) // another pair of the same login
+			pair := caMake(t, url)
+			next := caRefresh(t, url, pair.Data.RefreshToken)
+			if next.status != 200 {
+				t.Fatalf("refresh: %s", next.raw)
+			}
+			if got := sb.ChatAppAccessValid(pair.Data.AccessToken); got == tc.oldDies {
+				t.Errorf("old access token valid = %v, want %v", got, !tc.oldDies)
+			}
+			if !sb.ChatAppAccessValid(next.Data.AccessToken) || !sb.ChatAppAccessValid(other.Data.AccessToken) {
+				t.Error("the new access token, or another pair's, does not work")
+			}
+		})
+	}
+}
+
+// TestChatAppErrorsEchoWhatWasPresented: a refused refresh token and a
+// refused login are quoted back, as gateways' texts often do, so that the
+// plugin's scrubbing is exercised.
+func TestChatAppErrorsEchoWhatWasPresented(t *testing.T) {
+	_, url, _ := newChatAppSandbox(t)
+	const deadRT = "$2y$10$deadrefreshtokendeadrefreshtokendeadrefreshtokendeadr"
+	r := caRefresh(t, url, deadRT)
+	caWantError(t, r, http.StatusUnauthorized, sandbox.ChatAppInvalidToken)
+	if !strings.Contains(r.raw, `deadrefreshtoken`) {
+		t.Errorf("refresh refusal does not quote the token: %s", r.raw)
+	}
+	r = caDo(t, http.MethodPost, url+"/v1/tokens", caMakeBody("who@example.com", "pw", sandbox.ChatAppAppID), nil)
+	caWantError(t, r, http.StatusUnauthorized, sandbox.ChatAppInvalidCredentials)
+	if !strings.Contains(r.raw, "who@example.com") {
+		t.Errorf("login refusal does not quote the email: %s", r.raw)
+	}
+}
