@@ -5,6 +5,7 @@
 package backend
 
 import (
+	"cmp"
 	"context"
 	"net/http"
 	"strings"
@@ -80,6 +81,10 @@ type Options struct {
 	Providers map[string]provider.Provider
 	// Clock is the backend's time source (time.Now when nil).
 	Clock func() time.Time
+	// WALRollbackMinAge is how old a rotation record must be before Vault
+	// replays it (default 2m, longer than a mint may run). Tests of crash
+	// recovery shorten it; production leaves it alone.
+	WALRollbackMinAge time.Duration
 }
 
 // Factory returns a logical.Factory that reports version as the plugin's
@@ -150,7 +155,7 @@ func New(opts Options) *backend {
 		WALRollback:    b.walRollback,
 		InitializeFunc: b.initialize,
 		// An interrupted rotation is recovered once its record is this old.
-		WALRollbackMinAge: walRecoverAfter,
+		WALRollbackMinAge: cmp.Or(opts.WALRollbackMinAge, walRecoverAfter),
 	}
 	return b
 }

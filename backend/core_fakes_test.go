@@ -254,7 +254,20 @@ func (c *coreHarness) newBackend(sys logical.SystemView) *backend {
 	}
 	b := lb.(*backend)
 	c.t.Cleanup(func() { b.Clean(context.Background()) })
+	// As Vault does on the active node before the mount serves.
+	if err := b.initialize(context.Background(), &logical.InitializationRequest{Storage: c.storage}); err != nil {
+		c.t.Fatal(err)
+	}
 	return b
+}
+
+// setSchema rewrites the stored schema version (to replay an upgrade).
+func (c *coreHarness) setSchema(v int) {
+	c.t.Helper()
+	e, _ := logical.StorageEntryJSON(schemaKey, schemaRecord{Version: v})
+	if err := c.raw.Put(context.Background(), e); err != nil {
+		c.t.Fatal(err)
+	}
 }
 
 func (c *coreHarness) do(op logical.Operation, path string, data map[string]any) (*logical.Response, error) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -284,18 +285,46 @@ func TestR2TickCutShortKeepsTheRest(t *testing.T) {
 }
 
 func TestR2LoadScheduleSkipsUnreadableEntry(t *testing.T) {
-	c := newCoreHarness(t, tinvestLike())
+	f := tinvestLike()
+	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/a", map[string]any{"provider": "fakepass", "secret": "t1"})
 	c.ok(logical.UpdateOperation, "config/c", map[string]any{"provider": "fakepass", "secret": "t2"})
 	if err := c.raw.Put(context.Background(), &logical.StorageEntry{Key: configPrefix + "b", Value: []byte("{not json")}); err != nil {
 		t.Fatal(err)
 	}
-	b2 := c.newBackend(nil)
-	if err := b2.loadSchedule(context.Background(), c.storage); err != nil {
-		t.Fatalf("one unreadable entry failed the whole schedule: %v", err)
-	}
-	if n := b2.sched.size(); n != 2 || !b2.sched.loaded {
-		t.Fatalf("scheduled %d (loaded=%v), want the 2 readable configs", n, b2.sched.loaded)
+	for _, tc := range []struct {
+		name string
+		prep func()
+	}{
+		// An upgrade: the migration that builds the index meets the entry.
+		{"index built on upgrade", func() { c.setSchema(1) }},
+		// A Vault that never ran the migration: the full scan meets it.
+		{"full scan", func() { c.setSchema(1) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c.clock.Advance(25 * time.Hour) // both due again
+			tc.prep()
+			var b2 *backend
+			if tc.name == "full scan" {
+				b2 = New(Options{Providers: map[string]provider.Provider{"fakepass": f}, Clock: c.clock.Now})
+				conf := logical.TestBackendConfig()
+				conf.StorageView = c.storage
+				if err := b2.Setup(context.Background(), conf); err != nil {
+					t.Fatal(err)
+				}
+				b2.storage = c.storage
+				t.Cleanup(func() { b2.Clean(context.Background()) })
+			} else {
+				b2 = c.newBackend(nil)
+			}
+			calls := f.callCount()
+			if err := b2.periodicFunc(context.Background(), &logical.Request{Storage: c.storage}); err != nil {
+				t.Fatalf("one unreadable entry failed the schedule: %v", err)
+			}
+			if got := f.callCount() - calls; got != 2 || !b2.sched.loaded {
+				t.Fatalf("validated %d (loaded=%v), want the 2 readable configs", got, b2.sched.loaded)
+			}
+		})
 	}
 }
 
@@ -548,5 +577,100 @@ func TestKeepAliveCanBeTurnedOff(t *testing.T) {
 	resp, err := c.do(logical.UpdateOperation, "config/on2", map[string]any{"provider": "fake", "secret": "s", "keep_alive": false})
 	if err == nil && (resp == nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), "keep_alive: does not apply")) {
 		t.Fatalf("keep_alive on a minted provider: %v", resp)
+	}
+}
+
+// countingStorage counts reads, for restart-cost assertions.
+type countingStorage struct {
+	logical.Storage
+	gets, lists atomic.Int64
+}
+
+func (s *countingStorage) Get(ctx context.Context, k string) (*logical.StorageEntry, error) {
+	s.gets.Add(1)
+	return s.Storage.Get(ctx, k)
+}
+
+func (s *countingStorage) List(ctx context.Context, p string) ([]string, error) {
+	s.lists.Add(1)
+	return s.Storage.List(ctx, p)
+}
+
+func TestRestartScheduleCostFollowsWhatIsDue(t *testing.T) {
+	f := tinvestLike()
+	c := newCoreHarness(t, f)
+	const early, late = 10, 990
+	for i := range early {
+		c.ok(logical.UpdateOperation, fmt.Sprintf("config/early%d", i), map[string]any{"provider": "fakepass", "secret": "e"})
+	}
+	c.clock.Advance(12 * time.Hour)
+	for i := range late {
+		c.ok(logical.UpdateOperation, fmt.Sprintf("config/late%d", i), map[string]any{"provider": "fakepass", "secret": "l"})
+	}
+	c.clock.Advance(12*time.Hour + time.Hour) // the early ones are due, the late ones in 11 hours
+
+	// A reload: a new backend on the same storage, counting its reads.
+	counted := &countingStorage{Storage: c.storage}
+	conf := logical.TestBackendConfig()
+	conf.StorageView = counted
+	lb, err := FactoryWith(Options{Providers: map[string]provider.Provider{"fakepass": f}, Clock: c.clock.Now})(context.Background(), conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b2 := lb.(*backend)
+	t.Cleanup(func() { b2.Clean(context.Background()) })
+	calls := f.callCount()
+	if err := b2.periodicFunc(context.Background(), &logical.Request{Storage: counted}); err != nil {
+		t.Fatal(err)
+	}
+	gets, lists := counted.gets.Load(), counted.lists.Load()
+	t.Logf("first tick after a reload with %d configs, %d due: %d storage reads, %d lists, %d validations", early+late, early, gets, lists, f.callCount()-calls)
+	if got := f.callCount() - calls; got != early {
+		t.Fatalf("the first tick validated %d configs, want the %d due", got, early)
+	}
+	if gets > 10*early || lists > 10 {
+		t.Fatalf("the first tick read %d entries and listed %d times for %d due configs: its cost follows the number of configs", gets, lists, early)
+	}
+	// Eleven hours on, the late ones come due and are found.
+	c.clock.Advance(12 * time.Hour)
+	calls = f.callCount()
+	if err := b2.periodicFunc(context.Background(), &logical.Request{Storage: counted}); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.callCount() - calls; got != maxDuePerTick {
+		t.Fatalf("when the late hour came the tick validated %d, want a full tick of %d", got, maxDuePerTick)
+	}
+}
+
+func TestScheduleIndexBuiltOnceOnUpgrade(t *testing.T) {
+	f := tinvestLike()
+	c := newCoreHarness(t, f)
+	for i := range 3 {
+		c.ok(logical.UpdateOperation, fmt.Sprintf("config/p%d", i), map[string]any{"provider": "fakepass", "secret": "t"})
+	}
+	// Storage of the previous version: no index.
+	hours, _ := c.raw.List(context.Background(), duePrefix)
+	for _, h := range hours {
+		names, _ := c.raw.List(context.Background(), duePrefix+h)
+		for _, n := range names {
+			c.raw.Delete(context.Background(), duePrefix+h+n)
+		}
+	}
+	c.setSchema(1)
+	b2 := c.newBackend(nil) // the upgraded plugin: Vault runs its migration
+	if hours, _ := c.raw.List(context.Background(), duePrefix); len(hours) != 1 {
+		t.Fatalf("index after the upgrade: %v, want one hour holding all 3", hours)
+	}
+	c.clock.Advance(25 * time.Hour)
+	calls := f.callCount()
+	if err := b2.periodicFunc(context.Background(), &logical.Request{Storage: c.storage}); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.callCount() - calls; got != 3 {
+		t.Fatalf("after the upgrade the tick validated %d, want 3", got)
+	}
+	// Rescheduled a day on: the old hour's entries are gone.
+	if hours, _ := c.raw.List(context.Background(), duePrefix); len(hours) != 1 {
+		t.Fatalf("index hours after rescheduling: %v, want only tomorrow's", hours)
 	}
 }

@@ -57,6 +57,9 @@ func (h *harness) newBackend(s logical.Storage) (*backend, logical.Storage) {
 	}
 	b := lb.(*backend)
 	h.t.Cleanup(func() { b.Clean(context.Background()) })
+	if err := b.initialize(context.Background(), &logical.InitializationRequest{Storage: conf.StorageView}); err != nil {
+		h.t.Fatal(err)
+	}
 	return b, conf.StorageView
 }
 

@@ -282,7 +282,7 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 	f.err = err
 	close(f.done)
 	if current && err == nil {
-		b.sched.set(st.name, b.nextDue(cfg, rec))
+		b.reschedule(ctx, st.name, b.nextDue(cfg, rec))
 	}
 }
 

@@ -149,7 +149,7 @@ func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, d 
 	st.mu.Lock()
 	st.killLocked()
 	st.mu.Unlock()
-	b.sched.set(name, time.Time{})
+	b.reschedule(ctx, name, time.Time{})
 	return nil, nil
 }
 
@@ -341,7 +341,7 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 	if walID != "" {
 		b.deleteRotationWAL(wctx, walID)
 	}
-	b.sched.set(name, b.nextDue(cfg, rec))
+	b.reschedule(wctx, name, b.nextDue(cfg, rec))
 	resp := &logical.Response{Data: b.configData(cfg, rec)}
 	if w := cfg.expiryWarning(b.now()); w != "" {
 		resp.AddWarning(w)

@@ -161,7 +161,7 @@ func TestConfigUpstreamFailureNamesBroker(t *testing.T) {
 	if msg := errText(resp, err); !containsAll(msg, "Finam", "HTTP 503", "unavailable", "nothing was stored") {
 		t.Fatalf("unclear error: %s", msg)
 	}
-	if keys, _ := h.storage.List(context.Background(), ""); len(keys) != 0 {
-		t.Fatalf("stored %v", keys)
+	if keys, _ := h.storage.List(context.Background(), ""); len(keys) != 1 || keys[0] != schemaKey {
+		t.Fatalf("stored %v, want only the schema version", keys)
 	}
 }

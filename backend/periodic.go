@@ -5,7 +5,6 @@ import (
 	"container/heap"
 	"context"
 	"errors"
-	"strings"
 	"sync"
 	"time"
 
@@ -56,9 +55,17 @@ type schedule struct {
 	loaded bool
 	h      dueHeap
 	items  map[string]*dueItem
+	// pending are the index's hours not read yet, in order.
+	pending []int64
+	// idxMu serialises writes of the persisted index; persisted is the
+	// hour each config's index entry is under, where known.
+	idxMu     sync.Mutex
+	persisted map[string]int64
 }
 
-func newSchedule() *schedule { return &schedule{items: map[string]*dueItem{}} }
+func newSchedule() *schedule {
+	return &schedule{items: map[string]*dueItem{}, persisted: map[string]int64{}}
+}
 
 // set schedules name at at (zero time: no periodic work).
 func (s *schedule) set(name string, at time.Time) {
@@ -186,15 +193,21 @@ func (b *backend) periodicFunc(ctx context.Context, req *logical.Request) error 
 	return nil
 }
 
-// keepAlive revalidates one config's token now and reschedules it.
+// keepAlive revalidates one config's token if it is due, and reschedules
+// it. An entry from the persisted index carries only its hour: the config's
+// own record says whether it is due yet.
 func (b *backend) keepAlive(ctx context.Context, s logical.Storage, name string) {
 	cfg, rec, err := b.status(ctx, s, name)
 	if err != nil {
 		b.sched.setIfAbsent(name, b.now().Add(retryFailedValidation))
 		return
 	}
-	if b.nextDue(cfg, rec).IsZero() {
-		return // deleted, or changed to a provider with no periodic work
+	due := b.nextDue(cfg, rec)
+	if due.IsZero() || due.After(b.now()) {
+		// Deleted, changed to a provider with no periodic work, or not due
+		// yet.
+		b.reschedule(ctx, name, due)
+		return
 	}
 	_, _, err = b.refreshNow(ctx, s, name)
 	if ctx.Err() != nil {
@@ -210,35 +223,5 @@ func (b *backend) keepAlive(ctx context.Context, s logical.Storage, name string)
 		b.sched.setIfAbsent(name, b.now().Add(retryFailedValidation))
 		return
 	}
-	b.sched.set(name, b.nextDue(cfg, rec))
-}
-
-// loadSchedule builds the heap from storage on the first tick.
-func (b *backend) loadSchedule(ctx context.Context, s logical.Storage) error {
-	b.sched.mu.Lock()
-	loaded := b.sched.loaded
-	b.sched.mu.Unlock()
-	if loaded {
-		return nil
-	}
-	names, err := s.List(ctx, configPrefix)
-	if err != nil {
-		return err
-	}
-	for _, name := range names {
-		if strings.HasSuffix(name, "/") {
-			continue
-		}
-		cfg, rec, err := b.status(ctx, s, name)
-		if err != nil {
-			// One unreadable entry skips that entry, not the rest.
-			b.Logger().Error("skipping a config the schedule cannot read", "config", name, "error", err)
-			continue
-		}
-		b.sched.setIfAbsent(name, b.nextDue(cfg, rec))
-	}
-	b.sched.mu.Lock()
-	b.sched.loaded = true
-	b.sched.mu.Unlock()
-	return nil
+	b.reschedule(ctx, name, b.nextDue(cfg, rec))
 }

