@@ -28,7 +28,6 @@ const (
 	DefaultTimeout     = 15 * time.Second
 	DefaultMaxBody     = 1 << 20
 	DefaultMaxAttempts = 3
-	maxRetryWait       = 10 * time.Second
 )
 
 // Options configure a Client.
@@ -55,6 +54,8 @@ type Options struct {
 	// Observe, if set, is told the outcome and duration of every attempt,
 	// for metrics. outcome is "ok" or a Kind's metric name.
 	Observe func(op, outcome string, d time.Duration)
+	// Clock times the waits between attempts; nil is the system clock.
+	Clock Clock
 }
 
 // Client talks to one broker endpoint.
@@ -65,28 +66,12 @@ type Client struct {
 	maxBody     int64
 	maxAttempts int
 	observe     func(op, outcome string, d time.Duration)
+	clock       Clock
 
 	ratePerMinute, maxConcurrent int
 	ratePerOp                    bool
 	limMu                        sync.Mutex
 	limiters                     map[string]*limiter
-}
-
-// NewTransport builds the connection pool for one trust configuration.
-// Clients that trust the same CAs should share one: a pool per config
-// would hold a connection and two goroutines per config (37 KB each at
-// 10,000 configs) and repeat every TLS handshake.
-func NewTransport(caCertPEM string) (*http.Transport, error) {
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.MaxIdleConnsPerHost = 16
-	if caCertPEM != "" {
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM([]byte(caCertPEM)) {
-			return nil, errors.New("ca_cert holds no PEM certificate")
-		}
-		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
-	}
-	return tr, nil
 }
 
 // New builds a Client. It fails only on an unusable CA bundle.
@@ -105,6 +90,7 @@ func New(opts Options) (*Client, error) {
 		maxBody:       opts.MaxBody,
 		maxAttempts:   opts.MaxAttempts,
 		observe:       opts.Observe,
+		clock:         opts.Clock,
 		ratePerMinute: opts.RatePerMinute,
 		maxConcurrent: opts.MaxConcurrent,
 		ratePerOp:     opts.RatePerOp,
@@ -124,6 +110,9 @@ func New(opts Options) (*Client, error) {
 	}
 	if c.maxAttempts <= 0 {
 		c.maxAttempts = DefaultMaxAttempts
+	}
+	if c.clock == nil {
+		c.clock = SystemClock{}
 	}
 	return c, nil
 }
@@ -150,6 +139,10 @@ type Call struct {
 	Op string
 	// Secrets are scrubbed from anything the broker says back.
 	Secrets []string
+	// Budget, if set, is a request budget shared beyond this client (a
+	// broker that limits per user): every attempt draws on it, and the
+	// broker's rate-limit headers and 429s update it.
+	Budget *Budget
 }
 
 // Response is a broker's answer, its body already read (and capped).
@@ -160,7 +153,11 @@ type Response struct {
 }
 
 // Do sends the call, retrying idempotent calls on transient failures with
-// exponential backoff and jitter, honouring Retry-After and x-ratelimit-reset.
+// exponential backoff and jitter. A wait the broker asked for (Retry-After,
+// x-ratelimit-reset) is honoured, never cut short: when it is longer than
+// the call may wait (MaxForegroundWait for a reader, MaxBackgroundWait for
+// work marked WithBackground), Do gives up with the broker's answer rather
+// than retry sooner and spend what is left of the budget.
 // Any HTTP status is returned as a Response; only transport failures and
 // exhausted retries of 429/5xx are errors. classify maps a non-2xx response to
 // an error; it may be nil.
@@ -176,17 +173,22 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 	if call.Idempotent {
 		attempts = c.maxAttempts
 	}
+	limit := maxWait(ctx)
 	var lastErr *Error
 	for i := 0; i < attempts; i++ {
 		if i > 0 {
-			wait := backoff(i, lastErr.RetryAfter)
-			t := time.NewTimer(wait)
-			select {
-			case <-ctx.Done():
-				t.Stop()
+			if lastErr.RetryAfter > limit {
 				return nil, lastErr
-			case <-t.C:
 			}
+			if err := c.clock.Sleep(ctx, backoff(i, lastErr.RetryAfter, limit)); err != nil {
+				return nil, lastErr
+			}
+		}
+		if err := c.drawBudget(ctx, call, limit); err != nil {
+			if lastErr != nil && err.Kind != KindRateLimited {
+				return nil, lastErr // cancelled while waiting: the broker's answer says more
+			}
+			return nil, err
 		}
 		resp, err := c.limited(ctx, call, body)
 		if err != nil {
@@ -195,6 +197,9 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 				return nil, err
 			}
 			continue
+		}
+		if call.Budget != nil {
+			call.Budget.Observe(ParseRateLimit(resp.Header))
 		}
 		if resp.Status >= 200 && resp.Status < 300 {
 			return resp, nil
@@ -211,12 +216,36 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 		if ue.RetryAfter == 0 && retryableStatus(resp.Status) {
 			ue.RetryAfter = RetryAfter(resp.Header)
 		}
+		if call.Budget != nil && ue.Kind == KindRateLimited && ue.RetryAfter > 0 {
+			call.Budget.HoldUntil(c.clock.Now().Add(min(ue.RetryAfter, MaxBackgroundWait)))
+		}
 		lastErr = ue
 		if !retryableStatus(resp.Status) {
 			return resp, ue
 		}
 	}
 	return nil, lastErr
+}
+
+// drawBudget waits for the call's slot in its shared budget, if it has one.
+// A slot further off than the call may wait is refused at once, with when to
+// come back, and without a request to the broker.
+func (c *Client) drawBudget(ctx context.Context, call Call, limit time.Duration) *Error {
+	if call.Budget == nil {
+		return nil
+	}
+	wait, ok := call.Budget.reserve(limit)
+	if !ok {
+		return &Error{
+			Broker: c.broker, Op: call.Op, Kind: KindRateLimited,
+			Message:    "the client-side request budget of " + call.Budget.scope + " is spent (it is shared by every config holding a token of " + call.Budget.scope + "); the request was not sent",
+			RetryAfter: wait,
+		}
+	}
+	if err := c.clock.Sleep(ctx, wait); err != nil {
+		return &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Message: "gave up waiting for the shared request budget: " + err.Error()}
+	}
+	return nil
 }
 
 // retryableStatus: only statuses that say "try again" are retried; a 500
@@ -372,14 +401,15 @@ func seconds(s int64) time.Duration {
 }
 
 // backoff is exponential with full jitter, but never shorter than what the
-// broker asked for and never longer than maxRetryWait.
-func backoff(attempt int, asked time.Duration) time.Duration {
-	base := 200 * time.Millisecond << (attempt - 1)
+// broker asked for and never longer than limit. Do does not call it with an
+// asked wait above limit: it gives up instead of retrying sooner.
+func backoff(attempt int, asked, limit time.Duration) time.Duration {
+	base := 200 * time.Millisecond << min(attempt-1, 16)
 	d := base/2 + rand.N(base/2+1)
 	if asked > d {
 		d = asked
 	}
-	return min(d, maxRetryWait)
+	return min(d, limit)
 }
 
 // transportMessage describes a transport error without the URL, which may

@@ -71,9 +71,12 @@ func checkRetryAfter(t *testing.T, retryAfter, reset string) {
 			t.Fatalf("x-ratelimit-reset %q read as %v", reset, got)
 		}
 	}
-	// Whatever was asked, a retry never waits longer than the cap.
-	if d := backoff(1, got); d < 0 || d > maxRetryWait {
-		t.Fatalf("backoff %v for a wait of %v", d, got)
+	// Whatever was asked, a retry waits at least that long up to the
+	// cap, and never longer than the cap.
+	for _, limit := range []time.Duration{MaxForegroundWait, MaxBackgroundWait} {
+		if d := backoff(1, got, limit); d < min(got, limit) || d > limit {
+			t.Fatalf("backoff %v for a wait of %v (cap %v)", d, got, limit)
+		}
 	}
 }
 
