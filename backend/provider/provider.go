@@ -71,6 +71,11 @@ type Request struct {
 	Secrets map[string]string
 	// AllowedAccounts lets a broker that can narrow a token do so.
 	AllowedAccounts []string
+	// RequireReadOnly is the config's require_readonly. A provider that
+	// can tell why a token is not proven read-only refuses it itself,
+	// wrapping ErrGuard with the broker's evidence in words; the backend's
+	// own check of Token.ReadOnly still applies to every provider.
+	RequireReadOnly bool
 	// Environment is the config's environment name ("production", "sandbox").
 	Environment string
 	// ReserveMake, when set, must be called and succeed before the provider
