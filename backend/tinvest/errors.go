@@ -52,7 +52,7 @@ func classify(call upstream.Call, env string, r *upstream.Response) *upstream.Er
 	case reason == codeRateLimited:
 		// RetryAfter is filled from x-ratelimit-reset by upstream.Client.Do.
 		e.Kind = upstream.KindRateLimited
-		e.Hint = "T-Invest allows 100 UsersService requests a minute per token"
+		e.Hint = "T-Invest allows 100 UsersService requests a minute per user, across all that user's tokens (configs holding tokens of one user share that budget)"
 	case r.Status >= 500:
 		e.Kind = upstream.KindUnavailable
 		e.Hint = "T-Invest is failing; try again later"

@@ -191,17 +191,21 @@ func FuzzTokenFrom(f *testing.F) {
 			t.Fatalf("token %q issued %v expires %v", tok.AccessToken, tok.IssuedAt, tok.ExpiresAt)
 		}
 		var reach []string
-		provenReadOnly := true
+		readOnly, other := 0, 0
 		for _, a := range accts.Accounts {
 			level := a.AccessLevel.enum(accessLevels)
 			if level == AccessNone {
 				continue
 			}
 			reach = append(reach, a.ID)
-			if level != AccessReadOnly {
-				provenReadOnly = false
+			if level == AccessReadOnly {
+				readOnly++
+			} else {
+				other++
 			}
 		}
+		// Proven only by an account READ_ONLY and none anything else.
+		provenReadOnly := readOnly > 0 && other == 0
 		if reach == nil {
 			reach = []string{}
 		}
@@ -217,8 +221,11 @@ func FuzzTokenFrom(f *testing.F) {
 			if kind != KindSandbox {
 				t.Fatalf("sandbox token of kind %v", kind)
 			}
-		case kind == KindReadOnly && !tok.ReadOnly, kind == KindFullAccess && tok.ReadOnly:
+		case kind == KindReadOnly && !tok.ReadOnly, kind == KindFullAccess && tok.ReadOnly, kind == KindUnknown && (tok.ReadOnly || len(reach) > 0):
 			t.Fatalf("kind %v contradicts readonly=%v", kind, tok.ReadOnly)
+		}
+		if ev, _ := tok.Details["readonly_evidence"].(string); ev == "" {
+			t.Fatal("no readonly_evidence")
 		}
 		if _, err := json.Marshal(tok.Details); err != nil {
 			t.Fatalf("details are not JSON-friendly: %v", err)

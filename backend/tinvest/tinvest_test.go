@@ -18,10 +18,32 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
 )
 
-// fakeClock is a settable clock for the sandbox's rate-limit windows.
+// fakeClock is a settable clock for the sandbox's rate-limit windows and
+// the plugin's waits: Sleep advances it at once and records the wait.
 type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
+	mu     sync.Mutex
+	t      time.Time
+	sleeps []time.Duration
+}
+
+func (c *fakeClock) Sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.sleeps = append(c.sleeps, d)
+	c.t = c.t.Add(d)
+	return ctx.Err()
+}
+
+// Slept returns the waits so far and forgets them.
+func (c *fakeClock) Slept() []time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.sleeps
+	c.sleeps = nil
+	return s
 }
 
 func (c *fakeClock) Now() time.Time {
@@ -168,8 +190,12 @@ func TestIssueTokenKinds(t *testing.T) {
 			if got := tok.Details["token_kind"]; got != tc.kind {
 				t.Errorf("token_kind = %v, want %s", got, tc.kind)
 			}
-			if got := tok.Details["user_id"]; got != sandbox.TInvestUserID {
-				t.Errorf("user_id = %v", got)
+			wantUser := sandbox.TInvestUserID
+			if tc.token == "custom-limited-readonly" {
+				wantUser = sandbox.TInvestTokenUser(tc.token)
+			}
+			if got := tok.Details["user_id"]; got != wantUser {
+				t.Errorf("user_id = %v, want %s", got, wantUser)
 			}
 			if got := tok.Details["tariff"]; got != "investor" {
 				t.Errorf("tariff = %v", got)
@@ -337,18 +363,27 @@ func TestRateLimit(t *testing.T) {
 	if !ue.Retryable() {
 		t.Error("a rate-limit error must be retryable")
 	}
+	if !strings.Contains(err.Error(), "per user") {
+		t.Errorf("hint does not say the limit is per user: %v", err)
+	}
 	clock.Advance(45 * time.Second)
 	_, err = issue(t, c, e.prod, "production", sandbox.TInvestFullToken)
 	if ue := upstreamErr(t, err, sandbox.TInvestFullToken); ue.RetryAfter != 15*time.Second {
 		t.Errorf("RetryAfter = %v, want 15s (x-ratelimit-reset 45s into the window)", ue.RetryAfter)
 	}
-	// The limit is per token: another token is unaffected.
-	if _, err := issue(t, c, e.prod, "production", sandbox.TInvestReadOnlyToken); err != nil {
-		t.Errorf("another token: %v", err)
+	// The limit is per user: another token of the same user is refused
+	// too, while a token of another user is not.
+	_, err = issue(t, c, e.prod, "production", sandbox.TInvestReadOnlyToken)
+	if ue := upstreamErr(t, err, sandbox.TInvestReadOnlyToken); ue.Kind != upstream.KindRateLimited {
+		t.Errorf("another token of the same user: %v, want rate limited", err)
 	}
-	// A new window lets the first token through again.
+	e.sb.AddTInvestToken("t.another-user", false, sandbox.TInvestAccount{ID: "1", AccessLevel: sandbox.TInvestReadOnly})
+	if _, err := issue(t, c, e.prod, "production", "t.another-user"); err != nil {
+		t.Errorf("another user's token: %v", err)
+	}
+	// A new window lets the user through again.
 	clock.Advance(15 * time.Second)
-	if _, err := issue(t, c, e.prod, "production", sandbox.TInvestFullToken); err != nil {
+	if _, err := issue(t, c, e.prod, "production", sandbox.TInvestReadOnlyToken); err != nil {
 		t.Errorf("next window: %v", err)
 	}
 }
@@ -491,7 +526,8 @@ func TestLenientAccountFields(t *testing.T) {
 		kind     string
 	}{
 		{"numeric enums", `{"accounts":[{"id":"1","type":2,"status":2,"accessLevel":2},{"id":"2","accessLevel":3}]}`, []string{"1"}, true, tinvest.KindAccountLimited},
-		{"no accounts", `{}`, []string{}, true, tinvest.KindReadOnly},
+		// No accounts proves nothing: not read-only.
+		{"no accounts", `{}`, []string{}, false, tinvest.KindUnknown},
 		// An unknown level cannot prove the account read-only.
 		{"unspecified level", `{"accounts":[{"id":"1"}]}`, []string{"1"}, false, tinvest.KindFullAccess},
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"strconv"
 )
@@ -96,19 +97,46 @@ func (f flexString) enum(names []string) string {
 	return string(f)
 }
 
+// decodeProblem says why a body did not decode without repeating any of it:
+// encoding/json's messages can quote a value (a type error names the Go
+// type, a syntax error the offending character).
+func decodeProblem(err error) string {
+	var syn *json.SyntaxError
+	var typ *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &syn):
+		return fmt.Sprintf("malformed JSON at byte %d", syn.Offset)
+	case errors.As(err, &typ):
+		if typ.Field != "" {
+			return "field " + typ.Field + " has the wrong type"
+		}
+		return "a value has the wrong type"
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return "the JSON is cut short"
+	case errors.Is(err, errNotObject), errors.Is(err, errTrailing):
+		return err.Error()
+	}
+	return "a field could not be read"
+}
+
+var (
+	errNotObject = errors.New("not a JSON object")
+	errTrailing  = errors.New("trailing data after the JSON object")
+)
+
 // decodeJSON decodes exactly one JSON object, so a body cut short, glued to
 // garbage or holding `null` is a bad response rather than half a result.
 func decodeJSON(body []byte, out any) error {
 	trimmed := bytes.TrimSpace(body)
 	if len(trimmed) == 0 || trimmed[0] != '{' {
-		return errors.New("not a JSON object")
+		return errNotObject
 	}
 	dec := json.NewDecoder(bytes.NewReader(trimmed))
 	if err := dec.Decode(out); err != nil {
 		return err
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return errors.New("trailing data after the JSON object")
+		return errTrailing
 	}
 	return nil
 }

@@ -2,6 +2,8 @@ package sandbox
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"io"
 	"math"
@@ -43,7 +45,8 @@ const (
 
 	// TInvestAccountID is the account TInvestAccountToken is limited to.
 	TInvestAccountID = "2000000001"
-	// TInvestUserID is the userId GetInfo reports for every default token.
+	// TInvestUserID is the userId GetInfo reports for every default token:
+	// they are one user's tokens, and share that user's rate limit.
 	TInvestUserID = "8f4b2c1e-3a5d-4e6f-9a7b-0c1d2e3f4a5b"
 )
 
@@ -67,6 +70,7 @@ type TInvestAccount struct {
 }
 
 type tinvestToken struct {
+	user     string
 	sandbox  bool
 	accounts []TInvestAccount
 	revoked  bool
@@ -78,7 +82,7 @@ type tinvestFake struct {
 	mu     sync.Mutex
 	limit  int
 	tokens map[string]*tinvestToken
-	window map[string]rateWindow // by prefix and token
+	window map[string]rateWindow // by prefix and user (token, for unknown tokens)
 }
 
 // registerTInvest builds the fake, mounts both environments and its admin
@@ -86,18 +90,17 @@ type tinvestFake struct {
 func registerTInvest(s *Server) *tinvestFake {
 	f := &tinvestFake{s: s, limit: 100, tokens: map[string]*tinvestToken{}, window: map[string]rateWindow{}}
 	user := tinvestUserAccounts()
-	f.tokens[TInvestFullToken] = &tinvestToken{accounts: withAccess(user, func(string) string { return TInvestFullAccess })}
-	f.tokens[TInvestReadOnlyToken] = &tinvestToken{accounts: withAccess(user, func(string) string { return TInvestReadOnly })}
-	// UNCONFIRMED: the docs do not say whether a one-account token sees the
-	// user's other accounts as NO_ACCESS or not at all; the fake shows them
-	// as NO_ACCESS, which is the case the provider can tell apart.
-	f.tokens[TInvestAccountToken] = &tinvestToken{accounts: withAccess(user, func(id string) string {
+	f.tokens[TInvestFullToken] = &tinvestToken{user: TInvestUserID, accounts: withAccess(user, func(string) string { return TInvestFullAccess })}
+	f.tokens[TInvestReadOnlyToken] = &tinvestToken{user: TInvestUserID, accounts: withAccess(user, func(string) string { return TInvestReadOnly })}
+	// A one-account token still sees the user's other accounts, as
+	// NO_ACCESS (confirmed by the maintainers, investAPI #55 and #333).
+	f.tokens[TInvestAccountToken] = &tinvestToken{user: TInvestUserID, accounts: withAccess(user, func(id string) string {
 		if id == TInvestAccountID {
 			return TInvestFullAccess
 		}
 		return TInvestNoAccess
 	})}
-	f.tokens[TInvestSandboxToken] = &tinvestToken{sandbox: true, accounts: []TInvestAccount{{
+	f.tokens[TInvestSandboxToken] = &tinvestToken{user: TInvestUserID, sandbox: true, accounts: []TInvestAccount{{
 		ID: "0c3e4a8f-6b1d-4f2a-9e7c-5d8b2a1f3e60", Type: "ACCOUNT_TYPE_TINKOFF", Name: "sandbox",
 		Status: "ACCOUNT_STATUS_OPEN", OpenedDate: day(2024, 1, 10), AccessLevel: TInvestFullAccess,
 	}}}
@@ -176,10 +179,12 @@ func (f *tinvestFake) serve(prefix string, sandbox bool, method func(*tinvestTok
 	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("x-tracking-id", randomID())
 		token, _ := bearer(r.Header.Get("Authorization"))
-		// The limit is counted per token before the token is checked, so a
-		// flood of bad tokens is limited too. UNCONFIRMED which the real
-		// gateway checks first.
-		if f.limited(w, prefix+" "+token) {
+		// The limit is per user, across all that user's tokens. It is
+		// counted before the token is checked, and an unknown token counts
+		// against a window of its own, so a flood of bad tokens is limited
+		// too. UNCONFIRMED which the real gateway checks first, and how it
+		// counts calls it cannot tie to a user.
+		if f.limited(w, prefix+" "+f.limitKey(token)) {
 			writeJSON(w, http.StatusTooManyRequests, tinvestFault(http.StatusTooManyRequests))
 			return
 		}
@@ -243,10 +248,22 @@ func (f *tinvestFake) limited(w http.ResponseWriter, key string) bool {
 	f.mu.Unlock()
 	reset := int(math.Ceil(win.start.Add(time.Minute).Sub(now).Seconds()))
 	h := w.Header()
-	h.Set("x-ratelimit-limit", strconv.Itoa(limit))
+	// The real form: the current quota, then the policy with its window.
+	h.Set("x-ratelimit-limit", strconv.Itoa(limit)+", "+strconv.Itoa(limit)+";w=60")
 	h.Set("x-ratelimit-remaining", strconv.Itoa(max(limit-win.n, 0)))
 	h.Set("x-ratelimit-reset", strconv.Itoa(max(reset, 0)))
 	return win.n > limit
+}
+
+// limitKey is whose window a call counts in: the token's user, or the
+// token itself when the fake does not know it.
+func (f *tinvestFake) limitKey(token string) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if t, ok := f.tokens[token]; ok {
+		return "user " + t.user
+	}
+	return "token " + token
 }
 
 // lookup finds a live token of the environment asked for. A token of the
@@ -264,13 +281,13 @@ func (f *tinvestFake) lookup(token string, sandbox bool) (*tinvestToken, bool) {
 	return &cp, true
 }
 
-func (f *tinvestFake) getInfo(*tinvestToken) any {
+func (f *tinvestFake) getInfo(t *tinvestToken) any {
 	return map[string]any{
 		"premStatus":           false,
 		"qualStatus":           false,
 		"qualifiedForWorkWith": []string{"bond", "foreign_shares", "leverage"},
 		"tariff":               "investor",
-		"userId":               TInvestUserID,
+		"userId":               t.user,
 		"riskLevelCode":        "",
 	}
 }
@@ -306,13 +323,26 @@ func (s *Server) TInvestValid(token string) bool {
 	return ok && !t.revoked
 }
 
-// AddTInvestToken registers (or replaces) a token: sandbox tokens work only
-// under TInvestSandboxPrefix, the others only under TInvestPrefix. Each
-// account carries this token's access level to it.
+// AddTInvestToken registers (or replaces) a token of a user of its own (its
+// userId is TInvestTokenUser(token)): sandbox tokens work only under
+// TInvestSandboxPrefix, the others only under TInvestPrefix. Each account
+// carries this token's access level to it.
 func (s *Server) AddTInvestToken(token string, sandbox bool, accounts ...TInvestAccount) {
+	s.AddTInvestUserToken(TInvestTokenUser(token), token, sandbox, accounts...)
+}
+
+// AddTInvestUserToken registers (or replaces) a token of the given user:
+// tokens of one user share that user's rate limit, as at T-Invest.
+func (s *Server) AddTInvestUserToken(user, token string, sandbox bool, accounts ...TInvestAccount) {
 	s.tinvest.mu.Lock()
 	defer s.tinvest.mu.Unlock()
-	s.tinvest.tokens[token] = &tinvestToken{sandbox: sandbox, accounts: append([]TInvestAccount(nil), accounts...)}
+	s.tinvest.tokens[token] = &tinvestToken{user: user, sandbox: sandbox, accounts: append([]TInvestAccount(nil), accounts...)}
+}
+
+// TInvestTokenUser is the userId of a token added by AddTInvestToken.
+func TInvestTokenUser(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return "user-" + hex.EncodeToString(sum[:8])
 }
 
 // RevokeTInvestToken revokes a token as the user would in the web account:
@@ -326,7 +356,7 @@ func (s *Server) RevokeTInvestToken(token string) {
 }
 
 // SetTInvestRateLimit changes the UsersService limit (requests a minute per
-// token) and starts every window afresh.
+// user) and starts every window afresh.
 func (s *Server) SetTInvestRateLimit(n int) {
 	s.tinvest.mu.Lock()
 	defer s.tinvest.mu.Unlock()
@@ -340,6 +370,7 @@ func (f *tinvestFake) registerAdmin() {
 	s.mux.HandleFunc("POST /_sandbox/tinvest/tokens", func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Token    string           `json:"token"`
+			User     string           `json:"user"` // optional: share a user's limit
 			Sandbox  bool             `json:"sandbox"`
 			Accounts []TInvestAccount `json:"accounts"`
 		}
@@ -350,7 +381,10 @@ func (f *tinvestFake) registerAdmin() {
 			http.Error(w, "bad request: token is required", http.StatusBadRequest)
 			return
 		}
-		s.AddTInvestToken(req.Token, req.Sandbox, req.Accounts...)
+		if req.User == "" {
+			req.User = TInvestTokenUser(req.Token)
+		}
+		s.AddTInvestUserToken(req.User, req.Token, req.Sandbox, req.Accounts...)
 		w.WriteHeader(http.StatusNoContent)
 	})
 	s.mux.HandleFunc("POST /_sandbox/tinvest/revoke", func(w http.ResponseWriter, r *http.Request) {

@@ -108,8 +108,9 @@ func TestTInvestHeaders(t *testing.T) {
 			t.Errorf("%s: x-tracking-id %q missing or repeated", method, id)
 		}
 		seen[id] = true
-		if got := r.header.Get("x-ratelimit-limit"); got != "100" {
-			t.Errorf("x-ratelimit-limit = %q, want 100", got)
+		// The real form: the quota, then the policy and its window.
+		if got := r.header.Get("x-ratelimit-limit"); got != "100, 100;w=60" {
+			t.Errorf("x-ratelimit-limit = %q, want 100, 100;w=60", got)
 		}
 		if got, want := r.header.Get("x-ratelimit-remaining"), strconv.Itoa(99-i); got != want {
 			t.Errorf("x-ratelimit-remaining = %q, want %s", got, want)
@@ -302,9 +303,21 @@ func TestTInvestRateLimit(t *testing.T) {
 	if r.header.Get("x-tracking-id") == "" {
 		t.Error("429 lacks x-tracking-id")
 	}
-	// Per token, and per environment.
-	if r := tiCall(t, url, sandbox.TInvestPrefix, "GetInfo", tiBearer(sandbox.TInvestReadOnlyToken), `{}`); r.status != http.StatusOK {
-		t.Errorf("another token: status %d", r.status)
+	if got := r.header.Get("x-ratelimit-limit"); got != "3, 3;w=60" {
+		t.Errorf("x-ratelimit-limit = %q, want the real form 3, 3;w=60", got)
+	}
+	// Per user: every token of the user draws on the same window, while
+	// another user's token, and the other environment, have their own.
+	if r := tiCall(t, url, sandbox.TInvestPrefix, "GetInfo", tiBearer(sandbox.TInvestReadOnlyToken), `{}`); r.status != http.StatusTooManyRequests {
+		t.Errorf("another token of the same user: status %d, want 429", r.status)
+	}
+	sb.AddTInvestToken("t.other-user", false, sandbox.TInvestAccount{ID: "9", AccessLevel: sandbox.TInvestReadOnly})
+	if r := tiCall(t, url, sandbox.TInvestPrefix, "GetInfo", tiBearer("t.other-user"), `{}`); r.status != http.StatusOK {
+		t.Errorf("another user's token: status %d", r.status)
+	}
+	sb.AddTInvestUserToken(sandbox.TInvestUserID, "t.same-user", false, sandbox.TInvestAccount{ID: "9", AccessLevel: sandbox.TInvestReadOnly})
+	if r := tiCall(t, url, sandbox.TInvestPrefix, "GetInfo", tiBearer("t.same-user"), `{}`); r.status != http.StatusTooManyRequests {
+		t.Errorf("a new token of the same user: status %d, want 429", r.status)
 	}
 	if r := tiCall(t, url, sandbox.TInvestSandboxPrefix, "GetInfo", tiBearer(sandbox.TInvestSandboxToken), `{}`); r.status != http.StatusOK {
 		t.Errorf("sandbox environment: status %d", r.status)
@@ -416,5 +429,25 @@ func TestTInvestFaultsAndCounts(t *testing.T) {
 		if got := sb.Calls(ep); got != n {
 			t.Errorf("Calls(%s) = %d, want %d", ep, got, n)
 		}
+	}
+}
+
+// A token added through the admin API belongs to a user of its own unless
+// it names one; GetInfo reports that user.
+func TestTInvestAdminTokenUser(t *testing.T) {
+	_, url, _ := newTInvestSandbox(t)
+	tiAdminPost(t, url+"/_sandbox/tinvest/tokens", `{"token":"t.shared","user":"`+sandbox.TInvestUserID+`","accounts":[{"id":"1","access_level":"ACCOUNT_ACCESS_LEVEL_READ_ONLY"}]}`, http.StatusNoContent)
+	tiAdminPost(t, url+"/_sandbox/tinvest/tokens", `{"token":"t.own","accounts":[{"id":"1","access_level":"ACCOUNT_ACCESS_LEVEL_READ_ONLY"}]}`, http.StatusNoContent)
+	for token, want := range map[string]string{"t.shared": sandbox.TInvestUserID, "t.own": sandbox.TInvestTokenUser("t.own")} {
+		r := tiCall(t, url, sandbox.TInvestPrefix, "GetInfo", tiBearer(token), `{}`)
+		var info struct {
+			UserID string `json:"userId"`
+		}
+		if err := json.Unmarshal(r.body, &info); err != nil || info.UserID != want {
+			t.Errorf("%s: userId %q (%v), want %q", token, info.UserID, err, want)
+		}
+	}
+	if sandbox.TInvestTokenUser("t.own") == sandbox.TInvestTokenUser("t.shared") {
+		t.Error("two tokens added alone share a user")
 	}
 }
