@@ -95,6 +95,9 @@ type bot struct {
 	lease  *vault.Secret   // the creds lease held now
 	token  string
 	expiry time.Time // the token's own expiry; zero when the broker does not tell (T-Invest)
+	// changed: the last creds read returned a token other than the one
+	// held before it.
+	changed bool
 	// refusedInRow counts broker 401s in a row: one means "read creds
 	// again", several mean the config's secret no longer works.
 	refusedInRow int
@@ -146,10 +149,18 @@ func run(ctx context.Context, o options) int {
 
 		// Renew at two thirds of the lease; DoneCh fires once the lease
 		// cannot be extended past its grace period (the token is near its
-		// end) or renewals kept failing until then.
+		// end) or renewals kept failing until then. A re-read that returned
+		// the token already held means renewals have stopped extending it
+		// and the next token was not ready yet: do not renew, just read
+		// again when this lease ends.
+		behavior := vault.RenewBehaviorIgnoreErrors
+		if !b.changed {
+			behavior = vault.RenewBehaviorRenewDisabled
+		}
 		watcher, err := vc.NewLifetimeWatcher(&vault.LifetimeWatcherInput{
-			Secret:    b.lease,
-			Increment: b.lease.LeaseDuration,
+			Secret:        b.lease,
+			Increment:     b.lease.LeaseDuration,
+			RenewBehavior: behavior,
 		})
 		if err != nil {
 			logEvent("error", "message", err.Error())
@@ -169,6 +180,9 @@ func run(ctx context.Context, o options) int {
 				logEvent("renew", "lease", r.Secret.LeaseID, "ttl", seconds(r.Secret.LeaseDuration), "token_left", b.left())
 			case err := <-watcher.DoneCh():
 				reason := "the lease cannot be extended: the token is near its end"
+				if !b.changed {
+					reason = "waiting for the next token"
+				}
 				if err != nil {
 					reason = "renewal failed: " + vaultMessage(err)
 				}
@@ -198,7 +212,7 @@ func run(ctx context.Context, o options) int {
 				if !b.expiry.IsZero() && time.Until(b.expiry) < time.Second {
 					// The watcher should have moved us on already (Vault
 					// unreachable?): never send an expired token.
-					logEvent("reread", "reason", "the token expired before a new one could be read")
+					logEvent("reread", "reason", "the token is about to expire", "token_left", b.left())
 					reread = true
 					continue
 				}
@@ -305,7 +319,7 @@ func (b *bot) install(secret *vault.Secret) int {
 		b.revoke()
 	}
 	changed := tok != b.token
-	b.lease, b.token, b.expiry = secret, tok, expiry
+	b.lease, b.token, b.expiry, b.changed = secret, tok, expiry, changed
 	logEvent("creds", "lease", secret.LeaseID, "ttl", seconds(secret.LeaseDuration),
 		"renewable", strconv.FormatBool(secret.Renewable), "token", fingerprint(tok),
 		"new", strconv.FormatBool(changed), "expires_at", exp, "token_left", b.left(),

@@ -143,8 +143,12 @@ def parse_time(s):
 class Lease:
     """A creds lease: its id, when it ends, and when to act on it."""
 
-    def __init__(self, resp):
+    def __init__(self, resp, renew=True):
         self.id = resp["lease_id"]
+        # False once a re-read returned the token already held: renewals
+        # have stopped extending it, so the bot only reads again, at the
+        # lease's end, until the next token comes.
+        self.renew = renew
         self.ttl = int(resp["lease_duration"])
         self.renewable = bool(resp.get("renewable"))
         self.ends = time.time() + self.ttl
@@ -254,7 +258,7 @@ class Bot:
             # expiry; only our lease on it ends.
             self.revoke()
         changed = token != self.token
-        self.lease, self.data, self.token = Lease(resp), data, token
+        self.lease, self.data, self.token = Lease(resp, renew=changed), data, token
         self.expiry = parse_time(data.get("expires_at"))  # empty for T-Invest
         log(
             "creds",
@@ -273,6 +277,12 @@ class Bot:
         lease = self.lease
         if not lease.renewable:
             log("reread", reason="the lease is not renewable", token_left=self.left())
+            self.read_creds()
+            return
+        if not lease.renew:
+            # Vault already said this token cannot be extended and the new
+            # one was not ready at the last read: ask again.
+            log("reread", reason="waiting for the next token", token_left=self.left())
             self.read_creds()
             return
         try:
@@ -394,7 +404,7 @@ class Bot:
                 if self.expiry is not None and self.expiry - time.time() < 1:
                     # Renewal should have moved us on already (Vault
                     # unreachable?): never send an expired token.
-                    log("reread", reason="the token expired before a new one could be read")
+                    log("reread", reason="the token is about to expire", token_left=self.left())
                     self.read_creds()
                     continue
                 if self.call_broker():
