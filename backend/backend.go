@@ -21,6 +21,7 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/finam"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/tinvest"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
 // Storage prefixes. Both hold secrets and are seal-wrapped.
@@ -68,6 +69,9 @@ type backend struct {
 	makeMu sync.Mutex
 
 	now func() time.Time
+	// extraRoots are the providers' own CAs, each trusted for its broker's
+	// hosts only, in every connection pool without a ca_cert.
+	extraRoots []upstream.HostRoots
 	// mintTimeout bounds one broker call (tests shorten it).
 	mintTimeout time.Duration
 }
@@ -118,8 +122,12 @@ func New(opts Options) *backend {
 	}
 	version := opts.Version
 	specs := make(map[string]provider.Spec, len(providers))
+	var roots []upstream.HostRoots
 	for name, p := range providers {
 		specs[name] = p.Spec()
+		if r := specs[name].TrustedRoots; r != nil {
+			roots = append(roots, *r)
+		}
 	}
 	b := &backend{
 		providers:   providers,
@@ -131,6 +139,7 @@ func New(opts Options) *backend {
 		transports:  map[[32]byte]*http.Transport{},
 		metrics:     newMetrics(),
 		now:         now,
+		extraRoots:  roots,
 		mintTimeout: defaultMintTimeout,
 	}
 	b.Backend = &framework.Backend{

@@ -59,6 +59,7 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		Client:          client,
 		Secrets:         secrets,
 		AllowedAccounts: cfg.AllowedAccounts,
+		RequireReadOnly: cfg.RequireReadOnly,
 		ReserveMake:     b.reserveMake(cfg),
 	})
 	if err != nil {
@@ -125,7 +126,7 @@ func (b *backend) transport(caPEM string) (*http.Transport, error) {
 	if tr, ok := b.transports[key]; ok {
 		return tr, nil
 	}
-	tr, err := upstream.NewTransport(caPEM)
+	tr, err := upstream.NewTransport(caPEM, b.extraRoots...)
 	if err != nil {
 		return nil, err
 	}

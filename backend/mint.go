@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
 const (
@@ -37,21 +39,28 @@ type flight struct {
 // token is returned at once (starting a background refresh when it is due);
 // otherwise every concurrent caller waits on one single mint.
 func (b *backend) currentToken(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
-	return b.token(ctx, s, name, false)
+	return b.token(ctx, s, name, false, false)
 }
 
 // refreshNow asks the broker again, for a caller that needs its word now (a
 // passthrough renew, rotate-root, keep-alive, rotation recovery): it joins
 // the mint under way or starts one; it never returns the cached token.
 func (b *backend) refreshNow(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
-	return b.token(ctx, s, name, true)
+	return b.token(ctx, s, name, true, false)
 }
 
-func (b *backend) token(ctx context.Context, s logical.Storage, name string, fresh bool) (*brokerConfig, *storedToken, error) {
+// refreshInBackground is refreshNow for work nobody waits on (keep-alive,
+// rotation recovery): the broker's rate-limit waits are honoured in full
+// rather than failed fast.
+func (b *backend) refreshInBackground(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
+	return b.token(ctx, s, name, true, true)
+}
+
+func (b *backend) token(ctx context.Context, s logical.Storage, name string, fresh, background bool) (*brokerConfig, *storedToken, error) {
 	// A mint that was under way when the config changed or its tokens were
 	// retired yields a token no reader may get: wait for the next one.
 	for attempt := 0; ; attempt++ {
-		cfg, tok, stale, err := b.tokenOnce(ctx, s, name, fresh)
+		cfg, tok, stale, err := b.tokenOnce(ctx, s, name, fresh, background)
 		if err != nil || !stale {
 			return cfg, tok, err
 		}
@@ -61,7 +70,7 @@ func (b *backend) token(ctx context.Context, s logical.Storage, name string, fre
 	}
 }
 
-func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string, fresh bool) (*brokerConfig, *storedToken, bool, error) {
+func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string, fresh, background bool) (*brokerConfig, *storedToken, bool, error) {
 	st, err := b.lookup(ctx, s, name)
 	if err != nil {
 		return nil, nil, false, err
@@ -78,7 +87,7 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 	now := b.now()
 	if tok := st.rec.Token; !fresh && st.rec.servable(tok, now) {
 		if dueForRefresh(tok, now) && st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(cfg) {
-			b.startMintLocked(st)
+			b.startMintLocked(st, true) // readers have a token: nobody waits
 		}
 		st.mu.Unlock()
 		b.metrics.incKey(st.keys().hit)
@@ -100,7 +109,7 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 			st.mu.Unlock()
 			return nil, nil, false, logical.ErrReadOnly
 		}
-		f = b.startMintLocked(st)
+		f = b.startMintLocked(st, background)
 	}
 	f.waiters.Add(1)
 	st.mu.Unlock()
@@ -152,13 +161,15 @@ func (b *backend) staleWarning(ctx context.Context, s logical.Storage, name stri
 // startMintLocked starts the single mint of st; st.mu must be held. The mint
 // runs on the backend's context, not the reader's: a reader that gives up
 // does not abort the mint others are waiting on.
-func (b *backend) startMintLocked(st *configState) *flight {
+// background: nobody waits on it, so the broker's rate-limit waits are
+// honoured in full instead of failing fast.
+func (b *backend) startMintLocked(st *configState, background bool) *flight {
 	f := &flight{gen: st.gen, done: make(chan struct{})}
 	st.flight = f
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
-		b.runMint(st, f)
+		b.runMint(st, f, background)
 	}()
 	return f
 }
@@ -167,7 +178,7 @@ func (b *backend) startMintLocked(st *configState) *flight {
 // rotated long-lived secret (ChatApp) must be in storage before the token it
 // came with is handed out, and a write-ahead record covers the moment
 // between the broker rotating it and that write.
-func (b *backend) runMint(st *configState, f *flight) {
+func (b *backend) runMint(st *configState, f *flight, background bool) {
 	st.lockUpstream()
 	defer st.upstream.Unlock()
 
@@ -189,6 +200,9 @@ func (b *backend) runMint(st *configState, f *flight) {
 	st.mu.Unlock()
 
 	ctx, cancel := context.WithTimeout(b.ctx, b.mintTimeout)
+	if background {
+		ctx = upstream.WithBackground(ctx)
+	}
 	m, walID, err := b.issue(ctx, st.name, cfg, client, secrets, epoch)
 	cancel()
 

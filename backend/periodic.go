@@ -209,7 +209,7 @@ func (b *backend) keepAlive(ctx context.Context, s logical.Storage, name string)
 		b.reschedule(ctx, name, due)
 		return
 	}
-	_, _, err = b.refreshNow(ctx, s, name)
+	_, _, err = b.refreshInBackground(ctx, s, name)
 	if ctx.Err() != nil {
 		// The tick was cut short mid-call: due again at the next one.
 		b.sched.setIfAbsent(name, b.now())

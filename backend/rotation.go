@@ -76,7 +76,7 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 		return nil
 	}
 	b.Logger().Warn("recovering an interrupted rotation", "config", w.Config, "started", w.Started)
-	_, _, err = b.refreshNow(ctx, req.Storage, w.Config)
+	_, _, err = b.refreshInBackground(ctx, req.Storage, w.Config)
 	return err
 }
 

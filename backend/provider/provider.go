@@ -51,6 +51,11 @@ type Spec struct {
 	// (Token.Rotated): the backend then records its intent before the call
 	// and keeps the rotated secret alive with periodic refreshes.
 	RotatesSecret bool
+	// TrustedRoots, when set, are CAs trusted besides the system roots for
+	// the broker's own hosts only (T-Invest's chain ends at the Russian
+	// Trusted Root CA, which system stores lack). A config's ca_cert
+	// replaces both.
+	TrustedRoots *upstream.HostRoots
 	// ReportsNoAccess is true when the broker tells nothing of a token's
 	// accounts or trading rights: require_readonly and allowed_accounts
 	// cannot be checked, so a config refuses them rather than pretend.

@@ -94,10 +94,12 @@ func NewWithClock(clock upstream.Clock) *Provider {
 
 // Spec describes T-Invest: one token, production and sandbox, passed through.
 func (*Provider) Spec() provider.Spec {
+	roots := TrustedRoots()
 	return provider.Spec{
-		Name:    Name,
-		Display: broker,
-		Kind:    provider.Passthrough,
+		Name:         Name,
+		Display:      broker,
+		Kind:         provider.Passthrough,
+		TrustedRoots: &roots,
 		Fields: []provider.Field{{
 			Name: "token", Secret: true, Required: true,
 			Description: "tinvest: the T-Invest API token issued in the T-Invest settings (" + SettingsURL + "). A sandbox token needs environment=sandbox.",
