@@ -674,3 +674,41 @@ func TestScheduleIndexBuiltOnceOnUpgrade(t *testing.T) {
 		t.Fatalf("index hours after rescheduling: %v, want only tomorrow's", hours)
 	}
 }
+
+func TestRenewIsShapedAndReadiesTheNextToken(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	first := c.ok(logical.ReadOperation, "creds/x", nil)
+	renew := func() *logical.Response {
+		t.Helper()
+		sec := *first.Secret
+		sec.IssueTime = c.clock.Now()
+		resp, err := c.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: &sec})
+		if err != nil || resp.IsError() {
+			t.Fatalf("renew: %v %v", resp, err)
+		}
+		return resp
+	}
+	// Before the refresh point a renew extends to it, not to the JWT's end.
+	c.clock.Advance(5 * time.Minute)
+	if ttl := renew().Secret.TTL; ttl > 5*time.Minute || ttl < 4*time.Minute {
+		t.Fatalf("renew with 10m of 15m left: lease %v, want up to the refresh point (5m)", ttl)
+	}
+	if f.callCount() != 1 {
+		t.Fatal("a renew before the refresh point minted")
+	}
+	// Past it, a renew starts the refresh, so the client's next read finds
+	// the new token.
+	c.clock.Advance(6 * time.Minute)
+	if ttl := renew().Secret.TTL; ttl > 30*time.Second {
+		t.Fatalf("renew past the refresh point: lease %v, want a short one", ttl)
+	}
+	c.waitIdle("x")
+	if f.callCount() != 2 {
+		t.Fatalf("a renew past the refresh point did not start it (%d mints)", f.callCount())
+	}
+	if got := c.token("creds/x"); got == first.Data["access_token"] {
+		t.Fatal("the read after that renew got the old token")
+	}
+}

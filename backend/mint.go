@@ -132,6 +132,22 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 	return cfg, f.tok, stale, nil
 }
 
+// nudgeRefresh starts the refresh ahead of a config whose token is due,
+// without waiting for it; it never mints for a config with no token.
+func (b *backend) nudgeRefresh(ctx context.Context, s logical.Storage, name string) {
+	st, err := b.lookup(ctx, s, name)
+	if err != nil || st == nil {
+		return
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	now := b.now()
+	if tok := st.rec.Token; st.cfg != nil && !st.dead && st.rec.servable(tok, now) && dueForRefresh(tok, now) &&
+		st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(st.cfg) {
+		b.startMintLocked(st, true)
+	}
+}
+
 // canRotate reports whether this node may run a mint of cfg: one that
 // rotates the long-lived secret must be stored, which only a node that can
 // write may do.

@@ -69,6 +69,11 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	if err != nil {
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: %v; read creds/%s for a new token", in.config, err, in.config))
 	}
+	if spec.Kind != provider.Passthrough {
+		// A client that only renews (Agent, a LifetimeWatcher) reads again
+		// when its lease stops growing: have the next token ready by then.
+		b.nudgeRefresh(ctx, req.Storage, in.config)
+	}
 	resp := &logical.Response{Secret: req.Secret}
 	resp.Secret.TTL = ttl
 	return resp, nil
