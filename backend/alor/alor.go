@@ -103,7 +103,36 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 	if err != nil {
 		return nil, err
 	}
-	return tokenFrom(jwt, received, req.AllowedAccounts)
+	tok, err := tokenFrom(jwt, received, req.AllowedAccounts)
+	if err != nil {
+		return nil, err
+	}
+	if req.RequireReadOnly && !tok.ReadOnly {
+		return nil, notReadOnly(tok)
+	}
+	return tok, nil
+}
+
+// ErrNotReadOnly is returned under require_readonly for a JWT that does
+// not show it cannot trade.
+var ErrNotReadOnly = fmt.Errorf("%w: require_readonly is set", provider.ErrGuard)
+
+// notReadOnly says why tok is not shown read-only, from its scope.
+func notReadOnly(tok *provider.Token) error {
+	scope, present := tok.Details["scope"].(string)
+	switch {
+	case !present:
+		return fmt.Errorf("%w but the ALOR access token has no scope claim, so it cannot be shown read-only", ErrNotReadOnly)
+	case strings.TrimSpace(scope) == "":
+		return fmt.Errorf("%w but the ALOR access token's scope claim is empty, so it cannot be shown read-only", ErrNotReadOnly)
+	}
+	var trading []string
+	for _, w := range strings.Fields(scope) {
+		if !readOnly([]string{w}) {
+			trading = append(trading, w)
+		}
+	}
+	return fmt.Errorf("%w but ALOR reports this token can trade (its scope grants %s); every refresh token created on the ALOR portal carries full rights and ALOR offers no read-only one: unset require_readonly for ALOR", ErrNotReadOnly, strings.Join(trading, ", "))
 }
 
 // accessToken reads the JWT from the response {"AccessToken": ...} (that

@@ -559,3 +559,52 @@ func TestNarrowingUnverifiable(t *testing.T) {
 		})
 	}
 }
+
+// TestRequireReadOnlyRefusals: under require_readonly a JWT is refused
+// unless its scope shows it cannot trade, and the refusal says why.
+func TestRequireReadOnlyRefusals(t *testing.T) {
+	now := time.Now()
+	tests := []struct {
+		name    string
+		scope   any // nil: no scope claim
+		refused string
+	}{
+		{name: "trading scope", scope: "OrdersRead OrdersCreate Trades", refused: "can trade (its scope grants OrdersCreate); every refresh token created on the ALOR portal carries full rights"},
+		{name: "cancel is trading", scope: "OrdersRead OrdersCancel", refused: "its scope grants OrdersCancel"},
+		{name: "no scope claim", refused: "has no scope claim, so it cannot be shown read-only"},
+		{name: "empty scope", scope: "", refused: "scope claim is empty, so it cannot be shown read-only"},
+		{name: "empty scope list", scope: []string{}, refused: "scope claim is empty"},
+		{name: "read-only scope passes", scope: "OrdersRead Trades Personal Stats"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			claims := map[string]any{"sub": "P1", "portfolios": "D1", "iat": now.Unix(), "exp": now.Add(30 * time.Minute).Unix()}
+			if tc.scope != nil {
+				claims["scope"] = tc.scope
+			}
+			body, _ := json.Marshal(map[string]string{"AccessToken": fakeJWT(claims)})
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(body) }))
+			defer srv.Close()
+			req := request(newClient(t), srv.URL, "alor-refresh-secret-1", "")
+			req.RequireReadOnly = true
+			tok, err := New().Issue(context.Background(), req)
+			if tc.refused == "" {
+				if err != nil || !tok.ReadOnly {
+					t.Fatalf("token %+v, err %v", tok, err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrNotReadOnly) || !errors.Is(err, provider.ErrGuard) || !strings.Contains(err.Error(), tc.refused) {
+				t.Fatalf("want a refusal saying %q, got %v", tc.refused, err)
+			}
+		})
+	}
+	// Against the sandbox: its (and ALOR's) refresh tokens all carry full
+	// rights.
+	e := newEnv(t)
+	req := request(e.cl, e.url, sandbox.AlorRefreshToken, "production")
+	req.RequireReadOnly = true
+	if _, err := New().Issue(context.Background(), req); !errors.Is(err, ErrNotReadOnly) || !strings.Contains(err.Error(), "OrdersCreate") {
+		t.Fatalf("sandbox token under require_readonly: %v", err)
+	}
+}

@@ -133,6 +133,10 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 	if err := accountsKnown(det, req.AllowedAccounts); err != nil {
 		return nil, err
 	}
+	if req.RequireReadOnly && !det.ReadOnly {
+		// proto3 JSON leaves a false flag out: absent means false.
+		return nil, fmt.Errorf("%w: require_readonly is set but Finam reports this token can trade (TokenDetails readonly is false or absent); issue a read-only secret on the Finam portal, or unset require_readonly", provider.ErrGuard)
+	}
 	return tokenFrom(auth.Token, det, received)
 }
 

@@ -221,7 +221,9 @@ func TestGuardEvidence(t *testing.T) {
 		name     string
 		secret   string
 		allowed  []string
+		requireR bool
 		refused  bool
+		reason   string
 		accounts string
 		readonly bool
 	}{
@@ -234,12 +236,22 @@ func TestGuardEvidence(t *testing.T) {
 		{name: "no accounts listed, no guard", secret: "no-accounts-secret", accounts: ""},
 		// readonly absent from the answer (proto3 drops false): not read-only.
 		{name: "readonly absent", secret: sandbox.FinamSecret, accounts: "1899011,1899012", readonly: false},
+		{name: "readonly absent, require_readonly", secret: sandbox.FinamSecret, requireR: true, refused: true,
+			reason: "can trade (TokenDetails readonly is false or absent)"},
+		{name: "readonly true, require_readonly", secret: sandbox.FinamReadOnlySecret, requireR: true, accounts: "1899011", readonly: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			req := request(t, srv.URL, tc.secret)
 			req.AllowedAccounts = tc.allowed
+			req.RequireReadOnly = tc.requireR
 			tok, err := New().Issue(context.Background(), req)
+			if tc.refused && tc.reason != "" {
+				if !errors.Is(err, provider.ErrGuard) || !strings.Contains(err.Error(), tc.reason) {
+					t.Fatalf("want a guard refusal saying %q, got %v", tc.reason, err)
+				}
+				return
+			}
 			if tc.refused {
 				if !errors.Is(err, provider.ErrGuard) || !errors.Is(err, ErrNoAccounts) {
 					t.Fatalf("want a guard refusal, got %v (token %+v)", err, tok)
