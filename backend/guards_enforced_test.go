@@ -83,6 +83,12 @@ func guardCases() []guardCase {
 			breakAtBroker: func(h *harness) {
 				h.sb.AddTInvestToken(guardTInvestToken, false, tinvestAccounts(sandbox.TInvestFullAccess)...)
 			}},
+		// Tightened in the config while a validated token is cached: the read
+		// reuses the recent validation, so only the read check refuses it.
+		{name: "tinvest require_readonly, tightened in the config", config: tinvest, guard: map[string]any{"require_readonly": true}, want: "can trade",
+			setup: func(h *harness) {
+				h.sb.AddTInvestToken(guardTInvestToken, false, tinvestAccounts(sandbox.TInvestFullAccess)...)
+			}},
 		{name: "tinvest allowed_accounts", config: tinvest, guard: map[string]any{"allowed_accounts": sandbox.TInvestAccountID}, want: guardOtherAccount,
 			setup: func(h *harness) {
 				h.sb.AddTInvestToken(guardTInvestToken, false, tinvestAccounts(sandbox.TInvestFullAccess, sandbox.TInvestNoAccess)...)
@@ -121,8 +127,8 @@ func wantRefused(t *testing.T, what string, resp *logical.Response, err error, w
 }
 
 // TestGuardsEnforcedAtRead: a creds read refuses a token the guards do not
-// allow, whether the config was tightened unverified or the broker widened
-// the token after a verified write.
+// allow, whether the config was tightened unverified after a token was
+// cached or the broker widened the token after a verified write.
 func TestGuardsEnforcedAtRead(t *testing.T) {
 	for _, tc := range guardCases() {
 		t.Run(tc.name, func(t *testing.T) {
@@ -138,7 +144,13 @@ func TestGuardsEnforcedAtRead(t *testing.T) {
 				// Past the reuse of the last validation: the read asks again.
 				h.skip(passthroughMaxAge + time.Minute)
 			} else {
-				h.mustOK(logical.UpdateOperation, "config/g", merged(tc.config(h), tc.guard, map[string]any{"verify": false}))
+				// A token is cached without the guard; the guard is then
+				// written unverified. require_readonly keeps the cached token
+				// (only the backend's read check stands between it and the
+				// reader); allowed_accounts drops it, and the read mints anew.
+				h.mustOK(logical.UpdateOperation, "config/g", tc.config(h))
+				h.mustOK(logical.ReadOperation, "creds/g", nil)
+				h.mustOK(logical.UpdateOperation, "config/g", merged(tc.guard, map[string]any{"verify": false}))
 			}
 			resp, err := h.do(logical.ReadOperation, "creds/g", nil)
 			wantRefused(t, "creds read", resp, err, tc.want)
