@@ -64,17 +64,18 @@ func TestAlorNarrowingIgnoredByBrokerIsRefused(t *testing.T) {
 	}
 }
 
-func TestAlorReadOnlyFromScope(t *testing.T) {
+// TestAlorRequireReadOnlyRefused: every refresh token self-issued on the
+// ALOR portal carries full rights (its JWT scope holds OrdersCreate), and no
+// public source shows a read-only one: require_readonly refuses the config,
+// saying the token can trade.
+func TestAlorRequireReadOnlyRefused(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
-	if resp, err := h.writeAlor("ro", sandbox.AlorReadOnlyRefreshToken, map[string]any{"require_readonly": true}); errText(resp, err) != "" {
-		t.Fatal(errText(resp, err))
-	}
-	if h.mustOK(logical.ReadOperation, "creds/ro", nil).Data["readonly"] != true {
-		t.Fatal("read-only scope not reported")
-	}
 	resp, err := h.writeAlor("rw", sandbox.AlorRefreshToken, map[string]any{"require_readonly": true})
-	if !strings.Contains(errText(resp, err), "can trade") {
-		t.Fatalf("trading scope passed require_readonly: %q", errText(resp, err))
+	if statusOf(resp, err) != 400 || !containsAll(errText(resp, err), "can trade", "nothing was stored") {
+		t.Fatalf("trading scope passed require_readonly: %d %q", statusOf(resp, err), errText(resp, err))
+	}
+	if r, err := h.do(logical.ReadOperation, "config/rw", nil); r != nil && err == nil && !r.IsError() {
+		t.Fatal("a refused config was stored")
 	}
 }
 

@@ -3,6 +3,9 @@ package backend
 import (
 	"cmp"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -56,6 +59,15 @@ func (a *brokerConfig) sameUpstream(b *brokerConfig) bool {
 		}
 	}
 	return true
+}
+
+// upstreamHash fingerprints what sameUpstream compares, so a token record
+// can say which config its token was minted under.
+func (a *brokerConfig) upstreamHash() string {
+	h := sha256.New()
+	enc := json.NewEncoder(h)
+	_ = enc.Encode([]any{a.Provider, a.Environment, a.BaseURL, a.CACert, a.Secrets, a.AllowedAccounts})
+	return hex.EncodeToString(h.Sum(nil)[:16])
 }
 
 func equalStrings(a, b []string) bool {
@@ -140,7 +152,11 @@ type tokenRecord struct {
 	// RetireEpoch counts retirements; a token minted under an older epoch
 	// is never handed out. Unlike RetiredBefore it needs no agreement
 	// between the clocks of HA nodes.
-	RetireEpoch uint64    `json:"retire_epoch,omitempty"`
+	RetireEpoch uint64 `json:"retire_epoch,omitempty"`
+	// ConfigHash is the upstreamHash of the config the token was minted
+	// under; a record that does not match the stored config (a config
+	// write that failed half way) has its token dropped on load.
+	ConfigHash  string    `json:"config_hash,omitempty"`
 	LastRefresh time.Time `json:"last_refresh,omitzero"`
 	LastError   string    `json:"last_error,omitempty"`
 	LastErrorAt time.Time `json:"last_error_at,omitzero"`

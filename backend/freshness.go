@@ -52,7 +52,10 @@ func dueForRefresh(tok *storedToken, now time.Time) bool {
 // servable reports whether tok may be handed out at now: usable, and not
 // minted before an incident retirement of the config's tokens. The epoch
 // is the authority (it needs no clock agreement between HA nodes); the
-// time check covers records written before epochs existed.
+// time check only covers a retire recorded before epochs existed.
 func (r tokenRecord) servable(tok *storedToken, now time.Time) bool {
-	return usable(tok, now) && tok.Epoch >= r.RetireEpoch && !tok.MintedAt.Before(r.RetiredBefore)
+	if !usable(tok, now) || tok.Epoch < r.RetireEpoch {
+		return false
+	}
+	return r.RetireEpoch > 0 || !tok.MintedAt.Before(r.RetiredBefore)
 }

@@ -252,3 +252,25 @@ func TestGuardsNeedEvidence(t *testing.T) {
 		})
 	}
 }
+func TestRenewRefusesAllowedAccountsWithoutEvidence(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		setup func(h *harness)
+		cfg   func(h *harness) map[string]any
+		guard string
+	}{
+		{"finam", func(h *harness) { h.sb.AddFinamSecret("gap-none", nil, false) },
+			func(h *harness) map[string]any { return map[string]any{"provider": "finam", "secret": "gap-none", "base_url": h.url} }, "1899011"},
+		{"alor", func(h *harness) { h.sb.SetAlorOmitPortfolios(true) }, alorConfig, "D12345"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, sandbox.Options{})
+			tc.setup(h)
+			h.mustOK(logical.UpdateOperation, "config/g", tc.cfg(h))
+			lease := h.mustOK(logical.ReadOperation, "creds/g", nil)
+			h.mustOK(logical.UpdateOperation, "config/g", map[string]any{"allowed_accounts": tc.guard, "verify": false})
+			resp, err := h.renew(lease.Secret)
+			wantRefused(t, "renew", resp, err, "allowed_accounts cannot be checked")
+		})
+	}
+}

@@ -253,6 +253,7 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 			}
 		} else {
 			rec = rec.with(m, now)
+			rec.ConfigHash = cfg.upstreamHash()
 			if m.tok.Epoch < prev.RetireEpoch {
 				// Retired while in flight: keep what it rotated, never
 				// the token.
@@ -285,6 +286,10 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 	} else if m != nil && len(m.rotated) > 0 {
 		b.Logger().Info("discarding a rotation of a config deleted while it ran", "config", st.name)
 	}
+	if current && err == nil {
+		// Under the owner: a delete cannot slip in and be undone.
+		b.reschedule(ctx, st.name, b.nextDue(cfg, rec))
+	}
 	st.mu.Lock()
 	if st.flight == f {
 		st.flight = nil
@@ -311,9 +316,6 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 	}
 	f.err = err
 	close(f.done)
-	if current && err == nil {
-		b.reschedule(ctx, st.name, b.nextDue(cfg, rec))
-	}
 }
 
 // minted is one successful Issue: the token and what it changed upstream.
@@ -326,7 +328,8 @@ type minted struct {
 // with returns the record after a successful mint: the new token, the
 // rotated secrets merged in, the error cleared.
 func (r tokenRecord) with(m *minted, now time.Time) tokenRecord {
-	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated, RetiredBefore: r.RetiredBefore, RetireEpoch: r.RetireEpoch}
+	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated,
+		RetiredBefore: r.RetiredBefore, RetireEpoch: r.RetireEpoch, ConfigHash: r.ConfigHash}
 	if len(m.rotated) > 0 {
 		out.Rotated = make(map[string]string, len(r.Rotated)+len(m.rotated))
 		for k, v := range r.Rotated {

@@ -135,12 +135,8 @@ func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, d 
 	// dead and stores nothing, so the token never comes back.
 	st.lockOwner()
 	defer st.owner.Unlock()
-	if err := req.Storage.Delete(ctx, configPrefix+name); err != nil {
-		return nil, fmt.Errorf("deleting config %q: %w", name, err)
-	}
-	if err := req.Storage.Delete(ctx, tokenPrefix+name); err != nil {
-		return nil, fmt.Errorf("deleting token of %q: %w", name, err)
-	}
+	// Memory first: whatever storage does next, this node stops serving
+	// the config now (a failed delete reloads what storage still holds).
 	b.mu.Lock()
 	if b.states[name] == st {
 		delete(b.states, name)
@@ -149,6 +145,15 @@ func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, d 
 	st.mu.Lock()
 	st.killLocked()
 	st.mu.Unlock()
+	// The token (and any rotated secret) before the config: a delete that
+	// fails half way leaves a config without a token, never a token
+	// without its config.
+	if err := req.Storage.Delete(ctx, tokenPrefix+name); err != nil {
+		return nil, fmt.Errorf("deleting token of %q: %w", name, err)
+	}
+	if err := req.Storage.Delete(ctx, configPrefix+name); err != nil {
+		return nil, fmt.Errorf("deleting config %q: %w", name, err)
+	}
 	b.reschedule(ctx, name, time.Time{})
 	return nil, nil
 }
@@ -295,22 +300,20 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 		}
 	}()
 
-	// A config rewritten with the same upstream keeps its token and any
-	// secret the broker rotated since (a stale ChatApp seed must not be
-	// used again).
-	var rec tokenRecord
-	if old != nil && old.sameUpstream(cfg) {
-		rec = cur
-	}
-	var walID string
+	rec := carriedRecord(d, old, cfg, cur)
+	var (
+		walID string
+		m     *minted
+	)
+	presented := effectiveSecrets(cfg, rec)
 	if verify {
-		var m *minted
-		m, walID, err = b.issue(ctx, name, cfg, client, effectiveSecrets(cfg, rec), rec.RetireEpoch)
+		m, walID, err = b.issue(ctx, name, cfg, client, presented, cur.RetireEpoch)
 		if err != nil {
 			resp, err := verifyFailure(cfg, err)
 			return resp, false, err
 		}
 		if err := checkGuards(cfg, m.tok); err != nil {
+			b.keepRotation(st, m, presented)
 			return logical.ErrorResponse("%s; nothing was stored", err), false, nil
 		}
 		// The verifying mint is the first token: readers need not mint again.
@@ -324,16 +327,29 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 	st.lockOwner()
 	defer st.owner.Unlock()
 	st.mu.Lock()
-	dead = st.dead
+	dead, now := st.dead, st.rec
 	st.mu.Unlock()
 	if dead {
 		return nil, false, logical.CodedError(http.StatusConflict, fmt.Sprintf("config %q was deleted while this write ran; nothing was stored: write it again", name))
 	}
+	// A retire that landed while the secret was being verified holds: the
+	// verifying token was minted before it.
+	rec.RetireEpoch, rec.RetiredBefore = now.RetireEpoch, now.RetiredBefore
+	if rec.Token != nil && rec.Token.Epoch < rec.RetireEpoch {
+		rec.Token = nil
+	}
+	rec.ConfigHash = cfg.upstreamHash()
 	cfg.UpdatedAt = b.now().UTC()
-	if err := writeConfig(wctx, req.Storage, name, cfg); err != nil {
+	// The token record first: a write that fails half way leaves at worst
+	// a record whose hash does not match the stored config, and loading
+	// drops its token (see loadLocked); never an old secret's token paired
+	// with a new config.
+	if err := writeTokenRecord(wctx, req.Storage, name, rec); err != nil {
+		b.keepRotation(st, m, presented)
 		return nil, false, err
 	}
-	if err := writeTokenRecord(wctx, req.Storage, name, rec); err != nil {
+	if err := writeConfig(wctx, req.Storage, name, cfg); err != nil {
+		b.keepRotation(st, m, presented)
 		return nil, false, err
 	}
 	st.install(cfg, client, rec)
@@ -350,6 +366,68 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 		resp.AddWarning("verify=false: the secret was stored without checking it with the broker")
 	}
 	return resp, false, nil
+}
+
+// carriedRecord is the token record a config write starts from. The same
+// upstream keeps the token. Any other change drops the token, but keeps a
+// secret the broker rotated (ChatApp's refresh token: changing the
+// password does not end it, and the seed it replaced is spent) unless this
+// write supplies that field anew or moves the config to another endpoint.
+// The retire epoch always carries over.
+func carriedRecord(d *framework.FieldData, old, cfg *brokerConfig, cur tokenRecord) tokenRecord {
+	if old == nil {
+		return tokenRecord{}
+	}
+	if old.sameUpstream(cfg) {
+		return cur
+	}
+	rec := tokenRecord{RetireEpoch: cur.RetireEpoch, RetiredBefore: cur.RetiredBefore}
+	if old.Environment == cfg.Environment && old.BaseURL == cfg.BaseURL && old.CACert == cfg.CACert {
+		for k, v := range cur.Rotated {
+			if _, given := d.Raw[k]; !given {
+				if rec.Rotated == nil {
+					rec.Rotated = map[string]string{}
+				}
+				rec.Rotated[k] = v
+				rec.SecretExpiresAt = cur.SecretExpiresAt
+			}
+		}
+	}
+	return rec
+}
+
+// keepRotation keeps in memory a secret the broker rotated during a config
+// write that then failed, when the write presented the stored config's own
+// current value (the broker has now retired it); the write's rotation
+// record stays for recovery. A rotation of a new seed the write brought
+// belongs to no stored config and is dropped with the write.
+func (b *backend) keepRotation(st *configState, m *minted, presented map[string]string) {
+	if m == nil || len(m.rotated) == 0 {
+		return
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.dead || st.cfg == nil {
+		return
+	}
+	current := effectiveSecrets(st.cfg, st.rec)
+	rec := st.rec
+	rec.Rotated = maps.Clone(rec.Rotated)
+	if rec.Rotated == nil {
+		rec.Rotated = map[string]string{}
+	}
+	kept := false
+	for k, v := range m.rotated {
+		if presented[k] == current[k] {
+			rec.Rotated[k] = v
+			kept = true
+		}
+	}
+	if !kept {
+		return
+	}
+	st.rec = rec
+	b.Logger().Error("a config write failed after the broker rotated its secret; the new one is kept in memory and stored with the next refresh", "config", st.name)
 }
 
 // secretsToResend lists the secret fields an update must carry because it

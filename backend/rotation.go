@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -77,6 +78,14 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 	}
 	b.Logger().Warn("recovering an interrupted rotation", "config", w.Config, "started", w.Started)
 	_, _, err = b.refreshInBackground(ctx, req.Storage, w.Config)
+	if rejectedSecret(err) || errors.Is(err, errMakeBudget) || errors.Is(err, provider.ErrGuard) {
+		// Replaying cannot help: the broker refused what storage holds and
+		// the make fallback failed too. The error is in the config's
+		// last_error; drop the record rather than present a dead refresh
+		// token (and spend a make) at every rollback.
+		b.Logger().Error("an interrupted rotation could not be recovered; write the config again", "config", w.Config, "error", err)
+		return nil
+	}
 	return err
 }
 

@@ -129,6 +129,7 @@ func (b *backend) lookup(ctx context.Context, s logical.Storage, name string) (*
 		st.mu.Unlock()
 		switch {
 		case err != nil:
+			b.forget(st)
 			return nil, err
 		case dead:
 			continue // deleted or invalidated meanwhile: look again
@@ -209,7 +210,16 @@ func (b *backend) loadLocked(ctx context.Context, s logical.Storage, st *configS
 	}
 	rec, err := readTokenRecord(ctx, s, st.name)
 	if err != nil {
-		return err
+		// An unreadable record must not lock the config for good: start
+		// without a token (a rotated secret in it is lost; ChatApp then
+		// makes a new pair) and say so.
+		b.Logger().Error("dropping an unreadable token record", "config", st.name, "error", err)
+		rec = tokenRecord{}
+	}
+	if cfg != nil && rec.ConfigHash != "" && rec.ConfigHash != cfg.upstreamHash() {
+		// Written for other settings by a config write that failed half
+		// way: its token is not this config's.
+		rec.Token = nil
 	}
 	if cfg != nil {
 		if spec, ok := b.specs[cfg.Provider]; ok {

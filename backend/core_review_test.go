@@ -1,0 +1,297 @@
+package backend
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// Reviewer's break tests: each opens one window deterministically.
+
+// A retire that lands while a config write's verifying call is at the broker
+// is undone: configWrite snapshots the record under the upstream lock only,
+// retire takes only the owner lock, and the write stores the snapshot.
+func TestReviewRetireDuringConfigWriteVerifyIsUndone(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	first := c.token("creds/x")
+
+	entered, release := f.holdNext()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.ok(logical.UpdateOperation, "config/x", map[string]any{"ttl": "10m"}) // same upstream, verified
+	}()
+	<-entered // the write's verifying mint is at the broker
+	c.ok(logical.UpdateOperation, "config/x/retire", nil)
+	verifyTok := fmt.Sprintf("fake-token-%d", f.callCount())
+	release()
+	<-done
+
+	rec, _ := c.stored("x")
+	if rec.RetireEpoch == 0 || rec.RetiredBefore.IsZero() {
+		t.Errorf("the retire was undone in storage by the config write: epoch=%d retired_before=%v", rec.RetireEpoch, rec.RetiredBefore)
+	}
+	if got := c.token("creds/x"); got == first || got == verifyTok {
+		t.Errorf("after retire a read got %q, minted before the retire (first=%q, in-flight verify=%q)", got, first, verifyTok)
+	}
+}
+
+// The epoch is documented as the authority "needing no clock agreement
+// between HA nodes", but servable also always checks MintedAt against
+// RetiredBefore: a node whose clock is behind the one that retired (failover,
+// or an NTP step back) refuses every fresh token it mints, so every read
+// mints three times and fails.
+func TestReviewRetireThenClockBehindMintsAndFails(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	c.token("creds/x")
+	c.ok(logical.UpdateOperation, "config/x/retire", nil)
+
+	// The new active node's clock is 30 s behind the node that retired.
+	c.clock.Advance(-30 * time.Second)
+	b2 := c.newBackend(nil)
+	calls := f.callCount()
+	resp, err := c.doOn(b2, logical.ReadOperation, "creds/x", nil)
+	if err != nil || resp.IsError() {
+		t.Errorf("after a retire on a node 30 s ahead, a read failed (%v %v) and cost %d mints", err, resp.Error(), f.callCount()-calls)
+	} else if n := f.callCount() - calls; n != 1 {
+		t.Errorf("one read cost %d mints", n)
+	}
+}
+
+// A ChatApp config write that changes a secret other than the refresh token
+// (e.g. the cabinet password, as the retire note tells operators to do)
+// counts as a new upstream: the record is dropped, the broker's current
+// rotated refresh token is forgotten and the old seed, already spent, is
+// presented again.
+func TestReviewChatAppSecretChangeDropsRotatedRefreshToken(t *testing.T) {
+	for _, verify := range []bool{true, false} {
+		t.Run(fmt.Sprintf("verify=%v", verify), func(t *testing.T) {
+			f := chatLike()
+			c := newCoreHarness(t, f)
+			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+			c.token("creds/x") // seed-1 spent, rt-1 current
+			c.ok(logical.UpdateOperation, "config/x", map[string]any{"secret": "s2", "verify": verify})
+			if !verify {
+				rec, _ := c.stored("x")
+				if rec.Rotated["refresh_token"] != f.refresh {
+					t.Errorf("after the write storage holds refresh token %q; the broker's current one is %q (lost)", rec.Rotated["refresh_token"], f.refresh)
+				}
+				c.token("creds/x")
+			}
+			seen := map[string]int{}
+			for _, rt := range f.presented {
+				seen[rt]++
+			}
+			if seen["seed-1"] > 1 {
+				t.Errorf("the spent seed was presented again: %v", f.presented)
+			}
+		})
+	}
+}
+
+// A config write whose token record Put fails after its config Put
+// succeeded leaves storage pairing the new config with the token minted from
+// the old secret; a restart (or a standby, or the new active node) serves it.
+func TestReviewConfigWriteTokenPutFailureServesOldSecretAfterRestart(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	c.token("creds/x")
+
+	c.storage.mu.Lock()
+	c.storage.failKey = tokenPrefix + "x"
+	c.storage.mu.Unlock()
+	resp, err := c.do(logical.UpdateOperation, "config/x", map[string]any{"secret": "s2"})
+	if err == nil && (resp == nil || !resp.IsError()) {
+		t.Fatal("the write did not fail")
+	}
+	c.storage.mu.Lock()
+	c.storage.failKey = ""
+	c.storage.mu.Unlock()
+
+	cfg, _ := readConfig(context.Background(), c.raw, "x")
+	b2 := c.newBackend(nil)
+	resp, err = c.doOn(b2, logical.ReadOperation, "creds/x", nil)
+	if err != nil || resp.IsError() {
+		t.Fatalf("restart: %v %v", resp, err)
+	}
+	got := resp.Data["access_token"].(string)
+	if f.secretOf[got] != cfg.Secrets["secret"] {
+		t.Errorf("storage holds config secret %q but a restart serves a token minted from %q", cfg.Secrets["secret"], f.secretOf[got])
+	}
+}
+
+// A ChatApp config write whose verifying refresh rotated the pair but whose
+// storage write then failed drops the rotation from memory too (finishMint
+// keeps it in memory for exactly this case): the next refresh presents the
+// refresh token ChatApp already retired.
+func TestReviewConfigWriteStoreFailureDropsVerifiedRotation(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	c.storage.mu.Lock()
+	c.storage.failKey = configPrefix + "x"
+	c.storage.mu.Unlock()
+	resp, err := c.do(logical.UpdateOperation, "config/x", map[string]any{"ttl": "10m"}) // verified: rotates
+	if err == nil && (resp == nil || !resp.IsError()) {
+		t.Fatal("the write did not fail")
+	}
+	c.storage.mu.Lock()
+	c.storage.failKey = ""
+	c.storage.mu.Unlock()
+
+	resp, err = c.do(logical.UpdateOperation, "rotate-root/x", nil)
+	if err != nil || resp.IsError() {
+		t.Errorf("after a failed config write the next refresh presented a dead refresh token: %v %v (presented %v)", err, resp.Error(), f.presented)
+	}
+}
+
+// delFailStorage fails Deletes of one key.
+type delFailStorage struct {
+	logical.Storage
+	key string
+}
+
+func (s *delFailStorage) Delete(ctx context.Context, k string) error {
+	if k == s.key {
+		return fmt.Errorf("injected delete failure for %s", k)
+	}
+	return s.Storage.Delete(ctx, k)
+}
+
+// A delete whose config Delete succeeds and token Delete fails returns an
+// error but leaves the config gone from storage while this node keeps
+// serving its token (the state is only killed after both deletes), and
+// token/<name> with any rotated refresh token stays in storage.
+func TestReviewDeletePartialFailureKeepsServing(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	c.token("creds/x")
+	c.storage.Storage = &delFailStorage{Storage: c.raw, key: tokenPrefix + "x"}
+
+	c.do(logical.DeleteOperation, "config/x", nil)
+	if e, _ := c.raw.Get(context.Background(), configPrefix+"x"); e != nil {
+		t.Skip("config still stored: consistent")
+	}
+	resp, err := c.do(logical.ReadOperation, "creds/x", nil)
+	if err == nil && resp != nil && !resp.IsError() {
+		t.Errorf("config/x is gone from storage but creds/x still serves %v", resp.Data["access_token"])
+	}
+}
+
+// A rotation record whose replay meets a refused refresh token keeps
+// failing: walRollback returns the error, Vault keeps the record and replays
+// it every rollback interval, each time presenting the same dead refresh
+// token again (and, with the real provider, reserving one more make).
+func TestReviewRefusedRecoveryDropsItsRecord(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+	stored := f.refresh
+	// A crash after ChatApp rotated: the broker holds a refresh token storage never got.
+	f.mu.Lock()
+	f.refresh = "rt-lost"
+	f.mu.Unlock()
+	data := map[string]any{"config": "x", "started": c.clock.Now().Format(time.RFC3339)}
+	// Vault keeps a record whose rollback returns an error and replays it
+	// every interval; a refusal cannot be cured by replaying, so the
+	// record must go at the first one.
+	if err := c.b.walRollback(context.Background(), &logical.Request{Storage: c.storage}, walRotation, data); err != nil {
+		t.Errorf("a refused recovery kept the record for another replay: %v", err)
+	}
+	n := 0
+	for _, rt := range f.presented {
+		if rt == stored {
+			n++
+		}
+	}
+	if n != 1 { // once, by the recovery
+		t.Errorf("the stored refresh token was presented %d times, want 1", n)
+	}
+}
+
+// An undecodable token/<name> (a partial write, a bad migration) makes the
+// config unrepairable by a config write: configWrite loads the record first
+// and fails, so the operator's only way out is delete and re-create.
+func TestReviewCorruptTokenRecordBlocksConfigWrite(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	b2 := c.newBackend(nil)
+	if err := c.raw.Put(context.Background(), &logical.StorageEntry{Key: tokenPrefix + "x", Value: []byte("{not json")}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.doOn(b2, logical.UpdateOperation, "config/x", map[string]any{"secret": "s2"})
+	if err != nil || resp.IsError() {
+		t.Errorf("a config write cannot repair a config whose token record is unreadable: %v %v", err, resp.Error())
+	}
+}
+
+// holdDelStorage holds the next Delete whose key has a prefix.
+type holdDelStorage struct {
+	logical.Storage
+	prefix  string
+	hit     chan struct{}
+	release chan struct{}
+	once    chan struct{}
+}
+
+func (s *holdDelStorage) Delete(ctx context.Context, k string) error {
+	if strings.HasPrefix(k, s.prefix) {
+		select {
+		case <-s.once:
+		default:
+			close(s.once)
+			close(s.hit)
+			<-s.release
+		}
+	}
+	return s.Storage.Delete(ctx, k)
+}
+
+// finishMint reschedules after releasing the owner lock: a delete landing in
+// between is followed by the mint re-adding the deleted config to the
+// schedule and to the persisted due/ index.
+func TestReviewDeleteThenMintReschedulesDeletedConfig(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+	hs := &holdDelStorage{Storage: c.raw, prefix: "wal/", hit: make(chan struct{}), release: make(chan struct{}), once: make(chan struct{})}
+	c.storage.Storage = hs
+	c.dueRefresh("creds/x")
+	<-hs.hit // the refresh stored its record, released the owner, and deletes its rotation record
+	c.ok(logical.DeleteOperation, "config/x", nil)
+	close(hs.release)
+	c.waitIdle("x")
+	c.b.wg.Wait()
+
+	c.b.sched.mu.Lock()
+	_, scheduled := c.b.sched.items["x"]
+	c.b.sched.mu.Unlock()
+	var idx []string
+	hours, _ := c.raw.List(context.Background(), duePrefix)
+	for _, h := range hours {
+		names, _ := c.raw.List(context.Background(), duePrefix+h)
+		for _, n := range names {
+			if n == "x" {
+				idx = append(idx, duePrefix+h+n)
+			}
+		}
+	}
+	if scheduled || len(idx) > 0 {
+		t.Errorf("a deleted config is scheduled again (memory=%v, index=%v)", scheduled, idx)
+	}
+}
