@@ -260,7 +260,9 @@ func TestRenewRefusesAllowedAccountsWithoutEvidence(t *testing.T) {
 		guard string
 	}{
 		{"finam", func(h *harness) { h.sb.AddFinamSecret("gap-none", nil, false) },
-			func(h *harness) map[string]any { return map[string]any{"provider": "finam", "secret": "gap-none", "base_url": h.url} }, "1899011"},
+			func(h *harness) map[string]any {
+				return map[string]any{"provider": "finam", "secret": "gap-none", "base_url": h.url}
+			}, "1899011"},
 		{"alor", func(h *harness) { h.sb.SetAlorOmitPortfolios(true) }, alorConfig, "D12345"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
