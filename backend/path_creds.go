@@ -38,7 +38,8 @@ plus what the broker reports about the token:
   tinvest  accounts (id, type, name, status, access_level), user_id, tariff,
            token_kind; access_token is the T-Invest token itself, and
            expires_at is empty (T-Invest does not tell)
-  alor     login, scope (account_ids are the JWT's portfolios)
+  alor     login, scope, portfolios, agreements (account_ids are the JWT's
+           portfolios)
   chatapp  cabinet_user_id, made (whether this pair came from tokens.make)
 
 Every reader of a config shares one cached token; it is refreshed in the
