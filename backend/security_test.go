@@ -1,6 +1,9 @@
 package backend
 
 import (
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 
@@ -72,5 +75,29 @@ func TestRetireOfTInvestWarns(t *testing.T) {
 	}
 	if r, err := h.do(logical.UpdateOperation, "config/nope/retire", nil); statusOf(r, err) != 400 {
 		t.Fatal("retire of a missing config did not 400")
+	}
+}
+
+// A broker's 2xx body that is not the JSON expected may carry part of a
+// fresh token: errors, last_error and logs describe it, never quote it.
+func TestUnreadableSuccessBodyIsDescribedNotQuoted(t *testing.T) {
+	const partial = "eyJhbGciOiJIUzI1NiJ9.partial-fresh-token"
+	for _, tc := range []struct{ provider, field, path string }{
+		{"finam", "secret", "/v1/sessions"},
+		{"alor", "refresh_token", "/refresh"},
+	} {
+		t.Run(tc.provider, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "text/plain")
+				fmt.Fprint(w, "<"+partial+">")
+			}))
+			defer srv.Close()
+			h := newHarness(t, sandbox.Options{})
+			resp, err := h.do(logical.UpdateOperation, "config/x", map[string]any{"provider": tc.provider, tc.field: "s", "base_url": srv.URL})
+			msg := errText(resp, err)
+			if msg == "" || strings.Contains(msg, "partial-fresh-token") || !strings.Contains(msg, "byte") {
+				t.Fatalf("%s: %q", tc.provider, msg)
+			}
+		})
 	}
 }

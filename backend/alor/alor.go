@@ -140,7 +140,8 @@ func notReadOnly(tok *provider.Token) error {
 func accessToken(body []byte, refresh string) (string, error) {
 	var m map[string]json.RawMessage
 	if err := json.Unmarshal(body, &m); err != nil {
-		return "", badResponse("response is not the expected JSON (" + upstream.Quote(string(body), refresh) + ")")
+		// Never quoted: a 2xx body may carry part of a fresh token.
+		return "", badResponse(fmt.Sprintf("response is not the expected JSON (a %d-byte body)", len(body)))
 	}
 	raw, ok := m["AccessToken"]
 	if !ok {

@@ -249,7 +249,8 @@ func post(ctx context.Context, req provider.Request, path string, body any, idem
 		return err
 	}
 	if err := json.Unmarshal(resp.Body, out); err != nil {
-		return badResponse(path, "response is not the expected JSON ("+upstream.Quote(string(resp.Body), secrets...)+")")
+		// Never quoted: a 2xx body may carry part of a fresh token.
+		return badResponse(path, "response is not the expected JSON ("+upstream.DescribeBody(resp)+")")
 	}
 	return nil
 }
