@@ -275,18 +275,7 @@ func (c *coreHarness) do(op logical.Operation, path string, data map[string]any)
 }
 
 func (c *coreHarness) doOn(b *backend, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
-	req := &logical.Request{Operation: op, Path: path, Storage: c.storage, Data: data}
-	if op == logical.CreateOperation || op == logical.UpdateOperation {
-		checked, exists, err := b.HandleExistenceCheck(context.Background(), req)
-		if err != nil {
-			return nil, err
-		}
-		req.Operation = logical.UpdateOperation
-		if checked && !exists {
-			req.Operation = logical.CreateOperation
-		}
-	}
-	return b.HandleRequest(context.Background(), req)
+	return request(b, c.storage, op, path, data)
 }
 
 func (c *coreHarness) ok(op logical.Operation, path string, data map[string]any) *logical.Response {

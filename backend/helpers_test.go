@@ -70,7 +70,12 @@ func (h *harness) do(op logical.Operation, path string, data map[string]any) (*l
 
 func (h *harness) doOn(b *backend, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
 	h.t.Helper()
-	req := &logical.Request{Operation: op, Path: path, Storage: h.storage, Data: data}
+	return request(b, h.storage, op, path, data)
+}
+
+// request sends one request to b as Vault's router would.
+func request(b *backend, s logical.Storage, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
+	req := &logical.Request{Operation: op, Path: path, Storage: s, Data: data}
 	if op == logical.CreateOperation || op == logical.UpdateOperation {
 		checked, exists, err := b.HandleExistenceCheck(context.Background(), req)
 		if err != nil {

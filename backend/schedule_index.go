@@ -118,23 +118,14 @@ func (b *backend) openIndex(ctx context.Context, s logical.Storage) error {
 	return nil
 }
 
-// scanSchedule schedules every config from a full scan. One unreadable
-// entry skips that entry, not the rest.
+// scanSchedule schedules every config from a full scan.
 func (b *backend) scanSchedule(ctx context.Context, s logical.Storage) error {
-	names, err := s.List(ctx, configPrefix)
-	if err != nil {
-		return fmt.Errorf("listing configs: %w", err)
-	}
-	for _, name := range names {
-		if strings.HasSuffix(name, "/") {
-			continue
-		}
-		cfg, rec, err := b.status(ctx, s, name)
-		if err != nil {
-			b.Logger().Error("skipping a config the schedule cannot read", "config", name, "error", err)
-			continue
-		}
+	err := b.eachConfig(ctx, s, func(name string, cfg *brokerConfig, rec tokenRecord) error {
 		b.sched.setIfAbsent(name, b.nextDue(cfg, rec))
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	b.sched.mu.Lock()
 	b.sched.loaded = true
@@ -146,6 +137,19 @@ func (b *backend) scanSchedule(ctx context.Context, s logical.Storage) error {
 // every config with periodic work, reading storage directly (nothing is
 // loaded into memory).
 func (b *backend) indexSchedule(ctx context.Context, s logical.Storage) error {
+	return b.eachConfig(ctx, s, func(name string, cfg *brokerConfig, rec tokenRecord) error {
+		if due := b.nextDue(cfg, rec); !due.IsZero() {
+			if err := s.Put(ctx, &logical.StorageEntry{Key: dueKey(bucketOf(due), name)}); err != nil {
+				return fmt.Errorf("indexing config %q: %w", name, err)
+			}
+		}
+		return nil
+	})
+}
+
+// eachConfig reads every config and its token record straight from
+// storage. One unreadable entry skips that entry, not the rest.
+func (b *backend) eachConfig(ctx context.Context, s logical.Storage, fn func(string, *brokerConfig, tokenRecord) error) error {
 	names, err := s.List(ctx, configPrefix)
 	if err != nil {
 		return fmt.Errorf("listing configs: %w", err)
@@ -155,19 +159,19 @@ func (b *backend) indexSchedule(ctx context.Context, s logical.Storage) error {
 			continue
 		}
 		cfg, err := readConfig(ctx, s, name)
+		if err == nil && cfg == nil {
+			continue
+		}
+		var rec tokenRecord
+		if err == nil {
+			rec, err = readTokenRecord(ctx, s, name)
+		}
 		if err != nil {
 			b.Logger().Error("skipping a config the schedule cannot read", "config", name, "error", err)
 			continue
 		}
-		rec, err := readTokenRecord(ctx, s, name)
-		if err != nil {
-			b.Logger().Error("skipping a config the schedule cannot read", "config", name, "error", err)
-			continue
-		}
-		if due := b.nextDue(cfg, rec); !due.IsZero() {
-			if err := s.Put(ctx, &logical.StorageEntry{Key: dueKey(bucketOf(due), name)}); err != nil {
-				return fmt.Errorf("indexing config %q: %w", name, err)
-			}
+		if err := fn(name, cfg, rec); err != nil {
+			return err
 		}
 	}
 	return nil
