@@ -7,7 +7,10 @@ package backend
 import (
 	"cmp"
 	"context"
+	"fmt"
+	"maps"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -16,11 +19,7 @@ import (
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/backend/alor"
-	"github.com/brokervault/vault-plugin-secrets-broker/backend/chatapp"
-	"github.com/brokervault/vault-plugin-secrets-broker/backend/finam"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
-	"github.com/brokervault/vault-plugin-secrets-broker/backend/tinvest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
@@ -30,19 +29,6 @@ const (
 	tokenPrefix  = "token/"
 )
 
-// knownProviders are the provider names of the public contract, for messages.
-var knownProviders = []string{"finam", "tinvest", "alor", "chatapp"}
-
-// registry builds the implemented providers. Adding a broker is one line here.
-func registry() map[string]provider.Provider {
-	return map[string]provider.Provider{
-		finam.Name:   finam.New(),
-		tinvest.Name: tinvest.New(),
-		alor.Name:    alor.New(),
-		chatapp.Name: chatapp.New(),
-	}
-}
-
 type backend struct {
 	*framework.Backend
 
@@ -50,6 +36,11 @@ type backend struct {
 	// specs are the providers' Specs, built once: Spec() allocates, and the
 	// creds read path needs one on every read.
 	specs map[string]provider.Spec
+	// names are the providers' names in registry order (sorted for
+	// Options.Providers), for messages, help and allowed values.
+	names []string
+	// fields are the providers' own config fields, merged by name.
+	fields map[string]*framework.FieldSchema
 	// storage outlives requests, for background refreshes.
 	storage logical.Storage
 	// ctx is cancelled when the backend is unloaded; background work uses it.
@@ -65,8 +56,8 @@ type backend struct {
 	// transports are connection pools shared by configs, by CA bundle.
 	trMu       sync.Mutex
 	transports map[[32]byte]*http.Transport
-	// makeMu serialises make-budget updates.
-	makeMu sync.Mutex
+	// quotaMu serialises quota count updates.
+	quotaMu sync.Mutex
 
 	now func() time.Time
 	// extraRoots are the providers' own CAs, each trusted for its broker's
@@ -81,7 +72,9 @@ type backend struct {
 type Options struct {
 	// Version is reported as the plugin's running version.
 	Version string
-	// Providers replace the built-in registry when set.
+	// Providers replace the built-in registry when set, by name. Everything
+	// the backend accepts and says about a provider (fields, options,
+	// messages, help, OpenAPI) comes from their Specs.
 	Providers map[string]provider.Provider
 	// Clock is the backend's time source (time.Now when nil).
 	Clock func() time.Time
@@ -112,9 +105,14 @@ func FactoryWith(opts Options) logical.Factory {
 // New builds a backend; Setup must still be called (FactoryWith does).
 func New(opts Options) *backend {
 	ctx, cancel := context.WithCancel(context.Background())
-	providers := opts.Providers
+	providers, names := opts.Providers, slices.Sorted(maps.Keys(opts.Providers))
 	if providers == nil {
-		providers = registry()
+		providers, names = map[string]provider.Provider{}, nil
+		for _, p := range registry() {
+			name := p.Spec().Name
+			providers[name] = p
+			names = append(names, name)
+		}
 	}
 	now := opts.Clock
 	if now == nil {
@@ -132,6 +130,7 @@ func New(opts Options) *backend {
 	b := &backend{
 		providers:   providers,
 		specs:       specs,
+		names:       names,
 		ctx:         ctx,
 		cancel:      cancel,
 		states:      map[string]*configState{},
@@ -142,8 +141,9 @@ func New(opts Options) *backend {
 		extraRoots:  roots,
 		mintTimeout: defaultMintTimeout,
 	}
+	b.fields = b.providerFields()
 	b.Backend = &framework.Backend{
-		Help:           strings.TrimSpace(backendHelp),
+		Help:           b.backendHelp(),
 		BackendType:    logical.TypeLogical,
 		RunningVersion: version,
 		PathsSpecial: &logical.Paths{
@@ -204,11 +204,15 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	}
 }
 
-const backendHelp = `
-The broker secrets engine keeps trading brokers' long-lived API secrets
-(Finam API secrets, T-Invest tokens, ALOR refresh tokens, ChatApp logins) and
-hands out short-lived access tokens as Vault leases.
+// backendHelp is the mount's help, naming the registered brokers.
+func (b *backend) backendHelp() string {
+	displays := make([]string, len(b.names))
+	for i, name := range b.names {
+		displays[i] = b.specs[name].Display
+	}
+	return fmt.Sprintf(`The broker secrets engine keeps trading brokers' long-lived API secrets
+(%s) and hands out short-lived access tokens as Vault leases.
 
 Write a broker's secret to config/<name>; read creds/<name> for a token.
-Secrets are write-only: config reads show settings and status only.
-`
+Secrets are write-only: config reads show settings and status only.`, strings.Join(displays, ", "))
+}

@@ -26,20 +26,22 @@ type brokerConfig struct {
 	RequireReadOnly bool              `json:"require_readonly"`
 	AllowedAccounts []string          `json:"allowed_accounts,omitempty"`
 	// ValidationInterval is how often a passthrough token is validated to
-	// keep it alive (tinvest); zero means the default.
+	// keep it alive; zero means the default.
 	ValidationInterval time.Duration `json:"validation_interval,omitempty"`
-	// NoKeepAlive turns the background validation off (tinvest): the token
-	// then dies of T-Invest's own inactivity expiry when nothing reads it.
+	// NoKeepAlive turns the background validation off: a token nothing
+	// reads then dies of the broker's own inactivity expiry, if it has one.
 	NoKeepAlive bool `json:"no_keep_alive,omitempty"`
 	// SecretExpiresAt is when the long-lived secret dies, where the operator
-	// knows it (alor: the portal shows it); zero when unknown.
+	// knows it (Spec.DeclaredExpiry: the portal shows it); zero when unknown.
 	SecretExpiresAt time.Time `json:"secret_expires_at,omitzero"`
 	// ExpiryWarning is how long before SecretExpiresAt to start warning.
 	ExpiryWarning time.Duration `json:"expiry_warning,omitempty"`
-	// MakeBudget caps tokens.make calls a day for this login (chatapp).
+	// MakeBudget caps the calls of the provider's Spec.Quota a day for
+	// this config's quota key (the make_budget field: the first quota
+	// counted makes).
 	MakeBudget int `json:"make_budget,omitempty"`
 	// RotationFraction is the share of the refresh token's life after which
-	// it is refreshed proactively (chatapp); zero means one half.
+	// it is refreshed proactively (Spec.RotatesSecret); zero means one half.
 	RotationFraction float64   `json:"rotation_fraction,omitempty"`
 	UpdatedAt        time.Time `json:"updated_at"`
 }
@@ -140,7 +142,7 @@ func writeConfig(ctx context.Context, s logical.Storage, name string, c *brokerC
 // of the last refresh, so a restart neither mints again nor forgets a failure.
 type tokenRecord struct {
 	Token *storedToken `json:"token,omitempty"`
-	// Rotated are long-lived secret fields the broker replaced (ChatApp's
+	// Rotated are long-lived secret fields the broker replaced (a rotated
 	// refresh token); they supersede the config's values.
 	Rotated map[string]string `json:"rotated,omitempty"`
 	// SecretExpiresAt is when the broker said the (rotated) long-lived

@@ -3,7 +3,7 @@ package backend
 import "time"
 
 // Freshness rules. Lifetimes come from the broker; these are fractions of
-// them, so they hold for a 15-minute Finam JWT and a 24-hour ChatApp token.
+// them, so they hold for a 15-minute JWT and a 24-hour token alike.
 const (
 	// A token is refreshed in the background once a third of its life is left.
 	refreshAtFraction = 3
@@ -18,7 +18,7 @@ const (
 	refreshBackoff    = 5 * time.Second
 	maxRefreshBackoff = 2 * time.Minute
 
-	// Passthrough tokens (T-Invest) carry no expiry. A validation is reused
+	// Passthrough tokens carry no expiry. A validation is reused
 	// for reads up to passthroughMaxAge and revalidated in the background
 	// once older than passthroughRevalidate. A renew always asks the broker.
 	passthroughMaxAge     = 15 * time.Minute

@@ -60,7 +60,7 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		Secrets:         secrets,
 		AllowedAccounts: cfg.AllowedAccounts,
 		RequireReadOnly: cfg.RequireReadOnly,
-		ReserveMake:     b.reserveMake(cfg),
+		ReserveQuota:    b.reserveQuota(cfg),
 	})
 	if err != nil {
 		return nil, walID, err

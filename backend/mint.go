@@ -16,7 +16,7 @@ const (
 	// defaultMintTimeout bounds one broker call, whoever waits on it.
 	defaultMintTimeout = 30 * time.Second
 	// persistTimeout bounds storing what the broker answered. It runs on a
-	// context that survives the backend's cleanup: a rotation ChatApp has
+	// context that survives the backend's cleanup: a rotation the broker has
 	// applied is gone for good if it is dropped here.
 	persistTimeout = 10 * time.Second
 )
@@ -191,7 +191,7 @@ func (b *backend) startMintLocked(st *configState, background bool) *flight {
 }
 
 // runMint obtains a token and stores the outcome before anyone uses it: a
-// rotated long-lived secret (ChatApp) must be in storage before the token it
+// rotated long-lived secret (Spec.RotatesSecret) must be in storage before the token it
 // came with is handed out, and a write-ahead record covers the moment
 // between the broker rotating it and that write.
 func (b *backend) runMint(st *configState, f *flight, background bool) {
@@ -346,7 +346,7 @@ func (r tokenRecord) with(m *minted, now time.Time) tokenRecord {
 }
 
 // effectiveSecrets are the config's secrets with the broker's rotations on
-// top: after a ChatApp refresh, the stored refresh token is the new one.
+// top: after a rotating refresh, the stored refresh token is the new one.
 func effectiveSecrets(cfg *brokerConfig, rec tokenRecord) map[string]string {
 	if len(rec.Rotated) == 0 {
 		return cfg.Secrets

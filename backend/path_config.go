@@ -19,54 +19,30 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
-// secretFields are the long-lived secret fields of the public contract, by
-// provider. A provider's Spec must declare only fields listed here, so the
-// API stays the same as providers land.
-var secretFields = []provider.Field{
-	{Name: "secret", Secret: true, Description: "finam: the API secret issued on the Finam portal (Tokens page)."},
-	{Name: "token", Secret: true, Description: "tinvest: the T-Invest API token."},
-	{Name: "refresh_token", Secret: true, Description: "alor: the refresh token from the ALOR developer portal; chatapp: optional seed of the refresh token."},
-	{Name: "email", Secret: true, Description: "chatapp: the cabinet login email used by tokens.make."},
-	{Name: "password", Secret: true, Description: "chatapp: the cabinet password used by tokens.make."},
-	{Name: "app_id", Secret: true, Description: "chatapp: the application id used by tokens.make."},
-}
-
 func (b *backend) pathConfig() []*framework.Path {
+	allowed := make([]any, len(b.names))
+	for i, name := range b.names {
+		allowed[i] = name
+	}
 	fields := map[string]*framework.FieldSchema{
 		"name": {Type: framework.TypeString, Description: "Name of the config; creds are read at creds/<name>.", Required: true},
-		"provider": {Type: framework.TypeString, Description: "The broker: finam, tinvest, alor or chatapp. Required on create; cannot change later.",
-			AllowedValues: []any{"finam", "tinvest", "alor", "chatapp"}},
+		"provider": {Type: framework.TypeString, Description: "The broker: " + orList(b.names) + ". Required on create; cannot change later.",
+			AllowedValues: allowed},
 		"environment": {Type: framework.TypeString, Default: "production",
-			Description: "production (default) or sandbox (T-Invest sandbox hosts, ALOR test hosts). An environment the provider lacks is an error."},
+			Description: "production (default)" + b.otherEnvironments() + ". An environment the provider lacks is an error."},
 		"base_url": {Type: framework.TypeString, Description: "Override the broker's endpoint (a proxy or test double). https is required, except for loopback addresses."},
 		"ca_cert":  {Type: framework.TypeString, Description: "PEM bundle trusted for the broker's endpoint, replacing the system roots."},
 		"ttl": {Type: framework.TypeDurationSecond,
-			Description: "Lease TTL. Default: as long as the token lives (T-Invest: 1h). A lease never outlives the upstream token."},
+			Description: "Lease TTL. Default: as long as the token lives" + b.defaultTTLs() + ". A lease never outlives the upstream token."},
 		"max_ttl":          {Type: framework.TypeDurationSecond, Description: "Longest a lease may be renewed to, counted from its issue."},
 		"require_readonly": {Type: framework.TypeBool, Description: "Refuse to issue a token that the broker reports can trade."},
 		"allowed_accounts": {Type: framework.TypeCommaStringSlice,
 			Description: "Accounts the issued token may reach; a token reaching any other account is refused (or narrowed, where the broker can)."},
-		"refresh_token_expires_at": {Type: framework.TypeString,
-			Description: "alor: when the refresh token expires, as the developer portal shows it (RFC 3339 or YYYY-MM-DD). The plugin warns before and refuses to use it after."},
-		"expiry_warning": {Type: framework.TypeDurationSecond,
-			Description: "alor: warn in config reads, creds responses and the log when the refresh token has less than this left. Default 720h (30 days)."},
-		"make_budget": {Type: framework.TypeInt,
-			Description: "chatapp: most tokens.make calls a day (UTC) the plugin makes for this email and appId; ChatApp allows 100. Default 90."},
-		"rotation_fraction": {Type: framework.TypeFloat,
-			Description: "chatapp: refresh the token pair once this share of the refresh token's life has passed (0 < f < 1). Default 0.5."},
-		"keep_alive": {Type: framework.TypeBool, Default: true,
-			Description: "tinvest: validate the token in the background every validation_interval (default true). It keeps a token nobody reads alive (T-Invest kills tokens 3 months after their last use); false lets such a token die of disuse."},
-		"validation_interval": {Type: framework.TypeDurationSecond,
-			Description: "tinvest: how often the token is validated in the background, which keeps it alive (it dies 3 months after its last use) and shows a revocation early. Default 24h."},
 		"verify": {Type: framework.TypeBool, Default: true,
 			Description: "Check the secret against the broker before storing it (default true). Not stored."},
 	}
-	for _, f := range secretFields {
-		fields[f.Name] = &framework.FieldSchema{
-			Type: framework.TypeString, Description: f.Description + " Write-only.",
-			DisplayAttrs: &framework.DisplayAttributes{Sensitive: true},
-		}
-	}
+	// The providers' own fields and the options that apply to them.
+	maps.Copy(fields, b.fields)
 	return []*framework.Path{
 		{
 			Pattern: "config/?$",
@@ -89,19 +65,15 @@ func (b *backend) pathConfig() []*framework.Path {
 				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathConfigDelete, Summary: "Delete a config and its cached token.", ForwardPerformanceStandby: true, ForwardPerformanceSecondary: true},
 			},
 			HelpSynopsis:    "Keep one broker's long-lived secret and the rules for the tokens issued from it.",
-			HelpDescription: strings.TrimSpace(configHelp),
+			HelpDescription: fmt.Sprintf(strings.TrimSpace(configHelp), b.helpTable(configFieldsLine)),
 		},
 	}
 }
 
 const configHelp = `
-Stores a broker's long-lived secret. Fields by provider:
+Stores a broker's long-lived secret. Fields (and options) by provider:
 
-  finam    secret
-  tinvest  token; keep_alive, validation_interval (daily keep-alive validation)
-  alor     refresh_token; refresh_token_expires_at, expiry_warning
-  chatapp  email, password, app_id, optional refresh_token seed;
-           make_budget, rotation_fraction
+%s
 
 Secret fields are write-only: a read shows "<field>_set" instead, and surrounding
 whitespace is trimmed (so secret=@file works). A write checks the secret with
@@ -168,8 +140,8 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, d *f
 		return nil, nil
 	}
 	resp := &logical.Response{Data: b.configData(cfg, rec)}
-	if b.rotates(cfg) {
-		n, err := b.makesToday(ctx, req.Storage, cfg)
+	if q := b.specs[cfg.Provider].Quota; q != nil {
+		n, err := b.quotaUsedToday(ctx, req.Storage, q, cfg)
 		if err != nil {
 			return nil, err
 		}
@@ -204,16 +176,18 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 	}
 	if spec, ok := b.specs[cfg.Provider]; ok {
 		data["endpoint"] = baseURL(spec, cfg)
-		if providerOptions["refresh_token_expires_at"](spec) {
+		if declaredExpiry(spec) {
 			data["refresh_token_expires_at"] = formatTime(cfg.SecretExpiresAt)
 			data["expiry_warning"] = int64(cmp.Or(cfg.ExpiryWarning, defaultExpiryWarning) / time.Second)
 		}
-		if spec.RotatesSecret {
-			data["make_budget"] = cmp.Or(cfg.MakeBudget, defaultMakeBudget)
+		if hasQuota(spec) {
+			data["make_budget"] = cmp.Or(cfg.MakeBudget, spec.Quota.DefaultBudget)
+		}
+		if rotating(spec) {
 			data["rotated_refresh_token"] = len(rec.Rotated) > 0
 			data["rotation_fraction"] = cmp.Or(cfg.RotationFraction, 0.5)
 		}
-		if spec.Kind == provider.Passthrough {
+		if passthrough(spec) {
 			data["validation_interval"] = int64(cmp.Or(cfg.ValidationInterval, defaultValidationInterval) / time.Second)
 			data["keep_alive"] = !cfg.NoKeepAlive
 			data["last_validated"] = formatTime(rec.LastRefresh)
@@ -225,8 +199,8 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		}
 	}
 	if t := rec.Token; t != nil {
-		// What the broker reported about the token (T-Invest accounts and
-		// kind, ALOR scope, ...): never secret, and what an auditor wants.
+		// What the broker reported about the token (accounts, scope, ...):
+		// never secret, and what an auditor wants.
 		for k, v := range t.Details {
 			if _, taken := data[k]; !taken {
 				data[k] = v
@@ -253,7 +227,7 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 
 // configWrite is one config write on st. It holds the config's upstream
 // lock throughout, so its verifying call never runs beside a refresh (a
-// ChatApp refresh token is presented once) and it sees the record the last
+// rotating refresh token is presented once) and it sees the record the last
 // refresh stored; the storage writes are one step of the config's owner.
 // retry: st was deleted or replaced before anything happened; start again.
 func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *framework.FieldData, st *configState) (*logical.Response, bool, error) {
@@ -370,8 +344,8 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 
 // carriedRecord is the token record a config write starts from. The same
 // upstream keeps the token. Any other change drops the token, but keeps a
-// secret the broker rotated (ChatApp's refresh token: changing the
-// password does not end it, and the seed it replaced is spent) unless this
+// secret the broker rotated (a rotated refresh token: changing a password
+// does not end it, and the seed it replaced is spent) unless this
 // write supplies that field anew or moves the config to another endpoint.
 // The retire epoch always carries over.
 func carriedRecord(d *framework.FieldData, old, cfg *brokerConfig, cur tokenRecord) tokenRecord {
@@ -455,7 +429,7 @@ func verifyFailure(cfg *brokerConfig, err error) (*logical.Response, error) {
 	if errors.Is(err, provider.ErrGuard) {
 		return logical.ErrorResponse(msg), nil
 	}
-	if errors.Is(err, errMakeBudget) {
+	if errors.Is(err, errQuotaSpent) {
 		return nil, logical.CodedError(http.StatusTooManyRequests, msg)
 	}
 	if ue, ok := upstream.AsError(err); ok {
@@ -498,11 +472,11 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 		}
 		cfg.Provider = name
 	} else if old == nil {
-		return nil, false, badField("provider", "is required when creating a config (one of %s)", strings.Join(knownProviders, ", "))
+		return nil, false, badField("provider", "is required when creating a config (one of %s)", strings.Join(b.names, ", "))
 	}
 	spec, ok := b.specs[cfg.Provider]
 	if !ok {
-		return nil, false, badField("provider", "unknown provider %q (one of %s)", cfg.Provider, strings.Join(knownProviders, ", "))
+		return nil, false, badField("provider", "unknown provider %q (one of %s)", cfg.Provider, strings.Join(b.names, ", "))
 	}
 
 	// environment
@@ -538,19 +512,19 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 	for _, f := range spec.Fields {
 		own[f.Name] = f
 	}
-	for _, f := range secretFields {
-		v, ok := d.GetOk(f.Name)
+	for _, field := range b.providerFieldNames() {
+		v, ok := d.GetOk(field)
 		if !ok {
 			continue
 		}
-		if _, mine := own[f.Name]; !mine {
-			return nil, false, badField(f.Name, "does not apply to provider %s (it takes: %s)", cfg.Provider, strings.Join(fieldNames(spec.Fields), ", "))
+		if _, mine := own[field]; !mine {
+			return nil, false, badField(field, "does not apply to provider %s (it takes: %s)", cfg.Provider, strings.Join(fieldNames(spec.Fields), ", "))
 		}
 		s := strings.TrimSpace(v.(string))
 		if s == "" {
-			return nil, false, badField(f.Name, "is empty")
+			return nil, false, badField(field, "is empty")
 		}
-		cfg.Secrets[f.Name] = s
+		cfg.Secrets[field] = s
 	}
 	for _, f := range spec.Fields {
 		if f.Required && cfg.Secrets[f.Name] == "" {
@@ -575,7 +549,8 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 		return nil, false, badField("ttl", "(%s) must not exceed max_ttl (%s)", cfg.TTL, cfg.MaxTTL)
 	}
 
-	for opt, applies := range providerOptions {
+	for _, opt := range slices.Sorted(maps.Keys(providerOptions)) {
+		applies := providerOptions[opt].applies
 		if _, ok := d.GetOk(opt); ok && !applies(spec) {
 			return nil, false, badField(opt, "does not apply to provider %s (only to %s)", cfg.Provider, strings.Join(b.providersWhere(applies), ", "))
 		}
@@ -601,8 +576,8 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 	}
 	if v, ok := d.GetOk("make_budget"); ok {
 		cfg.MakeBudget = v.(int)
-		if cfg.MakeBudget < 1 || cfg.MakeBudget > maxMakeBudget {
-			return nil, false, badField("make_budget", "must be between 1 and %d (ChatApp's daily limit)", maxMakeBudget)
+		if limit := spec.Quota.Limit; cfg.MakeBudget < 1 || cfg.MakeBudget > limit {
+			return nil, false, badField("make_budget", "must be between 1 and %d (%s's daily limit)", limit, spec.Display)
 		}
 	}
 	if v, ok := d.GetOk("rotation_fraction"); ok {
@@ -644,33 +619,39 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 	return cfg, d.Get("verify").(bool), nil
 }
 
-// providerOptions are non-secret fields that only some providers take, by
-// what the provider's Spec says it is.
-var providerOptions = map[string]func(provider.Spec) bool{
-	"make_budget":              rotating,
-	"rotation_fraction":        rotating,
-	"validation_interval":      passthrough,
-	"keep_alive":               passthrough,
-	"refresh_token_expires_at": declaredExpiry,
-	"expiry_warning":           declaredExpiry,
-}
-
-func rotating(s provider.Spec) bool    { return s.RotatesSecret }
-func passthrough(s provider.Spec) bool { return s.Kind == provider.Passthrough }
-
-// declaredExpiry: the broker's portal shows when the long-lived secret
-// expires but its API does not, so the operator declares it (ALOR).
-func declaredExpiry(s provider.Spec) bool { return s.Name == "alor" }
-
-// providersWhere lists the registered providers a predicate holds for.
-func (b *backend) providersWhere(f func(provider.Spec) bool) []string {
-	var out []string
-	for _, name := range slices.Sorted(maps.Keys(b.specs)) {
-		if f(b.specs[name]) {
-			out = append(out, name)
+// otherEnvironments lists the environments besides production and the
+// providers that have each, for the environment field's description.
+func (b *backend) otherEnvironments() string {
+	has := map[string][]string{}
+	for _, name := range b.names {
+		for env := range b.specs[name].Environments {
+			if env != "production" {
+				has[env] = append(has[env], name)
+			}
 		}
 	}
-	return out
+	var out []string
+	for _, env := range slices.Sorted(maps.Keys(has)) {
+		out = append(out, fmt.Sprintf("%s (%s)", env, strings.Join(has[env], ", ")))
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return " or " + strings.Join(out, ", ")
+}
+
+// defaultTTLs names the providers whose leases default to a fixed TTL.
+func (b *backend) defaultTTLs() string {
+	var out []string
+	for _, name := range b.names {
+		if ttl := b.specs[name].DefaultTTL; ttl > 0 {
+			out = append(out, name+": "+shortDuration(ttl))
+		}
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(out, ", ") + ")"
 }
 
 // parseDate accepts RFC 3339 or a plain date (end of that day, UTC, so a

@@ -26,7 +26,7 @@ func (b *backend) pathCreds() []*framework.Path {
 			logical.ReadOperation: &framework.PathOperation{Callback: b.pathCredsRead, Summary: "Issue a short-lived broker token as a lease."},
 		},
 		HelpSynopsis:    "Issue a short-lived access token for the broker of config/<name>, as a Vault lease.",
-		HelpDescription: strings.TrimSpace(credsHelp),
+		HelpDescription: fmt.Sprintf(strings.TrimSpace(credsHelp), b.helpTable(func(s provider.Spec) string { return s.DetailsHelp })),
 	}}
 }
 
@@ -34,13 +34,7 @@ const credsHelp = `
 Returns access_token, expires_at (RFC 3339), provider, account_ids and readonly,
 plus what the broker reports about the token:
 
-  finam    md_permissions
-  tinvest  accounts (id, type, name, status, access_level), user_id, tariff,
-           token_kind; access_token is the T-Invest token itself, and
-           expires_at is empty (T-Invest does not tell)
-  alor     login, scope, portfolios, agreements (account_ids are the JWT's
-           portfolios)
-  chatapp  cabinet_user_id, made (whether this pair came from tokens.make)
+%s
 
 Every reader of a config shares one cached token; it is refreshed in the
 background before it expires, so reads do not wait on the broker. The lease TTL
@@ -149,7 +143,7 @@ func upstreamFailure(name string, err error) error {
 		return logical.CodedError(http.StatusForbidden, msg)
 	case errors.Is(err, errSecretExpired):
 		return logical.CodedError(http.StatusBadRequest, msg)
-	case errors.Is(err, errMakeBudget):
+	case errors.Is(err, errQuotaSpent):
 		return logical.CodedError(http.StatusTooManyRequests, msg)
 	}
 	if ue, ok := upstream.AsError(err); ok && ue.Kind == upstream.KindRateLimited {

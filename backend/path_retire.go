@@ -34,14 +34,6 @@ which the response shows. To kill them sooner, act at the broker (see the
 "note" field).
 `
 
-// brokerKill says, per provider, what kills already-issued tokens.
-var brokerKill = map[string]string{
-	"finam":   "Finam JWTs cannot be revoked; revoke the API secret on the Finam portal (Tokens page) to kill every JWT minted from it, then write a new secret here",
-	"alor":    "ALOR access JWTs cannot be revoked; revoke the refresh token on the ALOR developer portal (API Access Tokens) to kill every JWT made from it, then write a new refresh token here",
-	"chatapp": "ChatApp access tokens cannot be revoked and live up to 24 hours; change the cabinet password to stop new pairs being made",
-	"tinvest": "the T-Invest token is the long-lived secret itself: retiring cannot stop it; revoke it in the T-Invest settings and write a new token here",
-}
-
 func (b *backend) pathRetireWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
 	cfg, old, err := b.retireAll(ctx, req.Storage, name)
@@ -51,17 +43,19 @@ func (b *backend) pathRetireWrite(ctx context.Context, req *logical.Request, d *
 	if err != nil {
 		return nil, err
 	}
+	spec := b.specs[cfg.Provider]
 	data := map[string]any{
 		"retired_at":              formatTime(b.now()),
 		"issued_tokens_expire_at": "",
-		"note":                    brokerKill[cfg.Provider],
+		// What kills tokens already handed out, at the broker.
+		"note": spec.RetireNote,
 	}
 	if old != nil {
 		data["issued_tokens_expire_at"] = formatTime(old.ExpiresAt)
 	}
 	resp := &logical.Response{Data: data}
-	if spec, ok := b.specs[cfg.Provider]; ok && spec.Kind == provider.Passthrough {
-		resp.AddWarning("retiring does not change a " + spec.Display + " token: " + brokerKill[cfg.Provider])
+	if spec.Kind == provider.Passthrough {
+		resp.AddWarning("retiring does not change a " + spec.Display + " token: " + spec.RetireNote)
 	}
 	return resp, nil
 }

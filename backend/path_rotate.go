@@ -8,6 +8,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 )
 
 func (b *backend) pathRotateRoot() []*framework.Path {
@@ -19,19 +21,18 @@ func (b *backend) pathRotateRoot() []*framework.Path {
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRotateRootWrite, Summary: "Push the long-lived secret forward now, where the broker allows it.", ForwardPerformanceStandby: true, ForwardPerformanceSecondary: true},
 		},
-		HelpSynopsis:    "Rotate a config's long-lived secret now (chatapp: refresh the token pair).",
-		HelpDescription: strings.TrimSpace(rotateHelp),
+		HelpSynopsis:    "Rotate a config's long-lived secret now (" + strings.Join(b.providersWhere(rotating), ", ") + ": refresh the rotating secret).",
+		HelpDescription: fmt.Sprintf(strings.TrimSpace(rotateHelp), orList(b.providersWhere(rotating)), andList(b.providersWhere(func(s provider.Spec) bool { return !rotating(s) }))),
 	}}
 }
 
 const rotateHelp = `
-For chatapp, refreshes the token pair now: ChatApp replaces the refresh token,
-and the plugin stores the new pair before anything uses it. The response shows
-the new expiry times, never the tokens.
+For %s, refreshes the rotating secret now: the broker replaces the
+refresh token, and the plugin stores the new one before anything uses it. The
+response shows the new expiry times, never the tokens.
 
-Finam secrets, T-Invest tokens and ALOR refresh tokens cannot be rotated
-through an API: create a new one at the broker's portal and write it to
-config/<name>.
+The long-lived secrets of %s cannot be rotated through an API:
+create a new one at the broker's portal and write it to config/<name>.
 `
 
 func (b *backend) pathRotateRootWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {

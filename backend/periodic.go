@@ -19,8 +19,8 @@ import (
 // backend starts, and kept current by config writes and deletes.
 
 const (
-	// defaultValidationInterval: T-Invest tokens die three months after
-	// their last use; a daily validation keeps them alive and shows a
+	// defaultValidationInterval: a broker may kill a passthrough token
+	// some time after its last use (months); a daily validation keeps them alive and shows a
 	// revocation early.
 	defaultValidationInterval = 24 * time.Hour
 	// retryFailedValidation is how soon a failed keep-alive is retried.
@@ -134,7 +134,7 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 		return time.Time{}
 	}
 	if cfg.NoKeepAlive {
-		return time.Time{} // the operator chose T-Invest's own inactivity expiry
+		return time.Time{} // the operator chose the broker's own inactivity expiry
 	}
 	interval := cfg.ValidationInterval
 	if interval <= 0 {

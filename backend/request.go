@@ -15,14 +15,14 @@ import (
 // refused here, before the framework sees them, with a message that names
 // the field and not the value.
 
-func secretTypeError(req *logical.Request) error {
+func (b *backend) secretTypeError(req *logical.Request) error {
 	if !strings.HasPrefix(req.Path, "config/") || req.Data == nil {
 		return nil
 	}
-	for _, f := range secretFields {
-		if v, ok := req.Data[f.Name]; ok {
+	for _, name := range b.providerFieldNames() {
+		if v, ok := req.Data[name]; ok {
 			if _, isString := v.(string); !isString && v != nil {
-				return fmt.Errorf("%s: must be a string", f.Name)
+				return fmt.Errorf("%s: must be a string", name)
 			}
 		}
 	}
@@ -32,7 +32,7 @@ func secretTypeError(req *logical.Request) error {
 // HandleRequest refuses secret fields of the wrong type, then defers to the
 // framework.
 func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*logical.Response, error) {
-	if err := secretTypeError(req); err != nil {
+	if err := b.secretTypeError(req); err != nil {
 		return logical.ErrorResponse(err.Error()), nil
 	}
 	return b.Backend.HandleRequest(ctx, req)
@@ -41,7 +41,7 @@ func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*log
 // HandleExistenceCheck does the same for the existence check, which Vault
 // runs before the request and which also converts fields.
 func (b *backend) HandleExistenceCheck(ctx context.Context, req *logical.Request) (bool, bool, error) {
-	if err := secretTypeError(req); err != nil {
+	if err := b.secretTypeError(req); err != nil {
 		return false, false, errutil.UserError{Err: err.Error()}
 	}
 	return b.Backend.HandleExistenceCheck(ctx, req)

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
@@ -15,26 +14,36 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-// Rotating long-lived secrets (ChatApp): every refresh replaces the refresh
-// token, and a new pair from tokens.make costs one of 100 a day. The plugin
-// (1) records the intent to rotate before calling the broker, so a crash
-// between the broker's answer and the storage write is noticed and
-// recovered without a human; (2) counts makes per day in storage and
-// refuses past a budget; (3) refreshes pairs well before they die.
+// Rotating long-lived secrets (Spec.RotatesSecret): every refresh may
+// replace the secret. The plugin records the intent to rotate before
+// calling the broker, so a crash between the broker's answer and the
+// storage write is noticed and recovered without a human, and refreshes
+// the secret well before it dies.
+//
+// Quotas (Spec.Quota): a call the broker allows only so many times a day.
+// The plugin counts the calls per day in storage, before each is made, and
+// refuses past the config's budget (make_budget).
 
 const (
 	walRotation = "rotation"
 	// A rotation intent older than this was interrupted: recover it. It is
 	// longer than defaultMintTimeout so a live rotation is never taken for a dead one.
 	walRecoverAfter = 2 * time.Minute
-	makesPrefix     = "makes/"
-	// defaultMakeBudget leaves 10 of ChatApp's 100 makes a day for a human.
-	defaultMakeBudget = 90
-	maxMakeBudget     = 100
+	// quotaPrefix holds the daily quota counts. The name is historical
+	// (the first quota counted makes): kept, so counts survive upgrades.
+	quotaPrefix = "makes/"
 )
 
-// errMakeBudget: the daily make budget is spent; answered with 429.
-var errMakeBudget = errors.New("the daily tokens.make budget is spent")
+// errQuotaSpent matches any quotaSpentError: a daily quota's budget is
+// spent; answered with 429.
+var errQuotaSpent error = quotaSpentError{}
+
+// quotaSpentError says which call's budget is spent.
+type quotaSpentError struct{ call string }
+
+func (e quotaSpentError) Error() string { return "the daily " + e.call + " budget is spent" }
+
+func (quotaSpentError) Is(target error) bool { _, ok := target.(quotaSpentError); return ok }
 
 type rotationWAL struct {
 	Config  string    `json:"config"`
@@ -78,9 +87,9 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 	}
 	b.Logger().Warn("recovering an interrupted rotation", "config", w.Config, "started", w.Started)
 	_, _, err = b.refreshInBackground(ctx, req.Storage, w.Config)
-	if rejectedSecret(err) || errors.Is(err, errMakeBudget) || errors.Is(err, provider.ErrGuard) {
+	if rejectedSecret(err) || errors.Is(err, errQuotaSpent) || errors.Is(err, provider.ErrGuard) {
 		// Replaying cannot help: the broker refused what storage holds and
-		// the make fallback failed too. The error is in the config's
+		// any fallback failed too. The error is in the config's
 		// last_error; drop the record rather than present a dead refresh
 		// token (and spend a make) at every rollback.
 		b.Logger().Error("an interrupted rotation could not be recovered; write the config again", "config", w.Config, "error", err)
@@ -89,50 +98,53 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 	return err
 }
 
-// makeCount is the durable count of tokens.make calls for one login today.
-type makeCount struct {
+// quotaCount is the durable count of a quota's calls for one key today.
+type quotaCount struct {
 	Day   string `json:"day"` // UTC date
 	Count int    `json:"count"`
 }
 
-// makesKey identifies a login: the budget is per email and appId, shared by
-// every config that uses the same login.
-func makesKey(cfg *brokerConfig) string {
-	sum := sha256.Sum256([]byte(strings.ToLower(cfg.Secrets["email"]) + "\x00" + cfg.Secrets["app_id"]))
-	return makesPrefix + hex.EncodeToString(sum[:12])
+// quotaKey is where the count for the quota's key (the login the broker
+// counts against, from the provider) is stored: shared by every config
+// with the same key.
+func quotaKey(q *provider.Quota, cfg *brokerConfig) string {
+	sum := sha256.Sum256([]byte(q.Key(cfg.Secrets)))
+	return quotaPrefix + hex.EncodeToString(sum[:12])
 }
 
-// reserveMake returns the hook a provider calls before tokens.make. It
-// counts the make in storage first, so a crash after the call still counts.
-func (b *backend) reserveMake(cfg *brokerConfig) func(context.Context) error {
-	if !b.rotates(cfg) {
+// reserveQuota returns the hook a provider calls before spending one call
+// of its quota, nil when it has none. It counts the call in storage first,
+// so a crash after the call still counts.
+func (b *backend) reserveQuota(cfg *brokerConfig) func(context.Context) error {
+	q := b.specs[cfg.Provider].Quota
+	if q == nil {
 		return nil
 	}
 	budget := cfg.MakeBudget
 	if budget <= 0 {
-		budget = defaultMakeBudget
+		budget = q.DefaultBudget
 	}
 	return func(ctx context.Context) error {
-		b.makeMu.Lock()
-		defer b.makeMu.Unlock()
-		key := makesKey(cfg)
-		var mc makeCount
+		b.quotaMu.Lock()
+		defer b.quotaMu.Unlock()
+		key := quotaKey(q, cfg)
+		var mc quotaCount
 		e, err := b.storage.Get(ctx, key)
 		if err != nil {
-			return fmt.Errorf("reading the make count: %w", err)
+			return fmt.Errorf("reading the quota count: %w", err)
 		}
 		if e != nil {
 			if err := e.DecodeJSON(&mc); err != nil {
-				return fmt.Errorf("decoding the make count: %w", err)
+				return fmt.Errorf("decoding the quota count: %w", err)
 			}
 		}
 		today := b.now().UTC().Format(time.DateOnly)
 		if mc.Day != today {
-			mc = makeCount{Day: today}
+			mc = quotaCount{Day: today}
 		}
 		if mc.Count >= budget {
-			return fmt.Errorf("%w: %d of the service's 100 are spent for this login; no more until %s 00:00 UTC. Raise make_budget only if you are sure nothing loops",
-				errMakeBudget, budget, b.now().UTC().Add(24*time.Hour).Format(time.DateOnly))
+			return fmt.Errorf("%w: %d of the service's %d are spent for this login; no more until %s 00:00 UTC. Raise make_budget only if you are sure nothing loops",
+				quotaSpentError{q.Call}, budget, q.Limit, b.now().UTC().Add(24*time.Hour).Format(time.DateOnly))
 		}
 		mc.Count++
 		e, err = logical.StorageEntryJSON(key, mc)
@@ -140,20 +152,20 @@ func (b *backend) reserveMake(cfg *brokerConfig) func(context.Context) error {
 			return err
 		}
 		if err := b.storage.Put(ctx, e); err != nil {
-			return fmt.Errorf("storing the make count: %w", err)
+			return fmt.Errorf("storing the quota count: %w", err)
 		}
-		b.Logger().Warn("calling tokens.make: the refresh token was missing or refused", "count_today", mc.Count, "budget", budget)
+		b.Logger().Warn("spending a quota-limited call", "call", q.Call, "config_provider", cfg.Provider, "count_today", mc.Count, "budget", budget)
 		return nil
 	}
 }
 
-// makesToday reads the count for a config's login.
-func (b *backend) makesToday(ctx context.Context, s logical.Storage, cfg *brokerConfig) (int, error) {
-	e, err := s.Get(ctx, makesKey(cfg))
+// quotaUsedToday reads today's count for a config's quota key.
+func (b *backend) quotaUsedToday(ctx context.Context, s logical.Storage, q *provider.Quota, cfg *brokerConfig) (int, error) {
+	e, err := s.Get(ctx, quotaKey(q, cfg))
 	if err != nil || e == nil {
 		return 0, err
 	}
-	var mc makeCount
+	var mc quotaCount
 	if err := e.DecodeJSON(&mc); err != nil {
 		return 0, err
 	}

@@ -211,8 +211,8 @@ func (b *backend) loadLocked(ctx context.Context, s logical.Storage, st *configS
 	rec, err := readTokenRecord(ctx, s, st.name)
 	if err != nil {
 		// An unreadable record must not lock the config for good: start
-		// without a token (a rotated secret in it is lost; ChatApp then
-		// makes a new pair) and say so.
+		// without a token (a rotated secret in it is lost; the provider
+		// then falls back on its quota, if it has one) and say so.
 		b.Logger().Error("dropping an unreadable token record", "config", st.name, "error", err)
 		rec = tokenRecord{}
 	}

@@ -54,8 +54,16 @@ func (Provider) Spec() provider.Spec {
 		Kind:    provider.Minted,
 		Fields: []provider.Field{{
 			Name: fieldToken, Secret: true, Required: true,
-			Description: "ALOR: the refresh token created on the ALOR developer portal (API Access Tokens page).",
+			Description: "the refresh token created on the ALOR developer portal (API Access Tokens page).",
 		}},
+		// The portal shows when a refresh token expires; the API does not.
+		DeclaredExpiry: true,
+		OptionNotes: map[string]string{
+			"refresh_token_expires_at": "ALOR's is on the developer portal's API Access Tokens page.",
+		},
+		DetailsHelp: "login, scope, portfolios, agreements (account_ids are the JWT's\n" +
+			"portfolios)",
+		RetireNote:   "ALOR access JWTs cannot be revoked; revoke the refresh token on the ALOR developer portal (API Access Tokens) to kill every JWT made from it, then write a new refresh token here",
 		Environments: map[string]string{"production": ProductionURL, "sandbox": SandboxURL},
 		// ALOR answers 429 to too many concurrent requests; its limit is
 		// not published, so stay well under any plausible one.

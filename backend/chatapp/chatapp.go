@@ -50,7 +50,7 @@ const (
 )
 
 // ErrMakeNotAllowed is returned when a new pair needs tokens.make but the
-// request carries no ReserveMake, which forbids spending the daily quota.
+// request carries no ReserveQuota, which forbids spending the daily quota.
 var ErrMakeNotAllowed = errors.New("chatapp: tokens.make is not allowed here")
 
 // Provider implements provider.Provider for ChatApp.
@@ -71,13 +71,32 @@ func (Provider) Spec() provider.Spec {
 		// ChatApp is not a broker: no accounts, no read-only flag.
 		ReportsNoAccess: true,
 		Fields: []provider.Field{
-			{Name: "email", Secret: true, Required: true, Description: "ChatApp: the cabinet login's email, used by tokens.make."},
-			{Name: "password", Secret: true, Required: true, Description: "ChatApp: the cabinet login's password, used by tokens.make."},
-			{Name: "app_id", Secret: true, Required: true, Description: "ChatApp: the appId from the cabinet, used by tokens.make."},
-			{Name: "refresh_token", Secret: true, Description: "ChatApp: optional seed of the refresh token; the plugin rotates it from then on."},
+			{Name: "email", Secret: true, Required: true, Description: "the cabinet login's email, used by tokens.make."},
+			{Name: "password", Secret: true, Required: true, Description: "the cabinet login's password, used by tokens.make."},
+			{Name: "app_id", Secret: true, Required: true, Description: "the appId from the cabinet, used by tokens.make."},
+			{Name: "refresh_token", Secret: true, Description: "optional seed of the refresh token; the plugin rotates it from then on."},
 		},
 		Environments: map[string]string{"production": ProductionURL},
+		// A new pair from tokens.make costs one of 100 a day per login.
+		Quota: &provider.Quota{
+			Call:  "tokens.make",
+			Limit: 100,
+			// Leaves 10 a day for a human.
+			DefaultBudget: 90,
+			Key:           makeQuotaKey,
+		},
+		OptionNotes: map[string]string{
+			"make_budget": "ChatApp counts tokens.make per email and appId.",
+		},
+		DetailsHelp: "cabinet_user_id, made (whether this pair came from tokens.make)",
+		RetireNote:  "ChatApp access tokens cannot be revoked and live up to 24 hours; change the cabinet password to stop new pairs being made",
 	}
+}
+
+// makeQuotaKey is the login tokens.make is counted against: email (any
+// case) and appId. Counts are stored under a hash of it: keep it stable.
+func makeQuotaKey(secrets map[string]string) string {
+	return strings.ToLower(secrets["email"]) + "\x00" + secrets["app_id"]
 }
 
 // Issue returns an access token from the stored pair: tokens.refresh when a
@@ -133,16 +152,16 @@ func refresh(ctx context.Context, req provider.Request, rt string, secrets []str
 	return tokenFrom(opRefresh, data, false)
 }
 
-// makePair spends one tokens.make, after ReserveMake agreed.
+// makePair spends one tokens.make, after ReserveQuota agreed.
 func makePair(ctx context.Context, req provider.Request, secrets []string) (*provider.Token, error) {
 	email, password, appID := req.Secrets["email"], req.Secrets["password"], req.Secrets["app_id"]
 	if email == "" || password == "" || appID == "" {
 		return nil, errors.New("chatapp: email, password and app_id are required for tokens.make")
 	}
-	if req.ReserveMake == nil {
+	if req.ReserveQuota == nil {
 		return nil, ErrMakeNotAllowed
 	}
-	if err := req.ReserveMake(ctx); err != nil {
+	if err := req.ReserveQuota(ctx); err != nil {
 		return nil, fmt.Errorf("chatapp: tokens.make not reserved: %w", err)
 	}
 	call := upstream.Call{

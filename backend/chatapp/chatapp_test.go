@@ -61,7 +61,7 @@ func (f *fixture) requests(endpoint string) []seenRequest {
 	return out
 }
 
-// reserve counts ReserveMake calls and refuses when err is set.
+// reserve counts ReserveQuota calls and refuses when err is set.
 type reserve struct {
 	n   atomic.Int32
 	err error
@@ -94,7 +94,7 @@ func request(t *testing.T, url string, secrets map[string]string, r *reserve) pr
 	t.Helper()
 	req := provider.Request{BaseURL: url, Client: newClient(t, upstream.Options{}), Secrets: secrets, Environment: "production"}
 	if r != nil {
-		req.ReserveMake = r.fn
+		req.ReserveQuota = r.fn
 	}
 	return req
 }

@@ -258,7 +258,7 @@ func (s *fuzzChatApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // FuzzIssue drives Issue end to end through the real upstream client with a
 // stored refresh token. The make quota is spent only after a refusal of the
-// refresh token, at most once, and only through ReserveMake.
+// refresh token, at most once, and only through ReserveQuota.
 func FuzzIssue(f *testing.F) {
 	srv := &fuzzChatApp{}
 	ts := httptest.NewServer(srv)
@@ -291,8 +291,8 @@ func FuzzIssue(f *testing.F) {
 		defer cancel()
 		tok, err := New().Issue(ctx, provider.Request{
 			BaseURL: ts.URL, Client: client,
-			Secrets:     map[string]string{"email": fuzzEmail, "password": fuzzPassword, "app_id": fuzzAppID, "refresh_token": fuzzRefresh},
-			ReserveMake: func(context.Context) error { reserved++; return nil },
+			Secrets:      map[string]string{"email": fuzzEmail, "password": fuzzPassword, "app_id": fuzzAppID, "refresh_token": fuzzRefresh},
+			ReserveQuota: func(context.Context) error { reserved++; return nil },
 		})
 		srv.mu.Lock()
 		refreshCalls, makes, odd := srv.refreshCalls, srv.makes, srv.unexpectedPathOrVerb
@@ -324,7 +324,7 @@ func FuzzIssue(f *testing.F) {
 				t.Fatal("token and error")
 			}
 			if errors.Is(err, ErrMakeNotAllowed) {
-				t.Fatal("ReserveMake was given")
+				t.Fatal("ReserveQuota was given")
 			}
 			checkError(t, err, unmarked(refreshBody+makeBody))
 			return

@@ -40,9 +40,11 @@ func (Provider) Spec() provider.Spec {
 		Kind:    provider.Minted,
 		Fields: []provider.Field{{
 			Name: "secret", Secret: true, Required: true,
-			Description: "Finam: the API secret issued on the Finam portal (Tokens page).",
+			Description: "the API secret issued on the Finam portal (Tokens page).",
 		}},
 		Environments: map[string]string{"production": ProductionURL},
+		DetailsHelp:  "md_permissions",
+		RetireNote:   "Finam JWTs cannot be revoked; revoke the API secret on the Finam portal (Tokens page) to kill every JWT minted from it, then write a new secret here",
 		// Finam allows 200 requests a minute per method.
 		RatePerMinute: 180,
 		RatePerOp:     true,

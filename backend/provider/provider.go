@@ -28,10 +28,35 @@ const (
 
 // Field describes one provider-specific config field.
 type Field struct {
-	Name        string
-	Secret      bool // write-only, never shown, trimmed of surrounding whitespace
-	Required    bool // required when the config is created
+	Name     string
+	Secret   bool // write-only, never shown, trimmed of surrounding whitespace
+	Required bool // required when the config is created
+	// Description says what the field holds for this provider, without
+	// naming the provider: the backend prefixes it with the provider's name
+	// and joins the descriptions of providers sharing the field.
 	Description string
+}
+
+// Quota is a daily limit the broker puts on one upstream call that the
+// provider may have to spend (ChatApp's tokens.make, 100 a day per login).
+// The backend counts the calls durably per Key and per UTC day, refuses
+// past the config's budget (the make_budget field), and shows the day's
+// count in config reads (makes_today).
+type Quota struct {
+	// Call names the limited call in messages ("tokens.make").
+	Call string
+	// Limit is the broker's own daily limit: the highest budget a config
+	// may set.
+	Limit int
+	// DefaultBudget is the budget of a config that sets none; below Limit,
+	// so some calls are left for a human.
+	DefaultBudget int
+	// Key returns what the broker counts the quota against, from the
+	// config's secret fields (a login): configs with the same key share
+	// one count. The backend stores the count under a hash of it, so it
+	// must not change between releases (the day's count would reset), and
+	// it should be one no other provider's Key can return.
+	Key func(secrets map[string]string) string
 }
 
 // Spec is the static description of a provider.
@@ -49,8 +74,28 @@ type Spec struct {
 	DefaultTTL time.Duration
 	// RotatesSecret is true when Issue may replace the long-lived secret
 	// (Token.Rotated): the backend then records its intent before the call
-	// and keeps the rotated secret alive with periodic refreshes.
+	// (a write-ahead record, recovered after a crash), keeps the rotated
+	// secret alive with periodic refreshes, offers rotate-root and takes
+	// the rotation_fraction option.
 	RotatesSecret bool
+	// Quota, when set, is a daily limit on a call Issue may spend; Issue
+	// then gets Request.ReserveQuota. Independent of RotatesSecret.
+	Quota *Quota
+	// DeclaredExpiry is true when the broker's portal shows when the
+	// long-lived secret expires but its API does not: the operator declares
+	// it (refresh_token_expires_at) and the backend warns before it
+	// (expiry_warning) and refuses to use the secret after.
+	DeclaredExpiry bool
+	// OptionNotes add a provider's own sentence to the description of an
+	// option that applies to it (keep_alive, make_budget, ...), by option
+	// name: what the broker does that makes the option matter.
+	OptionNotes map[string]string
+	// DetailsHelp lists, for creds path help, what Token.Details holds and
+	// anything particular about the creds this provider returns.
+	DetailsHelp string
+	// RetireNote says what kills tokens already handed out, since retiring
+	// cannot (config/<name>/retire returns it as "note").
+	RetireNote string
 	// TrustedRoots, when set, are CAs trusted besides the system roots for
 	// the broker's own hosts only (T-Invest's chain ends at the Russian
 	// Trusted Root CA, which system stores lack). A config's ca_cert
@@ -83,11 +128,11 @@ type Request struct {
 	RequireReadOnly bool
 	// Environment is the config's environment name ("production", "sandbox").
 	Environment string
-	// ReserveMake, when set, must be called and succeed before the provider
-	// spends a quota-limited call that creates a new long-lived secret
-	// (ChatApp tokens.make, 100 a day). It counts the call durably and
-	// refuses past the configured budget. A nil ReserveMake forbids such calls.
-	ReserveMake func(ctx context.Context) error
+	// ReserveQuota, set when the Spec declares a Quota, must be called and
+	// succeed before the provider spends one call of it (ChatApp's
+	// tokens.make). It counts the call durably and refuses past the
+	// config's budget. A nil ReserveQuota forbids such calls.
+	ReserveQuota func(ctx context.Context) error
 }
 
 // Token is a credential obtained from (or validated by) the broker, with what

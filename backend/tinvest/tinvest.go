@@ -102,8 +102,16 @@ func (*Provider) Spec() provider.Spec {
 		TrustedRoots: &roots,
 		Fields: []provider.Field{{
 			Name: "token", Secret: true, Required: true,
-			Description: "tinvest: the T-Invest API token issued in the T-Invest settings (" + SettingsURL + "). A sandbox token needs environment=sandbox.",
+			Description: "the T-Invest API token issued in the T-Invest settings (" + SettingsURL + "). A sandbox token needs environment=sandbox.",
 		}},
+		OptionNotes: map[string]string{
+			"keep_alive":          "T-Invest kills tokens 3 months after their last use.",
+			"validation_interval": "T-Invest kills tokens 3 months after their last use.",
+		},
+		DetailsHelp: "accounts (id, type, name, status, access_level), user_id, tariff,\n" +
+			"token_kind; access_token is the T-Invest token itself, and\n" +
+			"expires_at is empty (T-Invest does not tell)",
+		RetireNote:   "the T-Invest token is the long-lived secret itself: retiring cannot stop it; revoke it in the T-Invest settings and write a new token here",
 		Environments: map[string]string{EnvProduction: ProductionURL, EnvSandbox: SandboxURL},
 		// A per-config cap as well; the limit that matters, per user, is
 		// kept by the provider's shared budgets.
