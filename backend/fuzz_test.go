@@ -526,16 +526,16 @@ func (w *configWriter) check(t *testing.T, prov, env, baseURL, caCert, ttl, maxT
 	if extraKey != "" {
 		data[extraKey] = extraVal
 	}
-	var secretFieldsSent []string
-	switch prov {
-	case "tinvest":
-		secretFieldsSent = []string{"token"}
-	case "alor":
-		secretFieldsSent = []string{"refresh_token"}
-	case "chatapp":
-		secretFieldsSent = []string{"email", "password", "app_id"}
-	default:
-		secretFieldsSent = []string{"secret"}
+	// The provider's required secret fields, from its Spec; an unknown
+	// provider gets one field some provider takes.
+	secretFieldsSent := []string{b.providerFieldNames()[0]}
+	if spec, ok := b.specs[prov]; ok {
+		secretFieldsSent = nil
+		for _, f := range spec.Fields {
+			if f.Secret && f.Required {
+				secretFieldsSent = append(secretFieldsSent, f.Name)
+			}
+		}
 	}
 	for _, k := range secretFieldsSent {
 		data[k] = secretShape(shape, fuzzSecretValue)

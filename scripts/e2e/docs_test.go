@@ -9,12 +9,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend"
 	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
 	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
 )
 
 // sandboxConfigs are one config per provider against the sandbox, named as
-// design.md and the docs name them.
+// the docs name them. TestDocsSandboxConfigsCoverTheRegistry keeps them one per
+// registered provider.
 var sandboxConfigs = []struct {
 	name, provider string
 	args           func(sbURL string) []string
@@ -33,7 +35,23 @@ var sandboxConfigs = []struct {
 	}},
 }
 
-// writeSandboxConfigs writes the four configs (each verified, so each holds
+// TestDocsSandboxConfigsCoverTheRegistry fails when a provider is registered
+// that the docs and OpenAPI checks would not exercise (or one is listed
+// that is not registered).
+func TestDocsSandboxConfigsCoverTheRegistry(t *testing.T) {
+	var got []string
+	for _, c := range sandboxConfigs {
+		got = append(got, c.provider)
+	}
+	sort.Strings(got)
+	want := backend.ProviderNames()
+	sort.Strings(want)
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("sandboxConfigs cover %v; the registry has %v: add a sandbox config (and a sandbox double) for each provider", got, want)
+	}
+}
+
+// writeSandboxConfigs writes one config per provider (each verified, so each holds
 // a token).
 func (e *env) writeSandboxConfigs() {
 	e.t.Helper()

@@ -11,38 +11,58 @@ import (
 	"testing"
 	"time"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
 	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
 )
 
 // configFields is the public field list of config/<name>: design.md and
 // docs/configuration.md. A field added to the plugin must be added here (and
-// documented); a field removed breaks the public API.
+// documented); a field removed breaks the public API. Which providers a
+// field's description must name comes from the registry (fieldProviders).
 var configFields = map[string]struct {
-	// providers the field's description must name ("" = every provider).
-	providers []string
-	secret    bool
+	secret bool
+	// option: the Spec property that makes the option apply to a provider.
+	option func(provider.Spec) bool
 }{
 	"provider":                 {},
 	"environment":              {},
 	"base_url":                 {},
 	"ca_cert":                  {},
-	"secret":                   {providers: []string{"finam"}, secret: true},
-	"token":                    {providers: []string{"tinvest"}, secret: true},
-	"refresh_token":            {providers: []string{"alor", "chatapp"}, secret: true},
-	"email":                    {providers: []string{"chatapp"}, secret: true},
-	"password":                 {providers: []string{"chatapp"}, secret: true},
-	"app_id":                   {providers: []string{"chatapp"}, secret: true},
+	"secret":                   {secret: true},
+	"token":                    {secret: true},
+	"refresh_token":            {secret: true},
+	"email":                    {secret: true},
+	"password":                 {secret: true},
+	"app_id":                   {secret: true},
 	"ttl":                      {},
 	"max_ttl":                  {},
 	"require_readonly":         {},
 	"allowed_accounts":         {},
 	"verify":                   {},
-	"validation_interval":      {providers: []string{"tinvest"}},
-	"refresh_token_expires_at": {providers: []string{"alor"}},
-	"expiry_warning":           {providers: []string{"alor"}},
-	"make_budget":              {providers: []string{"chatapp"}},
-	"rotation_fraction":        {providers: []string{"chatapp"}},
+	"keep_alive":               {option: func(s provider.Spec) bool { return s.Kind == provider.Passthrough }},
+	"validation_interval":      {option: func(s provider.Spec) bool { return s.Kind == provider.Passthrough }},
+	"refresh_token_expires_at": {option: func(s provider.Spec) bool { return s.DeclaredExpiry }},
+	"expiry_warning":           {option: func(s provider.Spec) bool { return s.DeclaredExpiry }},
+	"make_budget":              {option: func(s provider.Spec) bool { return s.Quota != nil }},
+	"rotation_fraction":        {option: func(s provider.Spec) bool { return s.RotatesSecret }},
+}
+
+// fieldProviders are the registered providers a config field's description
+// must name: those whose Spec lists the field, or that the option applies to.
+func fieldProviders(field string) []string {
+	var out []string
+	for _, s := range backend.ProviderSpecs() {
+		applies := configFields[field].option != nil && configFields[field].option(s)
+		for _, f := range s.Fields {
+			applies = applies || f.Name == field
+		}
+		if applies {
+			out = append(out, s.Name)
+		}
+	}
+	return out
 }
 
 // mountPaths are the plugin's paths under broker/ with the operations each
@@ -217,7 +237,7 @@ func TestOpenAPIDescribesEveryPathAndField(t *testing.T) {
 			if len(strings.TrimSpace(desc)) < 15 {
 				t.Errorf("field %s: description %q says too little", name, desc)
 			}
-			for _, prov := range f.providers {
+			for _, prov := range fieldProviders(name) {
 				if !strings.Contains(strings.ToLower(desc), prov) {
 					t.Errorf("field %s applies to %s, but its description does not say so: %q", name, prov, desc)
 				}
@@ -241,8 +261,8 @@ func TestOpenAPIDescribesEveryPathAndField(t *testing.T) {
 				t.Errorf("field %s has type %s, want %s", name, got, want)
 			}
 		}
-		if got := fmt.Sprint(asObj(props["provider"])["enum"]); got != "[finam tinvest alor chatapp]" {
-			t.Errorf("provider enum = %s", got)
+		if got, want := fmt.Sprint(asObj(props["provider"])["enum"]), fmt.Sprint(backend.ProviderNames()); got != want {
+			t.Errorf("provider enum = %s, want the registry's %s", got, want)
 		}
 		sp, _ := requestProperties(t, doc, asObj(digJSON(paths, "/broker/settings", "post")))
 		if d, _ := asObj(sp["allowed_hosts"])["description"].(string); strings.TrimSpace(d) == "" {
@@ -276,12 +296,12 @@ func TestOpenAPIDescribesEveryPathAndField(t *testing.T) {
 				t.Errorf("path-help broker/config/x does not list %s", name)
 			}
 		}
-		for _, prov := range []string{"finam", "tinvest", "alor", "chatapp"} {
+		for _, prov := range backend.ProviderNames() {
 			if !strings.Contains(out, prov) {
 				t.Errorf("path-help broker/config/x never names %s", prov)
 			}
 		}
-		// All four providers are registered: none may be called unsupported.
+		// Every provider is registered: none may be called unsupported.
 		if i := strings.Index(out, "not yet supported"); i >= 0 {
 			t.Errorf("path-help broker/config/x calls a provider unsupported: %q", out[max(0, i-80):i+17])
 		}
