@@ -680,11 +680,14 @@ func TestRenewIsShapedAndReadiesTheNextToken(t *testing.T) {
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	first := c.ok(logical.ReadOperation, "creds/x", nil)
-	renew := func() *logical.Response {
-		t.Helper()
+	renewErr := func() (*logical.Response, error) {
 		sec := *first.Secret
 		sec.IssueTime = c.clock.Now()
-		resp, err := c.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: &sec})
+		return c.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: &sec})
+	}
+	renew := func() *logical.Response {
+		t.Helper()
+		resp, err := renewErr()
 		if err != nil || resp.IsError() {
 			t.Fatalf("renew: %v %v", resp, err)
 		}
@@ -698,11 +701,12 @@ func TestRenewIsShapedAndReadiesTheNextToken(t *testing.T) {
 	if f.callCount() != 1 {
 		t.Fatal("a renew before the refresh point minted")
 	}
-	// Past it, a renew starts the refresh, so the client's next read finds
-	// the new token.
+	// Past it, a renew is refused (a client renewing short leases would
+	// otherwise hold the old token to its end) and starts the refresh, so
+	// the client's next read finds the new token.
 	c.clock.Advance(6 * time.Minute)
-	if ttl := renew().Secret.TTL; ttl > 30*time.Second {
-		t.Fatalf("renew past the refresh point: lease %v, want a short one", ttl)
+	if resp, err := renewErr(); statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "due for replacement; read creds/x") {
+		t.Fatalf("renew past the refresh point: %d %q", statusOf(resp, err), errText(resp, err))
 	}
 	c.waitIdle("x")
 	if f.callCount() != 2 {
