@@ -109,7 +109,8 @@ func (*Provider) Spec() provider.Spec {
 			"validation_interval": "T-Invest kills tokens 3 months after their last use.",
 		},
 		DetailsHelp: "accounts (id, type, name, status, access_level), user_id, tariff,\n" +
-			"token_kind; access_token is the T-Invest token itself, and\n" +
+			"token_kind, readonly_evidence (why the token counts as read-only\n" +
+			"or not); access_token is the T-Invest token itself, and\n" +
 			"expires_at is empty (T-Invest does not tell)",
 		RetireNote:   "the T-Invest token is the long-lived secret itself: retiring cannot stop it; revoke it in the T-Invest settings and write a new token here",
 		Environments: map[string]string{EnvProduction: ProductionURL, EnvSandbox: SandboxURL},
