@@ -1,195 +1,104 @@
 package backend
 
 import (
+	"bytes"
 	"context"
 	"fmt"
-	"math"
-	"sort"
-	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/common/expfmt"
 )
 
-// metrics is a small Prometheus-text registry. Labels are bounded: provider,
-// operation and outcome come from fixed sets, and config names are the only
-// open label (one series per config, never per token or account).
+// metrics is one mount's Prometheus registry: each backend has its own, never
+// the library's global one, so two mounts count apart. Labels are bounded:
+// provider, operation and outcome come from fixed sets, and config names are
+// the only open label (one series per config, never per token or account).
 type metrics struct {
-	mu       sync.RWMutex
-	counters map[string]*atomic.Uint64 // rendered series name -> value
-	hists    map[string]*histogram
+	reg       *prometheus.Registry
+	upstream  *prometheus.CounterVec   // provider, op, outcome
+	latency   *prometheus.HistogramVec // provider, op
+	creds     *prometheus.CounterVec   // config, outcome
+	mints     *prometheus.CounterVec   // config, outcome
+	rotations *prometheus.CounterVec   // config
+
+	expiryOnce sync.Once
 }
 
-type histogram struct {
-	counts []uint64 // per bucket, cumulative when rendered
-	sum    float64
-	n      uint64
-}
+// counter is a series of one of the vectors above, looked up once and kept
+// (see metricKeys).
+type counter = prometheus.Counter
 
 // latencyBuckets in seconds: from a cached loopback call to a stuck broker.
 var latencyBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
 
+// metricsContentType is what <mount>/metrics has always answered with: the
+// text format the library writes.
+const metricsContentType = "text/plain; version=0.0.4"
+
 func newMetrics() *metrics {
-	return &metrics{counters: map[string]*atomic.Uint64{}, hists: map[string]*histogram{}}
-}
-
-func series(name string, labels ...string) string {
-	if len(labels) == 0 {
-		return name
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		upstream: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_upstream_requests_total",
+			Help: "Calls to brokers by provider, operation and outcome.",
+		}, []string{"provider", "op", "outcome"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "broker_upstream_request_duration_seconds",
+			Help:    "Latency of calls to brokers.",
+			Buckets: latencyBuckets,
+		}, []string{"provider", "op"}),
+		creds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_creds_total",
+			Help: "creds reads by config and outcome (hit: served from cache; miss: waited on a mint; error).",
+		}, []string{"config", "outcome"}),
+		mints: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_mints_total",
+			Help: "Tokens obtained from brokers by config and outcome.",
+		}, []string{"config", "outcome"}),
+		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_rotations_total",
+			Help: "Rotations of long-lived secrets (ChatApp refresh) by config.",
+		}, []string{"config"}),
 	}
-	var b strings.Builder
-	b.WriteString(name)
-	b.WriteByte('{')
-	for i := 0; i+1 < len(labels); i += 2 {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		fmt.Fprintf(&b, "%s=%q", labels[i], labels[i+1])
-	}
-	b.WriteByte('}')
-	return b.String()
-}
-
-func (m *metrics) inc(name string, labels ...string) {
-	m.incKey(series(name, labels...))
-}
-
-// incKey bumps a counter by its rendered series name. It is on the creds
-// read path, so the common case takes only a shared lock and an atomic add.
-func (m *metrics) incKey(key string) {
-	m.mu.RLock()
-	c := m.counters[key]
-	m.mu.RUnlock()
-	if c == nil {
-		m.mu.Lock()
-		if c = m.counters[key]; c == nil {
-			c = new(atomic.Uint64)
-			m.counters[key] = c
-		}
-		m.mu.Unlock()
-	}
-	c.Add(1)
-}
-
-func (m *metrics) observe(name string, v float64, labels ...string) {
-	key := series(name, labels...)
-	m.mu.Lock()
-	h := m.hists[key]
-	if h == nil {
-		h = &histogram{counts: make([]uint64, len(latencyBuckets))}
-		m.hists[key] = h
-	}
-	for i, le := range latencyBuckets {
-		if v <= le {
-			h.counts[i]++
-			break
-		}
-	}
-	h.sum += v
-	h.n++
-	m.mu.Unlock()
+	m.reg.MustRegister(m.upstream, m.latency, m.creds, m.mints, m.rotations,
+		// The plugin process's goroutines, memory and file descriptors.
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
 }
 
 // observeUpstream is the upstream client's hook for one provider.
 func (m *metrics) observeUpstream(provider string) func(op, outcome string, d time.Duration) {
 	return func(op, outcome string, d time.Duration) {
-		m.inc("broker_upstream_requests_total", "provider", provider, "op", op, "outcome", outcome)
-		m.observe("broker_upstream_request_duration_seconds", d.Seconds(), "provider", provider, "op", op)
+		m.upstream.WithLabelValues(provider, op, outcome).Inc()
+		m.latency.WithLabelValues(provider, op).Observe(d.Seconds())
 	}
 }
 
-// render writes every series in Prometheus text format, plus gauges computed
-// now from the cached states.
-func (m *metrics) render(gauges map[string]float64) string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var b strings.Builder
-	typed := map[string]bool{}
-	header := func(name, kind, help string) {
-		if !typed[name] {
-			typed[name] = true
-			fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind)
-		}
-	}
-	ck := make([]string, 0, len(m.counters))
-	for k := range m.counters {
-		ck = append(ck, k)
-	}
-	sort.Strings(ck)
-	for _, k := range ck {
-		name := k[:strings.IndexAny(k+"{", "{")]
-		header(name, "counter", metricHelp[name])
-		fmt.Fprintf(&b, "%s %d\n", k, m.counters[k].Load())
-	}
-	hk := make([]string, 0, len(m.hists))
-	for k := range m.hists {
-		hk = append(hk, k)
-	}
-	sort.Strings(hk)
-	for _, k := range hk {
-		h := m.hists[k]
-		name, labels, _ := strings.Cut(strings.TrimSuffix(k, "}"), "{")
-		header(name, "histogram", metricHelp[name])
-		sep := ""
-		if labels != "" {
-			sep = ","
-		}
-		var cum uint64
-		for i, le := range latencyBuckets {
-			cum += h.counts[i]
-			fmt.Fprintf(&b, "%s_bucket{%s%sle=\"%g\"} %d\n", name, labels, sep, le, cum)
-		}
-		fmt.Fprintf(&b, "%s_bucket{%s%sle=\"+Inf\"} %d\n", name, labels, sep, h.n)
-		fmt.Fprintf(&b, "%s_sum{%s} %g\n%s_count{%s} %d\n", name, labels, h.sum, name, labels, h.n)
-	}
-	for _, k := range sortedKeysF(gauges) {
-		name := k[:strings.IndexAny(k+"{", "{")]
-		header(name, "gauge", metricHelp[name])
-		v := gauges[k]
-		if math.IsInf(v, 0) || math.IsNaN(v) {
-			continue
-		}
-		fmt.Fprintf(&b, "%s %g\n", k, v)
-	}
-	return b.String()
+var (
+	tokenExpiryDesc = prometheus.NewDesc("broker_token_expiry_seconds",
+		"Seconds until the cached token of a config expires.", []string{"config", "provider"}, nil)
+	secretExpiryDesc = prometheus.NewDesc("broker_secret_expiry_seconds",
+		"Seconds until the long-lived secret of a config expires, where known.", []string{"config", "provider"}, nil)
+)
+
+// expiryCollector computes the expiry gauges from the cached states when
+// scraped, so nothing on the read path keeps them up to date.
+type expiryCollector struct{ b *backend }
+
+func (c expiryCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- tokenExpiryDesc
+	ch <- secretExpiryDesc
 }
 
-var metricHelp = map[string]string{
-	"broker_upstream_requests_total":           "Calls to brokers by provider, operation and outcome.",
-	"broker_upstream_request_duration_seconds": "Latency of calls to brokers.",
-	"broker_creds_total":                       "creds reads by config and outcome (hit: served from cache; miss: waited on a mint; error).",
-	"broker_mints_total":                       "Tokens obtained from brokers by config and outcome.",
-	"broker_rotations_total":                   "Rotations of long-lived secrets (ChatApp refresh) by config.",
-	"broker_token_expiry_seconds":              "Seconds until the cached token of a config expires.",
-	"broker_secret_expiry_seconds":             "Seconds until the long-lived secret of a config expires, where known.",
-}
-
-func sortedKeysF(m map[string]float64) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
-}
-
-func (b *backend) pathMetrics() []*framework.Path {
-	return []*framework.Path{{
-		Pattern: "metrics$",
-		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.ReadOperation: &framework.PathOperation{Callback: b.pathMetricsRead, Summary: "Prometheus metrics of this mount."},
-		},
-		HelpSynopsis:    "Metrics in Prometheus text format: upstream calls, cache hits, mints, rotations, expiries.",
-		HelpDescription: "Scrape with a Vault token whose policy allows read on <mount>/metrics. Labels are provider, operation, outcome and config name only; never tokens or accounts.",
-	}}
-}
-
-func (b *backend) pathMetricsRead(_ context.Context, _ *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+func (c expiryCollector) Collect(ch chan<- prometheus.Metric) {
+	b := c.b
 	now := b.now()
-	gauges := map[string]float64{}
 	b.mu.RLock()
 	states := make([]*configState, 0, len(b.states))
 	for _, st := range b.states {
@@ -204,17 +113,56 @@ func (b *backend) pathMetricsRead(_ context.Context, _ *logical.Request, _ *fram
 			continue
 		}
 		if t := rec.Token; t != nil && !t.ExpiresAt.IsZero() {
-			gauges[series("broker_token_expiry_seconds", "config", st.name, "provider", cfg.Provider)] = t.ExpiresAt.Sub(now).Seconds()
+			ch <- prometheus.MustNewConstMetric(tokenExpiryDesc, prometheus.GaugeValue, t.ExpiresAt.Sub(now).Seconds(), st.name, cfg.Provider)
 		}
-		if exp := rec.SecretExpiresAt; !exp.IsZero() {
-			gauges[series("broker_secret_expiry_seconds", "config", st.name, "provider", cfg.Provider)] = exp.Sub(now).Seconds()
-		} else if exp := cfg.SecretExpiresAt; !exp.IsZero() {
-			gauges[series("broker_secret_expiry_seconds", "config", st.name, "provider", cfg.Provider)] = exp.Sub(now).Seconds()
+		exp := rec.SecretExpiresAt
+		if exp.IsZero() {
+			exp = cfg.SecretExpiresAt
+		}
+		if !exp.IsZero() {
+			ch <- prometheus.MustNewConstMetric(secretExpiryDesc, prometheus.GaugeValue, exp.Sub(now).Seconds(), st.name, cfg.Provider)
 		}
 	}
+}
+
+// expose renders every metric of the mount in the text format. The expiry
+// collector joins the registry on the first scrape: it reads the backend,
+// which does not exist yet when newMetrics runs.
+func (m *metrics) expose(b *backend) ([]byte, error) {
+	m.expiryOnce.Do(func() { m.reg.MustRegister(expiryCollector{b}) })
+	mfs, err := m.reg.Gather()
+	if err != nil {
+		return nil, fmt.Errorf("gathering metrics: %w", err)
+	}
+	var buf bytes.Buffer
+	enc := expfmt.NewEncoder(&buf, expfmt.NewFormat(expfmt.TypeTextPlain))
+	for _, mf := range mfs {
+		if err := enc.Encode(mf); err != nil {
+			return nil, fmt.Errorf("encoding metrics: %w", err)
+		}
+	}
+	return buf.Bytes(), nil
+}
+
+func (b *backend) pathMetrics() []*framework.Path {
+	return []*framework.Path{{
+		Pattern: "metrics$",
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.ReadOperation: &framework.PathOperation{Callback: b.pathMetricsRead, Summary: "Prometheus metrics of this mount."},
+		},
+		HelpSynopsis:    "Metrics in Prometheus text format: upstream calls, cache hits, mints, rotations, expiries, and the plugin process's Go runtime and process metrics.",
+		HelpDescription: "Scrape with a Vault token whose policy allows read on <mount>/metrics. Labels are provider, operation, outcome and config name only; never tokens or accounts.",
+	}}
+}
+
+func (b *backend) pathMetricsRead(_ context.Context, _ *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	body, err := b.metrics.expose(b)
+	if err != nil {
+		return nil, err
+	}
 	return &logical.Response{Data: map[string]any{
-		logical.HTTPContentType: "text/plain; version=0.0.4",
-		logical.HTTPRawBody:     []byte(b.metrics.render(gauges)),
+		logical.HTTPContentType: metricsContentType,
+		logical.HTTPRawBody:     body,
 		logical.HTTPStatusCode:  200,
 	}}, nil
 }

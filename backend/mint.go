@@ -90,11 +90,11 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 			b.startMintLocked(st, true) // readers have a token: nobody waits
 		}
 		st.mu.Unlock()
-		b.metrics.incKey(st.keys().hit)
+		st.keys(b.metrics).hit.Inc()
 		return cfg, tok, false, nil
 	}
 	if !fresh {
-		b.metrics.incKey(st.keys().miss)
+		st.keys(b.metrics).miss.Inc()
 	}
 	if !fresh && st.failErr != nil && now.Before(st.failUntil) {
 		err := st.failErr
@@ -301,12 +301,12 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 		b.deleteRotationWAL(ctx, walID)
 	}
 	if err != nil {
-		b.metrics.incKey(st.keys().mintErr)
+		st.keys(b.metrics).mintErr.Inc()
 		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
 	} else {
-		b.metrics.incKey(st.keys().mintOK)
+		st.keys(b.metrics).mintOK.Inc()
 		if len(m.rotated) > 0 {
-			b.metrics.incKey(st.keys().rotation)
+			st.keys(b.metrics).rotation.Inc()
 		}
 		b.Logger().Debug("token minted", "config", st.name, "expires_at", m.tok.ExpiresAt)
 		if w := cfg.expiryWarning(now); w != "" {

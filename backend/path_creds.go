@@ -54,7 +54,7 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		return nil, logical.ErrReadOnly // Vault forwards it to the active node
 	}
 	if err != nil {
-		b.metrics.inc("broker_creds_total", "config", name, "outcome", "error")
+		b.metrics.creds.WithLabelValues(name, "error").Inc()
 		return nil, upstreamFailure(name, err)
 	}
 	if err := checkGuards(cfg, tok); err != nil {

@@ -78,20 +78,20 @@ func (st *configState) lockOwner() {
 	st.waiting.Add(-1)
 }
 
-// metricKeys are a config's series names, rendered once: the read path
-// only bumps a counter.
-type metricKeys struct{ hit, miss, mintOK, mintErr, rotation string }
+// metricKeys are a config's counters, looked up once: the read path only
+// bumps a counter, with no label hashing.
+type metricKeys struct{ hit, miss, mintOK, mintErr, rotation counter }
 
-func (st *configState) keys() *metricKeys {
+func (st *configState) keys(m *metrics) *metricKeys {
 	if k := st.mkeys.Load(); k != nil {
 		return k
 	}
 	k := &metricKeys{
-		hit:      series("broker_creds_total", "config", st.name, "outcome", "hit"),
-		miss:     series("broker_creds_total", "config", st.name, "outcome", "miss"),
-		mintOK:   series("broker_mints_total", "config", st.name, "outcome", "ok"),
-		mintErr:  series("broker_mints_total", "config", st.name, "outcome", "error"),
-		rotation: series("broker_rotations_total", "config", st.name),
+		hit:      m.creds.WithLabelValues(st.name, "hit"),
+		miss:     m.creds.WithLabelValues(st.name, "miss"),
+		mintOK:   m.mints.WithLabelValues(st.name, "ok"),
+		mintErr:  m.mints.WithLabelValues(st.name, "error"),
+		rotation: m.rotations.WithLabelValues(st.name),
 	}
 	st.mkeys.Store(k)
 	return k
