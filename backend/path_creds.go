@@ -91,6 +91,13 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		resp.AddWarning(w)
 	}
 	resp.Secret.TTL = ttl
+	if !tok.ExpiresAt.IsZero() && ttl < shortLease {
+		// A lease this short ends at the refresh point or past it: renewing
+		// it cannot help (renew gives one second there), and a client that
+		// renews short leases keeps the old token too long. Not renewable:
+		// clients read again when it ends, and get the next token.
+		resp.Secret.Renewable = false
+	}
 	// The lease can never be renewed past max_ttl nor past the token's end.
 	resp.Secret.MaxTTL = cfg.MaxTTL
 	if !tok.ExpiresAt.IsZero() {
@@ -151,6 +158,12 @@ func upstreamFailure(name string, err error) error {
 	}
 	return logical.CodedError(http.StatusBadGateway, msg)
 }
+
+// shortLease: a lease shorter than this on a minted token is not renewable.
+// LifetimeWatcher and Agent give up renewing once a renewal stops extending
+// the lease within 10-20 % of its length; below ten seconds that margin is
+// under Vault's one-second granularity.
+const shortLease = 10 * time.Second
 
 // shapedTTL is how long a lease on tok lasts so that its holder (Vault
 // Agent, a LifetimeWatcher, a bot re-reading at its lease's end) moves to

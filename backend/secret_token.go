@@ -70,12 +70,12 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: %v; read creds/%s for a new token", in.config, err, in.config))
 	}
 	if spec.Kind != provider.Passthrough && !tok.IssuedAt.IsZero() && dueForRefresh(tok, now) {
-		// Past the refresh point the lease is not extended: a client that
-		// only renews (Agent, a LifetimeWatcher) would otherwise renew a
-		// short lease over and over until the token dies. Refused, it
-		// reads again and finds the next token, whose refresh this starts.
+		// Past the refresh point a renew gives one second: a client that
+		// only renews (Agent, a LifetimeWatcher) sees the lease stop
+		// growing and reads again, and finds the next token, whose refresh
+		// this starts. (An error instead makes Agent back off for long.)
 		b.nudgeRefresh(ctx, req.Storage, in.config)
-		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: the %s token is due for replacement; read creds/%s for the next one", in.config, spec.Display, in.config))
+		ttl = time.Second
 	}
 	resp := &logical.Response{Secret: req.Secret}
 	resp.Secret.TTL = ttl

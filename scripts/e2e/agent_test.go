@@ -172,7 +172,7 @@ func parseEnvFile(s string) map[string]string {
 		if !ok || k == "" {
 			continue
 		}
-		if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+		if len(v) >= 2 && (v[0] == '"' || v[0] == '\'') && v[len(v)-1] == v[0] {
 			v = v[1 : len(v)-1]
 		}
 		out[k] = v
