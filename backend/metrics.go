@@ -62,7 +62,7 @@ func newMetrics() *metrics {
 		}, []string{"config", "outcome"}),
 		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "broker_rotations_total",
-			Help: "Rotations of long-lived secrets (ChatApp refresh) by config.",
+			Help: "Rotations of long-lived secrets (a rotating refresh token replaced) by config.",
 		}, []string{"config"}),
 	}
 	m.reg.MustRegister(m.upstream, m.latency, m.creds, m.mints, m.rotations,

@@ -127,8 +127,11 @@ func TestChatAppMakeAndCheck(t *testing.T) {
 	if d.CabinetUserID != sandbox.ChatAppCabinetUserID || d.AccessToken == "" || d.RefreshToken == "" || d.AccessToken == d.RefreshToken {
 		t.Fatalf("make data %s", r.raw)
 	}
-	if strings.Count(d.AccessToken, ".") == 2 {
-		t.Fatal("tokens must be opaque, not JWTs")
+	// Opaque and shaped like ChatApp's ($2y$10$ and 53 characters of
+	// bcrypt's alphabet, which has dots: counting dots would not tell a
+	// JWT from one).
+	if !strings.HasPrefix(d.AccessToken, "$2y$10$") || strings.HasPrefix(d.AccessToken, "eyJ") {
+		t.Fatalf("tokens must be opaque and ChatApp-shaped, not JWTs: %q", d.AccessToken)
 	}
 	if d.AccessTokenEndTime != now.Add(24*time.Hour).Unix() || d.RefreshTokenEndTime != now.Add(14*24*time.Hour).Unix() {
 		t.Fatalf("end times %d %d", d.AccessTokenEndTime, d.RefreshTokenEndTime)
