@@ -140,7 +140,7 @@ func TestMetricsFamiliesHelpAndType(t *testing.T) {
 		{"broker_upstream_request_duration_seconds", "histogram", "Latency of calls to brokers."},
 		{"broker_creds_total", "counter", "creds reads by config and outcome (hit: served from cache; miss: waited on a mint; error)."},
 		{"broker_mints_total", "counter", "Tokens obtained from brokers by config and outcome."},
-		{"broker_rotations_total", "counter", "Rotations of long-lived secrets (ChatApp refresh) by config."},
+		{"broker_rotations_total", "counter", "Rotations of long-lived secrets (a rotating refresh token replaced) by config."},
 		{"broker_token_expiry_seconds", "gauge", "Seconds until the cached token of a config expires."},
 		{"broker_secret_expiry_seconds", "gauge", "Seconds until the long-lived secret of a config expires, where known."},
 	} {
