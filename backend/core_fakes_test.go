@@ -12,6 +12,7 @@ import (
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream/clocktest"
 )
 
 // Test doubles for the token core: a clock moved by hand, a broker that can
@@ -19,25 +20,10 @@ import (
 // a chosen write. With them every race window is opened on purpose, never
 // by sleeping.
 
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
+type fakeClock = clocktest.Clock
 
 func newFakeClock() *fakeClock {
-	return &fakeClock{t: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
+	return clocktest.New(time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC))
 }
 
 // fakeBroker is a provider whose tokens live on a fakeClock. Rotating: every

@@ -9,6 +9,7 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/tinvest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream/clocktest"
 	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
 )
 
@@ -30,7 +31,7 @@ func issueWith(ctx context.Context, p provider.Provider, c *upstream.Client, bas
 // (each with its own client, as each config has); another user's token
 // draws on its own.
 func TestBudgetIsPerUser(t *testing.T) {
-	clock := &fakeClock{t: time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC)}
+	clock := clocktest.New(time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC))
 	e := newSandbox(t, sandbox.Options{Now: clock.Now})
 	e.sb.SetTInvestRateLimit(1 << 20) // the broker's own limit is not under test
 	e.sb.AddTInvestToken("t.other-user", false, sandbox.TInvestAccount{ID: "1", AccessLevel: sandbox.TInvestReadOnly})
@@ -82,7 +83,7 @@ func TestBudgetIsPerUser(t *testing.T) {
 // A read that would have to wait past MaxForegroundWait for the user's
 // budget fails at once, without a request, and says when to come back.
 func TestSpentBudgetFailsReadsFast(t *testing.T) {
-	clock := &fakeClock{t: time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC)}
+	clock := clocktest.New(time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC))
 	e := newSandbox(t, sandbox.Options{Now: clock.Now})
 	p := tinvest.NewWithClock(clock)
 	c := clockedClient(t, clock, 3)
@@ -132,7 +133,7 @@ func TestRateLimitResetHonoured(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			clock := &fakeClock{t: time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC)}
+			clock := clocktest.New(time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC))
 			e := newSandbox(t, sandbox.Options{Now: clock.Now})
 			e.sb.SetTInvestRateLimit(2) // room for a whole Issue once the window resets
 			// Spend the user's window from outside this provider (another

@@ -15,48 +15,13 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/tinvest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream/clocktest"
 	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
 )
 
 // fakeClock is a settable clock for the sandbox's rate-limit windows and
-// the plugin's waits: Sleep advances it at once and records the wait.
-type fakeClock struct {
-	mu     sync.Mutex
-	t      time.Time
-	sleeps []time.Duration
-}
-
-func (c *fakeClock) Sleep(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.sleeps = append(c.sleeps, d)
-	c.t = c.t.Add(d)
-	return ctx.Err()
-}
-
-// Slept returns the waits so far and forgets them.
-func (c *fakeClock) Slept() []time.Duration {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	s := c.sleeps
-	c.sleeps = nil
-	return s
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
+// the provider's waits.
+type fakeClock = clocktest.Clock
 
 type env struct {
 	sb         *sandbox.Server
@@ -344,7 +309,7 @@ func TestRequestShape(t *testing.T) {
 }
 
 func TestRateLimit(t *testing.T) {
-	clock := &fakeClock{t: time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC)}
+	clock := clocktest.New(time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC))
 	e := newSandbox(t, sandbox.Options{Now: clock.Now})
 	e.sb.SetTInvestRateLimit(2)
 	c := newClient(t, 1) // one attempt: the error itself is under test

@@ -5,42 +5,15 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream/clocktest"
 )
 
-// testClock advances at once on Sleep and records each wait.
-type testClock struct {
-	mu     sync.Mutex
-	t      time.Time
-	sleeps []time.Duration
-}
-
-func newTestClock() *testClock { return &testClock{t: time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC)} }
-
-func (c *testClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *testClock) Sleep(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.sleeps = append(c.sleeps, d)
-	c.t = c.t.Add(d)
-	return ctx.Err()
-}
-
-func (c *testClock) slept() []time.Duration {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]time.Duration(nil), c.sleeps...)
+func newTestClock() *clocktest.Clock {
+	return clocktest.New(time.Date(2025, 6, 2, 10, 0, 0, 0, time.UTC))
 }
 
 // A wait the broker asks for is honoured in full, up to the cap of the kind
@@ -91,7 +64,7 @@ func TestDoHonoursAskedWait(t *testing.T) {
 			if ue, ok := AsError(err); tc.wantErr && (!ok || ue.Kind != KindRateLimited || ue.RetryAfter == 0) {
 				t.Errorf("err = %v, want rate limited with the asked wait", err)
 			}
-			if got := clock.slept(); !slices.Equal(got, tc.wantSleeps) {
+			if got := clock.Slept(); !slices.Equal(got, tc.wantSleeps) {
 				t.Errorf("waited %v, want %v", got, tc.wantSleeps)
 			}
 			if calls.Load() != tc.wantCalls {
