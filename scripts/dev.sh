@@ -68,7 +68,8 @@ cat <<BANNER
 
     vault read broker/creds/finam          # a short-lived Finam JWT, as a lease
     vault read broker/config/finam         # settings and status, never the secret
-    vault lease revoke <lease_id>          # retires the token from the cache
+    vault lease revoke <lease_id>          # ends that lease; other readers keep the token
+    vault write -f broker/config/finam/retire   # incident switch: the next read mints anew
     curl -s http://$SANDBOX_ADDR/_sandbox/calls   # upstream calls the sandbox saw
 
   Ctrl-C stops Vault and the sandbox.
