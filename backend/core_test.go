@@ -495,8 +495,9 @@ func TestLeasesAreShapedToSwapWithLifeToSpare(t *testing.T) {
 	}{
 		{0, 24 * time.Second, 26 * time.Second},              // ends at a third left, up to a tenth early
 		{20 * time.Second, 5 * time.Second, 6 * time.Second}, // still before the refresh point
-		{26 * time.Second, time.Second, time.Second},         // due: come back shortly
-		{35 * time.Second, time.Second, time.Second},
+		{26 * time.Second, minLease, minLease},               // due: come back shortly, but never within Agent's one-second index
+		{35 * time.Second, minLease, minLease},
+		{39 * time.Second, time.Second, time.Second}, // never past the token's end
 	} {
 		for range 20 { // the spread is random
 			got := shapedTTL(tok, issued.Add(tc.age))

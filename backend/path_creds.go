@@ -165,6 +165,13 @@ func upstreamFailure(name string, err error) error {
 // under Vault's one-second granularity.
 const shortLease = 10 * time.Second
 
+// minLease is the shortest lease handed out while the token allows it.
+// Agent (consul-template) drops a read that lands in the same wall-clock
+// second as the one before ("no new data (index was the same)"), and it
+// re-reads a non-renewable lease at 85-95 % of it: a one-second lease made
+// it drop the new token and keep the old one to its end.
+const minLease = 2 * time.Second
+
 // shapedTTL is how long a lease on tok lasts so that its holder (Vault
 // Agent, a LifetimeWatcher, a bot re-reading at its lease's end) moves to
 // the next token with about a third of the old one's life left, not a
@@ -179,14 +186,14 @@ func shapedTTL(tok *storedToken, now time.Time) time.Duration {
 	if tok.IssuedAt.IsZero() {
 		life = 0 // a lease from before issued_at was recorded: no shaping
 	}
-	if until := remaining - life/refreshAtFraction; until >= 2*time.Second {
+	if until := remaining - life/refreshAtFraction; until >= minLease {
 		// Every lease on one token would end in the same second, and Vault
 		// would revoke them in one burst that stalls reads on every mount;
 		// ending each up to a tenth (at most 30 s) early spreads them out.
 		ttl := until - rand.N(min(until/10, 30*time.Second)+1)
 		return max(ttl.Truncate(time.Second), time.Second)
 	}
-	short := min(max(life/40, time.Second), remaining)
+	short := min(max(life/40, minLease), remaining)
 	return max(short.Truncate(time.Second), time.Second)
 }
 

@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -327,10 +328,33 @@ exec {
 	var expiredHeld []string
 	const wantChanges = 2
 	deadline := began.Add(170 * time.Second)
+	// Once, around the second token's swap point, Vault stops answering
+	// (SIGSTOP) for a fifth of the token's life: the file must still never
+	// hold an expired token.
+	var paused atomic.Bool
+	pauseDone := make(chan struct{})
+	defer func() {
+		if paused.Load() {
+			<-pauseDone
+		}
+	}()
 	for {
 		now := time.Now()
 		if now.After(deadline) {
 			break
+		}
+		if len(seen) == 2 && !paused.Load() {
+			if r := seen[1]; now.After(r.iat.Add(r.exp.Sub(r.iat) * 6 / 10)) {
+				paused.Store(true)
+				pause := r.exp.Sub(r.iat) / 5
+				t.Logf("pausing Vault (SIGSTOP) for %s at %.0f%% of token 2's life", pause, 100*now.Sub(r.iat).Seconds()/r.exp.Sub(r.iat).Seconds())
+				go func() {
+					defer close(pauseDone)
+					_ = syscall.Kill(e.vault.PID(), syscall.SIGSTOP)
+					time.Sleep(pause)
+					_ = syscall.Kill(e.vault.PID(), syscall.SIGCONT)
+				}()
+			}
 		}
 		for _, a := range []*agentProc{agent, supervisor} {
 			if gone, err := a.exited(); gone {
@@ -449,7 +473,9 @@ exec {
 			if frac < 0.6 {
 				t.Errorf("token %d replaced at %.0f%% of its life: earlier than the refresh-ahead point (2/3)", i+1, 100*frac)
 			}
-			if frac > 0.75 {
+			// (Token 2 is the one whose swap Vault's pause delays: for it
+			// only "never expired in the file" holds, checked above.)
+			if frac > 0.75 && i != 1 {
 				t.Errorf("token %d replaced at %.0f%% of its life: less than a quarter of it left", i+1, 100*frac)
 			}
 		}
