@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -300,32 +301,29 @@ func (c *coreHarness) stored(name string) (tokenRecord, bool) {
 // point the race is about. It polls a counter, never a timer.
 func (c *coreHarness) queued(name string, done <-chan struct{}) {
 	c.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
+	until(c.t, "the writer neither finished nor queued on the config", func() bool {
 		select {
 		case <-done:
-			return
+			return true
 		default:
 		}
 		c.b.mu.RLock()
 		st := c.b.states[name]
 		c.b.mu.RUnlock()
-		if st != nil && st.waiting.Load() > 0 {
-			return
-		}
-		time.Sleep(time.Millisecond)
-	}
-	c.t.Fatal("the writer neither finished nor queued on the config")
+		return st != nil && st.waiting.Load() > 0
+	})
 }
 
 // waitBackground waits for the backend's background mints to finish.
-func (c *coreHarness) waitIdle(name string) {
-	c.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		c.b.mu.RLock()
-		st := c.b.states[name]
-		c.b.mu.RUnlock()
+func (c *coreHarness) waitIdle(name string) { waitIdle(c.b, name) }
+
+// waitIdle waits until no mint of name is under way on b: it waits on the
+// flights' done channels, never on a timer.
+func waitIdle(b *backend, name string) {
+	for {
+		b.mu.RLock()
+		st := b.states[name]
+		b.mu.RUnlock()
 		if st == nil {
 			return
 		}
@@ -336,5 +334,18 @@ func (c *coreHarness) waitIdle(name string) {
 			return
 		}
 		<-f.done
+	}
+}
+
+// until spins (yielding, never sleeping) until cond holds, failing after 10 s:
+// for a condition only a counter shows, such as a goroutine queued on a lock.
+func until(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal(what)
+		}
+		runtime.Gosched()
 	}
 }

@@ -227,10 +227,7 @@ func TestR3CleanupPersistsAnsweredRotation(t *testing.T) {
 		c.b.Clean(context.Background()) // reload, step-down or seal
 	}()
 	// Clean cancels the backend's context first, then waits for the mint.
-	deadline := time.Now().Add(10 * time.Second)
-	for c.b.ctx.Err() == nil && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	<-c.b.ctx.Done()
 	release()
 	<-cleaned
 
@@ -467,9 +464,7 @@ func TestPassthroughRenewsShareOneCall(t *testing.T) {
 	st.mu.Lock()
 	fl := st.flight
 	st.mu.Unlock()
-	for deadline := time.Now().Add(10 * time.Second); fl.waiters.Load() < n && time.Now().Before(deadline); {
-		time.Sleep(time.Millisecond)
-	}
+	until(t, "the renews never all waited on the one call", func() bool { return fl.waiters.Load() >= n })
 	release()
 	for range n {
 		if err := <-errs; err != nil {

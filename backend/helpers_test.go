@@ -149,16 +149,3 @@ func containsAll(s string, subs ...string) bool {
 
 // skip ages every token the backends hold by d, as if d had passed.
 func (h *harness) skip(d time.Duration) { h.offset.Add(int64(d)) }
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, d time.Duration, cond func() bool) bool {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		if cond() {
-			return true
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return cond()
-}
