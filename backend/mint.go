@@ -86,9 +86,7 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 	}
 	now := b.now()
 	if tok := st.rec.Token; !fresh && st.rec.servable(tok, now) {
-		if dueForRefresh(tok, now) && st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(cfg) {
-			b.startMintLocked(st, true) // readers have a token: nobody waits
-		}
+		b.refreshAheadLocked(st, now)
 		st.mu.Unlock()
 		st.keys(b.metrics).hit.Inc()
 		return cfg, tok, false, nil
@@ -141,9 +139,16 @@ func (b *backend) nudgeRefresh(ctx context.Context, s logical.Storage, name stri
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	now := b.now()
-	if tok := st.rec.Token; st.cfg != nil && !st.dead && st.rec.servable(tok, now) && dueForRefresh(tok, now) &&
-		st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(st.cfg) {
+	if now := b.now(); st.cfg != nil && !st.dead && st.rec.servable(st.rec.Token, now) {
+		b.refreshAheadLocked(st, now)
+	}
+}
+
+// refreshAheadLocked starts the background refresh of st's servable token
+// when it is due, none runs and no failure backoff holds; st.mu must be
+// held. Readers keep the current token: nobody waits on it.
+func (b *backend) refreshAheadLocked(st *configState, now time.Time) {
+	if dueForRefresh(st.rec.Token, now) && st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(st.cfg) {
 		b.startMintLocked(st, true)
 	}
 }
