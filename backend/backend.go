@@ -148,6 +148,10 @@ func New(opts Options) *backend {
 		RunningVersion: version,
 		PathsSpecial: &logical.Paths{
 			SealWrapStorage: []string{configPrefix, tokenPrefix},
+			// A rotation record belongs to the cluster whose node made the
+			// call: a performance secondary rotates nothing and must not
+			// replay a primary's record (azure, gcp and openldap do the same).
+			LocalStorage: []string{framework.WALPrefix},
 		},
 		Paths: framework.PathAppend(
 			b.pathConfig(),

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -710,5 +711,22 @@ func TestRenewIsShapedAndReadiesTheNextToken(t *testing.T) {
 	}
 	if got := c.token("creds/x"); got == first.Data["access_token"] {
 		t.Fatal("the read after that renew got the old token")
+	}
+}
+
+func TestRotationRecordsAreClusterLocal(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	if !slices.Contains(c.b.Backend.PathsSpecial.LocalStorage, framework.WALPrefix) {
+		t.Fatalf("PathsSpecial.LocalStorage = %v: rotation records would replicate to performance secondaries", c.b.Backend.PathsSpecial.LocalStorage)
+	}
+	// The declaration covers the records only if they live under it.
+	var under []string
+	f.onIssue = func(ctx context.Context, _ provider.Request) {
+		under, _ = c.raw.List(ctx, framework.WALPrefix)
+	}
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	if len(under) != 1 {
+		t.Fatalf("the rotation record is not under %q during the broker call: %v", framework.WALPrefix, under)
 	}
 }
