@@ -3,7 +3,6 @@ package backend
 import (
 	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"maps"
 	"net/http"
@@ -16,7 +15,6 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
-	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
 func (b *backend) pathConfig() []*framework.Path {
@@ -283,12 +281,13 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 	if verify {
 		m, walID, err = b.issue(ctx, name, cfg, client, presented, cur.RetireEpoch)
 		if err != nil {
-			resp, err := verifyFailure(cfg, err)
+			resp, err := failed(verifying, fmt.Sprintf("verifying the %s secret failed; nothing was stored: %v", cfg.Provider, err), err)
 			return resp, false, err
 		}
 		if err := checkGuards(cfg, m.tok); err != nil {
 			b.keepRotation(st, m, presented)
-			return logical.ErrorResponse("%s; nothing was stored", err), false, nil
+			resp, err := failed(verifying, fmt.Sprintf("%s; nothing was stored", err), err)
+			return resp, false, err
 		}
 		// The verifying mint is the first token: readers need not mint again.
 		rec = rec.with(m, b.now())
@@ -420,27 +419,6 @@ func secretsToResend(d *framework.FieldData, old, cfg *brokerConfig, spec provid
 		}
 	}
 	return missing
-}
-
-// verifyFailure turns a failed verifying mint into a response: a rejected
-// secret is the caller's input error (400); a failing broker is a 502.
-func verifyFailure(cfg *brokerConfig, err error) (*logical.Response, error) {
-	msg := fmt.Sprintf("verifying the %s secret failed; nothing was stored: %v", cfg.Provider, err)
-	if errors.Is(err, provider.ErrGuard) {
-		return logical.ErrorResponse(msg), nil
-	}
-	if errors.Is(err, errQuotaSpent) {
-		return nil, logical.CodedError(http.StatusTooManyRequests, msg)
-	}
-	if ue, ok := upstream.AsError(err); ok {
-		switch ue.Kind {
-		case upstream.KindAuth, upstream.KindRejected:
-			return logical.ErrorResponse(msg), nil
-		case upstream.KindRateLimited:
-			return nil, logical.CodedError(http.StatusTooManyRequests, msg)
-		}
-	}
-	return nil, logical.CodedError(http.StatusBadGateway, msg)
 }
 
 // parseConfig builds the new config from the request over old (nil on

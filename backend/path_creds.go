@@ -13,7 +13,6 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
-	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
 func (b *backend) pathCreds() []*framework.Path {
@@ -55,10 +54,10 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 	}
 	if err != nil {
 		b.metrics.creds.WithLabelValues(name, "error").Inc()
-		return nil, upstreamFailure(name, err)
+		return failed(issuing, fmt.Sprintf("config %q: %v", name, err), err)
 	}
 	if err := checkGuards(cfg, tok); err != nil {
-		return nil, logical.CodedError(http.StatusForbidden, fmt.Sprintf("config %q: %v", name, err))
+		return failed(issuing, fmt.Sprintf("config %q: %v", name, err), err)
 	}
 	now := b.now()
 	ttl, err := leaseTTL(cfg, b.specs[cfg.Provider].DefaultTTL, tok, now, now)
@@ -137,26 +136,6 @@ func leaseTTL(cfg *brokerConfig, defaultTTL time.Duration, tok *storedToken, iss
 		ttl = time.Hour
 	}
 	return ttl, nil
-}
-
-// upstreamFailure maps a failed mint to an HTTP status: 403 when a guard
-// refused the token, 400 when the config's secret is known to be expired,
-// 429 when the broker rate-limits, 502 otherwise. The text names the config
-// and the broker.
-func upstreamFailure(name string, err error) error {
-	msg := fmt.Sprintf("config %q: %v", name, err)
-	switch {
-	case errors.Is(err, provider.ErrGuard):
-		return logical.CodedError(http.StatusForbidden, msg)
-	case errors.Is(err, errSecretExpired):
-		return logical.CodedError(http.StatusBadRequest, msg)
-	case errors.Is(err, errQuotaSpent):
-		return logical.CodedError(http.StatusTooManyRequests, msg)
-	}
-	if ue, ok := upstream.AsError(err); ok && ue.Kind == upstream.KindRateLimited {
-		return logical.CodedError(http.StatusTooManyRequests, msg)
-	}
-	return logical.CodedError(http.StatusBadGateway, msg)
 }
 
 // shortLease: a lease shorter than this on a minted token is not renewable.

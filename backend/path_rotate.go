@@ -53,7 +53,7 @@ func (b *backend) pathRotateRootWrite(ctx context.Context, req *logical.Request,
 		return logical.ErrorResponse("no config named %q", name), nil
 	}
 	if err != nil {
-		return nil, upstreamFailure(name, fmt.Errorf("rotation failed: %w", err))
+		return failed(issuing, fmt.Sprintf("config %q: rotation failed: %v", name, err), err)
 	}
 	_, rec, err := b.status(ctx, req.Storage, name)
 	if err != nil {

@@ -51,10 +51,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		// Every renew asks the broker (concurrent renews share one call).
 		_, fresh, err := b.refreshNow(ctx, req.Storage, in.config)
 		if err != nil {
-			if rejectedSecret(err) {
-				return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: %v", in.config, err))
-			}
-			return nil, upstreamFailure(in.config, err)
+			return failed(renewing, fmt.Sprintf("config %q: cannot renew: %v", in.config, err), err)
 		}
 		if fresh.ID != in.tokenID {
 			return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: the config now holds a different %s token; read creds/%s again", in.config, spec.Display, in.config))
@@ -62,7 +59,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		tok = fresh
 	}
 	if err := checkGuards(cfg, tok); err != nil {
-		return nil, logical.CodedError(http.StatusForbidden, fmt.Sprintf("config %q: %v", in.config, err))
+		return failed(renewing, fmt.Sprintf("config %q: %v", in.config, err), err)
 	}
 	now := b.now()
 	ttl, err := leaseTTL(cfg, spec.DefaultTTL, tok, req.Secret.IssueTime, now)
