@@ -31,7 +31,7 @@ func newFakeClock() *fakeClock {
 // Issue needs the current refresh token and replaces it, as ChatApp does.
 type fakeBroker struct {
 	name     string
-	kind     provider.Kind
+	kind     provider.Issuance
 	rotating bool
 	clock    *fakeClock
 	life     time.Duration
@@ -55,7 +55,7 @@ type fakeBroker struct {
 	onIssue   func(ctx context.Context, req provider.Request)
 }
 
-func newFakeBroker(name string, kind provider.Kind, rotating bool, clock *fakeClock) *fakeBroker {
+func newFakeBroker(name string, kind provider.Issuance, rotating bool, clock *fakeClock) *fakeBroker {
 	return &fakeBroker{name: name, kind: kind, rotating: rotating, clock: clock, life: 15 * time.Minute,
 		secretOf: map[string]string{}, readOnly: true, accounts: []string{"A1"}}
 }
@@ -66,7 +66,7 @@ func (f *fakeBroker) Spec() provider.Spec {
 		fields = append(fields, provider.Field{Name: "refresh_token", Secret: true, Description: "seed"})
 	}
 	return provider.Spec{
-		Name: f.name, Display: "Fake" + f.name, Kind: f.kind, Fields: fields,
+		Name: f.name, Display: "Fake" + f.name, Issuance: f.kind, Fields: fields,
 		Environments:  map[string]string{"production": "https://" + f.name + ".example"},
 		RotatesSecret: f.rotating,
 		DefaultTTL: func() time.Duration {
@@ -140,7 +140,7 @@ func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider
 		f.presented = append(f.presented, rt)
 		// A seed is accepted once; after that only the current one.
 		if rt != f.refresh && !strings.HasPrefix(rt, "seed-") {
-			return nil, &upstream.Error{Broker: "Fake", Op: "refresh", Kind: upstream.KindAuth, Status: 401, Message: "refresh token is not valid"}
+			return nil, &upstream.Error{Broker: "Fake", Op: "refresh", Failure: upstream.Unauthorized, Status: 401, Message: "refresh token is not valid"}
 		}
 		f.refresh = fmt.Sprintf("rt-%d", f.calls)
 		tok.Rotated = map[string]string{"refresh_token": f.refresh}

@@ -47,14 +47,14 @@ func failureStatus(at callSite, err error) int {
 		return http.StatusTooManyRequests
 	}
 	if ue, ok := upstream.AsError(err); ok {
-		switch ue.Kind {
-		case upstream.KindRateLimited:
+		switch ue.Failure {
+		case upstream.RateLimited:
 			return http.StatusTooManyRequests
-		case upstream.KindAuth:
+		case upstream.Unauthorized:
 			if at != issuing {
 				return http.StatusBadRequest
 			}
-		case upstream.KindRejected:
+		case upstream.Rejected:
 			if at == verifying {
 				return http.StatusBadRequest
 			}

@@ -10,8 +10,8 @@ import (
 )
 
 func TestFailureStatus(t *testing.T) {
-	upstreamErr := func(k upstream.Kind) error {
-		return fmt.Errorf("minting: %w", &upstream.Error{Broker: "Finam", Op: "POST /v1/sessions", Kind: k})
+	upstreamErr := func(k upstream.Failure) error {
+		return fmt.Errorf("minting: %w", &upstream.Error{Broker: "Finam", Op: "POST /v1/sessions", Failure: k})
 	}
 	tests := []struct {
 		name string
@@ -22,11 +22,11 @@ func TestFailureStatus(t *testing.T) {
 		{"guard", fmt.Errorf("%w: require_readonly", provider.ErrGuard), [3]int{400, 403, 403}},
 		{"declared expiry passed", fmt.Errorf("%w: 2027-01-31", errSecretExpired), [3]int{400, 400, 400}},
 		{"quota spent", fmt.Errorf("%w: 90 of 100", quotaSpentError{"tokens.make"}), [3]int{429, 429, 429}},
-		{"broker rate limit", upstreamErr(upstream.KindRateLimited), [3]int{429, 429, 429}},
-		{"secret refused", upstreamErr(upstream.KindAuth), [3]int{400, 502, 400}},
-		{"other 4xx", upstreamErr(upstream.KindRejected), [3]int{400, 502, 502}},
-		{"broker down", upstreamErr(upstream.KindUnavailable), [3]int{502, 502, 502}},
-		{"unreadable answer", upstreamErr(upstream.KindBadResponse), [3]int{502, 502, 502}},
+		{"broker rate limit", upstreamErr(upstream.RateLimited), [3]int{429, 429, 429}},
+		{"secret refused", upstreamErr(upstream.Unauthorized), [3]int{400, 502, 400}},
+		{"other 4xx", upstreamErr(upstream.Rejected), [3]int{400, 502, 502}},
+		{"broker down", upstreamErr(upstream.Unavailable), [3]int{502, 502, 502}},
+		{"unreadable answer", upstreamErr(upstream.BadResponse), [3]int{502, 502, 502}},
 		{"anything else", fmt.Errorf("storage: boom"), [3]int{502, 502, 502}},
 	}
 	for _, tt := range tests {

@@ -33,9 +33,9 @@ type fifthBroker struct {
 
 func (*fifthBroker) Spec() provider.Spec {
 	return provider.Spec{
-		Name:    "fifth",
-		Display: "Fifth",
-		Kind:    provider.Minted,
+		Name:     "fifth",
+		Display:  "Fifth",
+		Issuance: provider.Minted,
 		Fields: []provider.Field{
 			{Name: "api_key", Secret: true, Required: true, Description: "the API key from the Fifth console."},
 			{Name: "client_tag", Secret: true, Description: "an optional client tag the Fifth console shows."},

@@ -80,7 +80,7 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 // secret (as opposed to failing or rate-limiting).
 func rejectedSecret(err error) bool {
 	ue, ok := upstream.AsError(err)
-	return ok && ue.Kind == upstream.KindAuth
+	return ok && ue.Failure == upstream.Unauthorized
 }
 
 func toStored(t *provider.Token) *storedToken {

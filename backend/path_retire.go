@@ -54,7 +54,7 @@ func (b *backend) pathRetireWrite(ctx context.Context, req *logical.Request, d *
 		data["issued_tokens_expire_at"] = formatTime(old.ExpiresAt)
 	}
 	resp := &logical.Response{Data: data}
-	if spec.Kind == provider.Passthrough {
+	if spec.Issuance == provider.Passthrough {
 		resp.AddWarning("retiring does not change a " + spec.Display + " token: " + spec.RetireNote)
 	}
 	return resp, nil

@@ -129,7 +129,7 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 	if spec.RotatesSecret {
 		return b.nextRotation(cfg, rec)
 	}
-	if spec.Kind != provider.Passthrough {
+	if spec.Issuance != provider.Passthrough {
 		// Minted tokens are refreshed ahead on the read path; nothing to keep alive.
 		return time.Time{}
 	}

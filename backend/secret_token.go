@@ -45,7 +45,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	}
 	spec := b.specs[cfg.Provider]
 	tok := &storedToken{IssuedAt: in.issuedAt, ExpiresAt: in.expiresAt, AccountIDs: in.accounts, ReadOnly: in.readonly}
-	if spec.Kind == provider.Passthrough {
+	if spec.Issuance == provider.Passthrough {
 		// The lease holds the long-lived token itself: renewing means asking
 		// the broker again whether it still lives and what it can reach.
 		// Every renew asks the broker (concurrent renews share one call).
@@ -66,7 +66,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	if err != nil {
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: %v; read creds/%s for a new token", in.config, err, in.config))
 	}
-	if spec.Kind != provider.Passthrough && !tok.IssuedAt.IsZero() && dueForRefresh(tok, now) {
+	if spec.Issuance != provider.Passthrough && !tok.IssuedAt.IsZero() && dueForRefresh(tok, now) {
 		// Past the refresh point a renew gives one second: a client that
 		// only renews (Agent, a LifetimeWatcher) sees the lease stop
 		// growing and reads again, and finds the next token, whose refresh

@@ -76,7 +76,7 @@ var providerOptions = map[string]providerOption{
 
 func rotating(s provider.Spec) bool       { return s.RotatesSecret }
 func hasQuota(s provider.Spec) bool       { return s.Quota != nil }
-func passthrough(s provider.Spec) bool    { return s.Kind == provider.Passthrough }
+func passthrough(s provider.Spec) bool    { return s.Issuance == provider.Passthrough }
 func declaredExpiry(s provider.Spec) bool { return s.DeclaredExpiry }
 
 // providerFields builds the schema of the provider-specific config fields:

@@ -49,9 +49,9 @@ func New() provider.Provider { return Provider{} }
 // JWTs.
 func (Provider) Spec() provider.Spec {
 	return provider.Spec{
-		Name:    Name,
-		Display: display,
-		Kind:    provider.Minted,
+		Name:     Name,
+		Display:  display,
+		Issuance: provider.Minted,
 		Fields: []provider.Field{{
 			Name: fieldToken, Secret: true, Required: true,
 			Description: "the refresh token created on the ALOR developer portal (API Access Tokens page).",
@@ -325,23 +325,23 @@ func environment(req provider.Request) string {
 }
 
 func classify(call upstream.Call, r *upstream.Response, env string, narrowing bool) *upstream.Error {
-	e := &upstream.Error{Broker: display, Op: call.Op, Status: r.Status, Kind: upstream.KindForStatus(r.Status)}
+	e := &upstream.Error{Broker: display, Op: call.Op, Status: r.Status, Failure: upstream.FailureForStatus(r.Status)}
 	e.Message = upstream.Quote(message(r.Body), call.Secrets...)
 	switch {
 	case r.Status == http.StatusForbidden || r.Status == http.StatusUnauthorized:
 		// brokers.md: 403 means the refresh token is wrong, expired or
 		// revoked; 401 is not documented for /refresh, but an auth failure
 		// all the same.
-		e.Kind = upstream.KindAuth
+		e.Failure = upstream.Unauthorized
 		e.Hint = authHint
 		if env != "" {
 			e.Hint += " (this config uses the " + env + " environment)"
 		}
 	case r.Status == http.StatusTooManyRequests:
-		e.Kind = upstream.KindRateLimited
+		e.Failure = upstream.RateLimited
 		e.Hint = "ALOR allows a limited number of concurrent requests"
 	case r.Status >= 500:
-		e.Kind = upstream.KindUnavailable
+		e.Failure = upstream.Unavailable
 		e.Hint = "ALOR is failing; try again later"
 	case r.Status == http.StatusBadRequest && narrowing:
 		e.Hint = "check allowed_accounts: ALOR refuses to narrow a token to a portfolio this refresh token does not reach"
@@ -366,7 +366,7 @@ func message(body []byte) string {
 }
 
 func badResponse(msg string) *upstream.Error {
-	return &upstream.Error{Broker: display, Op: opRefresh, Kind: upstream.KindBadResponse, Message: msg}
+	return &upstream.Error{Broker: display, Op: opRefresh, Failure: upstream.BadResponse, Message: msg}
 }
 
 // Ensure Provider satisfies the interface.

@@ -87,7 +87,7 @@ func request(cl *upstream.Client, base, refresh, environment string, allowed ...
 
 func TestSpec(t *testing.T) {
 	spec := New().Spec()
-	if spec.Name != Name || spec.Display != "ALOR" || spec.Kind != provider.Minted {
+	if spec.Name != Name || spec.Display != "ALOR" || spec.Issuance != provider.Minted {
 		t.Errorf("spec %+v", spec)
 	}
 	if len(spec.Fields) != 1 || spec.Fields[0].Name != "refresh_token" || !spec.Fields[0].Secret || !spec.Fields[0].Required {
@@ -206,32 +206,32 @@ func TestIssueErrors(t *testing.T) {
 		refresh string
 		allowed []string
 		setup   func(sb *sandbox.Server)
-		kind    upstream.Kind // 0: not an upstream.Error
+		kind    upstream.Failure // 0: not an upstream.Error
 		status  int
 		narrow  bool
 		inText  []string
 		calls   int
 	}{
-		{name: "unknown refresh token", refresh: unknown, env: "production", kind: upstream.KindAuth, status: 403,
+		{name: "unknown refresh token", refresh: unknown, env: "production", kind: upstream.Unauthorized, status: 403,
 			inText: []string{"API Access Tokens", "check environment", "production environment"}, calls: 1},
 		{name: "revoked refresh token", refresh: sandbox.AlorRefreshToken, env: "production",
 			setup: func(sb *sandbox.Server) { sb.RevokeAlorRefreshToken(sandbox.AlorRefreshToken) },
-			kind:  upstream.KindAuth, status: 403, inText: []string{"revoked"}, calls: 1},
+			kind:  upstream.Unauthorized, status: 403, inText: []string{"revoked"}, calls: 1},
 		{name: "production token on the test environment", dev: true, env: "sandbox", refresh: sandbox.AlorRefreshToken,
-			kind: upstream.KindAuth, status: 403, inText: []string{"test environment is refused by production", "sandbox environment"}, calls: 1},
+			kind: upstream.Unauthorized, status: 403, inText: []string{"test environment is refused by production", "sandbox environment"}, calls: 1},
 		{name: "test token on production", refresh: sandbox.AlorDevRefreshToken, env: "production",
-			kind: upstream.KindAuth, status: 403, inText: []string{"production environment"}, calls: 1},
+			kind: upstream.Unauthorized, status: 403, inText: []string{"production environment"}, calls: 1},
 		{name: "429 is not retried", refresh: sandbox.AlorRefreshToken,
 			setup: func(sb *sandbox.Server) { sb.InjectFault(sandbox.AlorRefreshEP, 429, -1) },
-			kind:  upstream.KindRateLimited, status: 429, inText: []string{"concurrent requests"}, calls: 1},
+			kind:  upstream.RateLimited, status: 429, inText: []string{"concurrent requests"}, calls: 1},
 		{name: "503 is not retried", refresh: sandbox.AlorRefreshToken,
 			setup: func(sb *sandbox.Server) { sb.InjectFault(sandbox.AlorRefreshEP, 503, -1) },
-			kind:  upstream.KindUnavailable, status: 503, inText: []string{"Service Unavailable"}, calls: 1},
+			kind:  upstream.Unavailable, status: 503, inText: []string{"Service Unavailable"}, calls: 1},
 		{name: "401", refresh: sandbox.AlorRefreshToken,
 			setup: func(sb *sandbox.Server) { sb.InjectFault(sandbox.AlorRefreshEP, 401, 1) },
-			kind:  upstream.KindAuth, status: 401, calls: 1},
+			kind:  upstream.Unauthorized, status: 401, calls: 1},
 		{name: "narrowing to a portfolio not owned", refresh: sandbox.AlorRefreshToken, allowed: []string{"D12345", "X00000"},
-			kind: upstream.KindRejected, status: 400, inText: []string{"X00000", "allowed_accounts"}, calls: 1},
+			kind: upstream.Rejected, status: 400, inText: []string{"X00000", "allowed_accounts"}, calls: 1},
 		{name: "broker ignores narrowing", refresh: sandbox.AlorRefreshToken, allowed: []string{"D67890"},
 			setup:  func(sb *sandbox.Server) { sb.SetAlorIgnoreNarrowing(true) },
 			narrow: true, inText: []string{"D12345", "G11111"}, calls: 1},
@@ -259,7 +259,7 @@ func TestIssueErrors(t *testing.T) {
 				if isUpstream {
 					t.Errorf("want a plain error, got upstream.Error %v", err)
 				}
-			} else if !isUpstream || ue.Kind != tc.kind || ue.Status != tc.status {
+			} else if !isUpstream || ue.Failure != tc.kind || ue.Status != tc.status {
 				t.Errorf("got %#v, want kind %v status %d", err, tc.kind, tc.status)
 			}
 			if errors.Is(err, ErrNarrowing) != tc.narrow {
@@ -310,7 +310,7 @@ func TestIssueResponses(t *testing.T) {
 		status  int
 		body    string
 		allowed []string
-		kind    upstream.Kind // 0: success unless narrow
+		kind    upstream.Failure // 0: success unless narrow
 		narrow  bool
 		check   func(t *testing.T, tok *provider.Token)
 	}{
@@ -321,8 +321,8 @@ func TestIssueResponses(t *testing.T) {
 				}
 			}},
 		// The casing is confirmed by ALOR's docs and .NET SDK.
-		{name: "another casing is not ALOR's answer", status: 200, body: jsonBody("accessToken", good(nil)), kind: upstream.KindBadResponse},
-		{name: "agreements of another type", status: 200, body: jsonBody("AccessToken", good(map[string]any{"agreements": 7})), kind: upstream.KindBadResponse},
+		{name: "another casing is not ALOR's answer", status: 200, body: jsonBody("accessToken", good(nil)), kind: upstream.BadResponse},
+		{name: "agreements of another type", status: 200, body: jsonBody("AccessToken", good(map[string]any{"agreements": 7})), kind: upstream.BadResponse},
 		{name: "no agreements claim: left out", status: 200, body: jsonBody("AccessToken", good(map[string]any{"agreements": nil})),
 			check: func(t *testing.T, tok *provider.Token) {
 				if _, ok := tok.Details["agreements"]; ok {
@@ -360,21 +360,21 @@ func TestIssueResponses(t *testing.T) {
 					t.Error("ReadOnly with OrdersCancel")
 				}
 			}},
-		{name: "not JSON, echoing the secret", status: 200, body: "<html>bad gateway for " + secret + "</html>", kind: upstream.KindBadResponse},
-		{name: "empty 200", status: 200, body: "", kind: upstream.KindBadResponse},
-		{name: "no token in response", status: 200, body: `{"Token":"x"}`, kind: upstream.KindBadResponse},
-		{name: "token not a string", status: 200, body: `{"AccessToken":42}`, kind: upstream.KindBadResponse},
-		{name: "token not a JWT", status: 200, body: `{"AccessToken":"opaque"}`, kind: upstream.KindBadResponse},
-		{name: "no exp", status: 200, body: jsonBody("AccessToken", good(map[string]any{"exp": nil})), kind: upstream.KindBadResponse},
+		{name: "not JSON, echoing the secret", status: 200, body: "<html>bad gateway for " + secret + "</html>", kind: upstream.BadResponse},
+		{name: "empty 200", status: 200, body: "", kind: upstream.BadResponse},
+		{name: "no token in response", status: 200, body: `{"Token":"x"}`, kind: upstream.BadResponse},
+		{name: "token not a string", status: 200, body: `{"AccessToken":42}`, kind: upstream.BadResponse},
+		{name: "token not a JWT", status: 200, body: `{"AccessToken":"opaque"}`, kind: upstream.BadResponse},
+		{name: "no exp", status: 200, body: jsonBody("AccessToken", good(map[string]any{"exp": nil})), kind: upstream.BadResponse},
 		{name: "already expired", status: 200,
-			body: jsonBody("AccessToken", good(map[string]any{"iat": now.Add(-time.Hour).Unix(), "exp": now.Add(-time.Minute).Unix()})), kind: upstream.KindBadResponse},
-		{name: "portfolios of another type", status: 200, body: jsonBody("AccessToken", good(map[string]any{"portfolios": 7})), kind: upstream.KindBadResponse},
+			body: jsonBody("AccessToken", good(map[string]any{"iat": now.Add(-time.Hour).Unix(), "exp": now.Add(-time.Minute).Unix()})), kind: upstream.BadResponse},
+		{name: "portfolios of another type", status: 200, body: jsonBody("AccessToken", good(map[string]any{"portfolios": 7})), kind: upstream.BadResponse},
 		{name: "no portfolios claim while narrowing", status: 200, allowed: []string{"D1"},
 			body: jsonBody("AccessToken", good(map[string]any{"portfolios": nil})), narrow: true},
-		{name: "403 echoing the secret", status: 403, body: "refresh token " + secret + " revoked", kind: upstream.KindAuth},
-		{name: "429 JSON body echoing the secret", status: 429, body: `{"message":"slow down, ` + secret + `"}`, kind: upstream.KindRateLimited},
-		{name: "500 HTML", status: 500, body: "<html>oops</html>", kind: upstream.KindUnavailable},
-		{name: "302 redirect not followed", status: 302, body: "", kind: upstream.KindBadResponse},
+		{name: "403 echoing the secret", status: 403, body: "refresh token " + secret + " revoked", kind: upstream.Unauthorized},
+		{name: "429 JSON body echoing the secret", status: 429, body: `{"message":"slow down, ` + secret + `"}`, kind: upstream.RateLimited},
+		{name: "500 HTML", status: 500, body: "<html>oops</html>", kind: upstream.Unavailable},
+		{name: "302 redirect not followed", status: 302, body: "", kind: upstream.BadResponse},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -406,7 +406,7 @@ func TestIssueResponses(t *testing.T) {
 				}
 				return
 			}
-			if ue, ok := upstream.AsError(err); !ok || ue.Kind != tc.kind {
+			if ue, ok := upstream.AsError(err); !ok || ue.Failure != tc.kind {
 				t.Errorf("got %v, want kind %v", err, tc.kind)
 			}
 		})

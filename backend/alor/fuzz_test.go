@@ -85,7 +85,7 @@ func FuzzAccessToken(f *testing.F) {
 			if got != "" {
 				t.Fatal("token and error")
 			}
-			if ue := checkError(t, err, strings.ReplaceAll(body, fuzzRefreshMarker, "")); ue == nil || ue.Kind != upstream.KindBadResponse {
+			if ue := checkError(t, err, strings.ReplaceAll(body, fuzzRefreshMarker, "")); ue == nil || ue.Failure != upstream.BadResponse {
 				t.Fatalf("want a bad response, got %v", err)
 			}
 			return
@@ -219,14 +219,14 @@ func checkClassify(t *testing.T, status int, body string, envIndex uint8, narrow
 	served := strings.ReplaceAll(body, fuzzRefreshMarker, fuzzRefresh)
 	e := classify(call, &upstream.Response{Status: status, Header: http.Header{}, Body: []byte(served)}, env, narrowing)
 	ue := checkError(t, e, strings.ReplaceAll(body, fuzzRefreshMarker, ""))
-	want := upstream.KindForStatus(status)
+	want := upstream.FailureForStatus(status)
 	if status == http.StatusForbidden || status == http.StatusUnauthorized {
-		want = upstream.KindAuth
+		want = upstream.Unauthorized
 	}
-	if ue.Kind != want || ue.Status != status {
-		t.Fatalf("HTTP %d is %v, want %v", status, ue.Kind, want)
+	if ue.Failure != want || ue.Status != status {
+		t.Fatalf("HTTP %d is %v, want %v", status, ue.Failure, want)
 	}
-	if want == upstream.KindAuth && env != "" && !strings.Contains(ue.Hint, env) {
+	if want == upstream.Unauthorized && env != "" && !strings.Contains(ue.Hint, env) {
 		t.Fatalf("auth hint does not name the %s environment", env)
 	}
 }

@@ -63,9 +63,9 @@ func New() provider.Provider { return Provider{} }
 // production only, minted access tokens.
 func (Provider) Spec() provider.Spec {
 	return provider.Spec{
-		Name:    Name,
-		Display: broker,
-		Kind:    provider.Minted,
+		Name:     Name,
+		Display:  broker,
+		Issuance: provider.Minted,
 		// Every refresh replaces the refresh token.
 		RotatesSecret: true,
 		// ChatApp is not a broker: no accounts, no read-only flag.
@@ -118,7 +118,7 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 		}
 		tok, merr := makePair(ctx, req, secrets)
 		if merr != nil {
-			// The make error stays first in the chain (its Kind is what the
+			// The make error stays first in the chain (its Failure is what the
 			// backend acts on); the refusal is kept as text for the operator.
 			return nil, fmt.Errorf("%w (tokens.make was needed because %v)", merr, err)
 		}
@@ -131,7 +131,7 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 // as opposed to failing for a while.
 func refused(err error) bool {
 	ue, ok := upstream.AsError(err)
-	return ok && ue.Op == opRefresh && ue.Kind == upstream.KindAuth
+	return ok && ue.Op == opRefresh && ue.Failure == upstream.Unauthorized
 }
 
 func refresh(ctx context.Context, req provider.Request, rt string, secrets []string) (*provider.Token, error) {
@@ -181,7 +181,7 @@ func makePair(ctx context.Context, req provider.Request, secrets []string) (*pro
 }
 
 // Check calls tokens.check: nil when ChatApp accepts the access token, a
-// KindAuth *upstream.Error when it answers ApiInvalidTokenError.
+// Unauthorized *upstream.Error when it answers ApiInvalidTokenError.
 func Check(ctx context.Context, c *upstream.Client, baseURL, accessToken string) error {
 	call := upstream.Call{
 		Method: http.MethodGet,
@@ -279,23 +279,23 @@ func classify(call upstream.Call, status int, body []byte) *upstream.Error {
 	ok := status >= 200 && status < 300
 	switch {
 	case status == http.StatusTooManyRequests || isQuotaCode(e.Code):
-		e.Kind = upstream.KindRateLimited
+		e.Failure = upstream.RateLimited
 	case status >= 500:
 		// Transient whatever the code says: a refresh is not given up on.
-		e.Kind = upstream.KindUnavailable
+		e.Failure = upstream.Unavailable
 	case status == http.StatusUnauthorized || status == http.StatusForbidden || isTokenCode(e.Code) || isCredentialsCode(e.Code):
-		e.Kind = upstream.KindAuth
+		e.Failure = upstream.Unauthorized
 	case ok:
-		e.Kind = upstream.KindBadResponse
+		e.Failure = upstream.BadResponse
 	default:
-		e.Kind = upstream.KindForStatus(status)
+		e.Failure = upstream.FailureForStatus(status)
 	}
 	switch {
-	case e.Kind == upstream.KindRateLimited && call.Op == opMake:
+	case e.Failure == upstream.RateLimited && call.Op == opMake:
 		e.Hint = hintQuota
-	case e.Kind == upstream.KindUnavailable:
+	case e.Failure == upstream.Unavailable:
 		e.Hint = hintUnavailable
-	case e.Kind != upstream.KindAuth:
+	case e.Failure != upstream.Unauthorized:
 	case call.Op == opMake:
 		e.Hint = hintCredentials
 	case call.Op == opRefresh:
@@ -403,7 +403,7 @@ func secretList(s map[string]string) []string {
 }
 
 func badResponse(op, msg string) *upstream.Error {
-	return &upstream.Error{Broker: broker, Op: op, Kind: upstream.KindBadResponse, Message: msg}
+	return &upstream.Error{Broker: broker, Op: op, Failure: upstream.BadResponse, Message: msg}
 }
 
 // Ensure Provider satisfies the interface.

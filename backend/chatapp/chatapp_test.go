@@ -121,7 +121,7 @@ func noLeak(t *testing.T, err error, secrets ...string) {
 
 func TestSpec(t *testing.T) {
 	sp := New().Spec()
-	if sp.Name != Name || sp.Display != "ChatApp" || sp.Kind != provider.Minted || sp.Environments["production"] != "https://api.chatapp.online" {
+	if sp.Name != Name || sp.Display != "ChatApp" || sp.Issuance != provider.Minted || sp.Environments["production"] != "https://api.chatapp.online" {
 		t.Fatalf("spec = %+v", sp)
 	}
 	want := map[string]bool{"email": true, "password": true, "app_id": true, "refresh_token": false}
@@ -287,12 +287,12 @@ func TestTransientRefreshDoesNotMake(t *testing.T) {
 		name    string
 		status  int
 		latency time.Duration
-		kind    upstream.Kind
+		kind    upstream.Failure
 	}{
-		{"503", http.StatusServiceUnavailable, 0, upstream.KindUnavailable},
-		{"500", http.StatusInternalServerError, 0, upstream.KindUnavailable},
-		{"429", http.StatusTooManyRequests, 0, upstream.KindRateLimited},
-		{"timeout", 0, 500 * time.Millisecond, upstream.KindUnavailable},
+		{"503", http.StatusServiceUnavailable, 0, upstream.Unavailable},
+		{"500", http.StatusInternalServerError, 0, upstream.Unavailable},
+		{"429", http.StatusTooManyRequests, 0, upstream.RateLimited},
+		{"timeout", 0, 500 * time.Millisecond, upstream.Unavailable},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -306,7 +306,7 @@ func TestTransientRefreshDoesNotMake(t *testing.T) {
 			req.Client = newClient(t, upstream.Options{Timeout: 100 * time.Millisecond})
 			_, err := New().Issue(context.Background(), req)
 			ue, ok := upstream.AsError(err)
-			if !ok || ue.Kind != tc.kind || ue.Op != "POST /v1/tokens/refresh" {
+			if !ok || ue.Failure != tc.kind || ue.Op != "POST /v1/tokens/refresh" {
 				t.Fatalf("err = %v", err)
 			}
 			if r.n.Load() != 0 || f.sb.Calls(sandbox.ChatAppMakeEP) != makes {
@@ -333,11 +333,11 @@ func TestMakeErrors(t *testing.T) {
 		name    string
 		secrets map[string]string
 		quota   int
-		kind    upstream.Kind
+		kind    upstream.Failure
 		want    []string
 	}{
-		{"wrong password", wrong, -1, upstream.KindAuth, []string{"ChatApp POST /v1/tokens", "HTTP 401", "the email, password or appId is wrong: check them in the ChatApp cabinet"}},
-		{"quota spent", login(""), 0, upstream.KindRateLimited, []string{"HTTP 429", "tokens.make is limited to 100 a day per email and appId"}},
+		{"wrong password", wrong, -1, upstream.Unauthorized, []string{"ChatApp POST /v1/tokens", "HTTP 401", "the email, password or appId is wrong: check them in the ChatApp cabinet"}},
+		{"quota spent", login(""), 0, upstream.RateLimited, []string{"HTTP 429", "tokens.make is limited to 100 a day per email and appId"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -346,7 +346,7 @@ func TestMakeErrors(t *testing.T) {
 			r := &reserve{}
 			tok, err := New().Issue(context.Background(), request(t, f.url, tc.secrets, r))
 			ue, ok := upstream.AsError(err)
-			if tok != nil || !ok || ue.Kind != tc.kind {
+			if tok != nil || !ok || ue.Failure != tc.kind {
 				t.Fatalf("err = %v", err)
 			}
 			for _, w := range tc.want {
@@ -380,7 +380,7 @@ func TestMakeAfterRefusalKeepsBothErrors(t *testing.T) {
 	secrets := login("never-issued-refresh-token")
 	_, err := New().Issue(context.Background(), request(t, f.url, secrets, &reserve{}))
 	ue, ok := upstream.AsError(err)
-	if !ok || ue.Op != "POST /v1/tokens" || ue.Kind != upstream.KindRateLimited {
+	if !ok || ue.Op != "POST /v1/tokens" || ue.Failure != upstream.RateLimited {
 		t.Fatalf("the make error must come first: %v", err)
 	}
 	if !strings.Contains(err.Error(), "POST /v1/tokens/refresh") {
@@ -480,7 +480,7 @@ func TestBadResponses(t *testing.T) {
 			for _, rt := range []string{"", "seeded-refresh-token"} {
 				tok, err := New().Issue(context.Background(), request(t, srv.URL, login(rt), &reserve{}))
 				ue, ok := upstream.AsError(err)
-				if tok != nil || !ok || ue.Kind != upstream.KindBadResponse || !strings.Contains(err.Error(), tc.want) {
+				if tok != nil || !ok || ue.Failure != upstream.BadResponse || !strings.Contains(err.Error(), tc.want) {
 					t.Fatalf("refresh token %q: err = %v", rt, err)
 				}
 				// A successful body carries fresh tokens: never quoted.
@@ -537,7 +537,7 @@ func TestCheck(t *testing.T) {
 			clock.advance(tc.wait)
 			err := Check(context.Background(), c, f.url, tc.token)
 			ue, ok := upstream.AsError(err)
-			if !ok || ue.Kind != upstream.KindAuth || ue.Code != "ApiInvalidTokenError" || ue.Status != 401 || ue.Op != "GET /v1/tokens/check" {
+			if !ok || ue.Failure != upstream.Unauthorized || ue.Code != "ApiInvalidTokenError" || ue.Status != 401 || ue.Op != "GET /v1/tokens/check" {
 				t.Fatalf("err = %v", err)
 			}
 			noLeak(t, err, tc.token)
@@ -685,7 +685,7 @@ func TestAccessTokenAtRefresh(t *testing.T) {
 				return
 			}
 			ue, ok := upstream.AsError(err)
-			if !ok || ue.Kind != upstream.KindAuth || ue.Hint != hintAccess {
+			if !ok || ue.Failure != upstream.Unauthorized || ue.Hint != hintAccess {
 				t.Fatalf("old access token: %v", err)
 			}
 			noLeak(t, err, first.AccessToken)

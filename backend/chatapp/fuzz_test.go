@@ -124,16 +124,16 @@ func checkClassify(t *testing.T, status int, body string, which int) {
 		t.Fatalf("status/op %d %q", ue.Status, ue.Op)
 	}
 	switch {
-	case status >= 500 && ue.Kind != upstream.KindUnavailable && ue.Kind != upstream.KindRateLimited:
+	case status >= 500 && ue.Failure != upstream.Unavailable && ue.Failure != upstream.RateLimited:
 		// Transient either way (a quota code may make it "rate limited"),
 		// never a refusal or a final answer.
-		t.Fatalf("HTTP %d is %v: a failing ChatApp must look transient", status, ue.Kind)
-	case status == 429 && ue.Kind != upstream.KindRateLimited:
-		t.Fatalf("HTTP 429 is %v", ue.Kind)
-	case (status == 401 || status == 403) && ue.Kind != upstream.KindAuth && ue.Kind != upstream.KindRateLimited:
-		t.Fatalf("HTTP %d is %v", status, ue.Kind)
+		t.Fatalf("HTTP %d is %v: a failing ChatApp must look transient", status, ue.Failure)
+	case status == 429 && ue.Failure != upstream.RateLimited:
+		t.Fatalf("HTTP 429 is %v", ue.Failure)
+	case (status == 401 || status == 403) && ue.Failure != upstream.Unauthorized && ue.Failure != upstream.RateLimited:
+		t.Fatalf("HTTP %d is %v", status, ue.Failure)
 	}
-	if ue.Kind == upstream.KindUnavailable && refused(e) {
+	if ue.Failure == upstream.Unavailable && refused(e) {
 		t.Fatal("an unavailable ChatApp counts as refusing the refresh token")
 	}
 }
@@ -159,8 +159,8 @@ func FuzzTokenFrom(f *testing.F) {
 				t.Fatal("token and error")
 			}
 			ue := checkError(t, err, "")
-			if ue.Kind != upstream.KindBadResponse {
-				t.Fatalf("kind %v", ue.Kind)
+			if ue.Failure != upstream.BadResponse {
+				t.Fatalf("kind %v", ue.Failure)
 			}
 			var p map[string]any
 			if json.Unmarshal([]byte(data), &p) == nil {
@@ -311,7 +311,7 @@ func FuzzIssue(f *testing.F) {
 		refreshRefused := false
 		var env envelope
 		if refreshStatus >= 300 || (json.Unmarshal([]byte(serve(refreshBody)), &env) == nil && env.Success != nil && !*env.Success) {
-			refreshRefused = classify(upstream.Call{Op: opRefresh}, refreshStatus, []byte(serve(refreshBody))).Kind == upstream.KindAuth
+			refreshRefused = classify(upstream.Call{Op: opRefresh}, refreshStatus, []byte(serve(refreshBody))).Failure == upstream.Unauthorized
 		}
 		if makes == 1 && !refreshRefused {
 			t.Fatalf("spent a make after refresh answered HTTP %d %q", refreshStatus, refreshBody)

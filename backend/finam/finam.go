@@ -35,9 +35,9 @@ func New() provider.Provider { return Provider{} }
 // Spec describes Finam: one secret, production only, minted JWTs.
 func (Provider) Spec() provider.Spec {
 	return provider.Spec{
-		Name:    Name,
-		Display: "Finam",
-		Kind:    provider.Minted,
+		Name:     Name,
+		Display:  "Finam",
+		Issuance: provider.Minted,
 		Fields: []provider.Field{{
 			Name: "secret", Secret: true, Required: true,
 			Description: "the API secret issued on the Finam portal (Tokens page).",
@@ -258,7 +258,7 @@ func post(ctx context.Context, req provider.Request, path string, body any, idem
 }
 
 func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
-	e := &upstream.Error{Broker: "Finam", Op: call.Op, Status: r.Status, Kind: upstream.KindForStatus(r.Status)}
+	e := &upstream.Error{Broker: "Finam", Op: call.Op, Status: r.Status, Failure: upstream.FailureForStatus(r.Status)}
 	var st rpcStatus
 	if err := json.Unmarshal(r.Body, &st); err == nil && (st.Message != "" || st.Code != "") {
 		e.Code = upstream.Quote(st.Code.String(), call.Secrets...)
@@ -271,7 +271,7 @@ func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
 		// Every AuthService call answers 400/401 for an expired or invalid
 		// secret or token (the proto says so for 400 too). A JWT refused
 		// right after its mint means the secret behind it no longer works.
-		e.Kind = upstream.KindAuth
+		e.Failure = upstream.Unauthorized
 		e.Hint = "the API secret is wrong, expired or revoked: issue a new one on the Finam portal (Tokens page) and write it to this config"
 	case r.Status == http.StatusTooManyRequests:
 		e.Hint = "Finam allows 200 requests a minute per method"
@@ -284,7 +284,7 @@ func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
 }
 
 func badResponse(path, msg string) *upstream.Error {
-	return &upstream.Error{Broker: "Finam", Op: "POST " + path, Kind: upstream.KindBadResponse, Message: msg}
+	return &upstream.Error{Broker: "Finam", Op: "POST " + path, Failure: upstream.BadResponse, Message: msg}
 }
 
 // Ensure Provider satisfies the interface.

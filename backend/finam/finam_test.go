@@ -75,13 +75,13 @@ func TestIssueErrors(t *testing.T) {
 		name   string
 		secret string
 		fault  int
-		kind   upstream.Kind
+		kind   upstream.Failure
 		want   []string
 	}{
-		{"wrong secret", "wrong-secret-value", 0, upstream.KindAuth, []string{"Finam POST /v1/sessions", "HTTP 401", "Finam portal"}},
-		{"rate limited", sandbox.FinamSecret, 429, upstream.KindRateLimited, []string{"HTTP 429", "200 requests a minute"}},
-		{"unavailable", sandbox.FinamSecret, 503, upstream.KindUnavailable, []string{"HTTP 503", "Service is unavailable"}},
-		{"internal", sandbox.FinamSecret, 500, upstream.KindUnavailable, []string{"HTTP 500", "code 13"}},
+		{"wrong secret", "wrong-secret-value", 0, upstream.Unauthorized, []string{"Finam POST /v1/sessions", "HTTP 401", "Finam portal"}},
+		{"rate limited", sandbox.FinamSecret, 429, upstream.RateLimited, []string{"HTTP 429", "200 requests a minute"}},
+		{"unavailable", sandbox.FinamSecret, 503, upstream.Unavailable, []string{"HTTP 503", "Service is unavailable"}},
+		{"internal", sandbox.FinamSecret, 500, upstream.Unavailable, []string{"HTTP 500", "code 13"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -89,7 +89,7 @@ func TestIssueErrors(t *testing.T) {
 			defer sb.InjectFault("POST /v1/sessions", 0, 0)
 			_, err := New().Issue(context.Background(), request(t, srv.URL, tc.secret))
 			ue, ok := upstream.AsError(err)
-			if !ok || ue.Kind != tc.kind {
+			if !ok || ue.Failure != tc.kind {
 				t.Fatalf("err = %v", err)
 			}
 			for _, w := range tc.want {
@@ -144,7 +144,7 @@ func TestIssueBadResponses(t *testing.T) {
 			defer srv.Close()
 			_, err := New().Issue(context.Background(), request(t, srv.URL, "s"))
 			ue, ok := upstream.AsError(err)
-			if !ok || ue.Kind != upstream.KindBadResponse || !strings.Contains(err.Error(), tc.want) {
+			if !ok || ue.Failure != upstream.BadResponse || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v", err)
 			}
 		})
@@ -278,13 +278,13 @@ func TestAuthErrorsOnEveryCall(t *testing.T) {
 		name   string
 		path   string
 		status int
-		kind   upstream.Kind
+		kind   upstream.Failure
 	}{
-		{"sessions 400", pathSessions, 400, upstream.KindAuth},
-		{"sessions 401", pathSessions, 401, upstream.KindAuth},
-		{"details 400", pathDetails, 400, upstream.KindAuth},
-		{"details 401", pathDetails, 401, upstream.KindAuth},
-		{"details 404", pathDetails, 404, upstream.KindRejected},
+		{"sessions 400", pathSessions, 400, upstream.Unauthorized},
+		{"sessions 401", pathSessions, 401, upstream.Unauthorized},
+		{"details 400", pathDetails, 400, upstream.Unauthorized},
+		{"details 401", pathDetails, 401, upstream.Unauthorized},
+		{"details 404", pathDetails, 404, upstream.Rejected},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -299,10 +299,10 @@ func TestAuthErrorsOnEveryCall(t *testing.T) {
 			defer srv.Close()
 			_, err := New().Issue(context.Background(), request(t, srv.URL, "s3cret-value"))
 			ue, ok := upstream.AsError(err)
-			if !ok || ue.Kind != tc.kind || ue.Op != "POST "+tc.path {
+			if !ok || ue.Failure != tc.kind || ue.Op != "POST "+tc.path {
 				t.Fatalf("err = %v", err)
 			}
-			if tc.kind == upstream.KindAuth && !strings.Contains(err.Error(), "Finam portal") {
+			if tc.kind == upstream.Unauthorized && !strings.Contains(err.Error(), "Finam portal") {
 				t.Fatalf("no hint: %v", err)
 			}
 		})

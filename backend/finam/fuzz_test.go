@@ -101,8 +101,8 @@ func FuzzTokenFrom(f *testing.F) {
 			if tok != nil {
 				t.Fatal("token and error")
 			}
-			if ue := checkUpstreamError(t, err, details); ue.Kind != upstream.KindBadResponse {
-				t.Fatalf("a bad answer is %v, want bad response", ue.Kind)
+			if ue := checkUpstreamError(t, err, details); ue.Failure != upstream.BadResponse {
+				t.Fatalf("a bad answer is %v, want bad response", ue.Failure)
 			}
 			if strings.Contains(err.Error(), jwt) {
 				t.Fatalf("error quotes the JWT: %v", err)
@@ -191,13 +191,13 @@ func checkClassify(t *testing.T, status int, body string, sessions bool) {
 		t.Fatalf("status/op %d %q", e.Status, e.Op)
 	}
 	ue := checkUpstreamError(t, e, strings.ReplaceAll(body, fuzzSecretMarker, ""))
-	want := upstream.KindForStatus(status)
+	want := upstream.FailureForStatus(status)
 	// Every AuthService call answers 400/401 for a dead secret or token.
 	if status == http.StatusUnauthorized || status == http.StatusBadRequest {
-		want = upstream.KindAuth
+		want = upstream.Unauthorized
 	}
-	if ue.Kind != want {
-		t.Fatalf("HTTP %d on %s is %v, want %v", status, op, ue.Kind, want)
+	if ue.Failure != want {
+		t.Fatalf("HTTP %d on %s is %v, want %v", status, op, ue.Failure, want)
 	}
 }
 

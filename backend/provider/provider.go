@@ -12,17 +12,18 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
-// Kind says how the credential handed out relates to the long-lived secret,
-// which decides what a lease renew and revoke mean.
-type Kind int
+// Issuance says what a lease hands out: a short-lived token the broker
+// mints from the long-lived secret, or the long-lived token itself. It
+// decides what a lease renew means; a revoke only ever ends the lease.
+type Issuance int
 
 const (
 	// Minted providers exchange the long-lived secret for a short-lived token
-	// with an expiry set by the broker. Renew extends a lease up to that expiry,
-	// never past it; revoke retires the token from the cache.
-	Minted Kind = iota + 1
+	// with an expiry set by the broker. Renew extends a lease up to that
+	// expiry, never past it.
+	Minted Issuance = iota + 1
 	// Passthrough providers hand out the long-lived token itself after
-	// validating it. Renew validates it upstream again; nothing can be revoked.
+	// validating it. Renew asks the broker to validate it again.
 	Passthrough
 )
 
@@ -63,8 +64,8 @@ type Quota struct {
 type Spec struct {
 	Name string
 	// Display is the broker's name as users know it, used in messages.
-	Display string
-	Kind    Kind
+	Display  string
+	Issuance Issuance
 	// Fields are the provider-specific fields this provider accepts.
 	Fields []Field
 	// Environments maps an environment name to the broker's default base URL.

@@ -35,8 +35,8 @@ func TestUnreadableSuccessBodyNotQuoted(t *testing.T) {
 			defer ts.Close()
 			_, err := issue(t, newClient(t, 1), ts.URL+"/rest", "production", echoed)
 			ue := upstreamErr(t, err, echoed)
-			if ue.Kind != upstream.KindBadResponse {
-				t.Errorf("kind %v, want bad response", ue.Kind)
+			if ue.Failure != upstream.BadResponse {
+				t.Errorf("kind %v, want bad response", ue.Failure)
 			}
 			for _, leak := range []string{"FRESH", "fresh", "session", "<"} {
 				if strings.Contains(err.Error(), leak) {

@@ -17,7 +17,7 @@ const (
 // classify maps a non-2xx answer to an error. The broker's own code wins over
 // the HTTP status: a proxy may change the status, not the body.
 func classify(call upstream.Call, env string, r *upstream.Response) *upstream.Error {
-	e := &upstream.Error{Broker: broker, Op: call.Op, Status: r.Status, Kind: upstream.KindForStatus(r.Status)}
+	e := &upstream.Error{Broker: broker, Op: call.Op, Status: r.Status, Failure: upstream.FailureForStatus(r.Status)}
 	var body errorBody
 	parsed := json.Unmarshal(r.Body, &body) == nil && (body.Message != "" || body.Code != "" || body.Description != "")
 	// Scrub before cutting: an excerpt could split a secret past recognition.
@@ -42,19 +42,19 @@ func classify(call upstream.Call, env string, r *upstream.Response) *upstream.Er
 	}
 	switch {
 	case reason == codeUnauthenticated:
-		e.Kind = upstream.KindAuth
+		e.Failure = upstream.Unauthorized
 		e.Hint = authHint(env)
 	case reason == codeNoPrivileges:
 		// The token is valid but may not do this: not an auth failure, and
 		// the same token will not start working on a retry.
-		e.Kind = upstream.KindRejected
+		e.Failure = upstream.Rejected
 		e.Hint = "the token has insufficient privileges for this call: issue a token with the access this config needs in the T-Invest settings (" + SettingsURL + ")"
 	case reason == codeRateLimited:
 		// RetryAfter is filled from x-ratelimit-reset by upstream.Client.Do.
-		e.Kind = upstream.KindRateLimited
+		e.Failure = upstream.RateLimited
 		e.Hint = "T-Invest allows 100 UsersService requests a minute per user, across all that user's tokens (configs holding tokens of one user share that budget)"
 	case r.Status >= 500:
-		e.Kind = upstream.KindUnavailable
+		e.Failure = upstream.Unavailable
 		e.Hint = "T-Invest is failing; try again later"
 	}
 	return e

@@ -116,21 +116,21 @@ func checkClassify(t *testing.T, status int, body, tracking string, sandbox bool
 	if json.Unmarshal([]byte(served), &eb) == nil && (eb.Message != "" || eb.Code != "" || eb.Description != "") {
 		code = string(eb.Description)
 	}
-	want := upstream.KindForStatus(status)
+	want := upstream.FailureForStatus(status)
 	switch {
 	case code == codeUnauthenticated || (code != codeNoPrivileges && code != codeRateLimited && status == 401):
-		want = upstream.KindAuth
+		want = upstream.Unauthorized
 	case code == codeNoPrivileges || (code != codeRateLimited && status == 403):
-		want = upstream.KindRejected
+		want = upstream.Rejected
 	case code == codeRateLimited || status == 429:
-		want = upstream.KindRateLimited
+		want = upstream.RateLimited
 	case status >= 500:
-		want = upstream.KindUnavailable
+		want = upstream.Unavailable
 	}
-	if ue.Kind != want {
-		t.Fatalf("HTTP %d code %q is %v, want %v", status, code, ue.Kind, want)
+	if ue.Failure != want {
+		t.Fatalf("HTTP %d code %q is %v, want %v", status, code, ue.Failure, want)
 	}
-	if ue.Kind == upstream.KindAuth && !strings.Contains(ue.Hint, env) {
+	if ue.Failure == upstream.Unauthorized && !strings.Contains(ue.Hint, env) {
 		t.Fatalf("auth hint does not mention the %s environment: %q", env, ue.Hint)
 	}
 }
@@ -218,10 +218,10 @@ func FuzzTokenFrom(f *testing.F) {
 		kind := tok.Details["token_kind"]
 		switch {
 		case sandbox:
-			if kind != KindSandbox {
+			if kind != TokenSandbox {
 				t.Fatalf("sandbox token of kind %v", kind)
 			}
-		case kind == KindReadOnly && !tok.ReadOnly, kind == KindFullAccess && tok.ReadOnly, kind == KindUnknown && (tok.ReadOnly || len(reach) > 0):
+		case kind == TokenReadOnly && !tok.ReadOnly, kind == TokenFullAccess && tok.ReadOnly, kind == TokenUnknown && (tok.ReadOnly || len(reach) > 0):
 			t.Fatalf("kind %v contradicts readonly=%v", kind, tok.ReadOnly)
 		}
 		if ev, _ := tok.Details["readonly_evidence"].(string); ev == "" {

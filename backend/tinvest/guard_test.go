@@ -24,22 +24,22 @@ func TestRequireReadOnlyNeedsEvidence(t *testing.T) {
 		kind     string
 		says     string // in the refusal
 	}{
-		{"no accounts", `{}`, false, tinvest.KindUnknown, "lists no accounts for this token"},
-		{"empty list", `{"accounts":[]}`, false, tinvest.KindUnknown, "lists no accounts for this token"},
+		{"no accounts", `{}`, false, tinvest.TokenUnknown, "lists no accounts for this token"},
+		{"empty list", `{"accounts":[]}`, false, tinvest.TokenUnknown, "lists no accounts for this token"},
 		{"all NO_ACCESS", `{"accounts":[{"id":"1","accessLevel":"ACCOUNT_ACCESS_LEVEL_NO_ACCESS"},{"id":"2","accessLevel":3}]}`,
-			false, tinvest.KindUnknown, "every account T-Invest lists for this token (2) shows NO_ACCESS"},
+			false, tinvest.TokenUnknown, "every account T-Invest lists for this token (2) shows NO_ACCESS"},
 		{"one FULL_ACCESS among READ_ONLY", `{"accounts":[{"id":"1","accessLevel":"ACCOUNT_ACCESS_LEVEL_READ_ONLY"},{"id":"2","accessLevel":"ACCOUNT_ACCESS_LEVEL_FULL_ACCESS"}]}`,
-			false, tinvest.KindFullAccess, "2 (FULL_ACCESS)"},
+			false, tinvest.TokenFullAccess, "2 (FULL_ACCESS)"},
 		{"unspecified level beside READ_ONLY", `{"accounts":[{"id":"1","accessLevel":"ACCOUNT_ACCESS_LEVEL_READ_ONLY"},{"id":"2"}]}`,
-			false, tinvest.KindFullAccess, "2 (access level not known to be read-only)"},
+			false, tinvest.TokenFullAccess, "2 (access level not known to be read-only)"},
 		{"unknown level", `{"accounts":[{"id":"1","accessLevel":"ACCOUNT_ACCESS_LEVEL_SOMETHING_NEW"}]}`,
-			false, tinvest.KindFullAccess, "1 (access level not known to be read-only)"},
+			false, tinvest.TokenFullAccess, "1 (access level not known to be read-only)"},
 		{"limited to one FULL_ACCESS account", `{"accounts":[{"id":"1","accessLevel":1},{"id":"2","accessLevel":3}]}`,
-			false, tinvest.KindAccountLimited, "1 (FULL_ACCESS)"},
+			false, tinvest.TokenAccountLimited, "1 (FULL_ACCESS)"},
 		{"read only", `{"accounts":[{"id":"1","accessLevel":"ACCOUNT_ACCESS_LEVEL_READ_ONLY"},{"id":"2","accessLevel":2}]}`,
-			true, tinvest.KindReadOnly, ""},
+			true, tinvest.TokenReadOnly, ""},
 		{"limited to one READ_ONLY account", `{"accounts":[{"id":"1","accessLevel":2},{"id":"2","accessLevel":"ACCOUNT_ACCESS_LEVEL_NO_ACCESS"}]}`,
-			true, tinvest.KindAccountLimited, ""},
+			true, tinvest.TokenAccountLimited, ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -103,7 +103,7 @@ func TestSpentBudgetFailsReadsFast(t *testing.T) {
 	// another token of the same user is held back too.
 	_, err := issueWith(context.Background(), p, c, e.prod, sandbox.TInvestReadOnlyToken)
 	ue := upstreamErr(t, err, sandbox.TInvestReadOnlyToken)
-	if ue.Kind != upstream.KindRateLimited || ue.RetryAfter != time.Minute {
+	if ue.Failure != upstream.RateLimited || ue.RetryAfter != time.Minute {
 		t.Fatalf("got %v, want rate limited, retry after 1m", err)
 	}
 	if n := len(e.sb.AllCalls()); n != 0 {

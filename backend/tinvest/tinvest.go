@@ -47,13 +47,13 @@ const (
 
 // Token kinds reported as Details["token_kind"].
 const (
-	KindFullAccess     = "full-access"
-	KindReadOnly       = "read-only"
-	KindAccountLimited = "account-limited"
-	KindSandbox        = "sandbox"
-	// KindUnknown: no account shows what the token may do (none listed, or
+	TokenFullAccess     = "full-access"
+	TokenReadOnly       = "read-only"
+	TokenAccountLimited = "account-limited"
+	TokenSandbox        = "sandbox"
+	// TokenUnknown: no account shows what the token may do (none listed, or
 	// all NO_ACCESS).
-	KindUnknown = "unknown"
+	TokenUnknown = "unknown"
 )
 
 // T-Invest's UsersService allows 100 unary requests a minute per user,
@@ -98,7 +98,7 @@ func (*Provider) Spec() provider.Spec {
 	return provider.Spec{
 		Name:         Name,
 		Display:      broker,
-		Kind:         provider.Passthrough,
+		Issuance:     provider.Passthrough,
 		TrustedRoots: &roots,
 		Fields: []provider.Field{{
 			Name: "token", Secret: true, Required: true,
@@ -276,18 +276,18 @@ func tokenFrom(token, env string, info getInfoResponse, accts getAccountsRespons
 	}
 	switch {
 	case env == EnvSandbox:
-		kind = KindSandbox
+		kind = TokenSandbox
 	case len(ids) == 0:
-		kind = KindUnknown
+		kind = TokenUnknown
 	case noAccess > 0:
 		// A token limited to one account still sees the user's other
 		// accounts, as NO_ACCESS (confirmed by the maintainers, investAPI
 		// #55 and #333).
-		kind = KindAccountLimited
+		kind = TokenAccountLimited
 	case proven:
-		kind = KindReadOnly
+		kind = TokenReadOnly
 	default:
-		kind = KindFullAccess
+		kind = TokenFullAccess
 	}
 	return &provider.Token{
 		AccessToken: token,
@@ -361,5 +361,5 @@ func (c caller) post(ctx context.Context, method, op string, out any) error {
 }
 
 func badResponse(op, msg, tracking string) *upstream.Error {
-	return &upstream.Error{Broker: broker, Op: op, Kind: upstream.KindBadResponse, Message: withTracking(msg, tracking)}
+	return &upstream.Error{Broker: broker, Op: op, Failure: upstream.BadResponse, Message: withTracking(msg, tracking)}
 }

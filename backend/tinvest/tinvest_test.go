@@ -81,7 +81,7 @@ func upstreamErr(t *testing.T, err error, token string) *upstream.Error {
 
 func TestSpec(t *testing.T) {
 	s := tinvest.New().Spec()
-	if s.Name != "tinvest" || s.Display != "T-Invest" || s.Kind != provider.Passthrough || s.DefaultTTL != time.Hour {
+	if s.Name != "tinvest" || s.Display != "T-Invest" || s.Issuance != provider.Passthrough || s.DefaultTTL != time.Hour {
 		t.Errorf("spec = %+v", s)
 	}
 	if len(s.Fields) != 1 || s.Fields[0].Name != "token" || !s.Fields[0].Secret || !s.Fields[0].Required {
@@ -117,12 +117,12 @@ func TestIssueTokenKinds(t *testing.T) {
 		ids              []string
 		reported         int // accounts listed in details, NO_ACCESS included
 	}{
-		{"full access", sandbox.TInvestFullToken, "production", false, tinvest.KindFullAccess, false, allUser, 4},
-		{"read only", sandbox.TInvestReadOnlyToken, "production", false, tinvest.KindReadOnly, true, allUser, 4},
-		{"one account", sandbox.TInvestAccountToken, "production", false, tinvest.KindAccountLimited, false, []string{sandbox.TInvestAccountID}, 4},
-		{"empty environment is production", sandbox.TInvestFullToken, "", false, tinvest.KindFullAccess, false, allUser, 4},
-		{"one account read only", "custom-limited-readonly", "production", false, tinvest.KindAccountLimited, true, []string{"3000000001"}, 2},
-		{"sandbox token on sandbox", sandbox.TInvestSandboxToken, "sandbox", true, tinvest.KindSandbox, false, []string{"0c3e4a8f-6b1d-4f2a-9e7c-5d8b2a1f3e60"}, 1},
+		{"full access", sandbox.TInvestFullToken, "production", false, tinvest.TokenFullAccess, false, allUser, 4},
+		{"read only", sandbox.TInvestReadOnlyToken, "production", false, tinvest.TokenReadOnly, true, allUser, 4},
+		{"one account", sandbox.TInvestAccountToken, "production", false, tinvest.TokenAccountLimited, false, []string{sandbox.TInvestAccountID}, 4},
+		{"empty environment is production", sandbox.TInvestFullToken, "", false, tinvest.TokenFullAccess, false, allUser, 4},
+		{"one account read only", "custom-limited-readonly", "production", false, tinvest.TokenAccountLimited, true, []string{"3000000001"}, 2},
+		{"sandbox token on sandbox", sandbox.TInvestSandboxToken, "sandbox", true, tinvest.TokenSandbox, false, []string{"0c3e4a8f-6b1d-4f2a-9e7c-5d8b2a1f3e60"}, 1},
 	}
 	c := newClient(t, 1)
 	for _, tc := range cases {
@@ -234,8 +234,8 @@ func TestWrongEnvironmentRefused(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := issue(t, c, tc.base, tc.env, tc.token)
 			ue := upstreamErr(t, err, tc.token)
-			if ue.Kind != upstream.KindAuth || ue.Code != "40003" || ue.Status != http.StatusUnauthorized {
-				t.Errorf("got kind %v code %q status %d, want auth 40003 401", ue.Kind, ue.Code, ue.Status)
+			if ue.Failure != upstream.Unauthorized || ue.Code != "40003" || ue.Status != http.StatusUnauthorized {
+				t.Errorf("got kind %v code %q status %d, want auth 40003 401", ue.Failure, ue.Code, ue.Status)
 			}
 			if !strings.Contains(err.Error(), tc.says) {
 				t.Errorf("error does not say %q: %v", tc.says, err)
@@ -254,8 +254,8 @@ func TestRevokedToken(t *testing.T) {
 	e.sb.ResetCalls()
 	_, err := issue(t, c, e.prod, "production", sandbox.TInvestReadOnlyToken)
 	ue := upstreamErr(t, err, sandbox.TInvestReadOnlyToken)
-	if ue.Kind != upstream.KindAuth || ue.Code != "40003" {
-		t.Errorf("got kind %v code %q, want auth 40003", ue.Kind, ue.Code)
+	if ue.Failure != upstream.Unauthorized || ue.Code != "40003" {
+		t.Errorf("got kind %v code %q, want auth 40003", ue.Failure, ue.Code)
 	}
 	for _, s := range []string{"missing, invalid, expired", "revoked", "https://www.tbank.ru/invest/settings/", "x-tracking-id "} {
 		if !strings.Contains(err.Error(), s) {
@@ -319,8 +319,8 @@ func TestRateLimit(t *testing.T) {
 	}
 	_, err := issue(t, c, e.prod, "production", sandbox.TInvestFullToken)
 	ue := upstreamErr(t, err, sandbox.TInvestFullToken)
-	if ue.Kind != upstream.KindRateLimited || ue.Code != "80002" || ue.Status != http.StatusTooManyRequests {
-		t.Fatalf("got kind %v code %q status %d, want rate limited 80002 429", ue.Kind, ue.Code, ue.Status)
+	if ue.Failure != upstream.RateLimited || ue.Code != "80002" || ue.Status != http.StatusTooManyRequests {
+		t.Fatalf("got kind %v code %q status %d, want rate limited 80002 429", ue.Failure, ue.Code, ue.Status)
 	}
 	if ue.RetryAfter != time.Minute {
 		t.Errorf("RetryAfter = %v, want 1m (x-ratelimit-reset at the window's start)", ue.RetryAfter)
@@ -339,7 +339,7 @@ func TestRateLimit(t *testing.T) {
 	// The limit is per user: another token of the same user is refused
 	// too, while a token of another user is not.
 	_, err = issue(t, c, e.prod, "production", sandbox.TInvestReadOnlyToken)
-	if ue := upstreamErr(t, err, sandbox.TInvestReadOnlyToken); ue.Kind != upstream.KindRateLimited {
+	if ue := upstreamErr(t, err, sandbox.TInvestReadOnlyToken); ue.Failure != upstream.RateLimited {
 		t.Errorf("another token of the same user: %v, want rate limited", err)
 	}
 	e.sb.AddTInvestToken("t.another-user", false, sandbox.TInvestAccount{ID: "1", AccessLevel: sandbox.TInvestReadOnly})
@@ -364,8 +364,8 @@ func TestTransientFailureRetried(t *testing.T) {
 	}
 	e.sb.InjectFault(sandbox.TInvestGetAccountsEP, http.StatusInternalServerError, -1)
 	_, err := issue(t, newClient(t, 2), e.prod, "production", sandbox.TInvestFullToken)
-	if ue := upstreamErr(t, err, sandbox.TInvestFullToken); ue.Kind != upstream.KindUnavailable || ue.Status != 500 {
-		t.Errorf("got kind %v status %d, want unavailable 500", ue.Kind, ue.Status)
+	if ue := upstreamErr(t, err, sandbox.TInvestFullToken); ue.Failure != upstream.Unavailable || ue.Status != 500 {
+		t.Errorf("got kind %v status %d, want unavailable 500", ue.Failure, ue.Status)
 	}
 }
 
@@ -379,38 +379,38 @@ func TestErrorBodies(t *testing.T) {
 		status     int
 		header     map[string]string
 		body       string
-		kind       upstream.Kind
+		kind       upstream.Failure
 		code       string
 		retryAfter time.Duration
 		says       []string
 	}{
 		{name: "description as string", status: 401, body: `{"code":16,"message":"authentication token is missing or invalid","description":"40003"}`,
-			kind: upstream.KindAuth, code: "40003", says: []string{"authentication token is missing or invalid", "settings", "sandbox token is refused by production"}},
+			kind: upstream.Unauthorized, code: "40003", says: []string{"authentication token is missing or invalid", "settings", "sandbox token is refused by production"}},
 		{name: "description as number", status: 401, body: `{"code":16,"message":"authentication token is missing or invalid","description":40003}`,
-			kind: upstream.KindAuth, code: "40003", says: []string{"authentication token is missing or invalid"}},
+			kind: upstream.Unauthorized, code: "40003", says: []string{"authentication token is missing or invalid"}},
 		{name: "sandbox environment hint", env: "sandbox", status: 401, body: `{"code":16,"message":"authentication token is missing or invalid","description":"40003"}`,
-			kind: upstream.KindAuth, code: "40003", says: []string{"production token is refused by the sandbox endpoints"}},
+			kind: upstream.Unauthorized, code: "40003", says: []string{"production token is refused by the sandbox endpoints"}},
 		{name: "code wins over status", status: 400, body: `{"code":16,"message":"x","description":40003}`,
-			kind: upstream.KindAuth, code: "40003"},
+			kind: upstream.Unauthorized, code: "40003"},
 		{name: "insufficient privileges", status: 403, body: `{"code":7,"message":"insufficient privileges","description":"40002"}`,
-			kind: upstream.KindRejected, code: "40002", says: []string{"insufficient privileges"}},
+			kind: upstream.Rejected, code: "40002", says: []string{"insufficient privileges"}},
 		{name: "insufficient privileges as number", status: 403, body: `{"code":7,"message":"insufficient privileges","description":40002}`,
-			kind: upstream.KindRejected, code: "40002"},
+			kind: upstream.Rejected, code: "40002"},
 		{name: "rate limited", status: 429, header: map[string]string{"x-ratelimit-reset": "7"}, body: `{"code":8,"message":"request limit exceeded","description":"80002"}`,
-			kind: upstream.KindRateLimited, code: "80002", retryAfter: 7 * time.Second, says: []string{"100 UsersService requests a minute"}},
+			kind: upstream.RateLimited, code: "80002", retryAfter: 7 * time.Second, says: []string{"100 UsersService requests a minute"}},
 		{name: "internal error", status: 500, body: `{"code":13,"message":"internal error"}`,
-			kind: upstream.KindUnavailable, says: []string{"internal error"}},
+			kind: upstream.Unavailable, says: []string{"internal error"}},
 		{name: "proxy page", status: 502, body: `<html><body>Bad Gateway</body></html>`,
-			kind: upstream.KindUnavailable, says: []string{"Bad Gateway"}},
-		{name: "401 without a body", status: 401, body: ``, kind: upstream.KindAuth},
-		{name: "description not a scalar", status: 401, body: `{"code":16,"description":{"a":1}}`, kind: upstream.KindAuth},
-		{name: "unknown 4xx", status: 404, body: `{"code":12,"message":"method not found"}`, kind: upstream.KindRejected, says: []string{"method not found"}},
+			kind: upstream.Unavailable, says: []string{"Bad Gateway"}},
+		{name: "401 without a body", status: 401, body: ``, kind: upstream.Unauthorized},
+		{name: "description not a scalar", status: 401, body: `{"code":16,"description":{"a":1}}`, kind: upstream.Unauthorized},
+		{name: "unknown 4xx", status: 404, body: `{"code":12,"message":"method not found"}`, kind: upstream.Rejected, says: []string{"method not found"}},
 		{name: "tracking id quoted", status: 401, header: map[string]string{"x-tracking-id": "abc123trk"}, body: `{"code":16,"message":"nope","description":"40003"}`,
-			kind: upstream.KindAuth, code: "40003", says: []string{"nope (x-tracking-id abc123trk)"}},
+			kind: upstream.Unauthorized, code: "40003", says: []string{"nope (x-tracking-id abc123trk)"}},
 		{name: "secret across the excerpt's cut", status: 401,
-			body: `{"code":16,"message":"` + strings.Repeat("x", 180) + echoed + `","description":"40003"}`, kind: upstream.KindAuth, code: "40003"},
+			body: `{"code":16,"message":"` + strings.Repeat("x", 180) + echoed + `","description":"40003"}`, kind: upstream.Unauthorized, code: "40003"},
 		{name: "secret echoed in message and tracking id", status: 401, header: map[string]string{"x-tracking-id": "id-" + echoed},
-			body: `{"code":16,"message":"token ` + echoed + ` is invalid","description":"40003"}`, kind: upstream.KindAuth, code: "40003", says: []string{"[redacted]"}},
+			body: `{"code":16,"message":"token ` + echoed + ` is invalid","description":"40003"}`, kind: upstream.Unauthorized, code: "40003", says: []string{"[redacted]"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -424,8 +424,8 @@ func TestErrorBodies(t *testing.T) {
 			defer ts.Close()
 			_, err := issue(t, newClient(t, 1), ts.URL+"/rest", tc.env, echoed)
 			ue := upstreamErr(t, err, echoed)
-			if ue.Kind != tc.kind || ue.Code != tc.code || ue.Status != tc.status {
-				t.Errorf("got kind %v code %q status %d, want %v %q %d: %v", ue.Kind, ue.Code, ue.Status, tc.kind, tc.code, tc.status, err)
+			if ue.Failure != tc.kind || ue.Code != tc.code || ue.Status != tc.status {
+				t.Errorf("got kind %v code %q status %d, want %v %q %d: %v", ue.Failure, ue.Code, ue.Status, tc.kind, tc.code, tc.status, err)
 			}
 			if ue.RetryAfter != tc.retryAfter {
 				t.Errorf("RetryAfter = %v, want %v", ue.RetryAfter, tc.retryAfter)
@@ -473,8 +473,8 @@ func TestBadSuccessBodies(t *testing.T) {
 				t.Fatalf("want a bad-response error, got token %+v", tok)
 			}
 			ue := upstreamErr(t, err, echoed)
-			if ue.Kind != upstream.KindBadResponse {
-				t.Errorf("kind = %v, want bad response: %v", ue.Kind, err)
+			if ue.Failure != upstream.BadResponse {
+				t.Errorf("kind = %v, want bad response: %v", ue.Failure, err)
 			}
 		})
 	}
@@ -490,11 +490,11 @@ func TestLenientAccountFields(t *testing.T) {
 		readOnly bool
 		kind     string
 	}{
-		{"numeric enums", `{"accounts":[{"id":"1","type":2,"status":2,"accessLevel":2},{"id":"2","accessLevel":3}]}`, []string{"1"}, true, tinvest.KindAccountLimited},
+		{"numeric enums", `{"accounts":[{"id":"1","type":2,"status":2,"accessLevel":2},{"id":"2","accessLevel":3}]}`, []string{"1"}, true, tinvest.TokenAccountLimited},
 		// No accounts proves nothing: not read-only.
-		{"no accounts", `{}`, []string{}, false, tinvest.KindUnknown},
+		{"no accounts", `{}`, []string{}, false, tinvest.TokenUnknown},
 		// An unknown level cannot prove the account read-only.
-		{"unspecified level", `{"accounts":[{"id":"1"}]}`, []string{"1"}, false, tinvest.KindFullAccess},
+		{"unspecified level", `{"accounts":[{"id":"1"}]}`, []string{"1"}, false, tinvest.TokenFullAccess},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -52,7 +52,7 @@ type Options struct {
 	// concurrent requests). Zero: no cap.
 	MaxConcurrent int
 	// Observe, if set, is told the outcome and duration of every attempt,
-	// for metrics. outcome is "ok" or a Kind's metric name.
+	// for metrics. outcome is "ok" or a Failure's metric name.
 	Observe func(op, outcome string, d time.Duration)
 	// Clock times the waits between attempts; nil is the system clock.
 	Clock Clock
@@ -185,7 +185,7 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 			}
 		}
 		if err := c.drawBudget(ctx, call, limit); err != nil {
-			if lastErr != nil && err.Kind != KindRateLimited {
+			if lastErr != nil && err.Failure != RateLimited {
 				return nil, lastErr // cancelled while waiting: the broker's answer says more
 			}
 			return nil, err
@@ -216,7 +216,7 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 		if ue.RetryAfter == 0 && retryableStatus(resp.Status) {
 			ue.RetryAfter = RetryAfter(resp.Header)
 		}
-		if call.Budget != nil && ue.Kind == KindRateLimited && ue.RetryAfter > 0 {
+		if call.Budget != nil && ue.Failure == RateLimited && ue.RetryAfter > 0 {
 			call.Budget.HoldUntil(c.clock.Now().Add(min(ue.RetryAfter, MaxBackgroundWait)))
 		}
 		lastErr = ue
@@ -237,13 +237,13 @@ func (c *Client) drawBudget(ctx context.Context, call Call, limit time.Duration)
 	wait, ok := call.Budget.reserve(limit)
 	if !ok {
 		return &Error{
-			Broker: c.broker, Op: call.Op, Kind: KindRateLimited,
+			Broker: c.broker, Op: call.Op, Failure: RateLimited,
 			Message:    "the client-side request budget of " + call.Budget.scope + " is spent (it is shared by every config holding a token of " + call.Budget.scope + "); the request was not sent",
 			RetryAfter: wait,
 		}
 	}
 	if err := c.clock.Sleep(ctx, wait); err != nil {
-		return &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Message: "gave up waiting for the shared request budget: " + err.Error()}
+		return &Error{Broker: c.broker, Op: call.Op, Failure: Unavailable, Message: "gave up waiting for the shared request budget: " + err.Error()}
 	}
 	return nil
 }
@@ -262,7 +262,7 @@ func retryableStatus(status int) bool {
 func (c *Client) limited(ctx context.Context, call Call, body []byte) (*Response, *Error) {
 	l := c.limiter(call.Op)
 	if err := l.acquire(ctx); err != nil {
-		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Message: "gave up waiting for the client-side rate limit: " + err.Error()}
+		return nil, &Error{Broker: c.broker, Op: call.Op, Failure: Unavailable, Message: "gave up waiting for the client-side rate limit: " + err.Error()}
 	}
 	start := time.Now()
 	resp, err := c.once(ctx, call, body)
@@ -271,9 +271,9 @@ func (c *Client) limited(ctx context.Context, call Call, body []byte) (*Response
 		outcome := "ok"
 		switch {
 		case err != nil:
-			outcome = err.Kind.metric()
+			outcome = err.Failure.metric()
 		case resp.Status < 200 || resp.Status >= 300:
-			outcome = KindForStatus(resp.Status).metric()
+			outcome = FailureForStatus(resp.Status).metric()
 		}
 		c.observe(call.Op, outcome, time.Since(start))
 	}
@@ -302,7 +302,7 @@ func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *
 	}
 	req, err := http.NewRequestWithContext(ctx, call.Method, call.URL, rd)
 	if err != nil {
-		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindRejected, Message: "invalid request URL"}
+		return nil, &Error{Broker: c.broker, Op: call.Op, Failure: Rejected, Message: "invalid request URL"}
 	}
 	for k, vs := range call.Header {
 		for _, v := range vs {
@@ -315,15 +315,15 @@ func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *
 	req.Header.Set("Accept", "application/json")
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Message: Quote(transportMessage(err), call.Secrets...), Hint: tlsHint(err)}
+		return nil, &Error{Broker: c.broker, Op: call.Op, Failure: Unavailable, Message: Quote(transportMessage(err), call.Secrets...), Hint: tlsHint(err)}
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, c.maxBody+1))
 	if err != nil {
-		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindUnavailable, Status: resp.StatusCode, Message: "reading response: " + Quote(transportMessage(err), call.Secrets...)}
+		return nil, &Error{Broker: c.broker, Op: call.Op, Failure: Unavailable, Status: resp.StatusCode, Message: "reading response: " + Quote(transportMessage(err), call.Secrets...)}
 	}
 	if int64(len(data)) > c.maxBody {
-		return nil, &Error{Broker: c.broker, Op: call.Op, Kind: KindBadResponse, Status: resp.StatusCode, Message: fmt.Sprintf("response larger than %d bytes", c.maxBody)}
+		return nil, &Error{Broker: c.broker, Op: call.Op, Failure: BadResponse, Status: resp.StatusCode, Message: fmt.Sprintf("response larger than %d bytes", c.maxBody)}
 	}
 	return &Response{Status: resp.StatusCode, Header: resp.Header, Body: data}, nil
 }
@@ -332,23 +332,23 @@ func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *
 // scrubbed excerpt of the body.
 func (c *Client) GenericError(call Call, resp *Response) *Error {
 	e := &Error{Broker: c.broker, Op: call.Op, Status: resp.Status, Message: Quote(string(resp.Body), call.Secrets...)}
-	e.Kind = KindForStatus(resp.Status)
+	e.Failure = FailureForStatus(resp.Status)
 	return e
 }
 
-// KindForStatus maps an HTTP status to a failure kind.
-func KindForStatus(status int) Kind {
+// FailureForStatus maps an HTTP status to the Failure it means.
+func FailureForStatus(status int) Failure {
 	switch {
 	case status == http.StatusUnauthorized || status == http.StatusForbidden:
-		return KindAuth
+		return Unauthorized
 	case status == http.StatusTooManyRequests:
-		return KindRateLimited
+		return RateLimited
 	case status >= 500:
-		return KindUnavailable
+		return Unavailable
 	case status >= 300 && status < 400:
-		return KindBadResponse
+		return BadResponse
 	default:
-		return KindRejected
+		return Rejected
 	}
 }
 

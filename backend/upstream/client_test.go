@@ -39,17 +39,17 @@ func TestRetryAfter(t *testing.T) {
 
 func TestDoRetriesIdempotentCallsOnly(t *testing.T) {
 	cases := []struct {
-		name       string
-		status     int
-		idempotent bool
-		wantCalls  int32
-		wantKind   Kind
+		name        string
+		status      int
+		idempotent  bool
+		wantCalls   int32
+		wantFailure Failure
 	}{
-		{"503 idempotent retried", 503, true, 3, KindUnavailable},
-		{"429 idempotent retried", 429, true, 3, KindRateLimited},
-		{"503 non-idempotent once", 503, false, 1, KindUnavailable},
-		{"401 never retried", 401, true, 1, KindAuth},
-		{"400 never retried", 400, true, 1, KindRejected},
+		{"503 idempotent retried", 503, true, 3, Unavailable},
+		{"429 idempotent retried", 429, true, 3, RateLimited},
+		{"503 non-idempotent once", 503, false, 1, Unavailable},
+		{"401 never retried", 401, true, 1, Unauthorized},
+		{"400 never retried", 400, true, 1, Rejected},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -63,7 +63,7 @@ func TestDoRetriesIdempotentCallsOnly(t *testing.T) {
 			c, _ := New(Options{Broker: "Test"})
 			_, err := c.Do(context.Background(), Call{Method: "POST", URL: srv.URL, Idempotent: tc.idempotent, Op: "POST /x"}, nil)
 			ue, ok := AsError(err)
-			if !ok || ue.Kind != tc.wantKind || ue.Status != tc.status {
+			if !ok || ue.Failure != tc.wantFailure || ue.Status != tc.status {
 				t.Fatalf("err = %v", err)
 			}
 			if calls.Load() != tc.wantCalls {
@@ -98,7 +98,7 @@ func TestDoCapsResponseSize(t *testing.T) {
 	defer srv.Close()
 	c, _ := New(Options{Broker: "Test", MaxBody: 1024})
 	_, err := c.Do(context.Background(), Call{Method: "GET", URL: srv.URL, Op: "GET /"}, nil)
-	if ue, ok := AsError(err); !ok || ue.Kind != KindBadResponse || !strings.Contains(ue.Error(), "larger than 1024") {
+	if ue, ok := AsError(err); !ok || ue.Failure != BadResponse || !strings.Contains(ue.Error(), "larger than 1024") {
 		t.Fatalf("err = %v", err)
 	}
 }
@@ -123,7 +123,7 @@ func TestTransportErrorsHideURLAndSecrets(t *testing.T) {
 	// Nothing listens on port 1; the URL carries a secret in its query.
 	_, err := c.Do(context.Background(), Call{Method: "GET", URL: "http://127.0.0.1:1/refresh?token=hunter2-secret", Op: "GET /refresh", Secrets: []string{"hunter2-secret"}}, nil)
 	ue, ok := AsError(err)
-	if !ok || ue.Kind != KindUnavailable {
+	if !ok || ue.Failure != Unavailable {
 		t.Fatalf("err = %v", err)
 	}
 	if strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "127.0.0.1:1/refresh") {
@@ -162,7 +162,7 @@ func TestScrubAndExcerpt(t *testing.T) {
 		t.Fatalf("Excerpt length = %d", len([]rune(got)))
 	}
 	var e *Error
-	if !errors.As(error(&Error{Broker: "B", Op: "X", Kind: KindAuth}), &e) {
+	if !errors.As(error(&Error{Broker: "B", Op: "X", Failure: Unauthorized}), &e) {
 		t.Fatal("errors.As")
 	}
 }

@@ -7,51 +7,51 @@ import (
 	"time"
 )
 
-// Kind classifies an upstream failure so the backend can answer with the
+// Failure classifies an upstream failure so the backend can answer with the
 // right status and decide whether to retry.
-type Kind int
+type Failure int
 
 const (
-	// KindUnavailable: the broker could not be reached or answered 5xx.
-	KindUnavailable Kind = iota + 1
-	// KindAuth: the broker rejected the secret or token (401/403).
-	KindAuth
-	// KindRateLimited: the broker answered 429.
-	KindRateLimited
-	// KindBadResponse: the broker answered something we cannot read.
-	KindBadResponse
-	// KindRejected: the broker refused the request for another reason (4xx).
-	KindRejected
+	// Unavailable: the broker could not be reached or answered 5xx.
+	Unavailable Failure = iota + 1
+	// Unauthorized: the broker rejected the secret or token (401/403).
+	Unauthorized
+	// RateLimited: the broker answered 429.
+	RateLimited
+	// BadResponse: the broker answered something we cannot read.
+	BadResponse
+	// Rejected: the broker refused the request for another reason (4xx).
+	Rejected
 )
 
-func (k Kind) String() string {
-	switch k {
-	case KindUnavailable:
+func (f Failure) String() string {
+	switch f {
+	case Unavailable:
 		return "unavailable"
-	case KindAuth:
+	case Unauthorized:
 		return "authentication failed"
-	case KindRateLimited:
+	case RateLimited:
 		return "rate limited"
-	case KindBadResponse:
+	case BadResponse:
 		return "bad response"
-	case KindRejected:
+	case Rejected:
 		return "request rejected"
 	}
 	return "error"
 }
 
-// metric is the Kind's label value in metrics.
-func (k Kind) metric() string {
-	switch k {
-	case KindUnavailable:
+// metric is the Failure's label value in metrics.
+func (f Failure) metric() string {
+	switch f {
+	case Unavailable:
 		return "unavailable"
-	case KindAuth:
+	case Unauthorized:
 		return "auth"
-	case KindRateLimited:
+	case RateLimited:
 		return "rate_limited"
-	case KindBadResponse:
+	case BadResponse:
 		return "bad_response"
-	case KindRejected:
+	case Rejected:
 		return "rejected"
 	}
 	return "error"
@@ -63,7 +63,7 @@ func (k Kind) metric() string {
 type Error struct {
 	Broker  string // display name, e.g. "Finam"
 	Op      string // e.g. "POST /v1/sessions"
-	Kind    Kind
+	Failure Failure
 	Status  int    // HTTP status, 0 when none was received
 	Code    string // the broker's own error code, if any
 	Message string // what the broker said (scrubbed)
@@ -75,7 +75,7 @@ type Error struct {
 
 func (e *Error) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s %s: %s", e.Broker, e.Op, e.Kind)
+	fmt.Fprintf(&b, "%s %s: %s", e.Broker, e.Op, e.Failure)
 	if e.Status != 0 {
 		fmt.Fprintf(&b, " (HTTP %d", e.Status)
 		if e.Code != "" {
@@ -97,7 +97,7 @@ func (e *Error) Error() string {
 
 // Retryable reports whether repeating the same call may succeed.
 func (e *Error) Retryable() bool {
-	return e.Kind == KindUnavailable || e.Kind == KindRateLimited
+	return e.Failure == Unavailable || e.Failure == RateLimited
 }
 
 // AsError returns the *Error in err's chain, if any.

@@ -61,7 +61,7 @@ func TestDoHonoursAskedWait(t *testing.T) {
 			if (err != nil) != tc.wantErr {
 				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
 			}
-			if ue, ok := AsError(err); tc.wantErr && (!ok || ue.Kind != KindRateLimited || ue.RetryAfter == 0) {
+			if ue, ok := AsError(err); tc.wantErr && (!ok || ue.Failure != RateLimited || ue.RetryAfter == 0) {
 				t.Errorf("err = %v, want rate limited with the asked wait", err)
 			}
 			if got := clock.Slept(); !slices.Equal(got, tc.wantSleeps) {
@@ -178,7 +178,7 @@ func TestDoHoldsBudgetOn429(t *testing.T) {
 	}
 	_, err := c.Do(context.Background(), call, nil)
 	ue, ok := AsError(err)
-	if !ok || ue.Kind != KindRateLimited || ue.RetryAfter != 30*time.Second || ue.Status != 0 {
+	if !ok || ue.Failure != RateLimited || ue.RetryAfter != 30*time.Second || ue.Status != 0 {
 		t.Fatalf("second read: %v, want a client-side refusal, retry after 30s", err)
 	}
 	if calls.Load() != 1 {
