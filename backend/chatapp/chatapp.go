@@ -28,7 +28,7 @@ const (
 	// ProductionURL is the root of the ChatApp API.
 	ProductionURL = "https://api.chatapp.online"
 
-	broker = "ChatApp"
+	display = "ChatApp"
 
 	pathMake    = "/v1/tokens"
 	pathRefresh = "/v1/tokens/refresh"
@@ -64,7 +64,7 @@ func New() provider.Provider { return Provider{} }
 func (Provider) Spec() provider.Spec {
 	return provider.Spec{
 		Name:     Name,
-		Display:  broker,
+		Display:  display,
 		Issuance: provider.Minted,
 		// Every refresh replaces the refresh token.
 		RotatesSecret: true,
@@ -266,7 +266,7 @@ func do(ctx context.Context, c *upstream.Client, call upstream.Call) (json.RawMe
 
 // classify turns a ChatApp error into an *upstream.Error with a hint.
 func classify(call upstream.Call, status int, body []byte) *upstream.Error {
-	e := &upstream.Error{Broker: broker, Op: call.Op, Status: status}
+	e := &upstream.Error{Broker: display, Op: call.Op, Status: status}
 	var env envelope
 	if err := json.Unmarshal(body, &env); err == nil && env.Error != nil && (env.Error.Code != "" || env.Error.Message != "") {
 		e.Code = upstream.Quote(env.Error.Code, call.Secrets...)
@@ -403,7 +403,7 @@ func secretList(s map[string]string) []string {
 }
 
 func badResponse(op, msg string) *upstream.Error {
-	return &upstream.Error{Broker: broker, Op: op, Failure: upstream.BadResponse, Message: msg}
+	return &upstream.Error{Broker: display, Op: op, Failure: upstream.BadResponse, Message: msg}
 }
 
 // Ensure Provider satisfies the interface.

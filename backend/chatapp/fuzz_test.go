@@ -64,7 +64,7 @@ func checkError(t *testing.T, err error, without string) *upstream.Error {
 	if !ok {
 		t.Fatalf("not an *upstream.Error: %T %v", err, err)
 	}
-	if ue.Broker != broker || !strings.HasPrefix(msg, "ChatApp ") {
+	if ue.Broker != display || !strings.HasPrefix(msg, "ChatApp ") {
 		t.Fatalf("error does not name ChatApp: %q", msg)
 	}
 	if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
@@ -263,7 +263,7 @@ func FuzzIssue(f *testing.F) {
 	srv := &fuzzChatApp{}
 	ts := httptest.NewServer(srv)
 	defer ts.Close()
-	client, err := upstream.New(upstream.Options{Broker: broker, MaxAttempts: 3, Timeout: 5 * time.Second})
+	client, err := upstream.New(upstream.Options{Broker: display, MaxAttempts: 3, Timeout: 5 * time.Second})
 	if err != nil {
 		f.Fatal(err)
 	}

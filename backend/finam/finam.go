@@ -22,6 +22,8 @@ const (
 	// ProductionURL is the REST root of the Finam Trade API.
 	ProductionURL = "https://api.finam.ru"
 
+	display = "Finam"
+
 	pathSessions = "/v1/sessions"
 	pathDetails  = "/v1/sessions/details"
 )
@@ -36,7 +38,7 @@ func New() provider.Provider { return Provider{} }
 func (Provider) Spec() provider.Spec {
 	return provider.Spec{
 		Name:     Name,
-		Display:  "Finam",
+		Display:  display,
 		Issuance: provider.Minted,
 		Fields: []provider.Field{{
 			Name: "secret", Secret: true, Required: true,
@@ -258,7 +260,7 @@ func post(ctx context.Context, req provider.Request, path string, body any, idem
 }
 
 func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
-	e := &upstream.Error{Broker: "Finam", Op: call.Op, Status: r.Status, Failure: upstream.FailureForStatus(r.Status)}
+	e := &upstream.Error{Broker: display, Op: call.Op, Status: r.Status, Failure: upstream.FailureForStatus(r.Status)}
 	var st rpcStatus
 	if err := json.Unmarshal(r.Body, &st); err == nil && (st.Message != "" || st.Code != "") {
 		e.Code = upstream.Quote(st.Code.String(), call.Secrets...)
@@ -284,7 +286,7 @@ func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
 }
 
 func badResponse(path, msg string) *upstream.Error {
-	return &upstream.Error{Broker: "Finam", Op: "POST " + path, Failure: upstream.BadResponse, Message: msg}
+	return &upstream.Error{Broker: display, Op: "POST " + path, Failure: upstream.BadResponse, Message: msg}
 }
 
 // Ensure Provider satisfies the interface.

@@ -17,7 +17,7 @@ const (
 // classify maps a non-2xx answer to an error. The broker's own code wins over
 // the HTTP status: a proxy may change the status, not the body.
 func classify(call upstream.Call, env string, r *upstream.Response) *upstream.Error {
-	e := &upstream.Error{Broker: broker, Op: call.Op, Status: r.Status, Failure: upstream.FailureForStatus(r.Status)}
+	e := &upstream.Error{Broker: display, Op: call.Op, Status: r.Status, Failure: upstream.FailureForStatus(r.Status)}
 	var body errorBody
 	parsed := json.Unmarshal(r.Body, &body) == nil && (body.Message != "" || body.Code != "" || body.Description != "")
 	// Scrub before cutting: an excerpt could split a secret past recognition.

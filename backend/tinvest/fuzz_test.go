@@ -47,7 +47,7 @@ func checkError(t *testing.T, err error, without string) *upstream.Error {
 	if !ok {
 		t.Fatalf("not an *upstream.Error: %T %v", err, err)
 	}
-	if ue.Broker != broker || !strings.HasPrefix(msg, "T-Invest POST UsersService/") {
+	if ue.Broker != display || !strings.HasPrefix(msg, "T-Invest POST UsersService/") {
 		t.Fatalf("error does not name T-Invest and the call: %q", msg)
 	}
 	if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
@@ -299,7 +299,7 @@ func FuzzIssue(f *testing.F) {
 	g := &fuzzGateway{}
 	ts := httptest.NewServer(g)
 	defer ts.Close()
-	client, err := upstream.New(upstream.Options{Broker: broker, MaxAttempts: 1, Timeout: 5 * time.Second})
+	client, err := upstream.New(upstream.Options{Broker: display, MaxAttempts: 1, Timeout: 5 * time.Second})
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -39,7 +39,7 @@ const (
 	// SettingsURL is where a user issues (and sees) T-Invest tokens.
 	SettingsURL = "https://www.tbank.ru/invest/settings/"
 
-	broker       = "T-Invest"
+	display      = "T-Invest"
 	usersService = "/tinkoff.public.invest.api.contract.v1.UsersService/"
 	opGetInfo    = "POST UsersService/GetInfo"
 	opGetAccts   = "POST UsersService/GetAccounts"
@@ -97,7 +97,7 @@ func (*Provider) Spec() provider.Spec {
 	roots := TrustedRoots()
 	return provider.Spec{
 		Name:         Name,
-		Display:      broker,
+		Display:      display,
 		Issuance:     provider.Passthrough,
 		TrustedRoots: &roots,
 		Fields: []provider.Field{{
@@ -361,5 +361,5 @@ func (c caller) post(ctx context.Context, method, op string, out any) error {
 }
 
 func badResponse(op, msg, tracking string) *upstream.Error {
-	return &upstream.Error{Broker: broker, Op: op, Failure: upstream.BadResponse, Message: withTracking(msg, tracking)}
+	return &upstream.Error{Broker: display, Op: op, Failure: upstream.BadResponse, Message: withTracking(msg, tracking)}
 }
