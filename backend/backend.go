@@ -63,8 +63,8 @@ type backend struct {
 	// extraRoots are the providers' own CAs, each trusted for its broker's
 	// hosts only, in every connection pool without a ca_cert.
 	extraRoots []upstream.HostRoots
-	// mintTimeout bounds one broker call (tests shorten it).
-	mintTimeout time.Duration
+	// refreshTimeout bounds one broker call (tests shorten it).
+	refreshTimeout time.Duration
 }
 
 // Options are what a backend is built from. The zero value is the plugin as
@@ -79,7 +79,7 @@ type Options struct {
 	// Clock is the backend's time source (time.Now when nil).
 	Clock func() time.Time
 	// WALRollbackMinAge is how old a rotation record must be before Vault
-	// replays it (default 2m, longer than a mint may run). Tests of crash
+	// replays it (default 2m, longer than a refresh may run). Tests of crash
 	// recovery shorten it; production leaves it alone.
 	WALRollbackMinAge time.Duration
 }
@@ -128,18 +128,18 @@ func New(opts Options) *backend {
 		}
 	}
 	b := &backend{
-		providers:   providers,
-		specs:       specs,
-		names:       names,
-		ctx:         ctx,
-		cancel:      cancel,
-		states:      map[string]*configState{},
-		sched:       newSchedule(),
-		transports:  map[[32]byte]*http.Transport{},
-		metrics:     newMetrics(),
-		now:         now,
-		extraRoots:  roots,
-		mintTimeout: defaultMintTimeout,
+		providers:      providers,
+		specs:          specs,
+		names:          names,
+		ctx:            ctx,
+		cancel:         cancel,
+		states:         map[string]*configState{},
+		sched:          newSchedule(),
+		transports:     map[[32]byte]*http.Transport{},
+		metrics:        newMetrics(),
+		now:            now,
+		extraRoots:     roots,
+		refreshTimeout: defaultRefreshTimeout,
 	}
 	b.fields = b.providerFields()
 	b.Backend = &framework.Backend{

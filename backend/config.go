@@ -46,7 +46,7 @@ type brokerConfig struct {
 	UpdatedAt        time.Time `json:"updated_at"`
 }
 
-// sameUpstream reports whether tokens minted under a still hold under b:
+// sameUpstream reports whether tokens obtained under a still hold under b:
 // same broker endpoint, same secrets, same narrowing.
 func (a *brokerConfig) sameUpstream(b *brokerConfig) bool {
 	if a.Provider != b.Provider || a.Environment != b.Environment || a.BaseURL != b.BaseURL || a.CACert != b.CACert {
@@ -64,7 +64,7 @@ func (a *brokerConfig) sameUpstream(b *brokerConfig) bool {
 }
 
 // upstreamHash fingerprints what sameUpstream compares, so a token record
-// can say which config its token was minted under.
+// can say which config its token was obtained under.
 func (a *brokerConfig) upstreamHash() string {
 	h := sha256.New()
 	enc := json.NewEncoder(h)
@@ -139,7 +139,7 @@ func writeConfig(ctx context.Context, s logical.Storage, name string, c *brokerC
 }
 
 // tokenRecord is what token/<name> stores: the current token and the status
-// of the last refresh, so a restart neither mints again nor forgets a failure.
+// of the last refresh, so a restart neither calls the broker again nor forgets a failure.
 type tokenRecord struct {
 	Token *storedToken `json:"token,omitempty"`
 	// Rotated are long-lived secret fields the broker replaced (a rotated
@@ -148,14 +148,14 @@ type tokenRecord struct {
 	// SecretExpiresAt is when the broker said the (rotated) long-lived
 	// secret expires.
 	SecretExpiresAt time.Time `json:"secret_expires_at,omitzero"`
-	// RetiredBefore: no token minted before this is handed out (incident
+	// RetiredBefore: no token obtained before this is handed out (incident
 	// retirement through config/<name>/retire).
 	RetiredBefore time.Time `json:"retired_before,omitzero"`
-	// RetireEpoch counts retirements; a token minted under an older epoch
+	// RetireEpoch counts retirements; a token obtained under an older epoch
 	// is never handed out. Unlike RetiredBefore it needs no agreement
 	// between the clocks of HA nodes.
 	RetireEpoch uint64 `json:"retire_epoch,omitempty"`
-	// ConfigHash is the upstreamHash of the config the token was minted
+	// ConfigHash is the upstreamHash of the config the token was obtained
 	// under; a record that does not match the stored config (a config
 	// write that failed half way) has its token dropped on load.
 	ConfigHash  string    `json:"config_hash,omitempty"`
@@ -168,10 +168,10 @@ type tokenRecord struct {
 type storedToken struct {
 	ID          string `json:"id"`
 	AccessToken string `json:"access_token"`
-	// MintedAt is when this host started the mint that produced the token,
+	// RefreshStarted is when this host started the refresh that produced the token,
 	// on its own clock (immune to the broker's clock skew).
-	MintedAt time.Time `json:"minted_at"`
-	// Epoch is the config's RetireEpoch when the mint started.
+	RefreshStarted time.Time `json:"minted_at"`
+	// Epoch is the config's RetireEpoch when the refresh started.
 	Epoch      uint64         `json:"epoch,omitempty"`
 	IssuedAt   time.Time      `json:"issued_at"`
 	ExpiresAt  time.Time      `json:"expires_at,omitzero"`

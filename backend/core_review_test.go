@@ -43,7 +43,7 @@ func TestReviewRetireDuringConfigWriteVerifyIsUndone(t *testing.T) {
 }
 
 // The epoch is documented as the authority "needing no clock agreement
-// between HA nodes", but servable also always checks MintedAt against
+// between HA nodes", but servable also always checks RefreshStarted against
 // RetiredBefore: a node whose clock is behind the one that retired (failover,
 // or an NTP step back) refuses every fresh token it mints, so every read
 // mints three times and fails.
@@ -130,7 +130,7 @@ func TestReviewConfigWriteTokenPutFailureServesOldSecretAfterRestart(t *testing.
 }
 
 // A ChatApp config write whose verifying refresh rotated the pair but whose
-// storage write then failed drops the rotation from memory too (finishMint
+// storage write then failed drops the rotation from memory too (finishRefresh
 // keeps it in memory for exactly this case): the next refresh presents the
 // refresh token ChatApp already retired.
 func TestReviewConfigWriteStoreFailureDropsVerifiedRotation(t *testing.T) {
@@ -261,7 +261,7 @@ func (s *holdDelStorage) Delete(ctx context.Context, k string) error {
 	return s.Storage.Delete(ctx, k)
 }
 
-// finishMint reschedules after releasing the owner lock: a delete landing in
+// finishRefresh reschedules after releasing the owner lock: a delete landing in
 // between is followed by the mint re-adding the deleted config to the
 // schedule and to the persisted due/ index.
 func TestReviewDeleteThenMintReschedulesDeletedConfig(t *testing.T) {

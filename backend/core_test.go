@@ -244,7 +244,7 @@ func TestR3MakeAtMintDeadlineStillPersists(t *testing.T) {
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
 	c.token("creds/x")
 
-	c.b.mintTimeout = 50 * time.Millisecond
+	c.b.refreshTimeout = 50 * time.Millisecond
 	// A refused refresh and a make used the whole mint timeout: the answer
 	// arrives as the mint's context ends.
 	f.onIssue = func(ctx context.Context, _ provider.Request) { <-ctx.Done() }

@@ -11,7 +11,7 @@ const (
 	// handed out: the reader would get a token that dies in its hands.
 	minRemainingCap      = 60 * time.Second
 	minRemainingFraction = 6
-	// After a failed mint with no usable token, reads fail fast with the
+	// After a failed refresh with no usable token, reads fail fast with the
 	// broker's error for this long instead of piling up on a failing broker.
 	failFastFor = 5 * time.Second
 	// Background refresh retries back off from this to maxRefreshBackoff.
@@ -50,12 +50,12 @@ func dueForRefresh(tok *storedToken, now time.Time) bool {
 }
 
 // servable reports whether tok may be handed out at now: usable, and not
-// minted before an incident retirement of the config's tokens. The epoch
+// obtained before an incident retirement of the config's tokens. The epoch
 // is the authority (it needs no clock agreement between HA nodes); the
 // time check only covers a retire recorded before epochs existed.
 func (r tokenRecord) servable(tok *storedToken, now time.Time) bool {
 	if !usable(tok, now) || tok.Epoch < r.RetireEpoch {
 		return false
 	}
-	return r.RetireEpoch > 0 || !tok.MintedAt.Before(r.RetiredBefore)
+	return r.RetireEpoch > 0 || !tok.RefreshStarted.Before(r.RetiredBefore)
 }

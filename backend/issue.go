@@ -18,7 +18,7 @@ import (
 // record (returned as walID) so that a crash between the broker's answer and
 // the storage write is recovered; the caller deletes it once the outcome is
 // stored. epoch is the config's retire epoch when the call started.
-func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, epoch uint64) (*minted, string, error) {
+func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, epoch uint64) (*refreshed, string, error) {
 	started := b.now()
 	p, ok := b.providers[cfg.Provider]
 	if !ok {
@@ -66,14 +66,14 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		return nil, walID, err
 	}
 	st := toStored(tok)
-	st.MintedAt = started
+	st.RefreshStarted = started
 	st.Epoch = epoch
 	if st.ExpiresAt.IsZero() {
 		// A passthrough token's age is the age of its validation, on the
 		// clock the token core judges freshness by.
 		st.IssuedAt = b.now()
 	}
-	return &minted{tok: st, rotated: tok.Rotated, secretExpiresAt: tok.SecretExpiresAt}, walID, nil
+	return &refreshed{tok: st, rotated: tok.Rotated, secretExpiresAt: tok.SecretExpiresAt}, walID, nil
 }
 
 // rejectedSecret reports whether err is the broker refusing the long-lived

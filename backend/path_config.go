@@ -99,7 +99,7 @@ func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, d 
 	name := d.Get("name").(string)
 	st := b.pin(name)
 	defer b.unpin(st)
-	// One step of the config's owner: a mint finishing now either stored
+	// One step of the config's owner: a refresh finishing now either stored
 	// its token before this delete (and it is deleted) or finds the state
 	// dead and stores nothing, so the token never comes back.
 	st.lockOwner()
@@ -274,7 +274,7 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 	rec := carriedRecord(d, old, cfg, cur)
 	var (
 		walID string
-		m     *minted
+		m     *refreshed
 	)
 	presented := effectiveSecrets(cfg, rec)
 	if verify {
@@ -288,7 +288,7 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 			resp, err := failed(verifying, fmt.Sprintf("%s; nothing was stored", err), err)
 			return resp, false, err
 		}
-		// The verifying mint is the first token: readers need not mint again.
+		// The verifying call's token is the first token: readers need not refresh.
 		rec = rec.with(m, b.now())
 	}
 
@@ -305,7 +305,7 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 		return nil, false, logical.CodedError(http.StatusConflict, fmt.Sprintf("config %q was deleted while this write ran; nothing was stored: write it again", name))
 	}
 	// A retire that landed while the secret was being verified holds: the
-	// verifying token was minted before it.
+	// verifying token was obtained before it.
 	rec.RetireEpoch, rec.RetiredBefore = now.RetireEpoch, now.RetiredBefore
 	if rec.Token != nil && rec.Token.Epoch < rec.RetireEpoch {
 		rec.Token = nil
@@ -373,7 +373,7 @@ func carriedRecord(d *framework.FieldData, old, cfg *brokerConfig, cur tokenReco
 // current value (the broker has now retired it); the write's rotation
 // record stays for recovery. A rotation of a new seed the write brought
 // belongs to no stored config and is dropped with the write.
-func (b *backend) keepRotation(st *configState, m *minted, presented map[string]string) {
+func (b *backend) keepRotation(st *configState, m *refreshed, presented map[string]string) {
 	if m == nil || len(m.rotated) == 0 {
 		return
 	}

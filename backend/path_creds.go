@@ -158,7 +158,7 @@ const minLease = 2 * time.Second
 // bot holding a dying token. Clients re-read a little before their lease
 // ends, so the lease ends where the refresh ahead is due; a read after
 // that point (which starts the refresh) gets a short lease, and the next
-// read gets the new token. The mint rate does not change.
+// read gets the new token. The refresh rate does not change.
 func shapedTTL(tok *storedToken, now time.Time) time.Duration {
 	life := tok.ExpiresAt.Sub(tok.IssuedAt)
 	remaining := tok.ExpiresAt.Sub(now)

@@ -88,7 +88,7 @@ func (s *schedule) set(name string, at time.Time) {
 }
 
 // setIfAbsent schedules name at at unless it is already scheduled (a
-// write or a mint since knows better).
+// write or a refresh since knows better).
 func (s *schedule) setIfAbsent(name string, at time.Time) {
 	s.mu.Lock()
 	_, ok := s.items[name]

@@ -8,9 +8,9 @@ import (
 )
 
 // retireAll is the incident switch: from now on no lease receives a token
-// minted before this moment, including one a running mint is about to
-// deliver (its epoch is older). Rotated secrets such a mint brings are still
-// stored. It is one step of the config's owner: a mint finishing at the same
+// obtained before this moment, including one a running refresh is about to
+// deliver (its epoch is older). Rotated secrets such a refresh brings are still
+// stored. It is one step of the config's owner: a refresh finishing at the same
 // moment cannot write its token back over it.
 func (b *backend) retireAll(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
 	for {

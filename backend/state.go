@@ -27,7 +27,7 @@ var (
 //     a rotating refresh token is never presented twice and a config write
 //     never verifies beside a refresh.
 //   - owner serialises every change of the config's token state, in memory
-//     and in storage (a mint installed, a retire, a config write, a
+//     and in storage (a refresh installed, a retire, a config write, a
 //     delete): it is held across the storage write, so none can undo
 //     another.
 //   - mu guards the fields below; it is never held across a broker call,
@@ -54,7 +54,7 @@ type configState struct {
 	cfg    *brokerConfig
 	client *upstream.Client
 	rec    tokenRecord
-	// gen changes whenever the config changes, so a mint started under the
+	// gen changes whenever the config changes, so a refresh started under the
 	// old settings is not installed.
 	gen    uint64
 	flight *flight
@@ -80,18 +80,18 @@ func (st *configState) lockOwner() {
 
 // metricKeys are a config's counters, looked up once: the read path only
 // bumps a counter, with no label hashing.
-type metricKeys struct{ hit, miss, mintOK, mintErr, rotation counter }
+type metricKeys struct{ hit, miss, refreshOK, refreshErr, rotation counter }
 
 func (st *configState) keys(m *metrics) *metricKeys {
 	if k := st.mkeys.Load(); k != nil {
 		return k
 	}
 	k := &metricKeys{
-		hit:      m.creds.WithLabelValues(st.name, "hit"),
-		miss:     m.creds.WithLabelValues(st.name, "miss"),
-		mintOK:   m.mints.WithLabelValues(st.name, "ok"),
-		mintErr:  m.mints.WithLabelValues(st.name, "error"),
-		rotation: m.rotations.WithLabelValues(st.name),
+		hit:        m.creds.WithLabelValues(st.name, "hit"),
+		miss:       m.creds.WithLabelValues(st.name, "miss"),
+		refreshOK:  m.mints.WithLabelValues(st.name, "ok"),
+		refreshErr: m.mints.WithLabelValues(st.name, "error"),
+		rotation:   m.rotations.WithLabelValues(st.name),
 	}
 	st.mkeys.Store(k)
 	return k

@@ -13,22 +13,22 @@ import (
 )
 
 const (
-	// defaultMintTimeout bounds one broker call, whoever waits on it.
-	defaultMintTimeout = 30 * time.Second
+	// defaultRefreshTimeout bounds one broker call, whoever waits on it.
+	defaultRefreshTimeout = 30 * time.Second
 	// persistTimeout bounds storing what the broker answered. It runs on a
 	// context that survives the backend's cleanup: a rotation the broker has
 	// applied is gone for good if it is dropped here.
 	persistTimeout = 10 * time.Second
 )
 
-// flight is the one mint of a config under way; every reader that needs a
+// flight is the one refresh of a config under way; every reader that needs a
 // token waits on it.
 type flight struct {
 	gen  uint64
 	done chan struct{}
 	tok  *storedToken
 	err  error
-	// stale: the config changed before the mint could start; the waiter
+	// stale: the config changed before the refresh could start; the waiter
 	// looks again.
 	stale bool
 	// waiters counts callers waiting on done (tests observe sharing).
@@ -37,14 +37,14 @@ type flight struct {
 
 // currentToken returns the config and a token to hand out. A valid cached
 // token is returned at once (starting a background refresh when it is due);
-// otherwise every concurrent caller waits on one single mint.
+// otherwise every concurrent caller waits on one single refresh.
 func (b *backend) currentToken(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
 	return b.token(ctx, s, name, false, false)
 }
 
 // refreshNow asks the broker again, for a caller that needs its word now (a
 // passthrough renew, rotate-root, keep-alive, rotation recovery): it joins
-// the mint under way or starts one; it never returns the cached token.
+// the refresh under way or starts one; it never returns the cached token.
 func (b *backend) refreshNow(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
 	return b.token(ctx, s, name, true, false)
 }
@@ -57,7 +57,7 @@ func (b *backend) refreshInBackground(ctx context.Context, s logical.Storage, na
 }
 
 func (b *backend) token(ctx context.Context, s logical.Storage, name string, fresh, background bool) (*brokerConfig, *storedToken, error) {
-	// A mint that was under way when the config changed or its tokens were
+	// A refresh that was under way when the config changed or its tokens were
 	// retired yields a token no reader may get: wait for the next one.
 	for attempt := 0; ; attempt++ {
 		cfg, tok, stale, err := b.tokenOnce(ctx, s, name, fresh, background)
@@ -65,7 +65,7 @@ func (b *backend) token(ctx context.Context, s logical.Storage, name string, fre
 			return cfg, tok, err
 		}
 		if attempt == 2 {
-			return nil, nil, fmt.Errorf("config %q changed while its token was being minted; read again", name)
+			return nil, nil, fmt.Errorf("config %q changed while its token was being refreshed; read again", name)
 		}
 	}
 }
@@ -107,7 +107,7 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 			st.mu.Unlock()
 			return nil, nil, false, logical.ErrReadOnly
 		}
-		f = b.startMintLocked(st, background)
+		f = b.startRefreshLocked(st, background)
 	}
 	f.waiters.Add(1)
 	st.mu.Unlock()
@@ -131,7 +131,7 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 }
 
 // nudgeRefresh starts the refresh ahead of a config whose token is due,
-// without waiting for it; it never mints for a config with no token.
+// without waiting for it; it never refreshes a config with no token.
 func (b *backend) nudgeRefresh(ctx context.Context, s logical.Storage, name string) {
 	st, err := b.lookup(ctx, s, name)
 	if err != nil || st == nil {
@@ -149,11 +149,11 @@ func (b *backend) nudgeRefresh(ctx context.Context, s logical.Storage, name stri
 // held. Readers keep the current token: nobody waits on it.
 func (b *backend) refreshAheadLocked(st *configState, now time.Time) {
 	if dueForRefresh(st.rec.Token, now) && st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(st.cfg) {
-		b.startMintLocked(st, true)
+		b.startRefreshLocked(st, true)
 	}
 }
 
-// canRotate reports whether this node may run a mint of cfg: one that
+// canRotate reports whether this node may run a refresh of cfg: one that
 // rotates the long-lived secret must be stored, which only a node that can
 // write may do.
 func (b *backend) canRotate(cfg *brokerConfig) bool {
@@ -179,33 +179,33 @@ func (b *backend) staleWarning(ctx context.Context, s logical.Storage, name stri
 	return fmt.Sprintf("serving the cached token (valid %s): the last refresh at %s failed: %s", until, formatTime(rec.LastErrorAt), rec.LastError)
 }
 
-// startMintLocked starts the single mint of st; st.mu must be held. The mint
+// startRefreshLocked starts the single refresh of st; st.mu must be held. The refresh
 // runs on the backend's context, not the reader's: a reader that gives up
-// does not abort the mint others are waiting on.
+// does not abort the refresh others are waiting on.
 // background: nobody waits on it, so the broker's rate-limit waits are
 // honoured in full instead of failing fast.
-func (b *backend) startMintLocked(st *configState, background bool) *flight {
+func (b *backend) startRefreshLocked(st *configState, background bool) *flight {
 	f := &flight{gen: st.gen, done: make(chan struct{})}
 	st.flight = f
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
-		b.runMint(st, f, background)
+		b.runRefresh(st, f, background)
 	}()
 	return f
 }
 
-// runMint obtains a token and stores the outcome before anyone uses it: a
+// runRefresh obtains a token and stores the outcome before anyone uses it: a
 // rotated long-lived secret (Spec.RotatesSecret) must be in storage before the token it
 // came with is handed out, and a write-ahead record covers the moment
 // between the broker rotating it and that write.
-func (b *backend) runMint(st *configState, f *flight, background bool) {
+func (b *backend) runRefresh(st *configState, f *flight, background bool) {
 	st.lockUpstream()
 	defer st.upstream.Unlock()
 
 	st.mu.Lock()
 	if st.dead || st.gen != f.gen || st.cfg == nil {
-		// The config changed while this mint waited its turn: whoever
+		// The config changed while this refresh waited its turn: whoever
 		// changed it installed what readers need.
 		if st.flight == f {
 			st.flight = nil
@@ -220,7 +220,7 @@ func (b *backend) runMint(st *configState, f *flight, background bool) {
 	epoch := st.rec.RetireEpoch
 	st.mu.Unlock()
 
-	ctx, cancel := context.WithTimeout(b.ctx, b.mintTimeout)
+	ctx, cancel := context.WithTimeout(b.ctx, b.refreshTimeout)
 	if background {
 		ctx = upstream.WithBackground(ctx)
 	}
@@ -231,13 +231,13 @@ func (b *backend) runMint(st *configState, f *flight, background bool) {
 	// unloaded or sealed: a rotation it applied cannot be asked for again.
 	pctx, pcancel := context.WithTimeout(context.WithoutCancel(b.ctx), persistTimeout)
 	defer pcancel()
-	b.finishMint(pctx, st, cfg, f, m, err, walID)
+	b.finishRefresh(pctx, st, cfg, f, m, err, walID)
 }
 
-// finishMint persists and installs a mint's outcome as one step of the
+// finishRefresh persists and installs a refresh's outcome as one step of the
 // config's owner, re-checking the config's generation and retirement
 // against the current record, then releases waiters.
-func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerConfig, f *flight, m *minted, err error, walID string) {
+func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *brokerConfig, f *flight, m *refreshed, err error, walID string) {
 	now := b.now()
 	st.lockOwner()
 	st.mu.Lock()
@@ -271,7 +271,7 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 			if m != nil && len(m.rotated) > 0 {
 				b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh", "config", st.name, "error", werr)
 			} else {
-				b.Logger().Warn("could not persist token; a restart will mint again", "config", st.name, "error", werr)
+				b.Logger().Warn("could not persist token; a restart will refresh again", "config", st.name, "error", werr)
 			}
 		} else {
 			persisted = true
@@ -306,14 +306,14 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 		b.deleteRotationWAL(ctx, walID)
 	}
 	if err != nil {
-		st.keys(b.metrics).mintErr.Inc()
+		st.keys(b.metrics).refreshErr.Inc()
 		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
 	} else {
-		st.keys(b.metrics).mintOK.Inc()
+		st.keys(b.metrics).refreshOK.Inc()
 		if len(m.rotated) > 0 {
 			st.keys(b.metrics).rotation.Inc()
 		}
-		b.Logger().Debug("token minted", "config", st.name, "expires_at", m.tok.ExpiresAt)
+		b.Logger().Debug("token refreshed", "config", st.name, "expires_at", m.tok.ExpiresAt)
 		if w := cfg.expiryWarning(now); w != "" {
 			b.Logger().Warn(w, "config", st.name)
 		}
@@ -323,16 +323,16 @@ func (b *backend) finishMint(ctx context.Context, st *configState, cfg *brokerCo
 	close(f.done)
 }
 
-// minted is one successful Issue: the token and what it changed upstream.
-type minted struct {
+// refreshed is one successful Issue: the token and what it changed upstream.
+type refreshed struct {
 	tok             *storedToken
 	rotated         map[string]string
 	secretExpiresAt time.Time
 }
 
-// with returns the record after a successful mint: the new token, the
+// with returns the record after a successful refresh: the new token, the
 // rotated secrets merged in, the error cleared.
-func (r tokenRecord) with(m *minted, now time.Time) tokenRecord {
+func (r tokenRecord) with(m *refreshed, now time.Time) tokenRecord {
 	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated,
 		RetiredBefore: r.RetiredBefore, RetireEpoch: r.RetireEpoch, ConfigHash: r.ConfigHash}
 	if len(m.rotated) > 0 {
