@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"context"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
@@ -8,7 +9,8 @@ import (
 	"net/url"
 	"strings"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/hashicorp/vault/sdk/helper/errutil"
+	"github.com/hashicorp/vault/sdk/logical"
 )
 
 // fieldError is a rejected input; its text names the field.
@@ -110,31 +112,40 @@ func normalizeAccounts(in []string) ([]string, error) {
 	return out, nil
 }
 
-// checkGuards applies require_readonly and allowed_accounts to what the
-// broker reported about tok. The error names the offending accounts.
-func checkGuards(cfg *brokerConfig, tok *storedToken) error {
-	if cfg.RequireReadOnly && !tok.ReadOnly {
-		return fmt.Errorf("%w: require_readonly is set but %s reports this token can trade (accounts %s); issue a read-only token at the broker, or unset require_readonly", provider.ErrGuard, cfg.Provider, strings.Join(tok.AccountIDs, ", "))
+// Vault's field conversion quotes a value it cannot convert in its error
+// ("got unconvertible type ..., value: ..."). For a secret field given as a
+// list or an object that would echo the secret, so those requests are
+// refused here, before the framework sees them, with a message that names
+// the field and not the value.
+
+func (b *backend) secretTypeError(req *logical.Request) error {
+	if !strings.HasPrefix(req.Path, "config/") || req.Data == nil {
+		return nil
 	}
-	if len(cfg.AllowedAccounts) > 0 && len(tok.AccountIDs) == 0 {
-		// No evidence is not evidence of nothing: the broker did not say
-		// which accounts the token reaches.
-		return fmt.Errorf("%w: %s listed no account for this token, so allowed_accounts cannot be checked; unset allowed_accounts or use a secret whose token names its accounts", provider.ErrGuard, cfg.Provider)
-	}
-	if len(cfg.AllowedAccounts) > 0 {
-		allowed := map[string]bool{}
-		for _, a := range cfg.AllowedAccounts {
-			allowed[a] = true
-		}
-		var outside []string
-		for _, a := range tok.AccountIDs {
-			if !allowed[a] {
-				outside = append(outside, a)
+	for _, name := range b.providerFieldNames() {
+		if v, ok := req.Data[name]; ok {
+			if _, isString := v.(string); !isString && v != nil {
+				return fmt.Errorf("%s: must be a string", name)
 			}
-		}
-		if len(outside) > 0 {
-			return fmt.Errorf("%w: the token reaches accounts outside allowed_accounts: %s; limit the token to those accounts at the broker, or add them to allowed_accounts", provider.ErrGuard, strings.Join(outside, ", "))
 		}
 	}
 	return nil
+}
+
+// HandleRequest refuses secret fields of the wrong type, then defers to the
+// framework.
+func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*logical.Response, error) {
+	if err := b.secretTypeError(req); err != nil {
+		return logical.ErrorResponse(err.Error()), nil
+	}
+	return b.Backend.HandleRequest(ctx, req)
+}
+
+// HandleExistenceCheck does the same for the existence check, which Vault
+// runs before the request and which also converts fields.
+func (b *backend) HandleExistenceCheck(ctx context.Context, req *logical.Request) (bool, bool, error) {
+	if err := b.secretTypeError(req); err != nil {
+		return false, false, errutil.UserError{Err: err.Error()}
+	}
+	return b.Backend.HandleExistenceCheck(ctx, req)
 }
