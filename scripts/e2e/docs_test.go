@@ -205,6 +205,7 @@ var messagePatterns = []*regexp.Regexp{
 	regexp.MustCompile(`badField\([^,]+,\s*"((?:[^"\\]|\\.)*)"`),
 	regexp.MustCompile(`logical\.ErrorResponse\(\s*"((?:[^"\\]|\\.)*)"`),
 	regexp.MustCompile(`logical\.CodedError\([^,]+,\s*fmt\.Sprintf\(\s*"((?:[^"\\]|\\.)*)"`),
+	regexp.MustCompile(`failed\(\w+,\s*fmt\.Sprintf\(\s*"((?:[^"\\]|\\.)*)"`),
 	regexp.MustCompile(`AddWarning\(\s*"((?:[^"\\]|\\.)*)"`),
 	regexp.MustCompile(`(?:Hint|hint\w*|authHint)\s*=\s*"((?:[^"\\]|\\.)*)"`),
 	regexp.MustCompile(`(?:fmt\.Errorf|errors\.New)\(\s*"((?:[^"\\]|\\.)*)"`),
