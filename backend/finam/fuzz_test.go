@@ -2,7 +2,6 @@ package finam
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
@@ -10,8 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
-	"unicode/utf8"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
@@ -26,29 +25,16 @@ const (
 	fuzzSecretMarker = "@@SECRET@@"
 )
 
+// fuzzJWT is a Finam-shaped JWT: Finam's code reads its claims only.
 func fuzzJWT(claims string) string {
-	enc := base64.RawURLEncoding.EncodeToString
-	return enc([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc([]byte(claims)) + ".c2ln"
-}
-
-// leaksSecret reports whether msg shows the secret, whole or as a leading
-// piece of 8 or more characters that the broker's own words (body with the
-// secret taken out) do not explain.
-func leaksSecret(msg, secret, bodyWithoutSecret string) bool {
-	if strings.Contains(msg, secret) {
-		return true
-	}
-	head := secret[:8]
-	return strings.Contains(msg, head) && !strings.Contains(bodyWithoutSecret, head)
+	return brokertest.JWT(`{"alg":"HS256","typ":"JWT"}`, claims)
 }
 
 // checkUpstreamError holds for every error Finam's code returns.
 func checkUpstreamError(t *testing.T, err error, bodyWithoutSecret string) *upstream.Error {
 	t.Helper()
 	msg := err.Error()
-	if leaksSecret(msg, fuzzSecret, bodyWithoutSecret) {
-		t.Fatalf("error shows the secret: %q", msg)
-	}
+	brokertest.CheckLeak(t, msg, bodyWithoutSecret, fuzzSecret)
 	ue, ok := upstream.AsError(err)
 	if !ok {
 		// Only the local refusals (empty secret) are plain errors.
@@ -57,14 +43,7 @@ func checkUpstreamError(t *testing.T, err error, bodyWithoutSecret string) *upst
 	if ue.Broker != "Finam" || !strings.HasPrefix(msg, "Finam POST /v1/sessions") {
 		t.Fatalf("error does not name Finam and the call: %q", msg)
 	}
-	// What the broker said reaches Vault responses, config status and logs:
-	// an excerpt, bounded and free of control characters.
-	if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
-		t.Fatalf("error is not an excerpt: message of %d runes, code of %d", utf8.RuneCountInString(ue.Message), utf8.RuneCountInString(ue.Code))
-	}
-	if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
-		t.Fatalf("error carries control characters: %q", msg)
-	}
+	brokertest.CheckExcerpt(t, msg, ue.Message, ue.Code)
 	return ue
 }
 
