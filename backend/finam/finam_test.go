@@ -38,7 +38,7 @@ func TestIssueAgainstSandbox(t *testing.T) {
 	}{
 		{"trading secret", sandbox.FinamSecret, false, false, "1899011,1899012"},
 		{"read-only secret", sandbox.FinamReadOnlySecret, false, true, "1899011"},
-		// brokers.md: a gateway may send the enum's number.
+		// A gateway may send the enum's number (docs/finam.md).
 		{"quote_level as a number", sandbox.FinamSecret, true, false, "1899011,1899012"},
 	}
 	for _, tc := range cases {

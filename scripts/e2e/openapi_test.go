@@ -17,10 +17,11 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
 )
 
-// configFields is the public field list of config/<name>: design.md and
-// docs/configuration.md. A field added to the plugin must be added here (and
-// documented); a field removed breaks the public API. Which providers a
-// field's description must name comes from the registry (fieldProviders).
+// configFields is the public field list of config/<name>, as
+// docs/configuration.md documents it. A field added to the plugin must be
+// added here (and documented); a field removed breaks the public API. Which
+// providers a field's description must name comes from the registry
+// (fieldProviders).
 var configFields = map[string]struct {
 	secret bool
 	// option: the Spec property that makes the option apply to a provider.
@@ -249,7 +250,7 @@ func TestOpenAPIDescribesEveryPathAndField(t *testing.T) {
 		}
 		for name := range props {
 			if _, ok := configFields[name]; !ok {
-				t.Errorf("field %s is in the OpenAPI document but not in the public field list (design.md, docs/configuration.md): document it and add it to configFields", name)
+				t.Errorf("field %s is in the OpenAPI document but not in the public field list (docs/configuration.md): document it and add it to configFields", name)
 			}
 		}
 		// Types a client generator relies on.

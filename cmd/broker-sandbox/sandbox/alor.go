@@ -15,9 +15,9 @@ import (
 	"time"
 )
 
-// The ALOR fake follows brokers.md: POST /refresh exchanges a refresh token
-// (query ?token= or JSON body {"token","allowedPortfolios"}) for an ES256
-// access JWT. One listener serves every broker, and ALOR's production and
+// The ALOR fake follows ALOR's protocol (docs/alor.md, docs/sandbox.md): POST
+// /refresh exchanges a refresh token (query ?token= or JSON body
+// {"token","allowedPortfolios"}) for an ES256 access JWT. One listener serves every broker, and ALOR's production and
 // test environments share the path /refresh, so the test environment
 // (oauthdev.alor.ru) is served under the prefix AlorDevPrefix: a config of
 // environment "sandbox" uses base URL "<sandbox>/alor-dev", and the provider
