@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"maps"
 	"math/big"
 	"net"
 	"net/http/httptest"
@@ -560,7 +561,7 @@ func (w *configWriter) check(t *testing.T, prov, env, baseURL, caCert, ttl, maxT
 	rejected := err != nil || (resp != nil && resp.IsError())
 	if rejected {
 		if !reflect.DeepEqual(before, after) {
-			t.Fatalf("a rejected write changed storage (%v): %v -> %v", shown, keys(before), keys(after))
+			t.Fatalf("a rejected write changed storage (%v): %v -> %v", shown, slices.Sorted(maps.Keys(before)), slices.Sorted(maps.Keys(after)))
 		}
 		return
 	}
@@ -592,13 +593,4 @@ func (w *configWriter) check(t *testing.T, prov, env, baseURL, caCert, ttl, maxT
 			t.Fatalf("%s_set is %v after writing %s", k, read.Data[k+"_set"], k)
 		}
 	}
-}
-
-func keys(m map[string]string) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
 }

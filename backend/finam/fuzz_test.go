@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -219,7 +220,7 @@ func FuzzIssue(f *testing.F) {
 		f.Fatal(err)
 	}
 	now := time.Now().Unix()
-	jwt := fuzzJWT(`{"iat":` + itoa(now) + `,"exp":` + itoa(now+900) + `}`)
+	jwt := fuzzJWT(`{"iat":` + strconv.FormatInt(now, 10) + `,"exp":` + strconv.FormatInt(now+900, 10) + `}`)
 	detOK := `{"created_at":"` + time.Unix(now, 0).UTC().Format(time.RFC3339) + `","expires_at":"` + time.Unix(now+900, 0).UTC().Format(time.RFC3339) + `","account_ids":["1899011"],"readonly":true}`
 	f.Add(200, `{"token":"`+jwt+`"}`, 200, detOK)
 	f.Add(200, `{"token":"`+jwt+`"}`, 200, `{}`)
@@ -261,9 +262,4 @@ func FuzzIssue(f *testing.F) {
 			t.Fatalf("accepted token %+v", tok)
 		}
 	})
-}
-
-func itoa(n int64) string {
-	b, _ := json.Marshal(n)
-	return string(b)
 }
