@@ -329,9 +329,9 @@ func classify(call upstream.Call, r *upstream.Response, env string, narrowing bo
 	e.Message = upstream.Quote(message(r.Body), call.Secrets...)
 	switch {
 	case r.Status == http.StatusForbidden || r.Status == http.StatusUnauthorized:
-		// brokers.md: 403 means the refresh token is wrong, expired or
-		// revoked; 401 is not documented for /refresh, but an auth failure
-		// all the same.
+		// 403 means the refresh token is wrong, expired or revoked
+		// (docs/alor.md); 401 is not documented for /refresh, but an auth
+		// failure all the same.
 		e.Failure = upstream.Unauthorized
 		e.Hint = authHint
 		if env != "" {

@@ -3,7 +3,6 @@ package alor
 import (
 	"bytes"
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"io"
@@ -280,9 +279,8 @@ func TestIssueErrors(t *testing.T) {
 // fakeJWT builds an unsigned-but-well-formed JWT with the given claims: the
 // provider reads claims only, so the signature does not matter here.
 func fakeJWT(claims map[string]any) string {
-	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"ES256","typ":"JWT"}`))
 	body, _ := json.Marshal(claims)
-	return hdr + "." + base64.RawURLEncoding.EncodeToString(body) + ".c2ln"
+	return fuzzJWT(string(body))
 }
 
 // Responses the sandbox does not produce: odd, broken or hostile brokers.

@@ -2,7 +2,6 @@ package alor
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -12,8 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
-	"unicode/utf8"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
@@ -27,35 +26,20 @@ const (
 	fuzzRefreshMarker = "@@REFRESH@@"
 )
 
+// fuzzJWT is an ALOR-shaped access JWT: ALOR's code reads its claims only.
 func fuzzJWT(claims string) string {
-	enc := base64.RawURLEncoding.EncodeToString
-	return enc([]byte(`{"alg":"ES256","typ":"JWT"}`)) + "." + enc([]byte(claims)) + ".c2ln"
-}
-
-func leaksRefresh(msg, without string) bool {
-	if strings.Contains(msg, fuzzRefresh) {
-		return true
-	}
-	head := fuzzRefresh[:8]
-	return strings.Contains(msg, head) && !strings.Contains(without, head)
+	return brokertest.JWT(`{"alg":"ES256","typ":"JWT"}`, claims)
 }
 
 func checkError(t *testing.T, err error, without string) *upstream.Error {
 	t.Helper()
 	msg := err.Error()
-	if leaksRefresh(msg, without) {
-		t.Fatalf("error shows the refresh token: %q", msg)
-	}
+	brokertest.CheckLeak(t, msg, without, fuzzRefresh)
 	if ue, ok := upstream.AsError(err); ok {
 		if ue.Broker != display || !strings.HasPrefix(msg, "ALOR POST /refresh") {
 			t.Fatalf("error does not name ALOR and the call: %q", msg)
 		}
-		if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
-			t.Fatalf("error is not an excerpt: message of %d runes", utf8.RuneCountInString(ue.Message))
-		}
-		if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
-			t.Fatalf("error carries control characters: %q", msg)
-		}
+		brokertest.CheckExcerpt(t, msg, ue.Message, ue.Code)
 		return ue
 	}
 	// The only other errors are narrowing refusals, guard errors by design.

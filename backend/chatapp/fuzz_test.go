@@ -11,8 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
-	"unicode/utf8"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
@@ -40,26 +40,10 @@ func unmarked(body string) string {
 	return strings.NewReplacer(markPassword, "", markRefresh, "").Replace(body)
 }
 
-// leaks reports whether msg shows a secret, whole or as a leading piece of 8
-// or more characters that the broker's own words do not explain.
-func leaks(msg, without string) string {
-	for _, s := range fuzzSecrets {
-		if strings.Contains(msg, s) {
-			return s
-		}
-		if head := s[:8]; strings.Contains(msg, head) && !strings.Contains(without, head) {
-			return s
-		}
-	}
-	return ""
-}
-
 func checkError(t *testing.T, err error, without string) *upstream.Error {
 	t.Helper()
 	msg := err.Error()
-	if s := leaks(msg, without); s != "" {
-		t.Fatalf("error shows secret %q: %q", s, msg)
-	}
+	brokertest.CheckLeak(t, msg, without, fuzzSecrets...)
 	ue, ok := upstream.AsError(err)
 	if !ok {
 		t.Fatalf("not an *upstream.Error: %T %v", err, err)
@@ -67,12 +51,7 @@ func checkError(t *testing.T, err error, without string) *upstream.Error {
 	if ue.Broker != display || !strings.HasPrefix(msg, "ChatApp ") {
 		t.Fatalf("error does not name ChatApp: %q", msg)
 	}
-	if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
-		t.Fatalf("error is not an excerpt: message of %d runes, code of %d", utf8.RuneCountInString(ue.Message), utf8.RuneCountInString(ue.Code))
-	}
-	if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
-		t.Fatalf("error carries control characters: %q", msg)
-	}
+	brokertest.CheckExcerpt(t, msg, ue.Message, ue.Code)
 	return ue
 }
 

@@ -75,7 +75,7 @@ var quoteLevels = []string{
 }
 
 // QuoteLevel is the quote_level enum, held by name. REST sends the name,
-// but a gateway may send the number (brokers.md): both are read, so that
+// but a gateway may send the number (docs/finam.md): both are read, so that
 // one permission's encoding never fails the whole mint. A number the enum
 // does not know is kept as its decimal text.
 type QuoteLevel string

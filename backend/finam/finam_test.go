@@ -2,7 +2,6 @@ package finam
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -39,7 +38,7 @@ func TestIssueAgainstSandbox(t *testing.T) {
 	}{
 		{"trading secret", sandbox.FinamSecret, false, false, "1899011,1899012"},
 		{"read-only secret", sandbox.FinamReadOnlySecret, false, true, "1899011"},
-		// brokers.md: a gateway may send the enum's number.
+		// A gateway may send the enum's number (docs/finam.md).
 		{"quote_level as a number", sandbox.FinamSecret, true, false, "1899011,1899012"},
 	}
 	for _, tc := range cases {
@@ -154,7 +153,7 @@ func TestIssueBadResponses(t *testing.T) {
 func TestExpiryFallsBackToJWT(t *testing.T) {
 	now := time.Now().Truncate(time.Second)
 	payload, _ := json.Marshal(map[string]any{"iat": now.Unix(), "exp": now.Add(15 * time.Minute).Unix()})
-	jwt := "e30." + base64.RawURLEncoding.EncodeToString(payload) + ".sig"
+	jwt := fuzzJWT(string(payload))
 	tok, err := tokenFrom(jwt, Details{}, now)
 	if err != nil {
 		t.Fatal(err)

@@ -2,16 +2,16 @@ package finam
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-	"unicode/utf8"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
@@ -26,29 +26,16 @@ const (
 	fuzzSecretMarker = "@@SECRET@@"
 )
 
+// fuzzJWT is a Finam-shaped JWT: Finam's code reads its claims only.
 func fuzzJWT(claims string) string {
-	enc := base64.RawURLEncoding.EncodeToString
-	return enc([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc([]byte(claims)) + ".c2ln"
-}
-
-// leaksSecret reports whether msg shows the secret, whole or as a leading
-// piece of 8 or more characters that the broker's own words (body with the
-// secret taken out) do not explain.
-func leaksSecret(msg, secret, bodyWithoutSecret string) bool {
-	if strings.Contains(msg, secret) {
-		return true
-	}
-	head := secret[:8]
-	return strings.Contains(msg, head) && !strings.Contains(bodyWithoutSecret, head)
+	return brokertest.JWT(`{"alg":"HS256","typ":"JWT"}`, claims)
 }
 
 // checkUpstreamError holds for every error Finam's code returns.
 func checkUpstreamError(t *testing.T, err error, bodyWithoutSecret string) *upstream.Error {
 	t.Helper()
 	msg := err.Error()
-	if leaksSecret(msg, fuzzSecret, bodyWithoutSecret) {
-		t.Fatalf("error shows the secret: %q", msg)
-	}
+	brokertest.CheckLeak(t, msg, bodyWithoutSecret, fuzzSecret)
 	ue, ok := upstream.AsError(err)
 	if !ok {
 		// Only the local refusals (empty secret) are plain errors.
@@ -57,14 +44,7 @@ func checkUpstreamError(t *testing.T, err error, bodyWithoutSecret string) *upst
 	if ue.Broker != "Finam" || !strings.HasPrefix(msg, "Finam POST /v1/sessions") {
 		t.Fatalf("error does not name Finam and the call: %q", msg)
 	}
-	// What the broker said reaches Vault responses, config status and logs:
-	// an excerpt, bounded and free of control characters.
-	if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
-		t.Fatalf("error is not an excerpt: message of %d runes, code of %d", utf8.RuneCountInString(ue.Message), utf8.RuneCountInString(ue.Code))
-	}
-	if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
-		t.Fatalf("error carries control characters: %q", msg)
-	}
+	brokertest.CheckExcerpt(t, msg, ue.Message, ue.Code)
 	return ue
 }
 
@@ -240,7 +220,7 @@ func FuzzIssue(f *testing.F) {
 		f.Fatal(err)
 	}
 	now := time.Now().Unix()
-	jwt := fuzzJWT(`{"iat":` + itoa(now) + `,"exp":` + itoa(now+900) + `}`)
+	jwt := fuzzJWT(`{"iat":` + strconv.FormatInt(now, 10) + `,"exp":` + strconv.FormatInt(now+900, 10) + `}`)
 	detOK := `{"created_at":"` + time.Unix(now, 0).UTC().Format(time.RFC3339) + `","expires_at":"` + time.Unix(now+900, 0).UTC().Format(time.RFC3339) + `","account_ids":["1899011"],"readonly":true}`
 	f.Add(200, `{"token":"`+jwt+`"}`, 200, detOK)
 	f.Add(200, `{"token":"`+jwt+`"}`, 200, `{}`)
@@ -282,9 +262,4 @@ func FuzzIssue(f *testing.F) {
 			t.Fatalf("accepted token %+v", tok)
 		}
 	})
-}
-
-func itoa(n int64) string {
-	b, _ := json.Marshal(n)
-	return string(b)
 }

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 )
 
 // Fuzz targets for the JWT helpers every minted provider reads broker
@@ -15,11 +17,6 @@ import (
 // input entirely. Run one with, e.g.:
 //
 //	go test -run '^$' -fuzz '^FuzzJWTClaims$' -fuzztime 30s ./backend/provider
-
-func jwtOf(header, payload string) string {
-	enc := base64.RawURLEncoding.EncodeToString
-	return enc([]byte(header)) + "." + enc([]byte(payload)) + ".c2lnbmF0dXJl"
-}
 
 // FuzzJWTClaims: a token the parser accepts has three parts and a JSON
 // object payload whose claims survive a round trip through JSON; a token it
@@ -32,7 +29,7 @@ func FuzzJWTClaims(f *testing.F) {
 		`{"exp":1.7672265005e9,"iat":0,"nested":{"a":[1,2,{"b":null}]},"uni":"Брокерский счёт"}`,
 		`{}`, `[]`, `"exp"`, `{"exp":`, ``,
 	} {
-		f.Add(jwtOf(`{"alg":"HS256","typ":"JWT"}`, p))
+		f.Add(brokertest.JWT(`{"alg":"HS256","typ":"JWT"}`, p))
 	}
 	f.Add("eyJhbGciOiJFUzI1NiJ9.eyJleHAiOjE3NjcyMjc0MDB9.")
 	f.Add("a.b")
@@ -47,7 +44,7 @@ func FuzzJWTClaims(f *testing.F) {
 // with a nil claims map and no error, though the parser's contract (and its
 // own error text) is that the payload is a JSON object.
 func TestFuzzFindingNullPayload(t *testing.T) {
-	checkJWTClaims(t, jwtOf(`{"alg":"HS256"}`, `null`))
+	checkJWTClaims(t, brokertest.JWT(`{"alg":"HS256"}`, `null`))
 }
 
 func checkJWTClaims(t *testing.T, token string) {

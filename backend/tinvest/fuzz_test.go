@@ -11,8 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
-	"unicode/utf8"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
@@ -27,22 +27,10 @@ const (
 	fuzzTokenMarker = "@@TOKEN@@"
 )
 
-// leaksToken reports whether msg shows the token, whole or as a leading piece
-// of 8 or more characters that the gateway's own words do not explain.
-func leaksToken(msg, without string) bool {
-	if strings.Contains(msg, fuzzToken) {
-		return true
-	}
-	head := fuzzToken[:8]
-	return strings.Contains(msg, head) && !strings.Contains(without, head)
-}
-
 func checkError(t *testing.T, err error, without string) *upstream.Error {
 	t.Helper()
 	msg := err.Error()
-	if leaksToken(msg, without) {
-		t.Fatalf("error shows the token: %q", msg)
-	}
+	brokertest.CheckLeak(t, msg, without, fuzzToken)
 	ue, ok := upstream.AsError(err)
 	if !ok {
 		t.Fatalf("not an *upstream.Error: %T %v", err, err)
@@ -50,12 +38,7 @@ func checkError(t *testing.T, err error, without string) *upstream.Error {
 	if ue.Broker != display || !strings.HasPrefix(msg, "T-Invest POST UsersService/") {
 		t.Fatalf("error does not name T-Invest and the call: %q", msg)
 	}
-	if utf8.RuneCountInString(ue.Message) > 512 || utf8.RuneCountInString(ue.Code) > 201 {
-		t.Fatalf("error is not an excerpt: message of %d runes, code of %d", utf8.RuneCountInString(ue.Message), utf8.RuneCountInString(ue.Code))
-	}
-	if strings.ContainsFunc(msg, func(r rune) bool { return r < 0x20 }) {
-		t.Fatalf("error carries control characters: %q", msg)
-	}
+	brokertest.CheckExcerpt(t, msg, ue.Message, ue.Code)
 	return ue
 }
 

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"net/http/httptest"
 	"os"
 	"os/exec"
@@ -107,7 +106,7 @@ func setup(ctx context.Context, kvBin string, keep bool, logf func(string, ...an
 func (e *env) mountKV(ctx context.Context, kvBin string) error {
 	// The catalog runs only binaries inside the plugin directory: copy it.
 	e.kvExe = filepath.Join(e.v.PluginDir, kvPluginName)
-	if err := copyFile(kvBin, e.kvExe); err != nil {
+	if err := vaulttest.CopyFile(kvBin, e.kvExe); err != nil {
 		return err
 	}
 	sum, err := vaulttest.FileSHA256(e.kvExe)
@@ -182,23 +181,6 @@ func kvPluginVersion() (string, error) {
 		return "", fmt.Errorf("%s does not require %s", p, kvModule)
 	}
 	return string(m[1]), nil
-}
-
-func copyFile(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }
 
 // gitInfo describes the checkout the numbers belong to.

@@ -2,9 +2,11 @@ package e2e
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -128,7 +130,7 @@ func TestDocsCoverEveryField(t *testing.T) {
 	t.Run("config fields are in configuration.md", func(t *testing.T) {
 		doc := openAPIDoc(t, e.vault)
 		props, _ := requestProperties(t, doc, asObj(digJSON(doc, "paths", "/broker/config/{name}", "post")))
-		if miss := undocumented(jsonKeys(props), inTable); len(miss) > 0 {
+		if miss := undocumented(slices.Sorted(maps.Keys(props)), inTable); len(miss) > 0 {
 			t.Errorf("config fields with no row in docs/configuration.md: %v", miss)
 		}
 	})
@@ -140,7 +142,7 @@ func TestDocsCoverEveryField(t *testing.T) {
 			if len(cred.Data) == 0 {
 				t.Fatalf("%s creds returned no data", c.provider)
 			}
-			if miss := undocumented(jsonKeys(cred.Data), inTable); len(miss) > 0 {
+			if miss := undocumented(slices.Sorted(maps.Keys(cred.Data)), inTable); len(miss) > 0 {
 				t.Errorf("%s creds return fields with no row in docs/configuration.md: %v", c.provider, miss)
 			}
 		}
@@ -157,7 +159,7 @@ func TestDocsCoverEveryField(t *testing.T) {
 				}
 				return table[k]
 			}
-			if miss := undocumented(jsonKeys(out.Data), documented); len(miss) > 0 {
+			if miss := undocumented(slices.Sorted(maps.Keys(out.Data)), documented); len(miss) > 0 {
 				t.Errorf("a %s config read returns fields with no row in docs/configuration.md: %v", c.provider, miss)
 			}
 		}
@@ -173,7 +175,7 @@ func TestDocsCoverEveryField(t *testing.T) {
 			if len(r.Data) == 0 {
 				t.Fatalf("empty response: %+v", r)
 			}
-			fields = append(fields, jsonKeys(r.Data)...)
+			fields = append(fields, slices.Sorted(maps.Keys(r.Data))...)
 		}
 		if miss := undocumented(fields, func(f string) bool { return strings.Contains(docs, "`"+f+"`") }); len(miss) > 0 {
 			t.Errorf("response fields not named (as `field`) anywhere in docs/ or README.md: %v", miss)

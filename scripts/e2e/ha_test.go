@@ -3,8 +3,9 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/http/httptest"
-	"sort"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -504,12 +505,7 @@ func (l *readLoad) failover(kill time.Time, nodes []*vaulttest.Node) failoverFig
 			p.last = d
 		}
 	}
-	var ids []string
-	for id := range byNode {
-		ids = append(ids, id)
-	}
-	sort.Strings(ids)
-	for _, id := range ids {
+	for _, id := range slices.Sorted(maps.Keys(byNode)) {
 		p := byNode[id]
 		line := fmt.Sprintf("%s: %d served, %d failed; first served %s after the kill, last failure ended %s after", id, p.ok, p.failed,
 			p.first.Round(10*time.Millisecond), p.last.Round(10*time.Millisecond))

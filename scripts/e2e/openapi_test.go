@@ -4,8 +4,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -17,10 +19,11 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
 )
 
-// configFields is the public field list of config/<name>: design.md and
-// docs/configuration.md. A field added to the plugin must be added here (and
-// documented); a field removed breaks the public API. Which providers a
-// field's description must name comes from the registry (fieldProviders).
+// configFields is the public field list of config/<name>, as
+// docs/configuration.md documents it. A field added to the plugin must be
+// added here (and documented); a field removed breaks the public API. Which
+// providers a field's description must name comes from the registry
+// (fieldProviders).
 var configFields = map[string]struct {
 	secret bool
 	// option: the Spec property that makes the option apply to a provider.
@@ -146,15 +149,6 @@ func camel(id string) string {
 	return b.String()
 }
 
-func jsonKeys(m map[string]any) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
-}
-
 // TestOpenAPIDescribesEveryPathAndField checks what API explorers, client
 // generators and `vault path-help` show: every path with its operations,
 // every config field with a description naming the providers it applies to,
@@ -226,7 +220,7 @@ func TestOpenAPIDescribesEveryPathAndField(t *testing.T) {
 
 	t.Run("every config field is in the document with a description", func(t *testing.T) {
 		props, how := requestProperties(t, doc, asObj(digJSON(paths, "/broker/config/{name}", "post")))
-		t.Logf("config fields found via %s: %s", how, strings.Join(jsonKeys(props), ", "))
+		t.Logf("config fields found via %s: %s", how, strings.Join(slices.Sorted(maps.Keys(props)), ", "))
 		for name, f := range configFields {
 			p := asObj(props[name])
 			if p == nil {
@@ -249,7 +243,7 @@ func TestOpenAPIDescribesEveryPathAndField(t *testing.T) {
 		}
 		for name := range props {
 			if _, ok := configFields[name]; !ok {
-				t.Errorf("field %s is in the OpenAPI document but not in the public field list (design.md, docs/configuration.md): document it and add it to configFields", name)
+				t.Errorf("field %s is in the OpenAPI document but not in the public field list (docs/configuration.md): document it and add it to configFields", name)
 			}
 		}
 		// Types a client generator relies on.
@@ -266,7 +260,7 @@ func TestOpenAPIDescribesEveryPathAndField(t *testing.T) {
 		}
 		sp, _ := requestProperties(t, doc, asObj(digJSON(paths, "/broker/settings", "post")))
 		if d, _ := asObj(sp["allowed_hosts"])["description"].(string); strings.TrimSpace(d) == "" {
-			t.Errorf("settings field allowed_hosts has no description (%v)", jsonKeys(sp))
+			t.Errorf("settings field allowed_hosts has no description (%v)", slices.Sorted(maps.Keys(sp)))
 		}
 	})
 
@@ -275,12 +269,12 @@ func TestOpenAPIDescribesEveryPathAndField(t *testing.T) {
 		e.cliJSON(&own, "path-help", "-format=json", "broker/config/x")
 		op := asObj(digJSON(own, "paths", "/config/{name}", "post"))
 		if op == nil {
-			t.Fatalf("path-help -format=json has no /config/{name} post: %v", jsonKeys(asObj(own["paths"])))
+			t.Fatalf("path-help -format=json has no /config/{name} post: %v", slices.Sorted(maps.Keys(asObj(own["paths"]))))
 		}
 		ownProps, _ := requestProperties(t, own, op)
 		merged, _ := requestProperties(t, doc, asObj(digJSON(paths, "/broker/config/{name}", "post")))
-		if strings.Join(jsonKeys(ownProps), ",") != strings.Join(jsonKeys(merged), ",") {
-			t.Fatalf("fields differ: plugin %v, Vault %v", jsonKeys(ownProps), jsonKeys(merged))
+		if !slices.Equal(slices.Sorted(maps.Keys(ownProps)), slices.Sorted(maps.Keys(merged))) {
+			t.Fatalf("fields differ: plugin %v, Vault %v", slices.Sorted(maps.Keys(ownProps)), slices.Sorted(maps.Keys(merged)))
 		}
 		for name, p := range ownProps {
 			if asObj(p)["description"] != asObj(merged[name])["description"] {

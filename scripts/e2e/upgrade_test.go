@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net/http/httptest"
 	"os"
 	"os/exec"
@@ -127,7 +126,9 @@ func TestUpgradeInPlaceAndDisable(t *testing.T) {
 	}
 	newName := vaulttest.PluginName + "-" + v2
 	newBin := filepath.Join(v.PluginDir, newName)
-	copyFile(t, filepath.Join(buildDir, vaulttest.PluginName), newBin)
+	if err := vaulttest.CopyFile(filepath.Join(buildDir, vaulttest.PluginName), newBin); err != nil {
+		t.Fatal(err)
+	}
 	e.cli("plugin", "register", "-sha256="+sum, "-version="+v2, "-command="+newName, "secret", vaulttest.PluginName)
 	for _, ver := range []string{v1, v2} {
 		e.cli("plugin", "info", "-version="+ver, "secret", vaulttest.PluginName)
@@ -240,24 +241,4 @@ func TestUpgradeInPlaceAndDisable(t *testing.T) {
 			t.Errorf("the server log shows failed revocations")
 		}
 	})
-}
-
-func copyFile(t *testing.T, from, to string) {
-	t.Helper()
-	in, err := os.Open(from)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
-	out, err := os.OpenFile(to, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		t.Fatal(err)
-	}
-	if err := out.Close(); err != nil {
-		t.Fatal(err)
-	}
 }

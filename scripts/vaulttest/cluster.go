@@ -123,7 +123,7 @@ func StartCluster(ctx context.Context, opts ClusterOptions) (*Cluster, error) {
 			}
 		}
 		if pluginPath != "" {
-			if err := copyFile(pluginPath, filepath.Join(nd.PluginDir, PluginName)); err != nil {
+			if err := CopyFile(pluginPath, filepath.Join(nd.PluginDir, PluginName)); err != nil {
 				return nil, err
 			}
 			if sum, err := FileSHA256(filepath.Join(nd.PluginDir, PluginName)); err != nil || sum != c.PluginSHA256 {
@@ -226,7 +226,9 @@ log_level        = %q
 	return c, nil
 }
 
-func copyFile(src, dst string) error {
+// CopyFile copies the file src to dst as an executable: the plugin
+// directory of a Vault under test takes copies of built binaries.
+func CopyFile(src, dst string) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err

@@ -5,12 +5,9 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"io"
-	"math/big"
 	"net/http"
 	"strconv"
 	"strings"
@@ -18,9 +15,9 @@ import (
 	"time"
 )
 
-// The ALOR fake follows brokers.md: POST /refresh exchanges a refresh token
-// (query ?token= or JSON body {"token","allowedPortfolios"}) for an ES256
-// access JWT. One listener serves every broker, and ALOR's production and
+// The ALOR fake follows ALOR's protocol (docs/alor.md, docs/sandbox.md): POST
+// /refresh exchanges a refresh token (query ?token= or JSON body
+// {"token","allowedPortfolios"}) for an ES256 access JWT. One listener serves every broker, and ALOR's production and
 // test environments share the path /refresh, so the test environment
 // (oauthdev.alor.ru) is served under the prefix AlorDevPrefix: a config of
 // environment "sandbox" uses base URL "<sandbox>/alor-dev", and the provider
@@ -464,60 +461,4 @@ func (s *Server) AlorLastAllowedPortfolios() []string {
 	s.alor.mu.Lock()
 	defer s.alor.mu.Unlock()
 	return append([]string(nil), s.alor.lastAllowed...)
-}
-
-// signES256 makes a compact JWS signed with ECDSA P-256 and SHA-256, the
-// signature being r||s as JWS requires (not ASN.1).
-func signES256(key *ecdsa.PrivateKey, claims map[string]any) (string, error) {
-	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"ES256","typ":"JWT","cty":"JWT"}`))
-	body, err := json.Marshal(claims)
-	if err != nil {
-		return "", err
-	}
-	input := hdr + "." + base64.RawURLEncoding.EncodeToString(body)
-	sum := sha256.Sum256([]byte(input))
-	r, s, err := ecdsa.Sign(rand.Reader, key, sum[:])
-	if err != nil {
-		return "", err
-	}
-	sig := make([]byte, 64)
-	r.FillBytes(sig[:32])
-	s.FillBytes(sig[32:])
-	return input + "." + base64.RawURLEncoding.EncodeToString(sig), nil
-}
-
-// verifyES256 checks an ES256 JWS and returns its claims.
-func verifyES256(pub *ecdsa.PublicKey, token string) (map[string]any, error) {
-	parts := strings.Split(token, ".")
-	if len(parts) != 3 {
-		return nil, errors.New("malformed token")
-	}
-	rawHdr, err := base64.RawURLEncoding.DecodeString(parts[0])
-	if err != nil {
-		return nil, errors.New("malformed header")
-	}
-	var hdr struct {
-		Alg string `json:"alg"`
-	}
-	if json.Unmarshal(rawHdr, &hdr) != nil || hdr.Alg != "ES256" {
-		return nil, errors.New("not an ES256 token")
-	}
-	sig, err := base64.RawURLEncoding.DecodeString(parts[2])
-	if err != nil || len(sig) != 64 {
-		return nil, errors.New("bad signature")
-	}
-	sum := sha256.Sum256([]byte(parts[0] + "." + parts[1]))
-	r, s := new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:])
-	if !ecdsa.Verify(pub, sum[:], r, s) {
-		return nil, errors.New("bad signature")
-	}
-	raw, err := base64.RawURLEncoding.DecodeString(parts[1])
-	if err != nil {
-		return nil, errors.New("malformed payload")
-	}
-	var claims map[string]any
-	if err := json.Unmarshal(raw, &claims); err != nil {
-		return nil, errors.New("malformed payload")
-	}
-	return claims, nil
 }

@@ -10,12 +10,13 @@ import (
 	"time"
 )
 
-// The ChatApp fake follows brokers.md and the ChatApp token docs:
+// The ChatApp fake follows ChatApp's token docs (docs/chatapp.md):
 // tokens.make (email, password, appId) returns an access/refresh pair,
 // tokens.refresh (header Refresh:) returns a new pair and kills the old
 // refresh token, tokens.check (header Authorization: <accessToken>, no
 // Bearer) validates an access token. Tokens are shaped like ChatApp's real
-// ones ("$2y$10$" and 53 characters), and clients must treat them as opaque.
+// ones ("$2y$10$" and 53 characters), and clients must treat them as opaque
+// (docs/chatapp.md, docs/sandbox.md).
 //
 // UNCONFIRMED, and so chosen here: every error code except
 // ApiInvalidTokenError (documented for an invalid or expired access token),

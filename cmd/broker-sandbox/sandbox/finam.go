@@ -35,8 +35,8 @@ type finamFake struct {
 	mu       sync.Mutex
 	lifetime time.Duration
 	limit    int
-	// numericQuoteLevel sends quote_level as the enum's number, which
-	// brokers.md says a gateway may do instead of the name.
+	// numericQuoteLevel sends quote_level as the enum's number, which a
+	// gateway may do instead of the name (docs/finam.md).
 	numericQuoteLevel bool
 	secrets           map[string]*finamAccount
 	sessions          map[string]finamSession // by jti

@@ -129,9 +129,10 @@ func TestAdminAPI(t *testing.T) {
 	}
 }
 
-// TestFinamVariants: the fake sends what brokers.md allows, not only the
-// easy form: quote_level as a number on request, empty lists and false
-// flags left out (proto3 JSON), and the presented secret echoed in a 401.
+// TestFinamVariants: the fake sends what Finam may (docs/finam.md), not
+// only the easy form: quote_level as a number on request, empty lists and
+// false flags left out (proto3 JSON), and the presented secret echoed in a
+// 401.
 func TestFinamVariants(t *testing.T) {
 	sb := New(Options{})
 	srv := httptest.NewServer(sb)

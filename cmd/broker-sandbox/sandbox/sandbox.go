@@ -1,7 +1,8 @@
 // Package sandbox serves local fakes of the brokers' token APIs, following
-// brokers.md: real signed JWTs with exp, the brokers' error bodies, rate
-// limits, and switches to inject latency, faults and revocation. It counts
-// calls per endpoint so tests and benchmarks can assert upstream traffic.
+// their published protocols (docs/sandbox.md): real signed JWTs with exp,
+// the brokers' error bodies, rate limits, and switches to inject latency,
+// faults and revocation. It counts calls per endpoint so tests and
+// benchmarks can assert upstream traffic.
 //
 // One Server hosts every broker on one listener: their paths do not overlap.
 // The admin API lives under /_sandbox/.

@@ -14,7 +14,7 @@ import (
 	"time"
 )
 
-// The T-Invest REST gateway, per brokers.md. The real broker has two hosts,
+// The T-Invest REST gateway (docs/tinvest.md). The real broker has two hosts,
 // production and sandbox, with the same paths under /rest. One listener
 // serves both here, so the environment is told by the path prefix: a client
 // whose base URL is "<sandbox>/rest" talks to production, and one whose base

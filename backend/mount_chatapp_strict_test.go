@@ -10,13 +10,13 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
 )
 
-// TestChatAppAccessDiesAtRefresh runs the plugin against the strict variant
+// TestMountChatAppAccessDiesAtRefresh runs the plugin against the strict variant
 // of an UNCONFIRMED fact: a refresh kills the old access token. The plugin
 // must then refresh only when the access token nears its end (never
 // mid-life), hand out the new token after every refresh it makes (the
 // refresh ahead, a read past the usable life, rotate-root), and never serve
 // the token a refresh killed.
-func TestChatAppAccessDiesAtRefresh(t *testing.T) {
+func TestMountChatAppAccessDiesAtRefresh(t *testing.T) {
 	// The sandbox's clock moves with the backend's: a pair ChatApp issues
 	// after a skip must look fresh to the backend. (The provider stamps
 	// IssuedAt with the real clock, so a pair issued after a skip looks

@@ -33,7 +33,7 @@ func (h *harness) storedRefresh(name string) string {
 	return rec.Rotated["refresh_token"]
 }
 
-func TestChatAppCredsAndForcedRotation(t *testing.T) {
+func TestMountChatAppCredsAndForcedRotation(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	resp, err := h.writeChatApp("chat", nil)
 	if errText(resp, err) != "" {
@@ -91,7 +91,7 @@ func TestChatAppCredsAndForcedRotation(t *testing.T) {
 	}
 }
 
-func TestChatAppSeededRefreshNeverMakes(t *testing.T) {
+func TestMountChatAppSeededRefreshNeverMakes(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	// Get a live refresh token from the fake to seed with.
 	if resp, err := h.writeChatApp("seed", nil); errText(resp, err) != "" {
@@ -113,7 +113,7 @@ func TestChatAppSeededRefreshNeverMakes(t *testing.T) {
 	}
 }
 
-func TestChatAppMakeBudget(t *testing.T) {
+func TestMountChatAppMakeBudget(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	if resp, err := h.writeChatApp("chat", map[string]any{"make_budget": 2}); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -143,7 +143,7 @@ func TestChatAppMakeBudget(t *testing.T) {
 	}
 }
 
-func TestChatAppTransientFailureNeverMakes(t *testing.T) {
+func TestMountChatAppTransientFailureNeverMakes(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	if resp, err := h.writeChatApp("chat", nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -160,7 +160,7 @@ func TestChatAppTransientFailureNeverMakes(t *testing.T) {
 	h.mustOK(logical.ReadOperation, "creds/chat", nil)
 }
 
-func TestChatAppPeriodicRotationAtHalfLife(t *testing.T) {
+func TestMountChatAppPeriodicRotationAtHalfLife(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	h.sb.SetChatAppLifetimes(24*time.Hour, 14*24*time.Hour)
 	if resp, err := h.writeChatApp("chat", nil); errText(resp, err) != "" {
@@ -186,7 +186,7 @@ func TestChatAppPeriodicRotationAtHalfLife(t *testing.T) {
 	}
 }
 
-func TestChatAppRecoversInterruptedRotation(t *testing.T) {
+func TestMountChatAppRecoversInterruptedRotation(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	if resp, err := h.writeChatApp("chat", nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -217,7 +217,7 @@ func TestChatAppRecoversInterruptedRotation(t *testing.T) {
 	}
 }
 
-func TestChatAppRefusesGuardsItCannotCheck(t *testing.T) {
+func TestMountChatAppRefusesGuardsItCannotCheck(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	for _, extra := range []map[string]any{{"require_readonly": true}, {"allowed_accounts": "1"}} {
 		resp, err := h.writeChatApp("chat", extra)
@@ -234,7 +234,7 @@ func TestChatAppRefusesGuardsItCannotCheck(t *testing.T) {
 // retired the old refresh token, storage still holds it, and the rotation
 // record written before the call is all that tells. Recovery through the
 // record costs exactly one tokens.make, and never loops.
-func TestChatAppCrashAfterAnswerRecoversThroughRecord(t *testing.T) {
+func TestMountChatAppCrashAfterAnswerRecoversThroughRecord(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	if resp, err := h.writeChatApp("chat", nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))

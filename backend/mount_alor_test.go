@@ -20,7 +20,7 @@ func (h *harness) writeAlor(name, token string, extra map[string]any) (*logical.
 	return h.do(logical.UpdateOperation, "config/"+name, data)
 }
 
-func TestAlorCredsNarrowedAndDescribed(t *testing.T) {
+func TestMountAlorCredsNarrowedAndDescribed(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	if resp, err := h.writeAlor("alor", sandbox.AlorRefreshToken, map[string]any{"allowed_accounts": "D12345"}); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -49,7 +49,7 @@ func TestAlorCredsNarrowedAndDescribed(t *testing.T) {
 	}
 }
 
-func TestAlorNarrowingIgnoredByBrokerIsRefused(t *testing.T) {
+func TestMountAlorNarrowingIgnoredByBrokerIsRefused(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	h.sb.SetAlorIgnoreNarrowing(true)
 	resp, err := h.writeAlor("alor", sandbox.AlorRefreshToken, map[string]any{"allowed_accounts": "D12345"})
@@ -64,11 +64,11 @@ func TestAlorNarrowingIgnoredByBrokerIsRefused(t *testing.T) {
 	}
 }
 
-// TestAlorRequireReadOnlyRefused: every refresh token self-issued on the
+// TestMountAlorRequireReadOnlyRefused: every refresh token self-issued on the
 // ALOR portal carries full rights (its JWT scope holds OrdersCreate), and no
 // public source shows a read-only one: require_readonly refuses the config,
 // saying the token can trade.
-func TestAlorRequireReadOnlyRefused(t *testing.T) {
+func TestMountAlorRequireReadOnlyRefused(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	resp, err := h.writeAlor("rw", sandbox.AlorRefreshToken, map[string]any{"require_readonly": true})
 	if statusOf(resp, err) != 400 || !containsAll(errText(resp, err), "can trade", "nothing was stored") {
@@ -79,7 +79,7 @@ func TestAlorRequireReadOnlyRefused(t *testing.T) {
 	}
 }
 
-func TestAlorRejectedRefreshTokenStopsServing(t *testing.T) {
+func TestMountAlorRejectedRefreshTokenStopsServing(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	h.sb.SetAlorTokenLifetime(9 * time.Second)
 	if resp, err := h.writeAlor("alor", sandbox.AlorRefreshToken, nil); errText(resp, err) != "" {
@@ -102,7 +102,7 @@ func TestAlorRejectedRefreshTokenStopsServing(t *testing.T) {
 	}
 }
 
-func TestAlorEnvironments(t *testing.T) {
+func TestMountAlorEnvironments(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	resp, err := h.writeAlor("dev", sandbox.AlorDevRefreshToken, map[string]any{"environment": "sandbox", "base_url": h.url + sandbox.AlorDevPrefix})
 	if errText(resp, err) != "" {
@@ -114,7 +114,7 @@ func TestAlorEnvironments(t *testing.T) {
 	}
 }
 
-func TestAlorRefreshTokenExpiry(t *testing.T) {
+func TestMountAlorRefreshTokenExpiry(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	soon := time.Now().Add(10 * 24 * time.Hour).UTC().Format(time.RFC3339)
 	resp, err := h.writeAlor("alor", sandbox.AlorRefreshToken, map[string]any{"refresh_token_expires_at": soon})

@@ -22,7 +22,7 @@ func (h *harness) writeTInvest(name, token string, extra map[string]any) (*logic
 	return h.do(logical.UpdateOperation, "config/"+name, data)
 }
 
-func TestTInvestTokenKinds(t *testing.T) {
+func TestMountTInvestTokenKinds(t *testing.T) {
 	cases := []struct {
 		name     string
 		token    string
@@ -67,7 +67,7 @@ func TestTInvestTokenKinds(t *testing.T) {
 	}
 }
 
-func TestTInvestGuards(t *testing.T) {
+func TestMountTInvestGuards(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	cases := []struct {
 		name  string
@@ -97,7 +97,7 @@ func TestTInvestGuards(t *testing.T) {
 	}
 }
 
-func TestTInvestRenewRevalidatesAndFailsOnceRevoked(t *testing.T) {
+func TestMountTInvestRenewRevalidatesAndFailsOnceRevoked(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	if resp, err := h.writeTInvest("tb", sandbox.TInvestFullToken, nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -142,7 +142,7 @@ func TestTInvestRenewRevalidatesAndFailsOnceRevoked(t *testing.T) {
 	}
 }
 
-func TestTInvestSandboxTokenOnProductionIsExplained(t *testing.T) {
+func TestMountTInvestSandboxTokenOnProductionIsExplained(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	resp, err := h.writeTInvest("tb", sandbox.TInvestSandboxToken, nil)
 	msg := errText(resp, err)
@@ -151,7 +151,7 @@ func TestTInvestSandboxTokenOnProductionIsExplained(t *testing.T) {
 	}
 }
 
-func TestTInvestKeepAliveTouchesOnlyDueConfigs(t *testing.T) {
+func TestMountTInvestKeepAliveTouchesOnlyDueConfigs(t *testing.T) {
 	h := newHarness(t, sandbox.Options{})
 	for _, name := range []string{"a", "b", "c"} {
 		if resp, err := h.writeTInvest(name, sandbox.TInvestReadOnlyToken, nil); errText(resp, err) != "" {
