@@ -1,12 +1,12 @@
 package upstream
 
 import (
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 )
 
@@ -93,16 +93,7 @@ func checkScoped(cs tls.ConnectionState, scoped map[string][]*x509.Certificate, 
 // usesAny reports whether chain relies on a cert of all that is not in allowed.
 func usesAny(chain, all, allowed []*x509.Certificate) bool {
 	for _, c := range chain {
-		if contains(all, c) && !contains(allowed, c) {
-			return true
-		}
-	}
-	return false
-}
-
-func contains(list []*x509.Certificate, c *x509.Certificate) bool {
-	for _, x := range list {
-		if bytes.Equal(x.Raw, c.Raw) {
+		if slices.ContainsFunc(all, c.Equal) && !slices.ContainsFunc(allowed, c.Equal) {
 			return true
 		}
 	}
