@@ -71,12 +71,8 @@ func TestFailedVerifyLeavesEverythingAsItWas(t *testing.T) {
 			if rec, _ := c.stored("x"); rec.Token == nil || rec.Token.ID != recBefore.Token.ID || rec.ConfigHash != recBefore.ConfigHash {
 				t.Fatalf("token record changed by a failed write: %+v", rec)
 			}
-			c.b.mu.RLock()
-			st := c.b.states["x"]
-			c.b.mu.RUnlock()
-			st.mu.Lock()
-			mem := st.cfg
-			st.mu.Unlock()
+			var mem *brokerConfig
+			c.inState("x", func(st *configState) { mem = st.cfg })
 			if mem.Secrets["secret"] != "s1" || mem.TTL != 30*time.Second || mem.RequireReadOnly {
 				t.Fatalf("in-memory config changed by a failed write: %+v", mem)
 			}

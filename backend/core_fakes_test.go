@@ -317,6 +317,20 @@ func (c *coreHarness) queued(name string, done <-chan struct{}) {
 // waitBackground waits for the backend's background mints to finish.
 func (c *coreHarness) waitIdle(name string) { waitIdle(c.b, name) }
 
+// inState runs fn on a config's in-memory state, under its mutex.
+func (c *coreHarness) inState(name string, fn func(st *configState)) {
+	c.t.Helper()
+	c.b.mu.RLock()
+	st := c.b.states[name]
+	c.b.mu.RUnlock()
+	if st == nil {
+		c.t.Fatalf("config %q has no in-memory state", name)
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	fn(st)
+}
+
 // waitIdle waits until no mint of name is under way on b: it waits on the
 // flights' done channels, never on a timer.
 func waitIdle(b *backend, name string) {

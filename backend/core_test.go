@@ -459,12 +459,8 @@ func TestPassthroughRenewsShareOneCall(t *testing.T) {
 	for range n - 1 {
 		go func() { errs <- renew() }()
 	}
-	c.b.mu.RLock()
-	st := c.b.states["p"]
-	c.b.mu.RUnlock()
-	st.mu.Lock()
-	fl := st.flight
-	st.mu.Unlock()
+	var fl *flight
+	c.inState("p", func(st *configState) { fl = st.flight })
 	until(t, "the renews never all waited on the one call", func() bool { return fl.waiters.Load() >= n })
 	release()
 	for range n {
