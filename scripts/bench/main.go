@@ -57,7 +57,7 @@ type options struct {
 func main() {
 	var o options
 	var skip, clients string
-	flag.BoolVar(&o.quick, "quick", false, "the cheap CI variant: P1 at 16 clients and the 1,000 cold reads, with generous guards")
+	flag.BoolVar(&o.quick, "quick", false, "the cheap CI variant: P1 at 16 clients and the 1,000 cold reads, with regression guards")
 	flag.BoolVar(&o.strict, "strict", true, "full run: exit 1 when a target is missed (false: report it only, for dev runs)")
 	flag.StringVar(&o.out, "out", "bench-results", "directory for the JSON result, or a path ending in .json")
 	flag.StringVar(&o.latest, "latest", "", "full run of a clean tree: also write the JSON result here (make bench: docs/bench/latest.json)")
