@@ -29,7 +29,11 @@ func (r *report) keepable() error {
 	case r.Git.Commit == "":
 		return errors.New("the run does not know its commit")
 	case r.Git.Dirty:
-		return fmt.Errorf("the tree was dirty at commit %s (%s): commit first, then run make bench", short(r.Git.Commit), strings.Join(r.Git.DirtyFiles, ", "))
+		files := ""
+		if len(r.Git.DirtyFiles) > 0 {
+			files = " (" + strings.Join(r.Git.DirtyFiles, ", ") + ")"
+		}
+		return fmt.Errorf("the tree was dirty at commit %s%s: commit first, then run make bench", short(r.Git.Commit), files)
 	case r.P1 == nil || r.P1.level(1) == nil || r.P1.level(16) == nil || r.P1.level(64) == nil:
 		return errors.New("P1 was skipped or ran without 1, 16 and 64 clients")
 	case r.P2Cold == nil || r.P2Steady == nil || r.P3 == nil || r.P4 == nil:
@@ -85,7 +89,7 @@ func replaceSection(doc []byte, section string) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
-var vaultVersionRe = regexp.MustCompile(`Vault v\S+`)
+var vaultVersionRe = regexp.MustCompile(`Vault v[0-9][^\s,]*`)
 
 // readmeSection is the README's performance section for a keepable run.
 func (r *report) readmeSection() string {
@@ -111,8 +115,8 @@ func (r *report) readmeSection() string {
 	fmt.Fprintln(&w)
 
 	c := r.P2Cold
-	fmt.Fprintf(&w, "- %s concurrent cold reads: %d upstream mint(s), %d answered with %d token(s).\n",
-		thousands(c.Readers), c.Mints, c.OK, c.DistinctTokens)
+	fmt.Fprintf(&w, "- %s concurrent cold reads: %d upstream mint(s), %s answered with %d token(s).\n",
+		thousands(c.Readers), c.Mints, thousands(c.OK), c.DistinctTokens)
 	s := r.P2Steady
 	fmt.Fprintf(&w, "- %s at %d reads/s with %.0f s tokens: %d mints (bound %.1f); %d reads waited on\n",
 		spell(s.DurationS), s.Rate, s.TokenLifetimeS, s.Mints, s.MintBound, s.WaitedOnBroker)
@@ -126,7 +130,7 @@ func (r *report) readmeSection() string {
 	none, some, _ := p4.tickBench()
 	fmt.Fprintf(&w, "- A periodic tick (Vault's rollback request through the backend, in-process over\n")
 	fmt.Fprintf(&w, "  %s configs on in-memory storage and an instant fake broker) costs %s with\n", benchConfigs(some.Name), nsStr(none.NsPerOp))
-	fmt.Fprintf(&w, "  nothing due and %s with 1%% due (%.0f validations, %.0f allocations)", nsStr(some.NsPerOp), some.ValidationsPerOp, some.AllocsPerOp)
+	fmt.Fprintf(&w, "  nothing due and %s with 1%% due (%.0f validations, %s allocations)", nsStr(some.NsPerOp), some.ValidationsPerOp, thousands(int(some.AllocsPerOp)))
 	if t := p4.DueTick; t != nil && t.Seen {
 		fmt.Fprintf(&w, ";\n  on Vault the tick with 1%% due took %.0f ms of wall time for %d upstream calls", t.WallMs, t.UpstreamCalls)
 	}
