@@ -147,7 +147,8 @@ func TestUpstreamFaults(t *testing.T) {
 	// live, up to some 11 MB at either look. The plugin reads at most 1 MB
 	// of a body, and the oversized-body and endless-stream faults make over
 	// a dozen such reads: keeping them would pass the bound.
-	if rtAfter.heapInuse > rtBefore.heapInuse+8<<20 {
+	const mb = 1 << 20
+	if rtAfter.heapInuse > rtBefore.heapInuse+8*mb {
 		t.Errorf("plugin heap in use grew from %.1f MB to %.1f MB across the faults", rtBefore.heapInuse/(1<<20), rtAfter.heapInuse/(1<<20))
 	}
 	// VmRSS also keeps freed pages the runtime has not returned yet (its
@@ -730,10 +731,10 @@ func procStatus(t *testing.T, pid int) procStat {
 
 // runtimeStat is what the plugin says about its own process through the Go
 // runtime and process collectors of broker/metrics: goroutines are what
-// /proc cannot show (a leaked goroutine costs 8 KB of stack, lost in RSS
-// noise long before it shows as a thread), and the heap in use is the
-// memory the plugin holds, without the pages the runtime has not yet
-// returned to the kernel that VmRSS still counts.
+// /proc cannot show (a leaked goroutine is no thread, and its 8 KB of stack
+// are lost in RSS noise), and the heap in use is the memory the plugin
+// holds, without the freed pages not yet returned to the kernel that VmRSS
+// still counts.
 type runtimeStat struct {
 	goroutines float64
 	threads    float64
