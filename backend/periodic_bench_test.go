@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"fmt"
+	"io"
 	"testing"
 	"time"
 
@@ -45,10 +46,19 @@ func benchPeriodicFunc(b *testing.B, due int) {
 		cohorts  = 100
 		interval = cohorts * time.Minute
 	)
+	// The harness's logger (the SDK's test config) writes to hclog's default
+	// output, and go test puts that on the same stream as the benchmark's
+	// result lines: a log line written between a result's name and its
+	// numbers breaks them for scripts/bench. Benchmarks run after every
+	// test, so nothing else logs meanwhile.
+	out := hclog.DefaultOutput
+	hclog.DefaultOutput = io.Discard
+	b.Cleanup(func() { hclog.DefaultOutput = out })
 	f := tinvestLike()
 	c := newCoreHarness(b, f)
-	// Vault's default log level: the test config logs at trace, and writing
-	// a debug line per validation would be most of what is measured.
+	// Vault's default log level: the test config logs at trace, and
+	// formatting a debug line per validation would be much of what is
+	// measured.
 	c.b.Logger().SetLevel(hclog.Info)
 	for k := range cohorts {
 		for i := range tickConfigs / cohorts {
@@ -78,10 +88,20 @@ func benchPeriodicFunc(b *testing.B, due int) {
 		}
 		return f.callCount() - calls
 	}
-	// The first tick of a backend lists the persisted index's hours; ticks
-	// after it are the steady state measured here.
+	// The first tick of a backend lists the persisted index's hours, and
+	// the first validation of each config in a process costs more than the
+	// next ones (about 57 allocations more, measured: 11,341 allocs/op over
+	// 100 ticks against 6,170 over 1,000). So one whole cycle, every config
+	// validated once, runs before the timer: what is measured is the steady
+	// state of a long-running plugin.
 	if got := run(); got != due {
 		b.Fatalf("the first tick validated %d configs, want %d", got, due)
+	}
+	for range cohorts - 1 {
+		c.clock.Advance(step)
+		if got := run(); got != due {
+			b.Fatalf("a warm-up tick validated %d configs, want %d", got, due)
+		}
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
