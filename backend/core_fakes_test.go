@@ -202,7 +202,7 @@ func (g *gateStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
 // coreHarness is a backend on gated in-memory storage with fake brokers and
 // a fake clock.
 type coreHarness struct {
-	t       *testing.T
+	t       testing.TB
 	clock   *fakeClock
 	brokers map[string]*fakeBroker
 	raw     *logical.InmemStorage
@@ -210,7 +210,9 @@ type coreHarness struct {
 	b       *backend
 }
 
-func newCoreHarness(t *testing.T, brokers ...*fakeBroker) *coreHarness {
+// It takes a testing.TB so that benchmarks (periodic_bench_test.go) build
+// the same backend as the tests.
+func newCoreHarness(t testing.TB, brokers ...*fakeBroker) *coreHarness {
 	t.Helper()
 	c := &coreHarness{t: t, clock: newFakeClock(), brokers: map[string]*fakeBroker{}, raw: &logical.InmemStorage{}}
 	c.storage = &gateStorage{Storage: c.raw}
@@ -353,7 +355,7 @@ func waitIdle(b *backend, name string) {
 
 // until spins (yielding, never sleeping) until cond holds, failing after 10 s:
 // for a condition only a counter shows, such as a goroutine queued on a lock.
-func until(t *testing.T, what string, cond func() bool) {
+func until(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for !cond() {

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -187,30 +188,57 @@ func kvPluginVersion() (string, error) {
 type gitInfo struct {
 	Commit  string `json:"commit"`
 	Subject string `json:"subject,omitempty"`
-	Dirty   bool   `json:"dirty"`
+	// Dirty: the tree differed from the commit at the start or the end of
+	// the run (tracked files modified, or untracked files that are not
+	// ignored: a new .go file changes what is built). DirtyFiles says which.
+	Dirty      bool     `json:"dirty"`
+	DirtyFiles []string `json:"dirty_files,omitempty"`
 }
 
 func readGit() gitInfo {
 	root := vaulttest.RepoRoot()
-	run := func(args ...string) string {
+	raw := func(args ...string) string {
 		cmd := exec.Command("git", args...)
 		cmd.Dir = root
 		out, err := cmd.Output()
 		if err != nil {
 			return ""
 		}
-		return strings.TrimSpace(string(out))
+		return string(out)
 	}
+	run := func(args ...string) string { return strings.TrimSpace(raw(args...)) }
 	g := gitInfo{
 		Commit:  run("rev-parse", "HEAD"),
 		Subject: run("log", "-1", "--format=%s"),
-		// Untracked files (bench-results/) do not make the tree dirty.
-		Dirty: run("status", "--porcelain", "--untracked-files=no") != "",
 	}
+	// Ignored files (bench-results/, bin/) do not make the tree dirty.
+	// Not trimmed: a line starts with its two status columns (" M path").
+	for _, l := range strings.Split(raw("status", "--porcelain"), "\n") {
+		if len(l) > 3 {
+			g.DirtyFiles = append(g.DirtyFiles, l[3:])
+		}
+	}
+	g.Dirty = len(g.DirtyFiles) > 0
 	if g.Commit == "" {
 		// An exported tree (git archive) is not a repository: take the
 		// commit from the environment.
 		g.Commit, g.Subject = os.Getenv("BENCH_GIT_COMMIT"), os.Getenv("BENCH_GIT_SUBJECT")
 	}
 	return g
+}
+
+// stillAt marks g dirty when the tree at the end of the run is not the one
+// it started from: the in-process benchmark compiles the backend at the
+// end, the plugin was built at the start.
+func (g *gitInfo) stillAt(end gitInfo) {
+	if end.Commit != g.Commit {
+		g.Dirty = true
+		g.DirtyFiles = append(g.DirtyFiles, "(HEAD moved to "+short(end.Commit)+" during the run)")
+	}
+	for _, f := range end.DirtyFiles {
+		if !slices.Contains(g.DirtyFiles, f) {
+			g.Dirty = true
+			g.DirtyFiles = append(g.DirtyFiles, f)
+		}
+	}
 }

@@ -8,8 +8,16 @@
 //	go run ./scripts/bench -quick     # the CI guard (make bench-quick), <2 min
 //
 // It prints a table and writes a JSON result (date, machine, commit, every
-// number) to -out. Exit status 1: a quick-mode guard failed (or, with
-// -strict, a full-run target was missed); 2: the run itself failed.
+// number) to -out; a full run of a clean tree also to -latest (the kept run,
+// docs/bench/latest.json). Exit status 1: a quick-mode guard failed or a
+// full-run target was missed (-strict=false: only reported); 2: the run
+// itself failed.
+//
+//	go run ./scripts/bench -readme docs/bench/latest.json
+//
+// runs nothing: it rewrites README.md's performance section (between its
+// bench markers) from that JSON, and refuses a run that is not a full run
+// of a clean tree at a known commit (make bench-readme).
 package main
 
 import (
@@ -30,6 +38,7 @@ type options struct {
 	quick      bool
 	strict     bool
 	out        string
+	latest     string
 	kvBin      string
 	keep       bool
 	skip       map[string]bool
@@ -48,9 +57,11 @@ type options struct {
 func main() {
 	var o options
 	var skip, clients string
-	flag.BoolVar(&o.quick, "quick", false, "the cheap CI variant: P1 at 16 clients and the 1,000 cold reads, with generous guards")
-	flag.BoolVar(&o.strict, "strict", false, "full run: exit 1 when a target is missed")
+	flag.BoolVar(&o.quick, "quick", false, "the cheap CI variant: P1 at 16 clients and the 1,000 cold reads, with regression guards")
+	flag.BoolVar(&o.strict, "strict", true, "full run: exit 1 when a target is missed (false: report it only, for dev runs)")
 	flag.StringVar(&o.out, "out", "bench-results", "directory for the JSON result, or a path ending in .json")
+	flag.StringVar(&o.latest, "latest", "", "full run of a clean tree: also write the JSON result here (make bench: docs/bench/latest.json)")
+	readme := flag.String("readme", "", "run nothing: rewrite README.md's performance section from this JSON result (make bench-readme)")
 	flag.StringVar(&o.kvBin, "kvplugin", filepath.Join(vaulttest.RepoRoot(), "bin", kvPluginName), "the external kv plugin binary (scripts/build-kvplugin.sh)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the scratch directory (Vault log, plugin dir)")
 	flag.StringVar(&skip, "skip", "", "phases to skip, comma-separated (p1,p2cold,p2steady,p3,p4)")
@@ -65,6 +76,12 @@ func main() {
 	flag.DurationVar(&o.leaseTTL, "lease-ttl", 0, "P2 steady and P3: the configs' ttl (0: unset, leases end with their token)")
 	flag.BoolVar(&o.ticks, "ticks", true, "P4: wait for Vault's periodic ticks (idle, 1% due, after reload): ~3.5 min")
 	flag.Parse()
+	if *readme != "" {
+		if err := updateREADME(*readme, filepath.Join(vaulttest.RepoRoot(), "README.md")); err != nil {
+			fatal(err)
+		}
+		return
+	}
 
 	o.skip = map[string]bool{}
 	for _, s := range strings.Split(skip, ",") {
@@ -104,6 +121,17 @@ func main() {
 	}
 	r.print(os.Stdout)
 	fmt.Printf("\nresult: %s (%.0fs)\n", path, r.DurationS)
+	if o.latest != "" {
+		// Only a run that could back the README's numbers replaces the kept
+		// one: a full run of a committed tree (see keepable).
+		if err := r.keepable(); err != nil {
+			fmt.Fprintf(os.Stderr, "bench: not written to %s: %v\n", o.latest, err)
+		} else if err := writeJSON(o.latest, r); err != nil {
+			fatal(err)
+		} else {
+			fmt.Printf("kept as %s (make bench-readme puts it in README.md)\n", o.latest)
+		}
+	}
 	if !r.Passed && (o.quick || o.strict) {
 		fmt.Fprintf(os.Stderr, "bench: %d target(s) missed\n", r.FailedCount)
 		os.Exit(1)
@@ -187,7 +215,7 @@ func run(ctx context.Context, o options) (*report, error) {
 	e.close()
 	if r.P4 != nil {
 		// After Vault is gone, so nothing competes with it for the CPUs.
-		logf("P4: in-process BenchmarkPeriodicTick")
+		logf("P4: in-process %s", periodicBenchName)
 		if r.P4.PeriodicBench, err = periodicBench(ctx); err != nil {
 			r.P4.PeriodicBenchE = err.Error()
 			logf("%v", err)
@@ -196,10 +224,20 @@ func run(ctx context.Context, o options) (*report, error) {
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
+	r.Git.stillAt(readGit())
 	judge(r, o)
 	r.DurationS = round(time.Since(began).Seconds(), 1)
 	return r, nil
 }
+
+// quickP50Bound is the CI guard on creds p50 / kvext p50 at 16 clients. A
+// cached creds read does less than a kvext read (no storage round trip
+// back into Vault), so it must not be slower: at 1.2 the guard fails when
+// the cached path costs a fifth more than the floor. Nine runs of make
+// bench-quick on a shared 2-core machine, other processes using 0.2 to 1.2
+// cores, measured 0.57 to 0.78 (single rounds 0.43 to 0.93): the bound is
+// half again the worst of them.
+const quickP50Bound = 1.2
 
 // judge records the targets (full run) or the CI guards (quick).
 func judge(r *report, o options) {
@@ -211,9 +249,10 @@ func judge(r *report, o options) {
 		}
 		if lv := r.P1.level(16); lv != nil {
 			c, x := lv.Targets["creds"], lv.Targets["kvext"]
-			r.add(target{Phase: "P1", Name: "creds p50 vs external kv p50, 16 clients", Want: "< 5x (regression guard)",
-				Got:   fmt.Sprintf("%.2fx (%.3f / %.3f ms), %d errors", lv.P50CredsOverKVExt, c.P50ms, x.P50ms, c.Errors+x.Errors),
-				Value: lv.P50CredsOverKVExt, Bound: 5, Pass: lv.P50CredsOverKVExt < 5 && c.Errors == 0})
+			r.add(target{Phase: "P1", Name: "creds p50 vs external kv p50, 16 clients", Want: fmt.Sprintf("<= %.1fx (regression guard)", quickP50Bound),
+				Got: fmt.Sprintf("%.2fx (%.3f / %.3f ms; rounds %v), %d errors", lv.P50CredsOverKVExt, c.P50ms, x.P50ms,
+					lv.P50CredsOverKVExtByRound, c.Errors+x.Errors),
+				Value: lv.P50CredsOverKVExt, Bound: quickP50Bound, Pass: lv.P50CredsOverKVExt <= quickP50Bound && c.Errors == 0})
 		}
 		r.finish()
 		return
@@ -248,21 +287,17 @@ func judge(r *report, o options) {
 		r.add(target{Phase: "P4", Name: fmt.Sprintf("plugin RSS with %d warm configs", p.Configs), Want: "<= 200 MB",
 			Got:   fmt.Sprintf("%.1f MB (%.1f MB once idle connections expired)", p.RSSWarm.RSSMB, p.RSSIdle.RSSMB),
 			Value: p.RSSWarm.RSSMB, Bound: 200, Pass: p.RSSWarm.RSSMB <= 200 && p.WarmErrors == 0})
-		var none, some float64
-		for _, b := range p.PeriodicBench {
-			switch {
-			case strings.Contains(b.Name, "due=0"):
-				none = b.NsPerOp
-			case strings.Contains(b.Name, "due=100"):
-				some = b.NsPerOp
-			}
-		}
-		if some > 0 {
-			// Proportional: nothing due costs next to nothing (no walk over
-			// the configs), 1% due costs about 100 heap pops.
-			r.add(target{Phase: "P4", Name: "periodic tick over 10,000 configs (in-process)", Want: "proportional to what is due: nothing due < 10 µs and < 1/20 of 1% due",
-				Got:   fmt.Sprintf("nothing due %.0f ns, 1%% due %.0f ns", none, some),
-				Value: none, Bound: 10000, Pass: none < 10000 && none < some/20})
+		if none, some, ok := p.tickBench(); ok {
+			// Proportional: with nothing due a tick is a look at the head of
+			// the schedule (a walk over 10,000 configs would cost over
+			// 100 µs), and with 1% due it costs the 100 validations.
+			r.add(target{Phase: "P4", Name: "real periodic tick over 10,000 configs (in-process)", Want: "proportional to what is due: nothing due < 10 µs and < 1/100 of 1% due",
+				Got:   fmt.Sprintf("nothing due %.0f ns, 1%% due %.0f µs (%.0f validations a tick)", none.NsPerOp, some.NsPerOp/1000, some.ValidationsPerOp),
+				Value: none.NsPerOp, Bound: 10000,
+				Pass: none.NsPerOp < 10000 && none.NsPerOp < some.NsPerOp/100 && none.ValidationsPerOp == 0 && some.ValidationsPerOp == 100})
+		} else {
+			r.add(target{Phase: "P4", Name: "real periodic tick over 10,000 configs (in-process)", Want: "measured",
+				Got: "no " + periodicBenchName + " result: " + p.PeriodicBenchE})
 		}
 	}
 	r.finish()
