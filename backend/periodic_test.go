@@ -57,36 +57,6 @@ func TestScheduleReschedulesAndRemoves(t *testing.T) {
 	}
 }
 
-// BenchmarkPeriodicTick measures one tick's scheduling cost over 10,000
-// configs with nothing due and with 1% due: it must follow what is due.
-func BenchmarkPeriodicTick(b *testing.B) {
-	for _, due := range []int{0, 100} {
-		b.Run(fmt.Sprintf("configs=10000/due=%d", due), func(b *testing.B) {
-			now := time.Now()
-			s := newSchedule()
-			for i := range 10000 {
-				s.set(fmt.Sprintf("c%d", i), now.Add(time.Duration(i+1)*time.Minute))
-			}
-			for b.Loop() {
-				b.StopTimer()
-				for i := range due {
-					s.set(fmt.Sprintf("c%d", i), now.Add(-time.Second))
-				}
-				b.StartTimer()
-				got := s.popDue(now, maxDuePerTick)
-				b.StopTimer()
-				if len(got) != due {
-					b.Fatalf("popped %d, want %d", len(got), due)
-				}
-				for _, name := range got {
-					s.set(name, now.Add(time.Hour))
-				}
-				b.StartTimer()
-			}
-		})
-	}
-}
-
 func TestExpiryWarning(t *testing.T) {
 	now := time.Now()
 	cases := []struct {
