@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -185,7 +186,14 @@ func TestRateLimiterHoldsTheRate(t *testing.T) {
 }
 
 func TestConcurrencyCap(t *testing.T) {
+	// Handlers hold their calls until released. With the cap's calls held,
+	// the client's limiter must refuse one more slot to a caller that will
+	// not wait (a done context); then calls are let through one release at
+	// a time.
+	const calls, limit = 20, 3
 	var inFlight, peak atomic.Int32
+	entered := make(chan struct{}, calls)
+	release := make(chan struct{})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n := inFlight.Add(1)
 		for {
@@ -194,23 +202,39 @@ func TestConcurrencyCap(t *testing.T) {
 				break
 			}
 		}
-		time.Sleep(20 * time.Millisecond)
+		entered <- struct{}{}
+		<-release
 		inFlight.Add(-1)
 	}))
 	defer srv.Close()
-	c, _ := New(Options{Broker: "Test", MaxConcurrent: 3})
+	var unblock sync.Once
+	defer unblock.Do(func() { close(release) }) // before srv.Close, also when the test fails
+	c, _ := New(Options{Broker: "Test", MaxConcurrent: limit})
 	done := make(chan struct{})
-	for range 20 {
+	for range calls {
 		go func() {
 			c.Do(context.Background(), Call{Method: "GET", URL: srv.URL, Op: "GET /"}, nil)
 			done <- struct{}{}
 		}()
 	}
-	for range 20 {
+	for range limit {
+		<-entered
+	}
+	gone, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := c.limiter("GET /").acquire(gone); err == nil {
+		t.Fatalf("a slot was free with %d calls in flight, cap %d", inFlight.Load(), limit)
+	}
+	for range calls - limit {
+		release <- struct{}{}
+		<-entered
+	}
+	unblock.Do(func() { close(release) })
+	for range calls {
 		<-done
 	}
-	if peak.Load() > 3 {
-		t.Fatalf("%d calls in flight, cap 3", peak.Load())
+	if peak.Load() > limit {
+		t.Fatalf("%d calls in flight, cap %d", peak.Load(), limit)
 	}
 }
 
