@@ -161,6 +161,22 @@ type Token struct {
 	SecretExpiresAt time.Time
 }
 
+// RotatedError is an Issue failure that comes after the broker replaced the
+// long-lived secret (an answer carrying a new refresh token but some other
+// field the provider cannot accept). The old values may no longer work, so
+// the backend stores Rotated and SecretExpiresAt exactly as it would from a
+// Token, and then reports Err. A provider returns it whenever an answer
+// carries a rotated secret, whatever else is wrong with the answer.
+type RotatedError struct {
+	Rotated map[string]string
+	// SecretExpiresAt is zero when the answer did not say (or said it badly).
+	SecretExpiresAt time.Time
+	Err             error
+}
+
+func (e *RotatedError) Error() string { return e.Err.Error() }
+func (e *RotatedError) Unwrap() error { return e.Err }
+
 // Provider is one broker.
 type Provider interface {
 	Spec() Spec
