@@ -72,6 +72,13 @@ func newMetrics() *metrics {
 	return m
 }
 
+// forget deletes a config's series (the config was deleted).
+func (m *metrics) forget(config string) {
+	for _, v := range []*prometheus.CounterVec{m.creds, m.mints, m.rotations} {
+		v.DeletePartialMatch(prometheus.Labels{"config": config})
+	}
+}
+
 // observeUpstream is the upstream client's hook for one provider.
 func (m *metrics) observeUpstream(provider string) func(op, outcome string, d time.Duration) {
 	return func(op, outcome string, d time.Duration) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sync/atomic"
 	"time"
 
@@ -71,18 +72,20 @@ func (b *backend) token(ctx context.Context, s logical.Storage, name string, fre
 }
 
 func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string, fresh, background bool) (*brokerConfig, *storedToken, bool, error) {
-	st, err := b.lookup(ctx, s, name)
-	if err != nil {
+	st := b.acquire(name)
+	defer b.release(st)
+	if err := b.ensureLoaded(ctx, s, st); err != nil {
 		return nil, nil, false, err
-	}
-	if st == nil {
-		return nil, nil, false, errConfigNotFound
 	}
 	st.mu.Lock()
 	cfg := st.cfg
-	if cfg == nil || st.dead {
+	if !st.loaded {
 		st.mu.Unlock()
-		return nil, nil, true, nil
+		return nil, nil, true, nil // invalidated meanwhile: look again
+	}
+	if cfg == nil {
+		st.mu.Unlock()
+		return nil, nil, false, errConfigNotFound
 	}
 	now := b.now()
 	if tok := st.rec.Token; !fresh && st.rec.servable(tok, now) {
@@ -107,6 +110,10 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 			st.mu.Unlock()
 			return nil, nil, false, logical.ErrReadOnly
 		}
+		if b.closing.Load() {
+			st.mu.Unlock()
+			return nil, nil, false, errClosing
+		}
 		f = b.startRefreshLocked(st, background)
 	}
 	f.waiters.Add(1)
@@ -124,7 +131,7 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 		return nil, nil, false, f.err
 	}
 	st.mu.Lock()
-	stale := st.dead || st.gen != f.gen || !st.rec.servable(f.tok, b.now())
+	stale := !st.loaded || st.cfg == nil || st.gen != f.gen || !st.rec.servable(f.tok, b.now())
 	cfg = st.cfg
 	st.mu.Unlock()
 	return cfg, f.tok, stale, nil
@@ -133,13 +140,14 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 // nudgeRefresh starts the refresh ahead of a config whose token is due,
 // without waiting for it; it never refreshes a config with no token.
 func (b *backend) nudgeRefresh(ctx context.Context, s logical.Storage, name string) {
-	st, err := b.lookup(ctx, s, name)
-	if err != nil || st == nil {
+	st := b.acquire(name)
+	defer b.release(st)
+	if b.ensureLoaded(ctx, s, st) != nil {
 		return
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if now := b.now(); st.cfg != nil && !st.dead && st.rec.servable(st.rec.Token, now) {
+	if now := b.now(); st.cfg != nil && st.rec.servable(st.rec.Token, now) {
 		b.refreshAheadLocked(st, now)
 	}
 }
@@ -148,7 +156,7 @@ func (b *backend) nudgeRefresh(ctx context.Context, s logical.Storage, name stri
 // when it is due, none runs and no failure backoff holds; st.mu must be
 // held. Readers keep the current token: nobody waits on it.
 func (b *backend) refreshAheadLocked(st *configState, now time.Time) {
-	if dueForRefresh(st.rec.Token, now) && st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(st.cfg) {
+	if dueForRefresh(st.rec.Token, now) && st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(st.cfg) && !b.closing.Load() {
 		b.startRefreshLocked(st, true)
 	}
 }
@@ -187,9 +195,11 @@ func (b *backend) staleWarning(ctx context.Context, s logical.Storage, name stri
 func (b *backend) startRefreshLocked(st *configState, background bool) *flight {
 	f := &flight{gen: st.gen, done: make(chan struct{})}
 	st.flight = f
+	st.refs.Add(1) // the refresh uses the state until it is installed
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
+		defer b.release(st)
 		b.runRefresh(st, f, background)
 	}()
 	return f
@@ -204,7 +214,7 @@ func (b *backend) runRefresh(st *configState, f *flight, background bool) {
 	defer st.upstream.Unlock()
 
 	st.mu.Lock()
-	if st.dead || st.gen != f.gen || st.cfg == nil {
+	if !st.loaded || st.gen != f.gen || st.cfg == nil {
 		// The config changed while this refresh waited its turn: whoever
 		// changed it installed what readers need.
 		if st.flight == f {
@@ -235,20 +245,26 @@ func (b *backend) runRefresh(st *configState, f *flight, background bool) {
 }
 
 // finishRefresh persists and installs a refresh's outcome as one step of the
-// config's owner, re-checking the config's generation and retirement
-// against the current record, then releases waiters.
+// name's owner, re-checking the config's generation and retirement against
+// the current record, then releases waiters. A secret the broker rotated is
+// kept even when the refresh failed otherwise (provider.RotatedError).
 func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *brokerConfig, f *flight, m *refreshed, err error, walID string) {
 	now := b.now()
 	st.lockOwner()
 	st.mu.Lock()
-	current := !st.dead && st.gen == f.gen
-	prev := st.rec
+	current := st.loaded && st.cfg != nil && st.gen == f.gen
+	prev, pending := st.rec, st.pendingWAL
 	st.mu.Unlock()
 
+	rotated := m != nil && len(m.rotated) > 0
 	rec := prev
 	persisted := false
 	if current {
-		if err != nil {
+		if m != nil {
+			rec = rec.with(cfg, m, now)
+		}
+		switch {
+		case err != nil:
 			rec.LastError, rec.LastErrorAt = err.Error(), now
 			if rejectedSecret(err) {
 				// The broker refused the long-lived secret itself (revoked,
@@ -256,8 +272,7 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 				// is handed out any more.
 				rec.Token = nil
 			}
-		} else {
-			rec = rec.with(m, now)
+		default:
 			rec.ConfigHash = cfg.upstreamHash()
 			if m.tok.Epoch < prev.RetireEpoch {
 				// Retired while in flight: keep what it rotated, never
@@ -267,17 +282,25 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 		}
 		// Store first, install second: a reader never gets a token whose
 		// rotated secret could still be lost.
-		if werr := writeTokenRecord(ctx, b.storage, st.name, rec); werr != nil {
-			if m != nil && len(m.rotated) > 0 {
-				b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh", "config", st.name, "error", werr)
-			} else {
-				b.Logger().Warn("could not persist token; a restart will refresh again", "config", st.name, "error", werr)
-			}
-		} else {
-			persisted = true
+		werr := writeTokenRecord(ctx, b.storage, st.name, rec)
+		if werr != nil {
+			b.Logger().Warn("could not persist the token record; a restart will refresh again", "config", st.name, "error", werr)
 		}
+		persisted = werr == nil
 		st.mu.Lock()
 		st.rec = rec
+		switch {
+		case persisted:
+			st.unstored, st.pendingWAL = false, ""
+		case rotated || st.unstored:
+			// Kept in memory with its rotation record: stored by the next
+			// refresh, or at unload.
+			st.unstored = true
+			if walID != "" {
+				st.pendingWAL = walID
+			}
+			b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh or at unload", "config", st.name, "error", werr)
+		}
 		if err != nil {
 			st.failures++
 			st.nextRetry = now.Add(min(refreshBackoff<<min(st.failures-1, 8), maxRefreshBackoff))
@@ -288,12 +311,11 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 			st.failures, st.nextRetry, st.failErr = 0, time.Time{}, nil
 		}
 		st.mu.Unlock()
-	} else if m != nil && len(m.rotated) > 0 {
-		b.Logger().Info("discarding a rotation of a config deleted while it ran", "config", st.name)
-	}
-	if current && err == nil {
-		// Under the owner: a delete cannot slip in and be undone.
+		// Under the owner: a delete cannot slip in and be undone. A failed
+		// refresh is rescheduled too, to its retry.
 		b.reschedule(ctx, st.name, b.nextDue(cfg, rec))
+	} else if rotated {
+		b.Logger().Info("discarding a rotation of a config deleted or changed while it ran", "config", st.name)
 	}
 	st.mu.Lock()
 	if st.flight == f {
@@ -305,19 +327,22 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 	if walID != "" && (persisted || !current) {
 		b.deleteRotationWAL(ctx, walID)
 	}
+	if pending != "" && persisted {
+		b.deleteRotationWAL(ctx, pending) // the rotation it covered is stored now
+	}
 	if err != nil {
 		st.keys(b.metrics).refreshErr.Inc()
 		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
 	} else {
 		st.keys(b.metrics).refreshOK.Inc()
-		if len(m.rotated) > 0 {
-			st.keys(b.metrics).rotation.Inc()
-		}
 		b.Logger().Debug("token refreshed", "config", st.name, "expires_at", m.tok.ExpiresAt)
 		if w := cfg.expiryWarning(now); w != "" {
 			b.Logger().Warn(w, "config", st.name)
 		}
 		f.tok = m.tok
+	}
+	if rotated && current {
+		st.keys(b.metrics).rotation.Inc()
 	}
 	f.err = err
 	close(f.done)
@@ -330,20 +355,28 @@ type refreshed struct {
 	secretExpiresAt time.Time
 }
 
-// with returns the record after a successful refresh: the new token, the
-// rotated secrets merged in, the error cleared.
-func (r tokenRecord) with(m *refreshed, now time.Time) tokenRecord {
-	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated,
-		RetiredBefore: r.RetiredBefore, RetireEpoch: r.RetireEpoch, ConfigHash: r.ConfigHash}
-	if len(m.rotated) > 0 {
-		out.Rotated = make(map[string]string, len(r.Rotated)+len(m.rotated))
-		for k, v := range r.Rotated {
-			out.Rotated[k] = v
-		}
-		for k, v := range m.rotated {
-			out.Rotated[k] = v
-		}
+// with returns the record after a refresh under cfg: the new token (none
+// when the refresh failed after rotating), the rotated secrets merged in and
+// bound to cfg's endpoint, the error cleared.
+func (r tokenRecord) with(cfg *brokerConfig, m *refreshed, now time.Time) tokenRecord {
+	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated, RotatedAt: r.RotatedAt,
+		RetiredBefore: r.RetiredBefore, RetireEpoch: r.RetireEpoch, ConfigHash: r.ConfigHash, Prior: r.Prior}
+	if m.tok == nil {
+		// Only the rotation is new: the token, the last good refresh and
+		// the error stay the caller's to set.
+		out.Token, out.LastRefresh, out.LastError, out.LastErrorAt = r.Token, r.LastRefresh, r.LastError, r.LastErrorAt
 	}
+	if len(m.rotated) > 0 {
+		out.Rotated = maps.Clone(r.Rotated)
+		if out.Rotated == nil || out.RotatedAt != cfg.endpointKey() {
+			out.Rotated = map[string]string{}
+		}
+		maps.Copy(out.Rotated, m.rotated)
+		out.RotatedAt = cfg.endpointKey()
+	}
+	// An answer that did not say when the rotated secret expires keeps the
+	// old date: earlier than the new one's, so the next rotation comes
+	// early rather than never.
 	if !m.secretExpiresAt.IsZero() {
 		out.SecretExpiresAt = m.secretExpiresAt
 	}
@@ -351,17 +384,16 @@ func (r tokenRecord) with(m *refreshed, now time.Time) tokenRecord {
 }
 
 // effectiveSecrets are the config's secrets with the broker's rotations on
-// top: after a rotating refresh, the stored refresh token is the new one.
+// top, where the broker at cfg's endpoint issued them: after a rotating
+// refresh, the stored refresh token is the new one.
 func effectiveSecrets(cfg *brokerConfig, rec tokenRecord) map[string]string {
-	if len(rec.Rotated) == 0 {
+	if len(rec.Rotated) == 0 || rec.RotatedAt != cfg.endpointKey() {
 		return cfg.Secrets
 	}
-	out := make(map[string]string, len(cfg.Secrets)+len(rec.Rotated))
-	for k, v := range cfg.Secrets {
-		out[k] = v
+	out := maps.Clone(cfg.Secrets)
+	if out == nil {
+		out = map[string]string{}
 	}
-	for k, v := range rec.Rotated {
-		out[k] = v
-	}
+	maps.Copy(out, rec.Rotated)
 	return out
 }
