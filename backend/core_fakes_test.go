@@ -52,8 +52,19 @@ type fakeBroker struct {
 	entered   chan struct{}
 	release   chan struct{}
 	ignoreCtx bool
-	onIssue   func(ctx context.Context, req provider.Request)
+	// loseAnswerOnCancel: a held call rotates at the broker, and its answer
+	// is lost when the caller's context ended meanwhile (as an HTTP answer
+	// read after a cancel is).
+	loseAnswerOnCancel bool
+	// refused counts refresh tokens presented that the broker had already
+	// retired: each is a rotation the plugin lost.
+	refused int
+	// sent records, per call, the endpoint and the refresh token presented.
+	sent    []sentCall
+	onIssue func(ctx context.Context, req provider.Request)
 }
+
+type sentCall struct{ baseURL, refreshToken string }
 
 func newFakeBroker(name string, kind provider.Issuance, rotating bool, clock *fakeClock) *fakeBroker {
 	return &fakeBroker{name: name, kind: kind, rotating: rotating, clock: clock, life: 15 * time.Minute,
@@ -108,6 +119,16 @@ func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider
 	}
 	if hold {
 		close(entered)
+		if f.loseAnswerOnCancel {
+			<-release
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			tok, err := f.answerLocked(req)
+			if err == nil && ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return tok, err
+		}
 		if f.ignoreCtx {
 			<-release
 		} else {
@@ -120,6 +141,12 @@ func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	return f.answerLocked(req)
+}
+
+// answerLocked is the broker's answer to one call; f.mu must be held.
+func (f *fakeBroker) answerLocked(req provider.Request) (*provider.Token, error) {
+	f.sent = append(f.sent, sentCall{req.BaseURL, req.Secrets["refresh_token"]})
 	if f.fail != nil {
 		return nil, f.fail
 	}
@@ -140,6 +167,7 @@ func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider
 		f.presented = append(f.presented, rt)
 		// A seed is accepted once; after that only the current one.
 		if rt != f.refresh && !strings.HasPrefix(rt, "seed-") {
+			f.refused++
 			return nil, &upstream.Error{Broker: "Fake", Op: "refresh", Failure: upstream.Unauthorized, Status: 401, Message: "refresh token is not valid"}
 		}
 		f.refresh = fmt.Sprintf("rt-%d", f.calls)
@@ -165,6 +193,12 @@ type gateStorage struct {
 	hit     chan struct{}
 	release chan struct{}
 	failKey string
+
+	holdDel            bool
+	delHit, delRelease chan struct{}
+	failDelKey         string
+	failGetKey         string
+	failGetN           int
 }
 
 func (g *gateStorage) holdNextPut(key string) (hit <-chan struct{}, release func()) {
@@ -175,6 +209,74 @@ func (g *gateStorage) holdNextPut(key string) (hit <-chan struct{}, release func
 	g.release = make(chan struct{})
 	rel := g.release
 	return g.hit, sync.OnceFunc(func() { close(rel) })
+}
+
+// holdNextDelete holds the next Delete (of any key) until released.
+func (g *gateStorage) holdNextDelete() (hit <-chan struct{}, release func()) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.holdDel = true
+	g.delHit = make(chan struct{})
+	g.delRelease = make(chan struct{})
+	rel := g.delRelease
+	return g.delHit, sync.OnceFunc(func() { close(rel) })
+}
+
+// failGets makes the next n Gets of key fail.
+func (g *gateStorage) failGets(key string, n int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.failGetKey, g.failGetN = key, n
+}
+
+func (g *gateStorage) setFailKey(key string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.failKey = key
+}
+
+func (g *gateStorage) setFailDelete(key string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.failDelKey = key
+}
+
+func (g *gateStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	g.mu.Lock()
+	fail := g.failGetN > 0 && key == g.failGetKey
+	if fail {
+		g.failGetN--
+	}
+	g.mu.Unlock()
+	if fail {
+		return nil, fmt.Errorf("injected storage failure reading %s", key)
+	}
+	return g.Storage.Get(ctx, key)
+}
+
+func (g *gateStorage) Delete(ctx context.Context, key string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	var wait chan struct{}
+	if g.holdDel {
+		g.holdDel = false
+		close(g.delHit)
+		wait = g.delRelease
+	}
+	fail := g.failDelKey != "" && key == g.failDelKey
+	g.mu.Unlock()
+	if wait != nil {
+		<-wait
+	}
+	if fail {
+		return fmt.Errorf("injected storage failure deleting %s", key)
+	}
+	return g.Storage.Delete(ctx, key)
 }
 
 func (g *gateStorage) Put(ctx context.Context, e *logical.StorageEntry) error {

@@ -227,8 +227,8 @@ func TestR3CleanupPersistsAnsweredRotation(t *testing.T) {
 		defer close(cleaned)
 		c.b.Clean(context.Background()) // reload, step-down or seal
 	}()
-	// Clean cancels the backend's context first, then waits for the mint.
-	<-c.b.ctx.Done()
+	// Clean waits for the mint before it cancels anything.
+	until(t, "cleanup never started", func() bool { return c.b.closing.Load() })
 	release()
 	<-cleaned
 

@@ -3,8 +3,8 @@ package backend
 import (
 	"cmp"
 	"context"
-	"fmt"
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"strings"

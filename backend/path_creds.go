@@ -78,6 +78,7 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 	resp := b.Secret(secretTokenType).Response(data, map[string]any{
 		"config":      name,
 		"token_id":    tok.ID,
+		"epoch":       tok.Epoch,
 		"expires_at":  formatTimeNano(tok.ExpiresAt),
 		"issued_at":   formatTimeNano(tok.IssuedAt),
 		"account_ids": tok.AccountIDs,

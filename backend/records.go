@@ -62,7 +62,9 @@ func (a *brokerConfig) upstreamHash() string {
 }
 
 // sameUpstream reports whether tokens obtained under a still hold under b.
-func (a *brokerConfig) sameUpstream(b *brokerConfig) bool { return a.upstreamHash() == b.upstreamHash() }
+func (a *brokerConfig) sameUpstream(b *brokerConfig) bool {
+	return a.upstreamHash() == b.upstreamHash()
+}
 
 // sameEndpoint reports whether a's secrets would go where b's go.
 func (a *brokerConfig) sameEndpoint(b *brokerConfig) bool { return a.endpointKey() == b.endpointKey() }

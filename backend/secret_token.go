@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"time"
@@ -36,7 +37,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := b.config(ctx, req.Storage, in.config)
+	cfg, rec, err := b.view(ctx, req.Storage, in.config)
 	if err != nil {
 		return nil, err
 	}
@@ -75,6 +76,13 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		ttl = time.Second
 	}
 	resp := &logical.Response{Secret: req.Secret}
+	if spec.Issuance != provider.Passthrough && in.epoch < rec.RetireEpoch {
+		// The lease's token was retired (config/<name>/retire): the lease
+		// ends now, so Agent, a LifetimeWatcher or a bot reads again and
+		// moves to a token minted after the retire.
+		ttl = time.Second
+		resp.AddWarning(fmt.Sprintf("config %q: the token of this lease was retired at %s; the lease ends now: read creds/%s for a new token", in.config, formatTime(rec.RetiredBefore), in.config))
+	}
 	resp.Secret.TTL = ttl
 	return resp, nil
 }
@@ -90,8 +98,11 @@ func (b *backend) revokeToken(context.Context, *logical.Request, *framework.Fiel
 }
 
 type leaseInternal struct {
-	config    string
-	tokenID   string
+	config  string
+	tokenID string
+	// epoch is the retire epoch the token was obtained under (0 for leases
+	// from before it was recorded: any retire ends them).
+	epoch     uint64
 	expiresAt time.Time
 	issuedAt  time.Time
 	accounts  []string
@@ -108,6 +119,17 @@ func parseInternal(m map[string]any) (leaseInternal, error) {
 	}
 	in.tokenID, _ = m["token_id"].(string)
 	in.readonly, _ = m["readonly"].(bool)
+	switch e := m["epoch"].(type) {
+	case float64:
+		in.epoch = uint64(e)
+	case json.Number:
+		n, _ := e.Int64()
+		in.epoch = uint64(n)
+	case uint64:
+		in.epoch = e
+	case int:
+		in.epoch = uint64(e)
+	}
 	for _, k := range []struct {
 		key string
 		dst *time.Time
