@@ -47,6 +47,7 @@ const (
 	hintRefresh     = "the refresh token is no longer valid; the plugin falls back to tokens.make"
 	hintAccess      = "the access token is invalid or expired: refresh the pair"
 	hintUnavailable = "ChatApp is failing; try again later"
+	hintNotChatApp  = "not taken as a refusal by ChatApp: the stored refresh token and login are kept and tried again later; if this lasts, check base_url and any proxy or firewall between Vault and ChatApp"
 )
 
 // ErrMakeNotAllowed is returned when a new pair needs tokens.make but the
@@ -247,7 +248,7 @@ func (u *unixOrInt) value() int64 {
 // with success:false is an error like any other.
 func do(ctx context.Context, c *upstream.Client, call upstream.Call) (json.RawMessage, error) {
 	resp, err := c.Do(ctx, call, func(r *upstream.Response) *upstream.Error {
-		return classify(call, r.Status, r.Body)
+		return classify(call, r)
 	})
 	if err != nil {
 		return nil, err
@@ -259,36 +260,54 @@ func do(ctx context.Context, c *upstream.Client, call upstream.Call) (json.RawMe
 		return nil, badResponse(call.Op, fmt.Sprintf("response is not the expected JSON (%d bytes)", len(resp.Body)))
 	}
 	if env.Success != nil && !*env.Success {
-		return nil, classify(call, resp.Status, resp.Body)
+		return nil, classify(call, resp)
 	}
 	return env.Data, nil
 }
 
 // classify turns a ChatApp error into an *upstream.Error with a hint.
-func classify(call upstream.Call, status int, body []byte) *upstream.Error {
-	e := &upstream.Error{Broker: display, Op: call.Op, Status: status}
-	var env envelope
-	if err := json.Unmarshal(body, &env); err == nil && env.Error != nil && (env.Error.Code != "" || env.Error.Message != "") {
-		e.Code = upstream.Quote(env.Error.Code, call.Secrets...)
-		e.Message = upstream.Quote(env.Error.Message, call.Secrets...)
-	} else if status >= 200 && status < 300 {
-		e.Message = "success is false and no error was given"
-	} else {
-		e.Message = upstream.Quote(string(body), call.Secrets...)
-	}
-	ok := status >= 200 && status < 300
+// Whether ChatApp refused a secret is decided on ChatApp's own answer, its
+// error envelope and code: a 401 or 403 without the envelope comes from
+// whatever sits in front of ChatApp (a proxy, a WAF, a gateway) and says
+// nothing of the refresh token or the login, so it is Unavailable, to be
+// retried, never Unauthorized (which drops the refresh token and spends a
+// tokens.make).
+func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
+	e := &upstream.Error{Broker: display, Op: call.Op, Status: r.Status}
+	ae, own := ownError(r.Body)
+	ok := r.Status >= 200 && r.Status < 300
+	auth := r.Status == http.StatusUnauthorized || r.Status == http.StatusForbidden
 	switch {
-	case status == http.StatusTooManyRequests || isQuotaCode(e.Code):
+	case own:
+		e.Code = upstream.Quote(ae.Code, call.Secrets...)
+		e.Message = upstream.Quote(ae.Message, call.Secrets...)
+	case ok:
+		e.Message = "success is false and no error was given"
+	case auth:
+		e.Message = "the answer was not ChatApp's: " + upstream.DescribeBody(r) + " without ChatApp's error envelope"
+		if len(r.Body) > 0 {
+			e.Message += ": " + upstream.Quote(string(r.Body), call.Secrets...)
+		}
+	default:
+		e.Message = upstream.Quote(string(r.Body), call.Secrets...)
+	}
+	switch {
+	case r.Status == http.StatusTooManyRequests || (own && isQuotaCode(e.Code)):
 		e.Failure = upstream.RateLimited
-	case status >= 500:
+	case r.Status >= 500:
 		// Transient whatever the code says: a refresh is not given up on.
 		e.Failure = upstream.Unavailable
-	case status == http.StatusUnauthorized || status == http.StatusForbidden || isTokenCode(e.Code) || isCredentialsCode(e.Code):
+	case own && (auth || isTokenCode(e.Code) || isCredentialsCode(e.Code)):
 		e.Failure = upstream.Unauthorized
+	case auth:
+		// A bare status: ChatApp did not say it refused anything.
+		e.Failure = upstream.Unavailable
+		e.Hint = hintNotChatApp
+		return e
 	case ok:
 		e.Failure = upstream.BadResponse
 	default:
-		e.Failure = upstream.FailureForStatus(status)
+		e.Failure = upstream.FailureForStatus(r.Status)
 	}
 	switch {
 	case e.Failure == upstream.RateLimited && call.Op == opMake:
@@ -304,6 +323,23 @@ func classify(call upstream.Call, status int, body []byte) *upstream.Error {
 		e.Hint = hintAccess
 	}
 	return e
+}
+
+// ownError returns the error of ChatApp's own error envelope,
+// {"success": false, "error": {"code": "...", "message": "..."}}, and
+// whether body is one.
+func ownError(body []byte) (*apiError, bool) {
+	var env struct {
+		Success *bool     `json:"success"`
+		Error   *apiError `json:"error"`
+	}
+	if json.Unmarshal(body, &env) != nil || env.Success == nil || *env.Success || env.Error == nil {
+		return nil, false
+	}
+	if env.Error.Code == "" && env.Error.Message == "" {
+		return nil, false
+	}
+	return env.Error, true
 }
 
 // isTokenCode matches ChatApp's invalid-token code and, leniently, any code

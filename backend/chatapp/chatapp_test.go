@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -690,5 +691,100 @@ func TestAccessTokenAtRefresh(t *testing.T) {
 			}
 			noLeak(t, err, first.AccessToken)
 		})
+	}
+}
+
+// TestBareAuthStatusIsNotRefusal: a 401 or 403 without ChatApp's own error
+// envelope ({"success": false, "error": {...}}) is a proxy, a WAF or a
+// gateway answering in ChatApp's place, not ChatApp refusing anything. It
+// must not be taken as a refusal of the refresh token (which would drop a
+// token that still works and spend a tokens.make), nor of the login: it is
+// Unavailable, to be retried, and says the answer was not ChatApp's.
+func TestBareAuthStatusIsNotRefusal(t *testing.T) {
+	sb := sandbox.New(sandbox.Options{})
+	cases := []struct {
+		name        string
+		status      int
+		contentType string
+		body        string
+	}{
+		{"401 empty", 401, "", ""},
+		{"403 empty", 403, "", ""},
+		{"403 WAF html", 403, "text/html", "<html><head><title>403 Forbidden</title></head><body>Request blocked</body></html>"},
+		{"401 proxy auth html", 401, "text/html; charset=utf-8", "<html><body>Authorization Required</body></html>"},
+		{"403 plain text", 403, "text/plain", "Forbidden"},
+		{"401 JSON of another shape", 401, "application/json", `{"error":"unauthorized","message":"Unauthorized"}`},
+		{"403 JSON error string", 403, "application/json", `{"success":false,"error":"Forbidden"}`},
+		{"401 success false without error", 401, "application/json", `{"success":false}`},
+		{"403 error without success", 403, "application/json", `{"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`},
+	}
+	for _, tc := range cases {
+		for _, op := range []string{opRefresh, opMake, opCheck} {
+			t.Run(tc.name+" "+op, func(t *testing.T) {
+				srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if r.Method+" "+r.URL.Path == op {
+						if tc.contentType != "" {
+							w.Header().Set("Content-Type", tc.contentType)
+						}
+						w.WriteHeader(tc.status)
+						io.WriteString(w, tc.body)
+						return
+					}
+					sb.ServeHTTP(w, r)
+				}))
+				defer srv.Close()
+				r := &reserve{}
+				secrets := login("still-good-refresh-token")
+				if op == opMake {
+					secrets = login("")
+				}
+				var err error
+				if op == opCheck {
+					err = Check(context.Background(), newClient(t, upstream.Options{}), srv.URL, "still-good-access-token")
+				} else {
+					var tok *provider.Token
+					tok, err = New().Issue(context.Background(), request(t, srv.URL, secrets, r))
+					if tok != nil {
+						t.Fatalf("issued %+v", tok)
+					}
+				}
+				ue, ok := upstream.AsError(err)
+				if !ok || ue.Failure != upstream.Unavailable || !ue.Retryable() || ue.Op != op || ue.Status != tc.status {
+					t.Fatalf("want a retryable Unavailable of %s: err = %v", op, err)
+				}
+				if op == opRefresh && (r.n.Load() != 0 || sb.Calls(sandbox.ChatAppMakeEP) != 0) {
+					t.Fatalf("a bare %d spent a make (reserve=%d)", tc.status, r.n.Load())
+				}
+				msg := err.Error()
+				for _, w := range []string{"ChatApp " + op, "HTTP " + strconv.Itoa(tc.status), "not ChatApp's"} {
+					if !strings.Contains(msg, w) {
+						t.Errorf("error %q lacks %q", msg, w)
+					}
+				}
+				for _, w := range []string{hintRefresh, hintCredentials, hintAccess} {
+					if strings.Contains(msg, w) {
+						t.Errorf("error %q gives the hint of a refusal", msg)
+					}
+				}
+				noLeak(t, err, secrets["refresh_token"], secrets["password"], secrets["email"], "still-good-access-token")
+			})
+		}
+	}
+	// ChatApp's own refusal, in its envelope, is still a refusal.
+	for _, status := range []int{401, 403} {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == pathRefresh {
+				w.WriteHeader(status)
+				io.WriteString(w, `{"success":false,"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`)
+				return
+			}
+			sb.ServeHTTP(w, r)
+		}))
+		r := &reserve{}
+		tok, err := New().Issue(context.Background(), request(t, srv.URL, login("dead-refresh-token"), r))
+		srv.Close()
+		if err != nil || tok.Details["made"] != true || r.n.Load() != 1 {
+			t.Fatalf("HTTP %d in ChatApp's envelope: want the fallback to make: err=%v reserve=%d", status, err, r.n.Load())
+		}
 	}
 }

@@ -94,10 +94,11 @@ func checkClassify(t *testing.T, status int, body string, which int) {
 	if status < 200 || status > 599 {
 		return
 	}
+	envelope := isEnvelope(serve(body))
 	ops := []string{opMake, opRefresh, opCheck}
 	op := ops[((which%3)+3)%3]
 	call := upstream.Call{Op: op, Secrets: fuzzSecrets}
-	e := classify(call, status, []byte(serve(body)))
+	e := classify(call, &upstream.Response{Status: status, Header: http.Header{}, Body: []byte(serve(body))})
 	ue := checkError(t, e, unmarked(body))
 	if ue.Status != status || ue.Op != op {
 		t.Fatalf("status/op %d %q", ue.Status, ue.Op)
@@ -109,12 +110,32 @@ func checkClassify(t *testing.T, status int, body string, which int) {
 		t.Fatalf("HTTP %d is %v: a failing ChatApp must look transient", status, ue.Failure)
 	case status == 429 && ue.Failure != upstream.RateLimited:
 		t.Fatalf("HTTP 429 is %v", ue.Failure)
-	case (status == 401 || status == 403) && ue.Failure != upstream.Unauthorized && ue.Failure != upstream.RateLimited:
-		t.Fatalf("HTTP %d is %v", status, ue.Failure)
+	case (status == 401 || status == 403) && envelope && ue.Failure != upstream.Unauthorized && ue.Failure != upstream.RateLimited:
+		t.Fatalf("HTTP %d in ChatApp's envelope is %v", status, ue.Failure)
+	case (status == 401 || status == 403) && !envelope && ue.Failure != upstream.Unavailable:
+		// A proxy or WAF answered: retried, never a refusal.
+		t.Fatalf("a bare HTTP %d is %v", status, ue.Failure)
+	case ue.Failure == upstream.Unauthorized && !envelope:
+		t.Fatalf("HTTP %d without ChatApp's envelope is a refusal", status)
 	}
 	if ue.Failure == upstream.Unavailable && refused(e) {
 		t.Fatal("an unavailable ChatApp counts as refusing the refresh token")
 	}
+}
+
+// isEnvelope is the test's own reading of brokers.md: ChatApp's error
+// answer is an object with "success": false and an "error" object holding a
+// code or a message.
+func isEnvelope(body string) bool {
+	var env struct {
+		Success *bool `json:"success"`
+		Error   *struct {
+			Code    string `json:"code"`
+			Message string `json:"message"`
+		} `json:"error"`
+	}
+	return json.Unmarshal([]byte(body), &env) == nil && env.Success != nil && !*env.Success &&
+		env.Error != nil && (env.Error.Code != "" || env.Error.Message != "")
 }
 
 // FuzzTokenFrom: a make/refresh answer is accepted only with all four
@@ -290,7 +311,7 @@ func FuzzIssue(f *testing.F) {
 		refreshRefused := false
 		var env envelope
 		if refreshStatus >= 300 || (json.Unmarshal([]byte(serve(refreshBody)), &env) == nil && env.Success != nil && !*env.Success) {
-			refreshRefused = classify(upstream.Call{Op: opRefresh}, refreshStatus, []byte(serve(refreshBody))).Failure == upstream.Unauthorized
+			refreshRefused = classify(upstream.Call{Op: opRefresh}, &upstream.Response{Status: refreshStatus, Body: []byte(serve(refreshBody))}).Failure == upstream.Unauthorized
 		}
 		if makes == 1 && !refreshRefused {
 			t.Fatalf("spent a make after refresh answered HTTP %d %q", refreshStatus, refreshBody)
