@@ -469,8 +469,8 @@ func TestBadResponses(t *testing.T) {
 		{"no refreshToken", valid(func(d map[string]any) { delete(d, "refreshToken") }), "refreshToken"},
 		{"no accessTokenEndTime", valid(func(d map[string]any) { delete(d, "accessTokenEndTime") }), "accessTokenEndTime"},
 		{"no refreshTokenEndTime", valid(func(d map[string]any) { d["refreshTokenEndTime"] = 0 }), "refreshTokenEndTime"},
-		{"end time not a number", valid(func(d map[string]any) { d["accessTokenEndTime"] = "soon" }), "no readable data"},
-		{"end time NaN", valid(func(d map[string]any) { d["accessTokenEndTime"] = "NaN" }), "no readable data"},
+		{"end time not a number", valid(func(d map[string]any) { d["accessTokenEndTime"] = "soon" }), "accessTokenEndTime is not a number"},
+		{"end time NaN", valid(func(d map[string]any) { d["accessTokenEndTime"] = "NaN" }), "accessTokenEndTime is not a number"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -785,6 +785,169 @@ func TestBareAuthStatusIsNotRefusal(t *testing.T) {
 		srv.Close()
 		if err != nil || tok.Details["made"] != true || r.n.Load() != 1 {
 			t.Fatalf("HTTP %d in ChatApp's envelope: want the fallback to make: err=%v reserve=%d", status, err, r.n.Load())
+		}
+	}
+}
+
+// pairAnswer is a make/refresh answer: a valid pair, changed by mut.
+func pairAnswer(mut func(d map[string]any)) string {
+	d := map[string]any{"cabinetUserId": 4242, "accessToken": answerAccess, "accessTokenEndTime": answerAccessEnd,
+		"refreshToken": answerRefresh, "refreshTokenEndTime": answerRefreshEnd}
+	if mut != nil {
+		mut(d)
+	}
+	b, _ := json.Marshal(map[string]any{"success": true, "data": d})
+	return string(b)
+}
+
+const (
+	answerAccess     = "$2y$10$newAccessTokenFromTheAnswer0123456789abcdefghijklmn"
+	answerRefresh    = "$2y$10$newRefreshTokenFromTheAnswer0123456789abcdefghijkl"
+	answerAccessEnd  = 1900000000
+	answerRefreshEnd = 1901123200
+)
+
+// answering serves refreshBody at tokens.refresh and makeBody at
+// tokens.make, each with 200 unless it is a ChatApp error.
+func answering(t *testing.T, refreshBody, makeBody string) string {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body := makeBody
+		if r.URL.Path == pathRefresh {
+			body = refreshBody
+		}
+		if strings.Contains(body, `"success":false`) {
+			w.WriteHeader(http.StatusUnauthorized)
+		}
+		io.WriteString(w, body)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+const refusedRefresh = `{"success":false,"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`
+
+// TestRotationKeptOnBadAnswer: an answer that carries the new refresh token
+// has rotated the pair at ChatApp, whatever else is wrong with it (a field
+// missing, a cabinetUserId that is not a number): refusing it whole drops
+// the only refresh token that still works, and every retry then spends a
+// make. The provider returns a *provider.RotatedError with the new refresh
+// token (and its end time when readable) for the backend to store, and a
+// BadResponse naming the field, without a token in it. This holds for a
+// refresh, a make, and a make after a refused refresh; the refresh path
+// never goes on to a make.
+func TestRotationKeptOnBadAnswer(t *testing.T) {
+	refreshEnd := time.Unix(answerRefreshEnd, 0).UTC()
+	cases := []struct {
+		name       string
+		body       string
+		field      string
+		secretEnds time.Time
+	}{
+		{"no refreshTokenEndTime", pairAnswer(func(d map[string]any) { delete(d, "refreshTokenEndTime") }), "refreshTokenEndTime", time.Time{}},
+		{"refreshTokenEndTime null", pairAnswer(func(d map[string]any) { d["refreshTokenEndTime"] = nil }), "refreshTokenEndTime", time.Time{}},
+		{"refreshTokenEndTime zero", pairAnswer(func(d map[string]any) { d["refreshTokenEndTime"] = 0 }), "refreshTokenEndTime", time.Time{}},
+		{"refreshTokenEndTime not a number", pairAnswer(func(d map[string]any) { d["refreshTokenEndTime"] = "in two weeks" }), "refreshTokenEndTime", time.Time{}},
+		{"no accessTokenEndTime", pairAnswer(func(d map[string]any) { delete(d, "accessTokenEndTime") }), "accessTokenEndTime", refreshEnd},
+		{"accessTokenEndTime not a number", pairAnswer(func(d map[string]any) { d["accessTokenEndTime"] = "soon" }), "accessTokenEndTime", refreshEnd},
+		{"accessTokenEndTime NaN", pairAnswer(func(d map[string]any) { d["accessTokenEndTime"] = "NaN" }), "accessTokenEndTime", refreshEnd},
+		{"accessTokenEndTime an object", pairAnswer(func(d map[string]any) { d["accessTokenEndTime"] = map[string]any{"sec": 1} }), "accessTokenEndTime", refreshEnd},
+		{"cabinetUserId not numeric", pairAnswer(func(d map[string]any) { d["cabinetUserId"] = "user-4242" }), "cabinetUserId", refreshEnd},
+		{"cabinetUserId a list", pairAnswer(func(d map[string]any) { d["cabinetUserId"] = []int{4242} }), "cabinetUserId", refreshEnd},
+		{"no accessToken", pairAnswer(func(d map[string]any) { delete(d, "accessToken") }), "accessToken", refreshEnd},
+		{"accessToken a number", pairAnswer(func(d map[string]any) { d["accessToken"] = 12345678 }), "accessToken", refreshEnd},
+		{"accessToken with a newline", pairAnswer(func(d map[string]any) { d["accessToken"] = "$2y$10$abc\ndef" }), "accessToken", refreshEnd},
+		{"everything else wrong", pairAnswer(func(d map[string]any) {
+			d["cabinetUserId"], d["accessToken"], d["accessTokenEndTime"], d["refreshTokenEndTime"] = true, nil, "x", []any{}
+		}), "accessTokenEndTime", time.Time{}},
+		{"success not a boolean", strings.Replace(pairAnswer(nil), `"success":true`, `"success":"true"`, 1), "success", refreshEnd},
+	}
+	paths := []struct {
+		name             string
+		seed             string
+		refresh, make    func(body string) string
+		wantMake, wantBy string
+	}{
+		{"refresh", "stored-refresh-token-0001", func(b string) string { return b }, func(string) string { return pairAnswer(nil) }, "", ""},
+		{"make", "", func(string) string { return refusedRefresh }, func(b string) string { return b }, "make", ""},
+		{"make after a refused refresh", "dead-refresh-token-0001", func(string) string { return refusedRefresh }, func(b string) string { return b }, "make", "tokens.make was needed because"},
+	}
+	for _, tc := range cases {
+		for _, p := range paths {
+			t.Run(tc.name+"/"+p.name, func(t *testing.T) {
+				r := &reserve{}
+				url := answering(t, p.refresh(tc.body), p.make(tc.body))
+				secrets := login(p.seed)
+				tok, err := New().Issue(context.Background(), request(t, url, secrets, r))
+				if tok != nil {
+					t.Fatalf("issued %+v from a bad answer", tok)
+				}
+				var re *provider.RotatedError
+				if !errors.As(err, &re) {
+					t.Fatalf("the new refresh token is lost: %T %v", err, err)
+				}
+				if err != error(re) {
+					t.Fatalf("the RotatedError is wrapped: %v", err)
+				}
+				if len(re.Rotated) != 1 || re.Rotated["refresh_token"] != answerRefresh {
+					t.Fatalf("rotated %v", re.Rotated)
+				}
+				if !re.SecretExpiresAt.Equal(tc.secretEnds) {
+					t.Fatalf("secret expires %v, want %v", re.SecretExpiresAt, tc.secretEnds)
+				}
+				ue, ok := upstream.AsError(re.Err)
+				if !ok || ue.Failure != upstream.BadResponse || ue.Broker != "ChatApp" {
+					t.Fatalf("err = %v", re.Err)
+				}
+				wantOp := opRefresh
+				if p.wantMake != "" {
+					wantOp = opMake
+				}
+				if ue.Op != wantOp || !strings.Contains(err.Error(), tc.field) || !strings.Contains(err.Error(), p.wantBy) {
+					t.Fatalf("err = %v, want %s naming %s", err, wantOp, tc.field)
+				}
+				if want := int32(0); p.wantMake != "" {
+					want = 1
+					if r.n.Load() != want {
+						t.Fatalf("reserve=%d", r.n.Load())
+					}
+				} else if r.n.Load() != want {
+					t.Fatalf("a rotated refresh went on to spend a make (reserve=%d)", r.n.Load())
+				}
+				noLeak(t, err, answerRefresh, answerAccess, "$2y$10$new", secrets["refresh_token"], secrets["password"], secrets["email"])
+			})
+		}
+	}
+}
+
+// TestBadAnswerWithoutRefreshToken: an answer with no usable refresh token
+// in it rotated nothing the provider can keep; it is a plain BadResponse
+// naming the field, and no RotatedError.
+func TestBadAnswerWithoutRefreshToken(t *testing.T) {
+	cases := []struct {
+		name, body, field string
+	}{
+		{"no refreshToken", pairAnswer(func(d map[string]any) { delete(d, "refreshToken") }), "refreshToken"},
+		{"refreshToken empty", pairAnswer(func(d map[string]any) { d["refreshToken"] = "" }), "refreshToken"},
+		{"refreshToken a number", pairAnswer(func(d map[string]any) { d["refreshToken"] = 1234567890 }), "refreshToken"},
+		{"refreshToken with a newline", pairAnswer(func(d map[string]any) { d["refreshToken"] = "$2y$10$abc\r\nX-Evil: 1" }), "refreshToken"},
+		{"refreshToken too long", pairAnswer(func(d map[string]any) { d["refreshToken"] = strings.Repeat("r", 5000) }), "refreshToken"},
+	}
+	for _, tc := range cases {
+		for _, seed := range []string{"", "stored-refresh-token-0001"} {
+			t.Run(tc.name+"/seed "+strconv.Quote(seed), func(t *testing.T) {
+				url := answering(t, tc.body, tc.body)
+				tok, err := New().Issue(context.Background(), request(t, url, login(seed), &reserve{}))
+				var re *provider.RotatedError
+				if tok != nil || errors.As(err, &re) {
+					t.Fatalf("tok=%v rotated=%v", tok, re)
+				}
+				ue, ok := upstream.AsError(err)
+				if !ok || ue.Failure != upstream.BadResponse || !strings.Contains(ue.Message, tc.field) {
+					t.Fatalf("err = %v", err)
+				}
+				noLeak(t, err, answerAccess, seed)
+			})
 		}
 	}
 }
