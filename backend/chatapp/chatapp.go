@@ -504,7 +504,9 @@ func (a *answerCheck) token(name string, raw json.RawMessage) string {
 	return s
 }
 
-// endTime reads an end time in unix seconds. Zero when it cannot.
+// endTime reads an end time in unix seconds, bounded as JWT dates are
+// (provider.NumericDate: after 1970, before year 10000). Zero when it
+// cannot.
 func (a *answerCheck) endTime(name string, raw json.RawMessage) time.Time {
 	if !present(raw) {
 		a.missing = append(a.missing, name)
@@ -512,14 +514,28 @@ func (a *answerCheck) endTime(name string, raw json.RawMessage) time.Time {
 	}
 	var u unixOrInt
 	if err := u.UnmarshalJSON(raw); err != nil {
-		a.bad = append(a.bad, name+" is not a number")
+		// unixOrInt refuses a number past 1e15, far past year 9999.
+		f, ferr := strconv.ParseFloat(string(bytes.Trim(bytes.TrimSpace(raw), `"`)), 64)
+		switch {
+		case ferr != nil || math.IsNaN(f) || math.IsInf(f, 0):
+			a.bad = append(a.bad, name+" is not a number")
+		case f > 0:
+			a.bad = append(a.bad, name+" is past year 9999: unix seconds expected (milliseconds?)")
+		default:
+			a.bad = append(a.bad, name+" is not after 1970")
+		}
 		return time.Time{}
 	}
-	if u <= 0 {
+	t, ok := provider.NumericDate(map[string]any{name: float64(u)}, name)
+	switch {
+	case ok:
+		return t
+	case u <= 0:
 		a.bad = append(a.bad, name+" is not after 1970")
-		return time.Time{}
+	default:
+		a.bad = append(a.bad, name+" is past year 9999: unix seconds expected (milliseconds?)")
 	}
-	return time.Unix(int64(u), 0).UTC()
+	return time.Time{}
 }
 
 // message says what is wrong, naming fields only, or "" when nothing is.

@@ -951,3 +951,66 @@ func TestBadAnswerWithoutRefreshToken(t *testing.T) {
 		}
 	}
 }
+
+// TestEndTimesBounded: an end time past year 9999 (milliseconds, or worse,
+// where unix seconds are documented) gives a record that cannot be encoded,
+// so the rotation would never be stored. It is refused like a JWT date out
+// of bounds, naming the field and saying seconds are expected; and the new
+// refresh token is still handed back, with the refresh token's end time
+// only when that one was readable.
+func TestEndTimesBounded(t *testing.T) {
+	refreshEnd := time.Unix(answerRefreshEnd, 0).UTC()
+	cases := []struct {
+		name       string
+		field      string
+		value      any
+		secretEnds time.Time
+	}{
+		{"access ms", "accessTokenEndTime", int64(answerAccessEnd) * 1000, refreshEnd},
+		{"access ms as a string", "accessTokenEndTime", strconv.FormatInt(int64(answerAccessEnd)*1000, 10), refreshEnd},
+		{"access ms as a float", "accessTokenEndTime", 1.7e12, refreshEnd},
+		{"access µs", "accessTokenEndTime", int64(answerAccessEnd) * 1000000, refreshEnd},
+		{"access at the bound", "accessTokenEndTime", int64(253402300800), refreshEnd},
+		{"access max int64", "accessTokenEndTime", json.Number("9223372036854775807"), refreshEnd},
+		{"access 1e300", "accessTokenEndTime", json.Number("1e300"), refreshEnd},
+		{"refresh ms", "refreshTokenEndTime", int64(answerRefreshEnd) * 1000, time.Time{}},
+		{"refresh ms as a string", "refreshTokenEndTime", strconv.FormatInt(int64(answerRefreshEnd)*1000, 10), time.Time{}},
+		{"refresh at the bound", "refreshTokenEndTime", int64(253402300800), time.Time{}},
+		{"refresh 1e16", "refreshTokenEndTime", json.Number("1e16"), time.Time{}},
+	}
+	for _, tc := range cases {
+		for _, seed := range []string{"", "stored-refresh-token-0001"} {
+			t.Run(tc.name+"/seed "+strconv.Quote(seed), func(t *testing.T) {
+				body := pairAnswer(func(d map[string]any) { d[tc.field] = tc.value })
+				r := &reserve{}
+				tok, err := New().Issue(context.Background(), request(t, answering(t, body, body), login(seed), r))
+				var re *provider.RotatedError
+				if tok != nil || !errors.As(err, &re) {
+					t.Fatalf("tok=%+v err=%v", tok, err)
+				}
+				if re.Rotated["refresh_token"] != answerRefresh || !re.SecretExpiresAt.Equal(tc.secretEnds) {
+					t.Fatalf("rotated %v, secret expires %v", re.Rotated, re.SecretExpiresAt)
+				}
+				ue, ok := upstream.AsError(err)
+				if !ok || ue.Failure != upstream.BadResponse {
+					t.Fatalf("err = %v", err)
+				}
+				for _, w := range []string{tc.field, "past year 9999", "seconds expected"} {
+					if !strings.Contains(ue.Message, w) {
+						t.Errorf("message %q lacks %q", ue.Message, w)
+					}
+				}
+				if seed != "" && r.n.Load() != 0 {
+					t.Fatalf("spent a make (reserve=%d)", r.n.Load())
+				}
+				noLeak(t, err, answerRefresh, answerAccess, seed)
+			})
+		}
+	}
+	// The last second of year 9999 is still a date.
+	body := pairAnswer(func(d map[string]any) { d["accessTokenEndTime"], d["refreshTokenEndTime"] = 253402300799, 253402300799 })
+	tok, err := New().Issue(context.Background(), request(t, answering(t, body, body), login("x"), nil))
+	if err != nil || tok.ExpiresAt.Year() != 9999 || tok.SecretExpiresAt.Year() != 9999 {
+		t.Fatalf("tok=%+v err=%v", tok, err)
+	}
+}

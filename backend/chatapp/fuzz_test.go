@@ -139,7 +139,7 @@ func isEnvelope(body string) bool {
 }
 
 // FuzzTokenFrom: a make/refresh answer is accepted only with all four
-// fields, end times read as sent, and the
+// fields, end times read as sent (unix seconds, before year 10000), and the
 // new refresh token handed back for storage. A refusal describes the answer
 // and never quotes it (it may hold fresh tokens the scrubber does not know);
 // and whenever the answer carries a usable refresh token, the refusal is a
@@ -155,6 +155,11 @@ func FuzzTokenFrom(f *testing.F) {
 	f.Add(`{"cabinetUserId":"user-4242","accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1773568800}`, true)
 	f.Add(`{"cabinetUserId":[1],"accessToken":7,"accessTokenEndTime":{},"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":null}`, false)
 	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":"soon","refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":"1773568800"}`, false)
+	// Milliseconds where seconds are documented, and the bound itself.
+	f.Add(`{"cabinetUserId":4242,"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600000,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1773568800000}`, false)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1.7e12,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":"1773568800000"}`, true)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":253402300799,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":253402300800}`, false)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":9223372036854775807,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1e300}`, false)
 	// A refresh token that could never be sent back: not kept.
 	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":"rt-0123\r\nX: y","refreshTokenEndTime":1773568800}`, false)
 	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":1773568800,"refreshTokenEndTime":1773568800}`, false)
@@ -194,7 +199,7 @@ func FuzzTokenFrom(f *testing.F) {
 				t.Fatalf("kept %q from an answer without a usable refresh token", re.Rotated)
 			case isRotated && (len(re.Rotated) != 1 || re.Rotated["refresh_token"] != kept):
 				t.Fatalf("rotated %q, the answer had %q", re.Rotated, kept)
-			case isRotated && !re.SecretExpiresAt.IsZero() && re.SecretExpiresAt.Unix() <= 0:
+			case isRotated && !re.SecretExpiresAt.IsZero() && (re.SecretExpiresAt.Unix() <= 0 || re.SecretExpiresAt.Year() > 9999):
 				t.Fatalf("secret end time %v out of bounds", re.SecretExpiresAt)
 			}
 			return
@@ -214,6 +219,9 @@ func FuzzTokenFrom(f *testing.F) {
 		}
 		if tok.ExpiresAt.Unix() <= 0 || tok.SecretExpiresAt.Unix() <= 0 {
 			t.Fatal("accepted a non-positive end time")
+		}
+		if tok.ExpiresAt.Year() > 9999 || tok.SecretExpiresAt.Year() > 9999 {
+			t.Fatalf("accepted an end time past year 9999: %v %v", tok.ExpiresAt, tok.SecretExpiresAt)
 		}
 		if tok.Details["made"] != made {
 			t.Fatal("made flag lost")
