@@ -70,6 +70,15 @@ func FuzzClassify(f *testing.F) {
 	f.Add(500, `<html><body>Internal Server Error</body></html>`, 2)
 	f.Add(422, `{"success":false,"error":{"code":"ApiValidationError","message":"password `+markPassword+` too short"}}`, 0)
 	f.Add(401, `{"success":false,"error":{"code":"`+markRefresh+`","message":"unknown refresh token"}}`, 1)
+	// A proxy, a WAF or a gateway answering 401/403 in ChatApp's place:
+	// no envelope, so no refusal.
+	f.Add(401, ``, 1)
+	f.Add(403, `<html><head><title>403 Forbidden</title></head><body>Request blocked `+markRefresh+`</body></html>`, 1)
+	f.Add(403, `{"error":"forbidden"}`, 0)
+	f.Add(401, `{"success":false}`, 2)
+	f.Add(403, `{"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`, 1)
+	f.Add(401, `{"success":"false","error":{"code":"ApiInvalidTokenError"}}`, 1)
+	f.Add(403, `{"success":false,"error":{"code":"ApiForbiddenError","message":"Forbidden"}}`, 1)
 	f.Fuzz(checkClassify)
 }
 
@@ -345,6 +354,19 @@ func FuzzIssue(f *testing.F) {
 	f.Add(200, `{"success":true,"data":{"cabinetUserId":4242,"accessToken":"at-`, 200, okBody)
 	f.Add(200, `<!DOCTYPE html><html>`+markRefresh+`</html>`, 200, okBody)
 	f.Add(429, `{"success":false,"error":{"code":"ApiTooManyRequestsError","message":"slow down"}}`, 200, okBody)
+	// A bare 401/403 from something in front of ChatApp: no make.
+	f.Add(401, ``, 200, okBody)
+	f.Add(403, `<html><body>Access denied</body></html>`, 200, okBody)
+	f.Add(403, `{"message":"Forbidden"}`, 200, okBody)
+	// A new pair with something else wrong: the refresh token is kept and
+	// no make follows, on the refresh and on the make after a refusal.
+	rotatedBad := `{"success":true,"data":{"cabinetUserId":"user-4242","accessToken":"at-new-0123456789","accessTokenEndTime":` + strconv.FormatInt(end, 10) + `,"refreshToken":"rt-new-0123456789"}}`
+	rotatedMs := `{"success":true,"data":{"cabinetUserId":4242,"accessToken":"at-new-0123456789","accessTokenEndTime":` + strconv.FormatInt(end*1000, 10) + `,"refreshToken":"rt-new-0123456789","refreshTokenEndTime":` + strconv.FormatInt((end+13*86400)*1000, 10) + `}}`
+	f.Add(200, rotatedBad, 200, okBody)
+	f.Add(200, rotatedMs, 200, okBody)
+	f.Add(401, invalid, 200, rotatedBad)
+	f.Add(401, invalid, 200, rotatedMs)
+	f.Add(200, `{"success":"yes","data":{"accessToken":"at-new-0123456789","refreshToken":"rt-new-0123456789"}}`, 200, okBody)
 	f.Fuzz(func(t *testing.T, refreshStatus int, refreshBody string, makeStatus int, makeBody string) {
 		if refreshStatus < 200 || refreshStatus > 599 || makeStatus < 200 || makeStatus > 599 {
 			return
@@ -393,7 +415,8 @@ func FuzzIssue(f *testing.F) {
 			Data    json.RawMessage `json:"data"`
 		}
 		rotatedAt := ""
-		if refreshStatus < 300 && json.Unmarshal([]byte(served), &env) == nil && (env.Success == nil || *env.Success) {
+		// (A 204 reaches the client without its body.)
+		if refreshStatus < 300 && refreshStatus != http.StatusNoContent && json.Unmarshal([]byte(served), &env) == nil && (env.Success == nil || *env.Success) {
 			rotatedAt = usableRefresh(string(env.Data))
 		}
 		var re *provider.RotatedError
