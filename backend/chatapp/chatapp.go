@@ -423,11 +423,7 @@ func tokenFrom(op string, data json.RawMessage, made bool, odd ...string) (*prov
 	received := time.Now()
 	var raw pair
 	if d := bytes.TrimSpace(data); len(d) == 0 || d[0] != '{' || json.Unmarshal(d, &raw) != nil {
-		msg := "response has no readable data object"
-		if len(odd) > 0 {
-			msg += "; " + strings.Join(odd, "; ")
-		}
-		return nil, badResponse(op, msg)
+		return nil, badResponse(op, strings.Join(append([]string{"response has no readable data object"}, odd...), "; "))
 	}
 	a := &answerCheck{bad: odd}
 	accessToken := a.token("accessToken", raw.AccessToken)
