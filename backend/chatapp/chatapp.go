@@ -433,7 +433,7 @@ func tokenFrom(op string, data json.RawMessage, made bool, odd ...string) (*prov
 	details := map[string]any{"made": made}
 	if present(raw.CabinetUserID) {
 		var id unixOrInt
-		if id.UnmarshalJSON(raw.CabinetUserID) != nil || string(bytes.TrimSpace(raw.CabinetUserID)) == `""` {
+		if id.UnmarshalJSON(raw.CabinetUserID) != nil {
 			a.bad = append(a.bad, "cabinetUserId is not an integer")
 		} else {
 			details["cabinet_user_id"] = int64(id)
