@@ -59,6 +59,9 @@ type fakeBroker struct {
 	// refused counts refresh tokens presented that the broker had already
 	// retired: each is a rotation the plugin lost.
 	refused int
+	// failAfterRotating: the next answer rotates and is then refused by
+	// the provider for another field (provider.RotatedError).
+	failAfterRotating error
 	// sent records, per call, the endpoint and the refresh token presented.
 	sent    []sentCall
 	onIssue func(ctx context.Context, req provider.Request)
@@ -173,6 +176,10 @@ func (f *fakeBroker) answerLocked(req provider.Request) (*provider.Token, error)
 		f.refresh = fmt.Sprintf("rt-%d", f.calls)
 		tok.Rotated = map[string]string{"refresh_token": f.refresh}
 		tok.SecretExpiresAt = f.clock.Now().Add(14 * 24 * time.Hour)
+		if err := f.failAfterRotating; err != nil {
+			f.failAfterRotating = nil
+			return nil, &provider.RotatedError{Rotated: tok.Rotated, Err: err}
+		}
 	}
 	return tok, nil
 }

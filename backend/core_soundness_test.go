@@ -458,3 +458,29 @@ func TestRenewOfRetiredTokenEndsTheLease(t *testing.T) {
 		t.Errorf("a lease on the token minted after the retire renewed for %s", ttl)
 	}
 }
+
+// An answer that rotates the secret but is refused for another field (a
+// missing end time, say) still has its rotation stored: the old refresh
+// token is spent, and the next refresh presents the new one.
+func TestRefreshFailingAfterRotationKeepsTheRotation(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+	f.failAfterRotating = &upstream.Error{Broker: "Fake", Op: "refresh", Failure: upstream.BadResponse, Message: "response lacks refreshTokenEndTime"}
+	resp, err := c.do(logical.UpdateOperation, "rotate-root/x", nil)
+	if err == nil && !resp.IsError() {
+		t.Fatal("rotate-root succeeded on a refused answer")
+	}
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Fatalf("the rotation in a refused answer was dropped: storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+	if rec.SecretExpiresAt.IsZero() {
+		t.Error("an answer without the new end time erased the known one (the next rotation would never be scheduled)")
+	}
+	c.ok(logical.UpdateOperation, "rotate-root/x", nil)
+	if f.refused != 0 {
+		t.Errorf("%d refresh tokens presented after the broker retired them", f.refused)
+	}
+}
