@@ -51,6 +51,7 @@ type backend struct {
 
 	mu            sync.RWMutex
 	states        map[string]*configState
+	roles         roleCache
 	sched         *schedule
 	settingsCache atomic.Pointer[mountSettings]
 	metrics       *metrics
@@ -156,6 +157,7 @@ func New(opts Options) *backend {
 		},
 		Paths: framework.PathAppend(
 			b.pathConfig(),
+			b.pathRoles(),
 			b.pathCreds(),
 			b.pathRotateRoot(),
 			b.pathRetire(),
@@ -232,6 +234,10 @@ func (b *backend) storeUnstored(ctx context.Context, st *configState) {
 func (b *backend) invalidate(_ context.Context, key string) {
 	if key == settingsKey {
 		b.settingsCache.Store(nil)
+		return
+	}
+	if name, ok := strings.CutPrefix(key, rolePrefix); ok {
+		b.roles.invalidate(name)
 		return
 	}
 	for _, p := range []string{configPrefix, tokenPrefix} {

@@ -2,9 +2,12 @@ package backend
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"net/http"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -60,6 +63,9 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 	old, cur, gen := st.cfg, st.rec, st.gen
 	st.mu.Unlock()
 
+	if err := b.refuseRoleName(ctx, s, name); err != nil {
+		return nil, tokenRecord{}, err // before anything is sent anywhere
+	}
 	ch, err := prepare(old)
 	if err != nil {
 		return nil, tokenRecord{}, err
@@ -85,7 +91,7 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 		fail  error
 	)
 	if ch.verify {
-		m, walID, err = b.issue(ctx, name, cfg, client, presented, cur.RetireEpoch)
+		m, walID, err = b.issue(ctx, name, cfg, client, presented, cfg.AllowedAccounts, cur.RetireEpoch)
 		switch {
 		case err != nil:
 			fail = &verifyError{msg: fmt.Sprintf("verifying the %s secret failed; nothing was stored: %v", cfg.Provider, err), err: err}
@@ -105,6 +111,9 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 	st.mu.Lock()
 	changed, now := st.gen != gen || !st.loaded, st.rec
 	st.mu.Unlock()
+	if err := b.refuseRoleName(ctx, s, name); err != nil {
+		return nil, tokenRecord{}, err // a role took the name meanwhile
+	}
 	if fail != nil {
 		if !changed {
 			b.keepRotationOwned(wctx, s, st, old, cfg, m, presented, walID)
@@ -116,13 +125,13 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 	}
 	if m != nil {
 		// The verifying call's token is the first token: readers need not refresh.
-		rec = rec.with(cfg, m, b.now())
+		rec = rec.with(cfg, "", m, b.now())
 	}
 	// A retire that landed while the secret was being verified holds: the
 	// verifying token was obtained before it.
 	rec.RetireEpoch, rec.RetiredBefore = now.RetireEpoch, now.RetiredBefore
 	if rec.Token != nil && rec.Token.Epoch < rec.RetireEpoch {
-		rec.Token = nil
+		rec.Token, rec.Narrowed = nil, nil
 	}
 	rec.ConfigHash = cfg.upstreamHash()
 	if old != nil && !old.sameEndpoint(cfg) && len(now.Rotated) > 0 {
@@ -153,7 +162,7 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 	st.cfg, st.rec, st.loaded = cfg, rec, true
 	st.present.Store(true)
 	st.gen++
-	st.failErr, st.failures, st.nextRetry = nil, 0, time.Time{}
+	st.resetSlotsLocked()
 	pending := st.pendingWAL
 	st.unstored, st.pendingWAL = false, ""
 	st.mu.Unlock()
@@ -275,6 +284,15 @@ func (b *backend) deleteConfig(ctx context.Context, s logical.Storage, name stri
 	defer b.release(st)
 	st.lockOwner()
 	defer st.owner.Unlock()
+	// Role writes take this lock too: no role can name the config after
+	// this check.
+	roles, err := b.rolesOf(ctx, s, name)
+	if err != nil {
+		return err
+	}
+	if len(roles) > 0 {
+		return logical.CodedError(http.StatusConflict, fmt.Sprintf("config %q is used by roles %s: delete them first (roles/<name>)", name, strings.Join(roles, ", ")))
+	}
 	// Memory first: this node stops serving the config now. A refresh in
 	// flight finds the generation changed and installs nothing.
 	st.mu.Lock()
@@ -316,7 +334,7 @@ func (b *backend) retireConfig(ctx context.Context, s logical.Storage, name stri
 		return nil, nil, errConfigNotFound
 	}
 	old := rec.Token
-	rec.Token = nil
+	rec.Token, rec.Narrowed = nil, nil
 	rec.RetiredBefore = b.now()
 	rec.RetireEpoch++
 	if err := writeTokenRecord(ctx, s, name, rec); err != nil {
@@ -326,11 +344,181 @@ func (b *backend) retireConfig(ctx context.Context, s logical.Storage, name stri
 	st.rec = rec
 	pending := st.pendingWAL
 	st.unstored, st.pendingWAL = false, ""
-	st.failErr = nil
+	st.own.failErr = nil
+	for _, sl := range st.narrowed {
+		sl.failErr = nil
+	}
 	st.mu.Unlock()
 	if pending != "" {
 		b.deleteRotationWAL(ctx, pending)
 	}
 	b.Logger().Warn("all tokens of the config retired", "config", name)
 	return cfg, old, nil
+}
+
+// refuseRoleName refuses a config write of a name a role has: creds/<name>
+// must always mean one thing.
+func (b *backend) refuseRoleName(ctx context.Context, s logical.Storage, name string) error {
+	r, err := b.roleFor(ctx, s, name)
+	if err != nil {
+		return err
+	}
+	if r != nil {
+		return refuse("name: a role is named %q (over config %q); configs and roles share one namespace (creds/<name>): pick another name", name, r.Config)
+	}
+	return nil
+}
+
+// putRole is one role write of name: prepare builds it from the stored role
+// (nil on create); the role's guards are checked against the broker's
+// evidence for its config's token; then, under the role name's owner lock
+// and its config's (always in that order), the namespace and the config's
+// bounds are checked and the role is stored.
+func (b *backend) putRole(ctx context.Context, s logical.Storage, name string, prepare func(old *roleEntry) (*roleEntry, error)) (*roleEntry, error) {
+	old, err := b.roleFor(ctx, s, name)
+	if err != nil {
+		return nil, err
+	}
+	r, err := prepare(old)
+	if err != nil {
+		return nil, err
+	}
+	r.Name = name
+	if r.RequireReadOnly || len(r.AllowedAccounts) > 0 {
+		// The broker's word on the config's token, before any lock (it
+		// may call the broker).
+		cfg, tok, err := b.currentToken(ctx, s, r.Config)
+		switch {
+		case errors.Is(err, errConfigNotFound):
+			return nil, refuse("config: no config named %q: write config/%s first; nothing was stored", r.Config, r.Config)
+		case err != nil:
+			return nil, &verifyError{msg: fmt.Sprintf("role %q: checking its guards against config %q's token failed; nothing was stored: %v", name, r.Config, err), err: err}
+		}
+		spec := b.specs[cfg.Provider]
+		probe := tok
+		if b.requestFor(cfg, r).key != "" {
+			// Narrowed at issue: the role's token keeps the config's
+			// trading rights, and its accounts are checked when minted.
+			probe = &storedToken{ReadOnly: tok.ReadOnly, AccountIDs: r.AllowedAccounts}
+		}
+		if err := checkRoleGuards(spec, r, probe); err != nil {
+			return nil, &verifyError{msg: fmt.Sprintf("%s; nothing was stored", err), err: err}
+		}
+	}
+
+	st := b.acquire(name)
+	defer b.release(st)
+	st.lockOwner()
+	defer st.owner.Unlock()
+	if err := b.loadOwned(ctx, s, st); err != nil {
+		return nil, err
+	}
+	st.mu.Lock()
+	clash := st.cfg != nil
+	st.mu.Unlock()
+	if clash {
+		return nil, refuse("name: a config is named %q; configs and roles share one namespace (creds/<name>): pick another name", name)
+	}
+	cs := b.acquire(r.Config)
+	defer b.release(cs)
+	cs.lockOwner()
+	defer cs.owner.Unlock()
+	if err := b.loadOwned(ctx, s, cs); err != nil {
+		return nil, err
+	}
+	cs.mu.Lock()
+	cfg := cs.cfg
+	cs.mu.Unlock()
+	if cfg == nil {
+		return nil, refuse("config: no config named %q: write config/%s first; nothing was stored", r.Config, r.Config)
+	}
+	if err := b.roleWithinConfig(r, cfg); err != nil {
+		return nil, err
+	}
+	r.UpdatedAt = b.now().UTC()
+	if err := writeRole(ctx, s, r); err != nil {
+		return nil, err
+	}
+	b.roles.set(name, r)
+	return r, nil
+}
+
+// roleWithinConfig refuses a role broader than its config.
+func (b *backend) roleWithinConfig(r *roleEntry, cfg *brokerConfig) error {
+	spec := b.specs[cfg.Provider]
+	if spec.ReportsNoAccess && (r.RequireReadOnly || len(r.AllowedAccounts) > 0) {
+		return refuse("require_readonly, allowed_accounts: cannot be checked for %s: %s reports neither accounts nor a read-only flag; nothing was stored", cfg.Provider, spec.Display)
+	}
+	if len(cfg.AllowedAccounts) > 0 {
+		for _, a := range r.AllowedAccounts {
+			if !slices.Contains(cfg.AllowedAccounts, a) {
+				return refuse("allowed_accounts: %s is not in config %q's allowed_accounts (%s): a role is never broader than its config; nothing was stored", a, r.Config, strings.Join(cfg.AllowedAccounts, ", "))
+			}
+		}
+	}
+	if cfg.TTL > 0 && r.TTL > cfg.TTL {
+		return refuse("ttl: %s is above config %q's ttl (%s); nothing was stored", r.TTL, r.Config, cfg.TTL)
+	}
+	if cfg.MaxTTL > 0 && r.MaxTTL > cfg.MaxTTL {
+		return refuse("max_ttl: %s is above config %q's max_ttl (%s); nothing was stored", r.MaxTTL, r.Config, cfg.MaxTTL)
+	}
+	return nil
+}
+
+// deleteRole deletes a role. Its narrowed token, unless another role asks
+// for the same, is dropped with it, and one being minted is not installed.
+// Nothing ends upstream; its leases no longer renew.
+func (b *backend) deleteRole(ctx context.Context, s logical.Storage, name string) error {
+	st := b.acquire(name)
+	defer b.release(st)
+	st.lockOwner()
+	defer st.owner.Unlock()
+	r, err := b.roleFor(ctx, s, name)
+	if err != nil || r == nil {
+		return err
+	}
+	if err := s.Delete(ctx, rolePrefix+name); err != nil {
+		return fmt.Errorf("deleting role %q: %w", name, err)
+	}
+	b.roles.set(name, nil)
+	b.metrics.creds.DeletePartialMatch(map[string]string{"role": name})
+
+	cs := b.acquire(r.Config)
+	defer b.release(cs)
+	cs.lockOwner()
+	defer cs.owner.Unlock()
+	if err := b.loadOwned(ctx, s, cs); err != nil {
+		return nil // the role is gone; its token goes with the next change of the config
+	}
+	cs.mu.Lock()
+	cfg := cs.cfg
+	cs.mu.Unlock()
+	if cfg == nil {
+		return nil
+	}
+	req := b.requestFor(cfg, r)
+	if req.key == "" {
+		return nil
+	}
+	others, err := b.rolesOf(ctx, s, r.Config)
+	if err != nil {
+		return nil
+	}
+	for _, o := range others {
+		if or, _ := b.roleFor(ctx, s, o); or != nil && b.requestFor(cfg, or).key == req.key {
+			return nil // still asked for
+		}
+	}
+	cs.mu.Lock()
+	rec := cs.rec.withToken(req.key, nil)
+	// A flight of this request finds its slot gone and installs nothing.
+	delete(cs.narrowed, req.key)
+	cs.mu.Unlock()
+	if err := writeTokenRecord(ctx, s, r.Config, rec); err != nil {
+		b.Logger().Warn("could not drop a deleted role's token from storage; the config's next change drops it", "role", name, "error", err)
+	}
+	cs.mu.Lock()
+	cs.rec = rec
+	cs.mu.Unlock()
+	return nil
 }

@@ -453,7 +453,12 @@ func waitIdle(b *backend, name string) {
 			return
 		}
 		st.mu.Lock()
-		f := st.flight
+		f := st.own.flight
+		for _, sl := range st.narrowed {
+			if f == nil {
+				f = sl.flight
+			}
+		}
 		st.mu.Unlock()
 		if f == nil {
 			return

@@ -19,8 +19,10 @@ import (
 // provider that rotates its long-lived secret it first writes a rotation
 // record (returned as walID) so that a crash between the broker's answer and
 // the storage write is recovered; the caller deletes it once the outcome is
-// stored. epoch is the config's retire epoch when the call started.
-func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, epoch uint64) (*refreshed, string, error) {
+// stored. accounts are what a broker that narrows is asked to narrow to (the
+// config's allowed_accounts, or a role's); epoch is the config's retire
+// epoch when the call started.
+func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, accounts []string, epoch uint64) (*refreshed, string, error) {
 	started := b.now()
 	p, ok := b.providers[cfg.Provider]
 	if !ok {
@@ -60,7 +62,7 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		Environment:     cfg.Environment,
 		Client:          client,
 		Secrets:         secrets,
-		AllowedAccounts: cfg.AllowedAccounts,
+		AllowedAccounts: accounts,
 		RequireReadOnly: cfg.RequireReadOnly,
 		ReserveQuota:    b.reserveQuota(cfg),
 	})

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -133,6 +134,10 @@ func writeConfig(ctx context.Context, s logical.Storage, name string, c *brokerC
 // of the last refresh, so a restart neither calls the broker again nor forgets a failure.
 type tokenRecord struct {
 	Token *storedToken `json:"token,omitempty"`
+	// Narrowed are the tokens the broker narrowed for roles (ALOR
+	// allowedPortfolios), by request key (see tokenRequest). They live and
+	// die with Token: same secret, same retire epoch.
+	Narrowed map[string]*storedToken `json:"narrowed,omitempty"`
 	// Rotated are long-lived secret fields the broker replaced (a rotated
 	// refresh token); they supersede the config's values, at the endpoint
 	// that issued them only.
@@ -164,6 +169,33 @@ type tokenRecord struct {
 	LastErrorAt time.Time `json:"last_error_at,omitzero"`
 }
 
+// tokenOf is the token of a request key ("" for the config's own).
+func (r tokenRecord) tokenOf(key string) *storedToken {
+	if key == "" {
+		return r.Token
+	}
+	return r.Narrowed[key]
+}
+
+// withToken is r with key's token replaced (nil removes it).
+func (r tokenRecord) withToken(key string, tok *storedToken) tokenRecord {
+	if key == "" {
+		r.Token = tok
+		return r
+	}
+	n := maps.Clone(r.Narrowed)
+	if n == nil {
+		n = map[string]*storedToken{}
+	}
+	if tok == nil {
+		delete(n, key)
+	} else {
+		n[key] = tok
+	}
+	r.Narrowed = n
+	return r
+}
+
 // rotation is one endpoint's rotated secrets.
 type rotation struct {
 	Secrets   map[string]string `json:"secrets"`
@@ -176,7 +208,7 @@ type rotation struct {
 // secret is kept only for the endpoint that issued it.
 func (r tokenRecord) boundTo(cfg *brokerConfig) tokenRecord {
 	if r.ConfigHash != "" && r.ConfigHash != cfg.upstreamHash() {
-		r.Token = nil
+		r.Token, r.Narrowed = nil, nil
 	}
 	key := cfg.endpointKey()
 	if len(r.Rotated) > 0 && r.RotatedAt == "" {

@@ -102,6 +102,12 @@ type Spec struct {
 	// Trusted Root CA, which system stores lack). A config's ca_cert
 	// replaces both.
 	TrustedRoots *upstream.HostRoots
+	// NarrowsAccounts is true when the broker narrows a token to the
+	// accounts it is asked for at issue (ALOR's allowedPortfolios): a role
+	// with its own allowed_accounts then gets a token of its own, minted
+	// narrowed. For any other broker a role's accounts only check the
+	// config's token.
+	NarrowsAccounts bool
 	// ReportsNoAccess is true when the broker tells nothing of a token's
 	// accounts or trading rights: require_readonly and allowed_accounts
 	// cannot be checked, so a config refuses them rather than pretend.
