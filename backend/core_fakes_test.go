@@ -33,8 +33,10 @@ type fakeBroker struct {
 	name     string
 	kind     provider.Issuance
 	rotating bool
-	clock    *fakeClock
-	life     time.Duration
+	// narrows: the broker narrows a token to Request.AllowedAccounts (ALOR).
+	narrows bool
+	clock   *fakeClock
+	life    time.Duration
 
 	mu        sync.Mutex
 	calls     int
@@ -81,8 +83,9 @@ func (f *fakeBroker) Spec() provider.Spec {
 	}
 	return provider.Spec{
 		Name: f.name, Display: "Fake" + f.name, Issuance: f.kind, Fields: fields,
-		Environments:  map[string]string{"production": "https://" + f.name + ".example"},
-		RotatesSecret: f.rotating,
+		Environments:    map[string]string{"production": "https://" + f.name + ".example"},
+		RotatesSecret:   f.rotating,
+		NarrowsAccounts: f.narrows,
 		DefaultTTL: func() time.Duration {
 			if f.kind == provider.Passthrough {
 				return time.Hour
@@ -158,6 +161,9 @@ func (f *fakeBroker) answerLocked(req provider.Request) (*provider.Token, error)
 		IssuedAt:    f.clock.Now(),
 		AccountIDs:  f.accounts,
 		ReadOnly:    f.readOnly,
+	}
+	if f.narrows && len(req.AllowedAccounts) > 0 {
+		tok.AccountIDs = req.AllowedAccounts
 	}
 	if f.kind == provider.Passthrough {
 		tok.AccessToken = req.Secrets["secret"]
