@@ -1,0 +1,215 @@
+package backend
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// Reviewer's attacks on the round-two token core (issue 19). Each opens one
+// window deterministically with the doubles of core_fakes_test.go; none
+// sleeps.
+
+func (c *coreHarness) walKeys() []string {
+	c.t.Helper()
+	keys, err := c.raw.List(context.Background(), "wal/")
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return keys
+}
+
+func (c *coreHarness) renewLease(b *backend, lease *logical.Secret) (*logical.Response, error) {
+	sec := *lease
+	sec.IssueTime = c.clock.Now()
+	return b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: &sec})
+}
+
+// Window: a ChatApp refresh is at the broker (it holds upstream, not owner)
+// when a delete runs. deleteConfig unloads the state first (gen++), then its
+// config Delete fails: the config survives in storage. The refresh's answer
+// then finds the state not current (finishRefresh: current=false), discards
+// the rotation the broker applied and deletes its write-ahead record. Storage
+// still pairs the surviving config with the refresh token the broker has
+// just retired: the next refresh is refused (and spends a make).
+func TestAttackFailedDeleteDuringRefreshLosesRotation(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	entered, release := f.holdNext()
+	c.dueRefresh("creds/x") // starts the background refresh
+	wait(t, entered, "the background refresh never reached the broker")
+	c.storage.setFailDelete(configPrefix + "x")
+	if resp, err := c.do(logical.DeleteOperation, "config/x", nil); err == nil && !resp.IsError() {
+		t.Fatal("the delete did not fail")
+	}
+	c.storage.setFailDelete("")
+	release() // the broker rotates and answers
+	c.waitIdle("x")
+
+	if !c.exists(configPrefix + "x") {
+		t.Fatal("the config did not survive the failed delete")
+	}
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Errorf("the surviving config lost the rotation the broker applied: storage %q, broker %q (wal records left: %v)", rec.Rotated["refresh_token"], f.refresh, c.walKeys())
+	}
+	c.do(logical.UpdateOperation, "rotate-root/x", nil)
+	if f.refused != 0 {
+		t.Errorf("%d refresh tokens presented after the broker retired them", f.refused)
+	}
+}
+
+// Window: a rotation whose token Put failed lives only in memory
+// (unstored, kept for the next refresh or unload). A delete whose config
+// Delete fails unloads the state before touching storage (deleteConfig:
+// unloadLocked), so the unstored rotation and its pending rotation record id
+// are dropped, though the config survives. Neither the next refresh nor
+// unload can store it any more.
+func TestAttackFailedDeleteDropsUnstoredRotation(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	c.storage.setFailKey(tokenPrefix + "x")
+	if resp, err := c.do(logical.UpdateOperation, "rotate-root/x", nil); err != nil || resp.IsError() {
+		t.Fatalf("rotate-root: %v %v", err, resp)
+	}
+	c.storage.setFailKey("")
+	c.storage.setFailDelete(configPrefix + "x")
+	if resp, err := c.do(logical.DeleteOperation, "config/x", nil); err == nil && !resp.IsError() {
+		t.Fatal("the delete did not fail")
+	}
+	c.storage.setFailDelete("")
+	c.b.Clean(context.Background()) // unload: stores what only memory holds
+
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Errorf("the surviving config lost its unstored rotation: storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+	b := c.newBackend(nil)
+	c.doOn(b, logical.UpdateOperation, "rotate-root/x", nil)
+	if f.refused != 0 {
+		t.Errorf("%d refresh tokens presented after the broker retired them", f.refused)
+	}
+}
+
+// Window: a same-endpoint config write (ttl only, verified) is at the broker
+// presenting the stored rotated refresh token, which the broker rotates. A
+// delete lands meanwhile and its config Delete fails. putConfig finds the
+// generation changed and answers 409 without keeping the rotation
+// (core.go: the `changed` branch returns before keepRotationOwned, and its
+// walID is neither deleted nor kept). The surviving config keeps the spent
+// refresh token.
+func TestAttackFailedDeleteDuringConfigWriteLosesRotation(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	entered, release := f.holdNext()
+	var (
+		resp *logical.Response
+		err  error
+	)
+	written := c.goDo(logical.UpdateOperation, "config/x", map[string]any{"ttl": "10m"}, &resp, &err)
+	wait(t, entered, "the write's verifying call never reached the broker")
+	c.storage.setFailDelete(configPrefix + "x")
+	if dr, derr := c.do(logical.DeleteOperation, "config/x", nil); derr == nil && !dr.IsError() {
+		t.Fatal("the delete did not fail")
+	}
+	c.storage.setFailDelete("")
+	release()
+	wait(t, written, "the write did not finish")
+	t.Logf("the write answered %d: %v", statusOf(resp, err), err)
+
+	if !c.exists(configPrefix + "x") {
+		t.Fatal("the config did not survive the failed delete")
+	}
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Errorf("the surviving config lost the rotation the write's verifying call caused: storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+	c.do(logical.UpdateOperation, "rotate-root/x", nil)
+	if f.refused != 0 {
+		t.Errorf("%d refresh tokens presented after the broker retired them", f.refused)
+	}
+}
+
+// Window: two refreshes in a row whose token Put fails. The second
+// overwrites st.pendingWAL with its own id (refresh.go finishRefresh, and
+// storeRotationOwned in core.go) without deleting the first: once a third
+// refresh stores the rotation, the first rotation record is left behind and
+// rollback replays a rotation that was stored.
+func TestAttackSecondUnstoredRotationLeaksFirstWAL(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	c.storage.setFailKey(tokenPrefix + "x")
+	for i := 0; i < 2; i++ {
+		if resp, err := c.do(logical.UpdateOperation, "rotate-root/x", nil); err != nil || resp.IsError() {
+			t.Fatalf("rotate-root: %v %v", err, resp)
+		}
+	}
+	c.storage.setFailKey("")
+	c.ok(logical.UpdateOperation, "rotate-root/x", nil)
+	if rec, _ := c.stored("x"); rec.Rotated["refresh_token"] != f.refresh {
+		t.Fatalf("the rotation was not stored: %q vs %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+	if keys := c.walKeys(); len(keys) != 0 {
+		t.Errorf("rotation records left after the rotation was stored: %v", keys)
+	}
+}
+
+// Window: a config write whose token record is stored and whose config Put
+// then fails unloads the state (putConfig: the writeConfig error branch)
+// without deleting or keeping its verifying call's rotation record, nor the
+// pending one of an earlier unstored rotation: the rotation is in storage,
+// but the record stays for rollback to replay.
+func TestAttackConfigPutFailureLeaksWAL(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	c.storage.setFailKey(configPrefix + "x")
+	if resp, err := c.do(logical.UpdateOperation, "config/x", map[string]any{"ttl": "10m"}); err == nil && !resp.IsError() {
+		t.Fatal("the write did not fail")
+	}
+	c.storage.setFailKey("")
+	if rec, _ := c.stored("x"); rec.Rotated["refresh_token"] != f.refresh {
+		t.Fatalf("the rotation was not stored: %q vs %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"ttl": "10m"})
+	if keys := c.walKeys(); len(keys) != 0 {
+		t.Errorf("rotation records left after every rotation was stored: %v", keys)
+	}
+}
+
+// Window: the incident switch, then delete and re-create under the same
+// name (an operator replacing a leaked secret). The re-created config starts
+// at retire epoch 0, so a lease on the retired token (epoch 0) of the deleted
+// config renews again, up to that token's expiry: renewToken checks only
+// that some config of that name exists and in.epoch < rec.RetireEpoch.
+func TestAttackRetiredLeaseRenewsAfterDeleteAndRecreate(t *testing.T) {
+	c := newCoreHarness(t, finamLike())
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+	lease := c.ok(logical.ReadOperation, "creds/x", nil).Secret
+	c.ok(logical.UpdateOperation, "config/x/retire", nil)
+	if resp, err := c.renewLease(c.b, lease); err == nil && !resp.IsError() && resp.Secret.TTL > time.Second {
+		t.Fatalf("the retired lease renewed for %s before the delete", resp.Secret.TTL)
+	}
+	c.ok(logical.DeleteOperation, "config/x", nil)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s2"})
+	resp, err := c.renewLease(c.b, lease)
+	if err == nil && !resp.IsError() && resp.Secret.TTL > time.Second {
+		t.Errorf("a lease on the deleted config's retired token (secret s1) renewed for %s under the re-created config", resp.Secret.TTL)
+	}
+}
