@@ -2,6 +2,9 @@ package backend
 
 import (
 	"context"
+	"runtime"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -212,4 +215,128 @@ func TestAttackRetiredLeaseRenewsAfterDeleteAndRecreate(t *testing.T) {
 	if err == nil && !resp.IsError() && resp.Secret.TTL > time.Second {
 		t.Errorf("a lease on the deleted config's retired token (secret s1) renewed for %s under the re-created config", resp.Secret.TTL)
 	}
+}
+
+// Window: a refresh is at the broker when a delete succeeds. deleteConfig
+// drops the config's series (metrics.forget) and its metric keys, but the
+// refresh's finishRefresh then bumps st.keys(b.metrics).refreshOK, which
+// looks the series up again: the deleted config's series come back.
+func TestAttackRefreshFinishingAfterDeleteRecreatesSeries(t *testing.T) {
+	f := finamLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/gone", map[string]any{"provider": "fake", "secret": "s1"})
+	c.token("creds/gone")
+
+	entered, release := f.holdNext()
+	c.dueRefresh("creds/gone")
+	wait(t, entered, "the background refresh never reached the broker")
+	c.ok(logical.DeleteOperation, "config/gone", nil)
+	release()
+	c.waitIdle("gone")
+
+	body, err := c.b.metrics.expose(c.b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(body), `config="gone"`) {
+		t.Errorf("the deleted config has series again:\n%s", grepLines(string(body), `config="gone"`))
+	}
+}
+
+// Held: two moving writes in a row (A->B, then A->C), each storing its
+// record and failing to store the config, leave A's own rotated secret for
+// A (Prior), on this node and after a restart.
+func TestAttackHeldPriorAcrossTwoFailedMoves(t *testing.T) {
+	const endpointA, endpointB, endpointC = "http://127.0.0.1:1", "http://127.0.0.2:1", "http://127.0.0.3:1"
+	for _, restart := range []bool{false, true} {
+		f := chatLike()
+		c := newCoreHarness(t, f)
+		c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-a", "base_url": endpointA})
+		c.token("creds/x")
+		rotatedAtA := f.refresh
+		c.storage.setFailKey(configPrefix + "x")
+		for _, to := range []string{endpointB, endpointC} {
+			if _, err := c.do(logical.UpdateOperation, "config/x", map[string]any{"secret": "s1", "refresh_token": "seed-" + to, "base_url": to}); err == nil {
+				t.Fatal("the moving write did not fail")
+			}
+		}
+		c.storage.setFailKey("")
+		b := c.b
+		if restart {
+			b = c.newBackend(nil)
+		}
+		f.mu.Lock()
+		f.sent, f.refresh = nil, rotatedAtA
+		f.mu.Unlock()
+		if resp, err := c.doOn(b, logical.UpdateOperation, "rotate-root/x", nil); err != nil || resp.IsError() {
+			t.Fatalf("restart=%v: rotate-root at A: %v %v", restart, err, resp)
+		}
+		f.mu.Lock()
+		for _, s := range f.sent {
+			if s.baseURL != endpointA || s.refreshToken != rotatedAtA {
+				t.Errorf("restart=%v: sent %q to %s", restart, s.refreshToken, s.baseURL)
+			}
+		}
+		f.mu.Unlock()
+	}
+}
+
+// Held: a retire while a rotation is at the broker, whose record write then
+// fails: the rotation stays (unstored) and the pre-retire token is never
+// served; the next retire stores both and clears the rotation record.
+func TestAttackHeldRetireDuringRotationWhoseWriteFails(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	first := c.token("creds/x")
+	entered, release := f.holdNext()
+	var (
+		resp *logical.Response
+		err  error
+	)
+	rotated := c.goDo(logical.UpdateOperation, "rotate-root/x", nil, &resp, &err)
+	wait(t, entered, "rotate-root never reached the broker")
+	c.ok(logical.UpdateOperation, "config/x/retire", nil)
+	c.storage.setFailKey(tokenPrefix + "x")
+	release()
+	wait(t, rotated, "rotate-root did not finish")
+	c.storage.setFailKey("")
+	inFlight := "fakerot-token-" + strconv.Itoa(f.callCount())
+	c.ok(logical.UpdateOperation, "config/x/retire", nil)
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Errorf("the rotation was lost: storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+	if got := c.token("creds/x"); got == first || got == inFlight {
+		t.Errorf("a retired token was served: %q", got)
+	}
+	// (Its rotation records are not checked here: rotate-root's retry after
+	// the retire makes a second unstored rotation, and the first record
+	// leaks; see TestAttackSecondUnstoredRotationLeaksFirstWAL.)
+	if f.refused != 0 {
+		t.Errorf("%d refused refresh tokens", f.refused)
+	}
+}
+
+// Held: unloading leaves no goroutine behind (refresh goroutines, the
+// cleanup waiter, the HTTP clients of every config).
+func TestAttackHeldCleanLeavesNoGoroutines(t *testing.T) {
+	base := runtime.NumGoroutine()
+	f := chatLike()
+	c := newCoreHarness(t, f, finamLike(), tinvestLike())
+	c.ok(logical.UpdateOperation, "config/r", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.ok(logical.UpdateOperation, "config/m", map[string]any{"provider": "fake", "secret": "s1"})
+	c.ok(logical.UpdateOperation, "config/p", map[string]any{"provider": "fakepass", "secret": "s1"})
+	for _, n := range []string{"r", "m", "p"} {
+		c.token("creds/" + n)
+	}
+	entered, release := f.holdNext()
+	c.dueRefresh("creds/r")
+	wait(t, entered, "refresh never reached the broker")
+	cleaned := make(chan struct{})
+	go func() { defer close(cleaned); c.b.Clean(context.Background()) }()
+	until(t, "cleanup never started", func() bool { return c.b.closing.Load() })
+	release()
+	wait(t, cleaned, "cleanup did not return")
+	until(t, "goroutines left after Clean", func() bool { return runtime.NumGoroutine() <= base+1 })
 }
