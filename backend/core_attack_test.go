@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
 // Reviewer's attacks on the round-two token core (issue 19). Each opens one
@@ -339,4 +341,170 @@ func TestAttackHeldCleanLeavesNoGoroutines(t *testing.T) {
 	release()
 	wait(t, cleaned, "cleanup did not return")
 	until(t, "goroutines left after Clean", func() bool { return runtime.NumGoroutine() <= base+1 })
+}
+
+// Window: a token record left by the previous core (no rotated_at, no
+// prior) after its defect #2: a write moving the config from A to B stored
+// its record, holding B's rotated refresh token and B's config hash, and
+// failed to store the config. On load boundTo (records.go, the
+// `r.RotatedAt == ""` branch) takes a record without rotated_at as issued by
+// the stored config's endpoint, though its config_hash says it was written
+// for another config: B's refresh token goes to A.
+func TestAttackLegacyRecordSendsOtherEndpointsSecret(t *testing.T) {
+	const endpointA, endpointB = "http://127.0.0.1:1", "http://127.0.0.2:1"
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-a", "base_url": endpointA})
+	c.token("creds/x")
+	rotatedAtA := f.refresh
+	c.storage.setFailKey(configPrefix + "x")
+	if _, err := c.do(logical.UpdateOperation, "config/x", map[string]any{"secret": "s1", "refresh_token": "seed-b", "base_url": endpointB}); err == nil {
+		t.Fatal("the moving write did not fail")
+	}
+	c.storage.setFailKey("")
+	rotatedAtB := f.refresh
+	// What the previous core stored there: the same record without the
+	// fields this core added.
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != rotatedAtB || rec.ConfigHash == "" {
+		t.Fatalf("unexpected record: %+v", rec)
+	}
+	rec.RotatedAt, rec.Prior = "", nil
+	e, err := logical.StorageEntryJSON(tokenPrefix+"x", rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.raw.Put(context.Background(), e); err != nil {
+		t.Fatal(err)
+	}
+
+	b := c.newBackend(nil) // the upgraded plugin
+	f.mu.Lock()
+	f.sent, f.refresh = nil, rotatedAtA
+	f.mu.Unlock()
+	c.doOn(b, logical.UpdateOperation, "rotate-root/x", nil)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, s := range f.sent {
+		if s.refreshToken == rotatedAtB {
+			t.Errorf("B's rotated refresh token was sent to %s", s.baseURL)
+		}
+	}
+}
+
+// Window: a config write whose verifying call the broker refuses (a wrong
+// new password) writes a rotation record in issue() and returns; putConfig's
+// failure branch hands the walID to keepRotationOwned, which returns at once
+// when nothing was rotated (m == nil) and never deletes it. Every refused
+// write leaves a record that rollback later replays as a rotation.
+func TestAttackRefusedConfigWriteLeaksWAL(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+	f.mu.Lock()
+	f.fail = &upstream.Error{Broker: "Fake", Op: "refresh", Failure: upstream.Unauthorized, Status: 401, Message: "bad password"}
+	f.mu.Unlock()
+	if resp, err := c.do(logical.UpdateOperation, "config/x", map[string]any{"secret": "wrong"}); err == nil && !resp.IsError() {
+		t.Fatal("the refused write succeeded")
+	}
+	f.mu.Lock()
+	f.fail = nil
+	f.mu.Unlock()
+	if keys := c.walKeys(); len(keys) != 0 {
+		t.Errorf("a write refused by the broker left rotation records: %v", keys)
+	}
+}
+
+// Held: a refresh at the broker when the config is deleted and re-created:
+// the re-create waits for it (upstream), its answer is discarded, and the
+// re-created config serves a token of its own secret only.
+func TestAttackHeldRefreshAfterDeleteAndRecreate(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+	entered, release := f.holdNext()
+	c.dueRefresh("creds/x")
+	wait(t, entered, "the background refresh never reached the broker")
+	c.ok(logical.DeleteOperation, "config/x", nil)
+	var (
+		resp *logical.Response
+		err  error
+	)
+	created := c.goDo(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s2", "refresh_token": "seed-2"}, &resp, &err)
+	c.queued("x", created)
+	release()
+	wait(t, created, "the re-create did not finish")
+	if err != nil || resp.IsError() {
+		t.Fatalf("re-create: %v %v", err, resp)
+	}
+	tok := c.token("creds/x")
+	if f.secretOf[tok] != "s2" {
+		t.Errorf("the re-created config served a token of secret %q", f.secretOf[tok])
+	}
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Errorf("storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+	if keys := c.walKeys(); len(keys) != 0 {
+		t.Errorf("rotation records left: %v", keys)
+	}
+}
+
+// Held: an invalidation and an unload that land while a config write holds
+// the name's owner across its storage write queue behind it (no deadlock:
+// upstream -> owner -> mu everywhere), and what the write stored is what
+// the next load sees.
+func TestAttackHeldInvalidateAndCleanDuringConfigWritePut(t *testing.T) {
+	for _, racer := range []string{"invalidate", "clean"} {
+		t.Run(racer, func(t *testing.T) {
+			f := chatLike()
+			c := newCoreHarness(t, f)
+			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+			c.token("creds/x")
+			hit, release := c.storage.holdNextPut(tokenPrefix + "x")
+			var (
+				resp *logical.Response
+				err  error
+			)
+			written := c.goDo(logical.UpdateOperation, "config/x", map[string]any{"ttl": "10m"}, &resp, &err)
+			wait(t, hit, "the write never reached storage")
+			c.b.mu.RLock()
+			st := c.b.states["x"]
+			c.b.mu.RUnlock()
+			raced := make(chan struct{})
+			go func() {
+				defer close(raced)
+				if racer == "invalidate" {
+					c.b.invalidate(context.Background(), tokenPrefix+"x")
+				} else {
+					c.b.Clean(context.Background())
+				}
+			}()
+			// Clean empties b.states first, so watch the state itself.
+			until(t, "the "+racer+" neither finished nor queued on the owner", func() bool {
+				select {
+				case <-raced:
+					return true
+				default:
+				}
+				return st.waiting.Load() > 0
+			})
+			release()
+			wait(t, written, "the write did not finish")
+			wait(t, raced, "the "+racer+" did not finish")
+			if err != nil || resp.IsError() {
+				t.Fatalf("write: %v %v", err, resp)
+			}
+			b := c.b
+			if racer == "clean" {
+				b = c.newBackend(nil)
+			}
+			c.doOn(b, logical.UpdateOperation, "rotate-root/x", nil)
+			if f.refused != 0 {
+				t.Errorf("%d refused refresh tokens", f.refused)
+			}
+		})
+	}
 }
