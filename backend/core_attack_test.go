@@ -508,3 +508,45 @@ func TestAttackHeldInvalidateAndCleanDuringConfigWritePut(t *testing.T) {
 		})
 	}
 }
+
+// Window: a config write's verifying call runs on the caller's context
+// (putConfig passes ctx to b.issue; refreshes use the backend's, and only the
+// storage step is detached). The caller gives up (a client timeout, Ctrl-C)
+// after ChatApp has rotated the stored refresh token but before its answer
+// is read: the answer is lost, the write fails with nothing kept, and the
+// stored config holds a spent refresh token; its rotation record is left
+// for a rollback that can only present that spent token.
+func TestAttackCancelledConfigWriteLosesRotation(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.token("creds/x")
+
+	f.loseAnswerOnCancel = true
+	entered, release := f.holdNext()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var (
+		resp *logical.Response
+		err  error
+	)
+	go func() {
+		defer close(done)
+		resp, err = c.b.HandleRequest(ctx, &logical.Request{Operation: logical.UpdateOperation, Path: "config/x", Storage: c.storage, Data: map[string]any{"ttl": "10m"}})
+	}()
+	wait(t, entered, "the write's verifying call never reached the broker")
+	cancel()  // the caller gives up
+	release() // the broker has rotated; its answer is read after the cancel
+	wait(t, done, "the write did not finish")
+	t.Logf("the write answered %d: %v", statusOf(resp, err), err)
+	f.loseAnswerOnCancel = false
+
+	rec, _ := c.stored("x")
+	if rec.Rotated["refresh_token"] != f.refresh {
+		t.Logf("storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
+	}
+	c.do(logical.UpdateOperation, "rotate-root/x", nil)
+	if f.refused != 0 {
+		t.Errorf("a config write its caller abandoned spent the stored refresh token: %d refused refresh tokens", f.refused)
+	}
+}
