@@ -550,3 +550,41 @@ func TestAttackCancelledConfigWriteLosesRotation(t *testing.T) {
 		t.Errorf("a config write its caller abandoned spent the stored refresh token: %d refused refresh tokens", f.refused)
 	}
 }
+
+// Window: the migration to schema 2 builds the schedule's index with
+// eachConfig (schedule_index.go), which skips a config whose token record
+// Get fails, a transient storage error treated like an undecodable record
+// (issue 19, defect 3). The migration still completes, so the index never
+// holds the config: after the upgrade no tick ever rotates that ChatApp
+// refresh token, and a config nobody reads lets it die.
+func TestAttackTransientReadDuringIndexMigrationUnschedulesConfig(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	// Storage of the previous version: no index.
+	hours, _ := c.raw.List(context.Background(), duePrefix)
+	if len(hours) == 0 {
+		t.Fatal("the rotating config was never indexed")
+	}
+	for _, h := range hours {
+		names, _ := c.raw.List(context.Background(), duePrefix+h)
+		for _, n := range names {
+			c.raw.Delete(context.Background(), duePrefix+h+n)
+		}
+	}
+	c.setSchema(1)
+	c.storage.failGets(tokenPrefix+"x", 1) // one storage hiccup during the migration
+	b := c.newBackend(nil)
+
+	c.clock.Advance(8 * 24 * time.Hour) // past half the refresh token's 14 days
+	calls := f.callCount()
+	for range 3 {
+		if err := b.periodicFunc(context.Background(), &logical.Request{Storage: c.storage}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := f.callCount() - calls; n == 0 {
+		hours, _ := c.raw.List(context.Background(), duePrefix)
+		t.Errorf("after one failed read during the upgrade the rotating config is never rotated (index hours %v)", hours)
+	}
+}
