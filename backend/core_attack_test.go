@@ -588,3 +588,29 @@ func TestAttackTransientReadDuringIndexMigrationUnschedulesConfig(t *testing.T) 
 		t.Errorf("after one failed read during the upgrade the rotating config is never rotated (index hours %v)", hours)
 	}
 }
+
+// Window: the Put of a new config's due-time index entry fails once
+// (reschedule in schedule_index.go only warns). The in-memory schedule holds
+// it, but after a reload, restart or failover nothing does: a rotating
+// config nobody reads is never rotated again and its refresh token dies.
+func TestAttackFailedIndexPutUnschedulesConfigAfterRestart(t *testing.T) {
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	// The write's verifying refresh makes the pair now; it is due half way
+	// through the refresh token's 14 days.
+	c.storage.setFailKey(dueKey(bucketOf(c.clock.Now().Add(7*24*time.Hour)), "x"))
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	c.storage.setFailKey("")
+	b := c.newBackend(nil) // a restart
+
+	c.clock.Advance(8 * 24 * time.Hour)
+	calls := f.callCount()
+	for range 3 {
+		if err := b.periodicFunc(context.Background(), &logical.Request{Storage: c.storage}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := f.callCount() - calls; n == 0 {
+		t.Error("after one failed index write and a restart the rotating config is never rotated")
+	}
+}
