@@ -46,8 +46,10 @@ type backend struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-	// closing: the mount is being unloaded; no new refresh starts.
+	// closing: the mount is being unloaded; no new refresh starts (set and
+	// read with wg.Add under lifeMu).
 	closing atomic.Bool
+	lifeMu  sync.Mutex
 
 	mu            sync.RWMutex
 	states        map[string]*configState
@@ -183,7 +185,9 @@ func New(opts Options) *backend {
 // broker cancelled. A rotated secret whose storage write failed earlier is
 // tried once more.
 func (b *backend) clean(context.Context) {
+	b.lifeMu.Lock()
 	b.closing.Store(true)
+	b.lifeMu.Unlock()
 	done := make(chan struct{})
 	go func() {
 		b.wg.Wait()
@@ -223,10 +227,10 @@ func (b *backend) storeUnstored(ctx context.Context, st *configState) {
 	st.lockOwner()
 	defer st.owner.Unlock()
 	st.mu.Lock()
-	unstored, rec, walID := st.unstored && st.cfg != nil, st.rec, st.pendingWAL
+	unstored, rec := st.unstored && st.cfg != nil, st.rec
 	st.mu.Unlock()
 	if unstored && b.storage != nil {
-		b.storeRotationOwned(ctx, b.storage, st, rec, walID)
+		b.storeRotationOwned(ctx, b.storage, st, rec, "")
 	}
 }
 

@@ -2,6 +2,8 @@ package backend
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"maps"
@@ -91,7 +93,12 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 		fail  error
 	)
 	if ch.verify {
-		m, walID, err = b.issue(ctx, name, cfg, client, presented, cfg.AllowedAccounts, cur.RetireEpoch)
+		// Not the caller's context: a caller going away (or Vault ending
+		// the request at step-down) must not drop an answer the broker
+		// rotated for.
+		vctx, vcancel := context.WithTimeout(context.WithoutCancel(ctx), b.refreshTimeout)
+		m, walID, err = b.issue(vctx, name, cfg, client, presented, cfg.AllowedAccounts, cur.RetireEpoch)
+		vcancel()
 		switch {
 		case err != nil:
 			fail = &verifyError{msg: fmt.Sprintf("verifying the %s secret failed; nothing was stored: %v", cfg.Provider, err), err: err}
@@ -111,17 +118,19 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 	st.mu.Lock()
 	changed, now := st.gen != gen || !st.loaded, st.rec
 	st.mu.Unlock()
-	if err := b.refuseRoleName(ctx, s, name); err != nil {
-		return nil, tokenRecord{}, err // a role took the name meanwhile
+	if err := b.refuseRoleName(wctx, s, name); err != nil {
+		fail = err // a role took the name meanwhile
+	}
+	if changed && fail == nil {
+		fail = logical.CodedError(http.StatusConflict, fmt.Sprintf("config %q was deleted or changed while this write ran; nothing was stored: write it again", name))
 	}
 	if fail != nil {
-		if !changed {
+		if changed {
+			b.deleteRotationWALs(wctx, walID) // the config it rotated for is gone
+		} else {
 			b.keepRotationOwned(wctx, s, st, old, cfg, m, presented, walID)
 		}
 		return nil, tokenRecord{}, fail
-	}
-	if changed {
-		return nil, tokenRecord{}, logical.CodedError(http.StatusConflict, fmt.Sprintf("config %q was deleted or changed while this write ran; nothing was stored: write it again", name))
 	}
 	if m != nil {
 		// The verifying call's token is the first token: readers need not refresh.
@@ -140,6 +149,11 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 		rec.Prior = &rotation{Secrets: now.Rotated, Endpoint: old.endpointKey(), ExpiresAt: now.SecretExpiresAt}
 	}
 	cfg.UpdatedAt = b.now().UTC()
+	if old == nil {
+		// Leases are bound to this instance of the name: a lease of a
+		// deleted config never renews under one written again.
+		cfg.Instance = newInstanceID()
+	}
 	// The token record first: a write that fails half way leaves at worst
 	// a record whose hash does not match the stored config, whose token
 	// loading drops (boundTo); never an old secret's token paired with a
@@ -149,11 +163,14 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 		return nil, tokenRecord{}, err
 	}
 	if err := writeConfig(wctx, s, name, cfg); err != nil {
-		// Storage holds the old config beside the new record: memory
-		// follows storage at the next use.
+		// Storage holds the old config beside the new record, which holds
+		// every rotation (and the old endpoint's as Prior): their rotation
+		// records are done, and memory follows storage at the next use.
 		st.mu.Lock()
+		done := st.storedLocked()
 		st.unloadLocked()
 		st.mu.Unlock()
+		b.deleteRotationWALs(wctx, append(done, walID)...)
 		return nil, tokenRecord{}, err
 	}
 	rec.Prior = nil
@@ -163,15 +180,10 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 	st.present.Store(true)
 	st.gen++
 	st.resetSlotsLocked()
-	pending := st.pendingWAL
-	st.unstored, st.pendingWAL = false, ""
+	done := st.storedLocked()
 	st.mu.Unlock()
 	keep = true
-	for _, id := range []string{walID, pending} {
-		if id != "" {
-			b.deleteRotationWAL(wctx, id)
-		}
-	}
+	b.deleteRotationWALs(wctx, append(done, walID)...)
 	b.reschedule(wctx, name, b.nextDue(cfg, rec))
 	return cfg, rec, nil
 }
@@ -214,11 +226,13 @@ func carriedRecord(ch *configChange, old, cfg *brokerConfig, cur tokenRecord) to
 // no stored config and is dropped with the write. st.owner must be held.
 func (b *backend) keepRotationOwned(ctx context.Context, s logical.Storage, st *configState, old, cfg *brokerConfig, m *refreshed, presented map[string]string, walID string) {
 	if m == nil || len(m.rotated) == 0 || old == nil || !old.sameEndpoint(cfg) {
+		b.deleteRotationWALs(ctx, walID) // nothing the stored config needs
 		return
 	}
 	st.mu.Lock()
 	if st.cfg == nil {
 		st.mu.Unlock()
+		b.deleteRotationWALs(ctx, walID)
 		return
 	}
 	current := effectiveSecrets(st.cfg, st.rec)
@@ -236,6 +250,7 @@ func (b *backend) keepRotationOwned(ctx context.Context, s logical.Storage, st *
 	}
 	st.mu.Unlock()
 	if !kept {
+		b.deleteRotationWALs(ctx, walID)
 		return
 	}
 	rec.RotatedAt = old.endpointKey()
@@ -254,25 +269,18 @@ func (b *backend) storeRotationOwned(ctx context.Context, s logical.Storage, st 
 	err := writeTokenRecord(ctx, s, st.name, rec)
 	st.mu.Lock()
 	st.rec = rec
-	pending := st.pendingWAL
+	var done []string
 	if err != nil {
-		st.unstored = true
-		if walID != "" {
-			st.pendingWAL = walID
-		}
+		st.unstoredLocked(walID)
 	} else {
-		st.unstored, st.pendingWAL = false, ""
+		done = append(st.storedLocked(), walID)
 	}
 	st.mu.Unlock()
 	if err != nil {
 		b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh or at unload", "config", st.name, "error", err)
 		return
 	}
-	for _, id := range []string{walID, pending} {
-		if id != "" {
-			b.deleteRotationWAL(ctx, id)
-		}
-	}
+	b.deleteRotationWALs(ctx, done...)
 }
 
 // deleteConfig deletes name's config and token record as one step of the
@@ -293,18 +301,20 @@ func (b *backend) deleteConfig(ctx context.Context, s logical.Storage, name stri
 	if len(roles) > 0 {
 		return logical.CodedError(http.StatusConflict, fmt.Sprintf("config %q is used by roles %s: delete them first (roles/<name>)", name, strings.Join(roles, ", ")))
 	}
-	// Memory first: this node stops serving the config now. A refresh in
-	// flight finds the generation changed and installs nothing.
-	st.mu.Lock()
-	st.unloadLocked()
-	st.mu.Unlock()
+	// Storage first, under the owner: a load waits for the outcome, and a
+	// delete that fails leaves memory (a rotation not yet stored, refreshes
+	// in flight) exactly as it was. Once the config is gone from storage,
+	// memory follows: a refresh in flight finds the generation changed and
+	// installs nothing.
 	if err := s.Delete(ctx, configPrefix+name); err != nil {
-		// Not deleted: the next use reads what storage still holds.
 		return fmt.Errorf("deleting config %q: %w", name, err)
 	}
 	st.mu.Lock()
+	done := st.storedLocked() // moot: the config they covered is gone
+	st.unloadLocked()
 	st.loaded = true // known absent; a later write starts from nothing
 	st.mu.Unlock()
+	b.deleteRotationWALs(ctx, done...)
 	if err := s.Delete(ctx, tokenPrefix+name); err != nil {
 		return fmt.Errorf("config %q was deleted, but not its token record (delete again to remove it): %w", name, err)
 	}
@@ -342,16 +352,13 @@ func (b *backend) retireConfig(ctx context.Context, s logical.Storage, name stri
 	}
 	st.mu.Lock()
 	st.rec = rec
-	pending := st.pendingWAL
-	st.unstored, st.pendingWAL = false, ""
+	done := st.storedLocked()
 	st.own.failErr = nil
 	for _, sl := range st.narrowed {
 		sl.failErr = nil
 	}
 	st.mu.Unlock()
-	if pending != "" {
-		b.deleteRotationWAL(ctx, pending)
-	}
+	b.deleteRotationWALs(ctx, done...)
 	b.Logger().Warn("all tokens of the config retired", "config", name)
 	return cfg, old, nil
 }
@@ -521,4 +528,11 @@ func (b *backend) deleteRole(ctx context.Context, s logical.Storage, name string
 	cs.rec = rec
 	cs.mu.Unlock()
 	return nil
+}
+
+// newInstanceID is a config instance's random id.
+func newInstanceID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
+	return hex.EncodeToString(b[:])
 }

@@ -358,9 +358,11 @@ func (c *coreHarness) newBackend(sys logical.SystemView) *backend {
 	}
 	b := lb.(*backend)
 	c.t.Cleanup(func() { b.Clean(context.Background()) })
-	// As Vault does on the active node before the mount serves.
+	// As Vault does on the active node before the mount serves: a failure
+	// is logged and the mount serves anyway (the migration runs again at
+	// the next start; the schedule scans storage meanwhile).
 	if err := b.initialize(context.Background(), &logical.InitializationRequest{Storage: c.storage}); err != nil {
-		c.t.Fatal(err)
+		c.t.Logf("initialize: %v", err)
 	}
 	return b
 }

@@ -96,14 +96,17 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		}
 	}
 	resp := b.Secret(secretTokenType).Response(data, map[string]any{
-		"config":      configName,
-		"role":        roleName,
-		"token_id":    tok.ID,
-		"epoch":       tok.Epoch,
-		"expires_at":  formatTimeNano(tok.ExpiresAt),
-		"issued_at":   formatTimeNano(tok.IssuedAt),
-		"account_ids": tok.AccountIDs,
-		"readonly":    tok.ReadOnly,
+		"config":   configName,
+		"role":     roleName,
+		"token_id": tok.ID,
+		"epoch":    tok.Epoch,
+		// Which config of this name issued the lease: one written again
+		// after a delete never renews the old one's leases.
+		"config_instance": cfg.Instance,
+		"expires_at":      formatTimeNano(tok.ExpiresAt),
+		"issued_at":       formatTimeNano(tok.IssuedAt),
+		"account_ids":     tok.AccountIDs,
+		"readonly":        tok.ReadOnly,
 	})
 	if w := cfg.expiryWarning(now); w != "" {
 		resp.AddWarning(w)

@@ -5,6 +5,8 @@ import (
 	"container/heap"
 	"context"
 	"errors"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -58,13 +60,32 @@ type schedule struct {
 	// pending are the index's hours not read yet, in order.
 	pending []int64
 	// idxMu serialises writes of the persisted index; persisted is the
-	// hour each config's index entry is under, where known.
-	idxMu     sync.Mutex
-	persisted map[string]int64
+	// hour each config's index entry is under, where known; unpersisted
+	// are configs whose entry could not be written (written again at the
+	// next tick).
+	idxMu       sync.Mutex
+	persisted   map[string]int64
+	unpersisted map[string]bool
 }
 
 func newSchedule() *schedule {
-	return &schedule{items: map[string]*dueItem{}, persisted: map[string]int64{}}
+	return &schedule{items: map[string]*dueItem{}, persisted: map[string]int64{}, unpersisted: map[string]bool{}}
+}
+
+// retryUnpersisted writes again the index entries that failed.
+func (b *backend) retryUnpersisted(ctx context.Context) {
+	b.sched.idxMu.Lock()
+	names := slices.Collect(maps.Keys(b.sched.unpersisted))
+	b.sched.idxMu.Unlock()
+	for _, name := range names {
+		b.sched.mu.Lock()
+		var at time.Time
+		if it, ok := b.sched.items[name]; ok {
+			at = it.at
+		}
+		b.sched.mu.Unlock()
+		b.reschedule(ctx, name, at)
+	}
 }
 
 // set schedules name at at (zero time: no periodic work).
@@ -179,6 +200,7 @@ func (b *backend) periodicFunc(ctx context.Context, req *logical.Request) error 
 	if err := b.loadSchedule(ctx, req.Storage); err != nil {
 		return err
 	}
+	b.retryUnpersisted(ctx)
 	due := b.sched.popDue(b.now(), maxDuePerTick)
 	for i, name := range due {
 		if ctx.Err() != nil {

@@ -46,6 +46,10 @@ type brokerConfig struct {
 	// it is refreshed proactively (Spec.RotatesSecret); zero means one half.
 	RotationFraction float64   `json:"rotation_fraction,omitempty"`
 	UpdatedAt        time.Time `json:"updated_at"`
+	// Instance tells this config from an earlier one of the same name: a
+	// random id set on create (empty for configs written before it was
+	// kept).
+	Instance string `json:"instance,omitempty"`
 }
 
 // endpointKey fingerprints where the config's secrets go: the broker and
@@ -114,7 +118,7 @@ func readConfig(ctx context.Context, s logical.Storage, name string) (*brokerCon
 	}
 	var c brokerConfig
 	if err := e.DecodeJSON(&c); err != nil {
-		return nil, fmt.Errorf("decoding config %q: %w", name, err)
+		return nil, fmt.Errorf("%w: config %q: %w", errUndecodable, name, err)
 	}
 	return &c, nil
 }
@@ -212,7 +216,15 @@ func (r tokenRecord) boundTo(cfg *brokerConfig) tokenRecord {
 	}
 	key := cfg.endpointKey()
 	if len(r.Rotated) > 0 && r.RotatedAt == "" {
-		r.RotatedAt = key
+		// A record from before rotations were bound. Its rotation came from
+		// the stored config's endpoint only if the record was written for
+		// that config: a half-failed write of the old core left another
+		// endpoint's rotation beside the old config, with that write's hash.
+		if r.ConfigHash == "" || r.ConfigHash == cfg.upstreamHash() {
+			r.RotatedAt = key
+		} else {
+			r.RotatedAt = "unknown"
+		}
 	}
 	if len(r.Rotated) > 0 && r.RotatedAt != key {
 		r.Rotated, r.RotatedAt, r.SecretExpiresAt = nil, "", time.Time{}

@@ -161,11 +161,10 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 			st.mu.Unlock()
 			return nil, nil, false, logical.ErrReadOnly
 		}
-		if b.closing.Load() {
+		if f = b.startRefreshLocked(st, req, background); f == nil {
 			st.mu.Unlock()
 			return nil, nil, false, errClosing
 		}
-		f = b.startRefreshLocked(st, req, background)
 	}
 	f.waiters.Add(1)
 	st.mu.Unlock()
@@ -249,6 +248,13 @@ func (b *backend) staleWarning(ctx context.Context, s logical.Storage, name stri
 // background: nobody waits on it, so the broker's rate-limit waits are
 // honoured in full instead of failing fast.
 func (b *backend) startRefreshLocked(st *configState, req tokenRequest, background bool) *flight {
+	// Counted under lifeMu, so that cleanup's wait sees every refresh that
+	// starts before it begins, and none starts after.
+	b.lifeMu.Lock()
+	defer b.lifeMu.Unlock()
+	if b.closing.Load() {
+		return nil
+	}
 	f := &flight{gen: st.gen, req: req, done: make(chan struct{})}
 	st.slotLocked(req).flight = f
 	st.refs.Add(1) // the refresh uses the state until it is installed
@@ -311,12 +317,13 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 	// Current: same config generation, and the request still has its slot
 	// (a role deleted meanwhile took its narrowed slot away).
 	current := st.loaded && st.cfg != nil && st.gen == f.gen && (f.req.key == "" || st.narrowed[f.req.key] != nil && st.narrowed[f.req.key].flight == f)
-	prev, pending := st.rec, st.pendingWAL
+	prev := st.rec
 	st.mu.Unlock()
 
 	rotated := m != nil && len(m.rotated) > 0
 	rec := prev
 	persisted := false
+	var stale []string // rotation records of rotations now stored
 	if current {
 		if m != nil {
 			rec = rec.with(cfg, f.req.key, m, now)
@@ -349,14 +356,12 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 		st.rec = rec
 		switch {
 		case persisted:
-			st.unstored, st.pendingWAL = false, ""
+			stale = st.storedLocked()
 		case rotated || st.unstored:
 			// Kept in memory with its rotation record: stored by the next
 			// refresh, or at unload.
-			st.unstored = true
-			if walID != "" {
-				st.pendingWAL = walID
-			}
+			st.unstoredLocked(walID)
+			walID = ""
 			b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh or at unload", "config", st.name, "error", werr)
 		}
 		sl := st.slotLocked(f.req)
@@ -388,17 +393,21 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 		f.stale = true // its waiters look again, under what holds now
 	}
 
-	if walID != "" && (persisted || !current) {
-		b.deleteRotationWAL(ctx, walID)
+	if persisted || !current || !rotated {
+		b.deleteRotationWALs(ctx, walID) // stored, moot, or nothing rotated
 	}
-	if pending != "" && persisted {
-		b.deleteRotationWAL(ctx, pending) // the rotation it covered is stored now
-	}
+	b.deleteRotationWALs(ctx, stale...)
+	// Counted only for a config that still exists: a deleted one's series
+	// are gone and must not come back.
 	if err != nil {
-		st.keys(b.metrics).refreshErr.Inc()
+		if current {
+			st.keys(b.metrics).refreshErr.Inc()
+		}
 		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
 	} else {
-		st.keys(b.metrics).refreshOK.Inc()
+		if current {
+			st.keys(b.metrics).refreshOK.Inc()
+		}
 		b.Logger().Debug("token refreshed", "config", st.name, "expires_at", m.tok.ExpiresAt)
 		if w := cfg.expiryWarning(now); w != "" {
 			b.Logger().Warn(w, "config", st.name)

@@ -1,7 +1,6 @@
 package backend
 
 import (
-	"context"
 	"fmt"
 	"slices"
 	"strings"
@@ -28,11 +27,6 @@ func (c *coreHarness) read(path string) map[string]any {
 	return c.ok(logical.ReadOperation, path, nil).Data
 }
 
-func (c *coreHarness) renewLease(sec *logical.Secret) (*logical.Response, error) {
-	s := *sec
-	s.IssueTime = c.clock.Now()
-	return c.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: &s})
-}
 
 func TestRoleWriteReadListDelete(t *testing.T) {
 	f := finamLike()
@@ -76,7 +70,7 @@ func TestRoleWriteReadListDelete(t *testing.T) {
 	if resp, err := c.do(logical.ReadOperation, "creds/reports", nil); statusOf(resp, err) != 404 {
 		t.Errorf("creds of a deleted role: %d %s", statusOf(resp, err), errText(resp, err))
 	}
-	if resp, err := c.renewLease(lease); statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "deleted") {
+	if resp, err := c.renewLease(c.b, lease); statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "deleted") {
 		t.Errorf("renew of a deleted role's lease: %d %s", statusOf(resp, err), errText(resp, err))
 	}
 	c.ok(logical.DeleteOperation, "config/fin", nil)
@@ -313,12 +307,12 @@ func TestRoleGuardsAndBoundsHoldAtRenew(t *testing.T) {
 	if lease.TTL > 2*time.Minute {
 		t.Errorf("a role with ttl=2m leased for %s", lease.TTL)
 	}
-	resp, err := c.renewLease(lease)
+	resp, err := c.renewLease(c.b, lease)
 	if err != nil || resp.IsError() || resp.Secret.TTL > 2*time.Minute {
 		t.Fatalf("renew: %v %v", err, resp)
 	}
 	lease.InternalData["readonly"] = false // a token that can trade
-	if resp, err := c.renewLease(lease); statusOf(resp, err) != 403 {
+	if resp, err := c.renewLease(c.b, lease); statusOf(resp, err) != 403 {
 		t.Errorf("renew of a trading token under a read-only role: %d %s", statusOf(resp, err), errText(resp, err))
 	}
 }

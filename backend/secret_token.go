@@ -55,16 +55,20 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted: the lease cannot be renewed; read creds of an existing config", in.config))
 	}
 	subject := b.credsSubject(in.config, role)
+	if in.configInstance != cfg.Instance {
+		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted and written again since this lease was issued: the lease cannot be renewed; read creds/%s for a new token", in.config, cmp.Or(in.role, in.config)))
+	}
 	spec := b.specs[cfg.Provider]
 	tok := &storedToken{IssuedAt: in.issuedAt, ExpiresAt: in.expiresAt, AccountIDs: in.accounts, ReadOnly: in.readonly}
 	if spec.Issuance == provider.Passthrough {
 		// The lease holds the long-lived token itself: renewing means asking
 		// the broker again whether it still lives and what it can reach.
 		// Every renew asks the broker (concurrent renews share one call).
-		_, fresh, err := b.refreshNow(ctx, req.Storage, in.config)
+		freshCfg, fresh, err := b.refreshNow(ctx, req.Storage, in.config)
 		if err != nil {
 			return failed(renewing, fmt.Sprintf("%s: cannot renew: %v", subject, err), err)
 		}
+		cfg = freshCfg // the guards that hold now, not those read before the call
 		if fresh.ID != in.tokenID {
 			return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: the config now holds a different %s token; read creds/%s again", in.config, spec.Display, in.config))
 		}
@@ -112,6 +116,9 @@ type leaseInternal struct {
 	config  string
 	role    string // empty for a lease of the config itself
 	tokenID string
+	// configInstance is the issuing config's Instance (empty for configs
+	// and leases from before it was kept).
+	configInstance string
 	// epoch is the retire epoch the token was obtained under (0 for leases
 	// from before it was recorded: any retire ends them).
 	epoch     uint64
@@ -131,6 +138,7 @@ func parseInternal(m map[string]any) (leaseInternal, error) {
 	}
 	in.tokenID, _ = m["token_id"].(string)
 	in.role, _ = m["role"].(string)
+	in.configInstance, _ = m["config_instance"].(string)
 	in.readonly, _ = m["readonly"].(bool)
 	switch e := m["epoch"].(type) {
 	case float64:

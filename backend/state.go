@@ -73,9 +73,9 @@ type configState struct {
 	own      slot
 	narrowed map[string]*slot
 	// unstored: rec holds a rotated secret that storage does not (its
-	// write failed); pendingWAL is the rotation record kept until it is.
-	unstored   bool
-	pendingWAL string
+	// write failed); pendingWALs are the rotation records kept until it is.
+	unstored    bool
+	pendingWALs []string
 }
 
 func (st *configState) lockUpstream() {
@@ -217,7 +217,7 @@ func (b *backend) loadOwned(ctx context.Context, s logical.Storage, st *configSt
 	st.cfg, st.rec, st.loaded = cfg, rec, true
 	st.present.Store(cfg != nil)
 	st.gen++
-	st.unstored, st.pendingWAL = false, ""
+	st.unstored, st.pendingWALs = false, nil
 	st.resetSlotsLocked()
 	return nil
 }
@@ -275,8 +275,25 @@ func (st *configState) unloadLocked() {
 	st.cfg, st.rec, st.loaded = nil, tokenRecord{}, false
 	st.present.Store(false)
 	st.gen++
-	st.unstored, st.pendingWAL = false, ""
+	st.unstored, st.pendingWALs = false, nil
 	st.resetSlotsLocked()
+}
+
+// stored records that rec is in storage now: the rotation records that
+// covered it are returned for deletion. st.mu must be held.
+func (st *configState) storedLocked() []string {
+	ids := st.pendingWALs
+	st.unstored, st.pendingWALs = false, nil
+	return ids
+}
+
+// unstoredLocked records that rec holds a rotation storage lacks, covered by
+// walID (kept until it is stored). st.mu must be held.
+func (st *configState) unstoredLocked(walID string) {
+	st.unstored = true
+	if walID != "" {
+		st.pendingWALs = append(st.pendingWALs, walID)
+	}
 }
 
 // resetSlotsLocked forgets failure backoffs (the config changed); flights
