@@ -314,6 +314,8 @@ func classify(call upstream.Call, r *upstream.Response, sent *RefreshClaims) *up
 		e.Failure, e.Hint = upstream.RateLimited, hintLimit
 	case r.Status >= 500:
 		e.Failure, e.Hint = upstream.Unavailable, hintFailing
+	case r.Status < 400 || r.Status >= 500:
+		// Not an answer BCS refuses with: the status decides.
 	case oe.Error == "invalid_grant":
 		e.Failure = upstream.Unauthorized
 		switch reasonOf(oe.Description) {
