@@ -182,6 +182,8 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		}
 		if rotating(spec) {
 			data["rotated_refresh_token"] = len(rec.Rotated) > 0
+		}
+		if rotatesAhead(spec) {
 			data["rotation_fraction"] = cmp.Or(cfg.RotationFraction, 0.5)
 		}
 		if passthrough(spec) {
