@@ -85,7 +85,19 @@ type BCSTokenOptions struct {
 func BCSToken(o BCSTokenOptions) string { return bcsIssue(o, time.Now()) }
 
 // IssueBCSToken issues a refresh token at this sandbox's clock.
-func (s *Server) IssueBCSToken(o BCSTokenOptions) string { return bcsIssue(o, s.now()) }
+func (s *Server) IssueBCSToken(o BCSTokenOptions) string {
+	tok := bcsIssue(o, s.now())
+	s.bcs.record(tok)
+	return tok
+}
+
+// BCSIssuedRefreshTokens returns every refresh token this sandbox issued
+// (IssueBCSToken, the admin API) or returned from an exchange, oldest first.
+func (s *Server) BCSIssuedRefreshTokens() []string {
+	s.bcs.mu.Lock()
+	defer s.bcs.mu.Unlock()
+	return append([]string(nil), s.bcs.issued...)
+}
 
 func bcsIssue(o BCSTokenOptions, now time.Time) string {
 	iat := o.IssuedAt
@@ -160,6 +172,20 @@ type bcsFake struct {
 	reuses         int             // presentations of a used token under revoke-on-use
 	mismatches     int             // exchanges whose client_id was not the token's azp
 	window         map[string]bcsWindow
+	// issued are the refresh tokens this fake issued or returned, for leak
+	// searches (bounded).
+	issued []string
+}
+
+// bcsKeepIssued bounds the record of issued refresh tokens.
+const bcsKeepIssued = 4096
+
+func (f *bcsFake) record(tok string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.issued) < bcsKeepIssued {
+		f.issued = append(f.issued, tok)
+	}
 }
 
 type bcsWindow struct {
@@ -281,13 +307,17 @@ func (f *bcsFake) token(w http.ResponseWriter, r *http.Request) {
 		next[k] = v
 	}
 	next["jti"], next["iat"] = bcsUUID(), now.Unix()
+	rotated := bcsSign(next)
+	if len(f.issued) < bcsKeepIssued {
+		f.issued = append(f.issued, rotated)
+	}
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("Pragma", "no-cache")
 	writeJSON(w, http.StatusOK, map[string]any{
 		"access_token":       access,
 		"expires_in":         int64(accessExp.Sub(now) / time.Second),
 		"refresh_expires_in": int64(refreshExp.Sub(now) / time.Second),
-		"refresh_token":      bcsSign(next),
+		"refresh_token":      rotated,
 		"token_type":         "Bearer",
 		"not-before-policy":  0,
 		"session_state":      sid,

@@ -87,6 +87,9 @@ func TestBCSExchangeIssuesAPairWithTheSameSessionAndExpiry(t *testing.T) {
 	if r := bcsExchange(t, srv.URL, bcsForm(BCSClientRead, rt)); r.status != 200 {
 		t.Fatalf("the old token was retired: %d %s", r.status, r.raw)
 	}
+	if got := s.BCSIssuedRefreshTokens(); len(got) != 3 || got[0] != rt || got[1] != r.body["refresh_token"] {
+		t.Fatalf("issued tokens recorded: %d", len(got))
+	}
 	if s.Calls(BCSTokenEP) != 2 || s.BCSPresented(rt) != 2 {
 		t.Fatalf("counters: %d %d", s.Calls(BCSTokenEP), s.BCSPresented(rt))
 	}
