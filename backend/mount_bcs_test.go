@@ -215,6 +215,9 @@ func TestMountBcsRevokeOnUseNeverPresentsAUsedToken(t *testing.T) {
 	}
 	h.mustOK(logical.UpdateOperation, "rotate-root/bcs", nil)
 	h.mustOK(logical.UpdateOperation, "config/bcs", map[string]any{"ttl": "2h"})
+	// The same token written again with another setting that drops the
+	// cached token: the newest is still the one presented.
+	h.mustWriteBCS("bcs", t0, map[string]any{"allowed_accounts": sandbox.BCSAgreement})
 	// A restart (a plugin reload) keeps the newest token.
 	h.b, _ = h.newBackend(h.storage)
 	h.bcsCycle("bcs")

@@ -346,7 +346,8 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 // upstream keeps the token. Any other change drops the token, but keeps a
 // secret the broker rotated (a rotated refresh token: changing a password
 // does not end it, and the seed it replaced is spent) unless this
-// write supplies that field anew or moves the config to another endpoint.
+// write supplies that field anew (a value other than the one written
+// before) or moves the config to another endpoint.
 // The retire epoch always carries over.
 func carriedRecord(d *framework.FieldData, old, cfg *brokerConfig, cur tokenRecord) tokenRecord {
 	if old == nil {
@@ -358,7 +359,9 @@ func carriedRecord(d *framework.FieldData, old, cfg *brokerConfig, cur tokenReco
 	rec := tokenRecord{RetireEpoch: cur.RetireEpoch, RetiredBefore: cur.RetiredBefore}
 	if old.Environment == cfg.Environment && old.BaseURL == cfg.BaseURL && old.CACert == cfg.CACert {
 		for k, v := range cur.Rotated {
-			if _, given := d.Raw[k]; !given {
+			// The same value written again is not a new one: the rotation
+			// still supersedes it (the broker may have retired it).
+			if _, given := d.Raw[k]; !given || cfg.Secrets[k] == old.Secrets[k] {
 				if rec.Rotated == nil {
 					rec.Rotated = map[string]string{}
 				}
