@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -154,30 +155,43 @@ func FuzzExchange(f *testing.F) {
 	} {
 		f.Add(s.status, s.body)
 	}
+	// One server and client for every input: the answer is set per input
+	// (a worker runs its inputs one at a time).
+	var mu sync.Mutex
+	var answerStatus, calls int
+	var answerBody string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == PathPortfolio {
+			w.Write([]byte(`[{"agreementId":"1"}]`))
+			return
+		}
+		mu.Lock()
+		calls++
+		status, body := answerStatus, answerBody
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		w.Write([]byte(served(body)))
+	}))
+	f.Cleanup(srv.Close)
+	cl, _ := upstream.New(upstream.Options{Broker: display, MaxAttempts: 1})
+	f.Cleanup(cl.Close)
 	f.Fuzz(func(t *testing.T, status int, body string) {
 		if status < 200 || status > 599 {
 			return
 		}
-		calls := 0
-		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if r.URL.Path == PathPortfolio {
-				w.Write([]byte(`[{"agreementId":"1"}]`))
-				return
-			}
-			calls++
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(status)
-			w.Write([]byte(served(body)))
-		}))
-		defer srv.Close()
-		cl, _ := upstream.New(upstream.Options{Broker: display, MaxAttempts: 1})
-		defer cl.Close()
+		mu.Lock()
+		answerStatus, answerBody, calls = status, body, 0
+		mu.Unlock()
 		tok, err := Provider{}.Issue(context.Background(), provider.Request{
 			BaseURL: srv.URL, Client: cl,
 			Secrets: map[string]string{fieldToken: fuzzNewest}, Written: map[string]string{fieldToken: fuzzWritten},
 		})
-		if calls > 2 {
-			t.Fatalf("%d exchanges", calls)
+		mu.Lock()
+		n := calls
+		mu.Unlock()
+		if n > 2 {
+			t.Fatalf("%d exchanges", n)
 		}
 		if err == nil {
 			if tok.AccessToken == "" || !tok.ExpiresAt.After(tok.IssuedAt) {
