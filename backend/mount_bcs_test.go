@@ -64,6 +64,7 @@ func TestMountBcsWriteVerifyAndCreds(t *testing.T) {
 	for k, want := range map[string]any{
 		"provider": "bcs", "refresh_token_set": true, "secret_expires_at": exp, "rotated_refresh_token": true,
 		"readonly": true, "account_ids": "[" + sandbox.BCSAgreement + "]", "client_id": "trade-api-read", "endpoint": h.url,
+		"expiry_warning": 30 * 24 * 3600,
 	} {
 		if fmt.Sprint(read[k]) != fmt.Sprint(want) {
 			t.Errorf("config read %s = %v, want %v", k, read[k], want)
