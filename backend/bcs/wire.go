@@ -282,7 +282,7 @@ const (
 	hintExpired = "the refresh token's 90 days are over and cannot be extended: " + RenewSecret
 	hintSession = "the token was deleted in the BCS web terminal («Токены API») or its session ended: " + RenewSecret
 	hintClient  = "the client_id sent is the token's own azp claim, and BCS says the token was issued to another client: the token is damaged or not a BCS Trade API token; " + RenewSecret
-	hintReused  = "BCS retires a refresh token once it is used, and this one had been used (an exchange whose answer was lost): " + RenewSecret
+	hintReused  = "BCS retires a refresh token once it is used, and this one had been used already (by another program holding the same token, or by an exchange whose answer was lost): " + RenewSecret
 	hintRefused = "BCS refused the refresh token: " + RenewSecret
 	hintClient2 = "BCS does not know the client_id read from the token's azp claim: it is not a BCS Trade API token; " + RenewSecret
 	hintFailing = "BCS is failing; the plugin tries again on the next read"
