@@ -9,7 +9,6 @@ import (
 	"context"
 	"fmt"
 	"maps"
-	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -47,15 +46,18 @@ type backend struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// closing: the mount is being unloaded; no new refresh starts.
+	closing atomic.Bool
 
 	mu            sync.RWMutex
 	states        map[string]*configState
+	roles         roleCache
 	sched         *schedule
 	settingsCache atomic.Pointer[mountSettings]
 	metrics       *metrics
 	// transports are connection pools shared by configs, by CA bundle.
 	trMu       sync.Mutex
-	transports map[[32]byte]*http.Transport
+	transports map[[32]byte]*sharedTransport
 	// quotaMu serialises quota count updates.
 	quotaMu sync.Mutex
 
@@ -135,7 +137,7 @@ func New(opts Options) *backend {
 		cancel:         cancel,
 		states:         map[string]*configState{},
 		sched:          newSchedule(),
-		transports:     map[[32]byte]*http.Transport{},
+		transports:     map[[32]byte]*sharedTransport{},
 		metrics:        newMetrics(),
 		now:            now,
 		extraRoots:     roots,
@@ -155,6 +157,7 @@ func New(opts Options) *backend {
 		},
 		Paths: framework.PathAppend(
 			b.pathConfig(),
+			b.pathRoles(),
 			b.pathCreds(),
 			b.pathRotateRoot(),
 			b.pathRetire(),
@@ -173,24 +176,58 @@ func New(opts Options) *backend {
 	return b
 }
 
-// clean stops background refreshes when Vault unloads the mount.
+// clean lets the refreshes under way finish and be stored before the mount
+// is unloaded (a reload, a step-down, a seal): a rotation the broker has
+// applied is gone for good if it is dropped here. The wait is bounded by
+// the broker call's own timeout; only then are calls still waiting on the
+// broker cancelled. A rotated secret whose storage write failed earlier is
+// tried once more.
 func (b *backend) clean(context.Context) {
+	b.closing.Store(true)
+	done := make(chan struct{})
+	go func() {
+		b.wg.Wait()
+		close(done)
+	}()
+	timer := time.NewTimer(b.refreshTimeout)
+	select {
+	case <-done:
+	case <-timer.C:
+	}
+	timer.Stop()
 	b.cancel()
-	b.wg.Wait()
+	<-done
+
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	for _, st := range b.states {
+	states := b.states
+	b.states = map[string]*configState{}
+	b.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), persistTimeout)
+	defer cancel()
+	for _, st := range states {
+		b.storeUnstored(ctx, st)
 		st.mu.Lock()
-		st.killLocked()
+		st.unloadLocked()
 		st.mu.Unlock()
 	}
-	b.states = map[string]*configState{}
 	b.trMu.Lock()
-	for _, tr := range b.transports {
-		tr.CloseIdleConnections()
+	for _, sh := range b.transports {
+		sh.tr.CloseIdleConnections()
 	}
-	b.transports = map[[32]byte]*http.Transport{}
+	b.transports = map[[32]byte]*sharedTransport{}
 	b.trMu.Unlock()
+}
+
+// storeUnstored stores a rotated secret that only memory holds.
+func (b *backend) storeUnstored(ctx context.Context, st *configState) {
+	st.lockOwner()
+	defer st.owner.Unlock()
+	st.mu.Lock()
+	unstored, rec, walID := st.unstored && st.cfg != nil, st.rec, st.pendingWAL
+	st.mu.Unlock()
+	if unstored && b.storage != nil {
+		b.storeRotationOwned(ctx, b.storage, st, rec, walID)
+	}
 }
 
 // invalidate drops the in-memory state of a config another node changed.
@@ -199,9 +236,13 @@ func (b *backend) invalidate(_ context.Context, key string) {
 		b.settingsCache.Store(nil)
 		return
 	}
+	if name, ok := strings.CutPrefix(key, rolePrefix); ok {
+		b.roles.invalidate(name)
+		return
+	}
 	for _, p := range []string{configPrefix, tokenPrefix} {
 		if name, ok := strings.CutPrefix(key, p); ok {
-			b.dropState(name)
+			b.forgetName(name)
 			// Re-read at the next tick: the change may alter its schedule.
 			b.sched.set(name, b.now())
 		}

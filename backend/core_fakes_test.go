@@ -33,8 +33,10 @@ type fakeBroker struct {
 	name     string
 	kind     provider.Issuance
 	rotating bool
-	clock    *fakeClock
-	life     time.Duration
+	// narrows: the broker narrows a token to Request.AllowedAccounts (ALOR).
+	narrows bool
+	clock   *fakeClock
+	life    time.Duration
 
 	mu        sync.Mutex
 	calls     int
@@ -52,8 +54,22 @@ type fakeBroker struct {
 	entered   chan struct{}
 	release   chan struct{}
 	ignoreCtx bool
-	onIssue   func(ctx context.Context, req provider.Request)
+	// loseAnswerOnCancel: a held call rotates at the broker, and its answer
+	// is lost when the caller's context ended meanwhile (as an HTTP answer
+	// read after a cancel is).
+	loseAnswerOnCancel bool
+	// refused counts refresh tokens presented that the broker had already
+	// retired: each is a rotation the plugin lost.
+	refused int
+	// failAfterRotating: the next answer rotates and is then refused by
+	// the provider for another field (provider.RotatedError).
+	failAfterRotating error
+	// sent records, per call, the endpoint and the refresh token presented.
+	sent    []sentCall
+	onIssue func(ctx context.Context, req provider.Request)
 }
+
+type sentCall struct{ baseURL, refreshToken string }
 
 func newFakeBroker(name string, kind provider.Issuance, rotating bool, clock *fakeClock) *fakeBroker {
 	return &fakeBroker{name: name, kind: kind, rotating: rotating, clock: clock, life: 15 * time.Minute,
@@ -67,8 +83,9 @@ func (f *fakeBroker) Spec() provider.Spec {
 	}
 	return provider.Spec{
 		Name: f.name, Display: "Fake" + f.name, Issuance: f.kind, Fields: fields,
-		Environments:  map[string]string{"production": "https://" + f.name + ".example"},
-		RotatesSecret: f.rotating,
+		Environments:    map[string]string{"production": "https://" + f.name + ".example"},
+		RotatesSecret:   f.rotating,
+		NarrowsAccounts: f.narrows,
 		DefaultTTL: func() time.Duration {
 			if f.kind == provider.Passthrough {
 				return time.Hour
@@ -108,6 +125,16 @@ func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider
 	}
 	if hold {
 		close(entered)
+		if f.loseAnswerOnCancel {
+			<-release
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			tok, err := f.answerLocked(req)
+			if err == nil && ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return tok, err
+		}
 		if f.ignoreCtx {
 			<-release
 		} else {
@@ -120,6 +147,12 @@ func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	return f.answerLocked(req)
+}
+
+// answerLocked is the broker's answer to one call; f.mu must be held.
+func (f *fakeBroker) answerLocked(req provider.Request) (*provider.Token, error) {
+	f.sent = append(f.sent, sentCall{req.BaseURL, req.Secrets["refresh_token"]})
 	if f.fail != nil {
 		return nil, f.fail
 	}
@@ -128,6 +161,9 @@ func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider
 		IssuedAt:    f.clock.Now(),
 		AccountIDs:  f.accounts,
 		ReadOnly:    f.readOnly,
+	}
+	if f.narrows && len(req.AllowedAccounts) > 0 {
+		tok.AccountIDs = req.AllowedAccounts
 	}
 	if f.kind == provider.Passthrough {
 		tok.AccessToken = req.Secrets["secret"]
@@ -140,11 +176,16 @@ func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider
 		f.presented = append(f.presented, rt)
 		// A seed is accepted once; after that only the current one.
 		if rt != f.refresh && !strings.HasPrefix(rt, "seed-") {
+			f.refused++
 			return nil, &upstream.Error{Broker: "Fake", Op: "refresh", Failure: upstream.Unauthorized, Status: 401, Message: "refresh token is not valid"}
 		}
 		f.refresh = fmt.Sprintf("rt-%d", f.calls)
 		tok.Rotated = map[string]string{"refresh_token": f.refresh}
 		tok.SecretExpiresAt = f.clock.Now().Add(14 * 24 * time.Hour)
+		if err := f.failAfterRotating; err != nil {
+			f.failAfterRotating = nil
+			return nil, &provider.RotatedError{Rotated: tok.Rotated, Err: err}
+		}
 	}
 	return tok, nil
 }
@@ -165,6 +206,12 @@ type gateStorage struct {
 	hit     chan struct{}
 	release chan struct{}
 	failKey string
+
+	holdDel            bool
+	delHit, delRelease chan struct{}
+	failDelKey         string
+	failGetKey         string
+	failGetN           int
 }
 
 func (g *gateStorage) holdNextPut(key string) (hit <-chan struct{}, release func()) {
@@ -175,6 +222,74 @@ func (g *gateStorage) holdNextPut(key string) (hit <-chan struct{}, release func
 	g.release = make(chan struct{})
 	rel := g.release
 	return g.hit, sync.OnceFunc(func() { close(rel) })
+}
+
+// holdNextDelete holds the next Delete (of any key) until released.
+func (g *gateStorage) holdNextDelete() (hit <-chan struct{}, release func()) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.holdDel = true
+	g.delHit = make(chan struct{})
+	g.delRelease = make(chan struct{})
+	rel := g.delRelease
+	return g.delHit, sync.OnceFunc(func() { close(rel) })
+}
+
+// failGets makes the next n Gets of key fail.
+func (g *gateStorage) failGets(key string, n int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.failGetKey, g.failGetN = key, n
+}
+
+func (g *gateStorage) setFailKey(key string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.failKey = key
+}
+
+func (g *gateStorage) setFailDelete(key string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.failDelKey = key
+}
+
+func (g *gateStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	g.mu.Lock()
+	fail := g.failGetN > 0 && key == g.failGetKey
+	if fail {
+		g.failGetN--
+	}
+	g.mu.Unlock()
+	if fail {
+		return nil, fmt.Errorf("injected storage failure reading %s", key)
+	}
+	return g.Storage.Get(ctx, key)
+}
+
+func (g *gateStorage) Delete(ctx context.Context, key string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	var wait chan struct{}
+	if g.holdDel {
+		g.holdDel = false
+		close(g.delHit)
+		wait = g.delRelease
+	}
+	fail := g.failDelKey != "" && key == g.failDelKey
+	g.mu.Unlock()
+	if wait != nil {
+		<-wait
+	}
+	if fail {
+		return fmt.Errorf("injected storage failure deleting %s", key)
+	}
+	return g.Storage.Delete(ctx, key)
 }
 
 func (g *gateStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
@@ -344,7 +459,12 @@ func waitIdle(b *backend, name string) {
 			return
 		}
 		st.mu.Lock()
-		f := st.flight
+		f := st.own.flight
+		for _, sl := range st.narrowed {
+			if f == nil {
+				f = sl.flight
+			}
+		}
 		st.mu.Unlock()
 		if f == nil {
 			return

@@ -4,8 +4,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/http"
+	"sync"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -17,8 +19,10 @@ import (
 // provider that rotates its long-lived secret it first writes a rotation
 // record (returned as walID) so that a crash between the broker's answer and
 // the storage write is recovered; the caller deletes it once the outcome is
-// stored. epoch is the config's retire epoch when the call started.
-func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, epoch uint64) (*refreshed, string, error) {
+// stored. accounts are what a broker that narrows is asked to narrow to (the
+// config's allowed_accounts, or a role's); epoch is the config's retire
+// epoch when the call started.
+func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, accounts []string, epoch uint64) (*refreshed, string, error) {
 	started := b.now()
 	p, ok := b.providers[cfg.Provider]
 	if !ok {
@@ -62,11 +66,17 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		Client:          client,
 		Secrets:         secrets,
 		Written:         cfg.Secrets,
-		AllowedAccounts: cfg.AllowedAccounts,
+		AllowedAccounts: accounts,
 		RequireReadOnly: cfg.RequireReadOnly,
 		ReserveQuota:    b.reserveQuota(cfg),
 	})
 	if err != nil {
+		var re *provider.RotatedError
+		if errors.As(err, &re) && len(re.Rotated) > 0 {
+			// Failed after the broker replaced the secret: the rotation is
+			// stored all the same.
+			return &refreshed{rotated: re.Rotated, secretExpiresAt: re.SecretExpiresAt}, walID, err
+		}
 		return nil, walID, err
 	}
 	st := toStored(tok)
@@ -105,37 +115,62 @@ func toStored(t *provider.Token) *storedToken {
 }
 
 // newClient builds the HTTP client of one config: its broker's limits over
-// the connection pool shared by configs that trust the same CAs.
+// the connection pool shared by configs that trust the same CAs. Closing
+// the client releases its share of the pool.
 func (b *backend) newClient(spec provider.Spec, cfg *brokerConfig) (*upstream.Client, error) {
-	tr, err := b.transport(cfg.CACert)
+	tr, release, err := b.transport(cfg.CACert)
 	if err != nil {
 		return nil, err
 	}
-	return upstream.New(upstream.Options{
+	c, err := upstream.New(upstream.Options{
 		Broker:        spec.Display,
 		Transport:     tr,
 		RatePerMinute: spec.RatePerMinute,
 		RatePerOp:     spec.RatePerOp,
 		MaxConcurrent: spec.MaxConcurrent,
 		Observe:       b.metrics.observeUpstream(spec.Name),
+		OnClose:       release,
 	})
+	if err != nil {
+		release()
+	}
+	return c, err
 }
 
-// transport returns the connection pool shared by every config that trusts
-// the same CAs (most trust the system roots: one pool for the mount).
-func (b *backend) transport(caPEM string) (*http.Transport, error) {
+// sharedTransport is a connection pool and the clients using it.
+type sharedTransport struct {
+	tr    *http.Transport
+	users int
+}
+
+// transport returns the connection pool shared by every client that trusts
+// the same CAs (most trust the system roots: one pool for the mount) and
+// the release its user calls when done; the last release closes the pool,
+// so refused writes with made-up CAs leave nothing behind.
+func (b *backend) transport(caPEM string) (*http.Transport, func(), error) {
 	key := sha256.Sum256([]byte(caPEM))
 	b.trMu.Lock()
 	defer b.trMu.Unlock()
-	if tr, ok := b.transports[key]; ok {
-		return tr, nil
+	sh, ok := b.transports[key]
+	if !ok {
+		tr, err := upstream.NewTransport(caPEM, b.extraRoots...)
+		if err != nil {
+			return nil, nil, err
+		}
+		sh = &sharedTransport{tr: tr}
+		b.transports[key] = sh
 	}
-	tr, err := upstream.NewTransport(caPEM, b.extraRoots...)
-	if err != nil {
-		return nil, err
-	}
-	b.transports[key] = tr
-	return tr, nil
+	sh.users++
+	return sh.tr, sync.OnceFunc(func() {
+		b.trMu.Lock()
+		defer b.trMu.Unlock()
+		if sh.users--; sh.users == 0 {
+			sh.tr.CloseIdleConnections()
+			if b.transports[key] == sh {
+				delete(b.transports, key)
+			}
+		}
+	}), nil
 }
 
 func baseURL(spec provider.Spec, cfg *brokerConfig) string {

@@ -136,7 +136,7 @@ func TestMountAlorRefreshTokenExpiry(t *testing.T) {
 		t.Fatalf("past expiry accepted: %q", errText(resp, err))
 	}
 	h.b.now = func() time.Time { return time.Now().Add(11 * 24 * time.Hour) }
-	h.b.dropState("alor") // forget the cached token: a mint is needed
+	h.b.forgetName("alor") // forget the cached token: a mint is needed
 	before := h.sb.Calls(sandbox.AlorRefreshEP)
 	resp, err = h.do(logical.ReadOperation, "creds/alor", nil)
 	if statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "expired") {

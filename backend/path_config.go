@@ -3,9 +3,9 @@ package backend
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"maps"
-	"net/http"
 	"slices"
 	"strings"
 	"time"
@@ -96,35 +96,7 @@ func (b *backend) pathConfigList(ctx context.Context, req *logical.Request, _ *f
 }
 
 func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	name := d.Get("name").(string)
-	st := b.pin(name)
-	defer b.unpin(st)
-	// One step of the config's owner: a refresh finishing now either stored
-	// its token before this delete (and it is deleted) or finds the state
-	// dead and stores nothing, so the token never comes back.
-	st.lockOwner()
-	defer st.owner.Unlock()
-	// Memory first: whatever storage does next, this node stops serving
-	// the config now (a failed delete reloads what storage still holds).
-	b.mu.Lock()
-	if b.states[name] == st {
-		delete(b.states, name)
-	}
-	b.mu.Unlock()
-	st.mu.Lock()
-	st.killLocked()
-	st.mu.Unlock()
-	// The token (and any rotated secret) before the config: a delete that
-	// fails half way leaves a config without a token, never a token
-	// without its config.
-	if err := req.Storage.Delete(ctx, tokenPrefix+name); err != nil {
-		return nil, fmt.Errorf("deleting token of %q: %w", name, err)
-	}
-	if err := req.Storage.Delete(ctx, configPrefix+name); err != nil {
-		return nil, fmt.Errorf("deleting config %q: %w", name, err)
-	}
-	b.reschedule(ctx, name, time.Time{})
-	return nil, nil
+	return nil, b.deleteConfig(ctx, req.Storage, d.Get("name").(string))
 }
 
 func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
@@ -216,124 +188,26 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 
 func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	for {
-		st := b.pin(name)
-		resp, retry, err := b.configWrite(ctx, req, d, st)
-		b.unpin(st)
-		if !retry {
-			return resp, err
+	var verify bool
+	cfg, rec, err := b.putConfig(ctx, req.Storage, name, func(old *brokerConfig) (*configChange, error) {
+		ch, err := b.prepareConfig(ctx, req.Storage, d, old)
+		if ch != nil {
+			verify = ch.verify
 		}
-	}
-}
-
-// configWrite is one config write on st. It holds the config's upstream
-// lock throughout, so its verifying call never runs beside a refresh (a
-// rotating refresh token is presented once) and it sees the record the last
-// refresh stored; the storage writes are one step of the config's owner.
-// retry: st was deleted or replaced before anything happened; start again.
-func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *framework.FieldData, st *configState) (*logical.Response, bool, error) {
-	name := st.name
-	st.lockUpstream()
-	defer st.upstream.Unlock()
-	st.mu.Lock()
-	err := b.loadLocked(ctx, req.Storage, st)
-	dead, old, cur := st.dead, st.cfg, st.rec
-	st.mu.Unlock()
-	if err != nil {
-		return nil, false, err
-	}
-	if dead {
-		return nil, true, nil
-	}
-
-	cfg, verify, err := b.parseConfig(d, old)
-	if err != nil {
-		return logical.ErrorResponse(err.Error()), false, nil
-	}
-	spec := b.specs[cfg.Provider]
-	// A stored secret goes only to the endpoint it was written with: a
-	// caller who can update the config but never had its secret must not
-	// point it elsewhere and have the plugin send the secret there.
-	if missing := secretsToResend(d, old, cfg, spec); len(missing) > 0 {
-		return logical.ErrorResponse("%s: changing base_url, ca_cert or environment needs the secret fields again in the same write (%s); the stored secret goes only to the endpoint it was written with; nothing was stored", strings.Join(missing, ", "), strings.Join(missing, ", ")), false, nil
-	}
-	ms, err := b.settings(ctx, req.Storage)
-	if err != nil {
-		return nil, false, err
-	}
-	if !ms.hostAllowed(baseURL(spec, cfg), spec.Environments) {
-		return logical.ErrorResponse("base_url: host is not in this mount's allowed_hosts (%s); ask an operator to add it to broker/settings", strings.Join(ms.AllowedHosts, ", ")), false, nil
-	}
-	client, err := b.newClient(spec, cfg)
-	if err != nil {
-		return logical.ErrorResponse(badField("ca_cert", "%v", err).Error()), false, nil
-	}
-	keep := false
-	defer func() {
-		if !keep {
-			client.Close()
-		}
-	}()
-
-	rec := carriedRecord(d, old, cfg, cur)
+		return ch, err
+	})
 	var (
-		walID string
-		m     *refreshed
+		r  *refusal
+		ve *verifyError
 	)
-	presented := effectiveSecrets(cfg, rec)
-	if verify {
-		m, walID, err = b.issue(ctx, name, cfg, client, presented, cur.RetireEpoch)
-		if err != nil {
-			resp, err := failed(verifying, fmt.Sprintf("verifying the %s secret failed; nothing was stored: %v", cfg.Provider, err), err)
-			return resp, false, err
-		}
-		if err := checkGuards(cfg, m.tok); err != nil {
-			b.keepRotation(st, m, presented)
-			resp, err := failed(verifying, fmt.Sprintf("%s; nothing was stored", err), err)
-			return resp, false, err
-		}
-		// The verifying call's token is the first token: readers need not refresh.
-		rec = rec.with(m, b.now())
+	switch {
+	case errors.As(err, &r):
+		return logical.ErrorResponse(r.msg), nil
+	case errors.As(err, &ve):
+		return failed(verifying, ve.msg, ve.err)
+	case err != nil:
+		return nil, err
 	}
-
-	// The broker may have rotated a secret: store it even if the caller
-	// went away.
-	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), persistTimeout)
-	defer cancel()
-	st.lockOwner()
-	defer st.owner.Unlock()
-	st.mu.Lock()
-	dead, now := st.dead, st.rec
-	st.mu.Unlock()
-	if dead {
-		return nil, false, logical.CodedError(http.StatusConflict, fmt.Sprintf("config %q was deleted while this write ran; nothing was stored: write it again", name))
-	}
-	// A retire that landed while the secret was being verified holds: the
-	// verifying token was obtained before it.
-	rec.RetireEpoch, rec.RetiredBefore = now.RetireEpoch, now.RetiredBefore
-	if rec.Token != nil && rec.Token.Epoch < rec.RetireEpoch {
-		rec.Token = nil
-	}
-	rec.ConfigHash = cfg.upstreamHash()
-	cfg.UpdatedAt = b.now().UTC()
-	// The token record first: a write that fails half way leaves at worst
-	// a record whose hash does not match the stored config, and loading
-	// drops its token (see loadLocked); never an old secret's token paired
-	// with a new config.
-	if err := writeTokenRecord(wctx, req.Storage, name, rec); err != nil {
-		b.keepRotation(st, m, presented)
-		return nil, false, err
-	}
-	if err := writeConfig(wctx, req.Storage, name, cfg); err != nil {
-		b.keepRotation(st, m, presented)
-		return nil, false, err
-	}
-	st.install(cfg, client, rec)
-	keep = true
-	if walID != "" {
-		b.deleteRotationWAL(wctx, walID)
-	}
-	b.reschedule(wctx, name, b.nextDue(cfg, rec))
 	resp := &logical.Response{Data: b.configData(cfg, rec)}
 	if w := cfg.expiryWarning(b.now()); w != "" {
 		resp.AddWarning(w)
@@ -341,86 +215,43 @@ func (b *backend) configWrite(ctx context.Context, req *logical.Request, d *fram
 	if !verify {
 		resp.AddWarning("verify=false: the secret was stored without checking it with the broker")
 	}
-	return resp, false, nil
+	return resp, nil
 }
 
-// carriedRecord is the token record a config write starts from. The same
-// upstream keeps the token. Any other change drops the token, but keeps a
-// secret the broker rotated (a rotated refresh token: changing a password
-// does not end it, and the seed it replaced is spent) unless this
-// write supplies that field anew (a value other than the one written
-// before) or moves the config to another endpoint.
-// The retire epoch always carries over.
-func carriedRecord(d *framework.FieldData, old, cfg *brokerConfig, cur tokenRecord) tokenRecord {
-	if old == nil {
-		return tokenRecord{}
+// prepareConfig is a config write's parse and checks over the stored
+// config: every refusal names its field, and comes before anything is sent.
+func (b *backend) prepareConfig(ctx context.Context, s logical.Storage, d *framework.FieldData, old *brokerConfig) (*configChange, error) {
+	cfg, verify, err := b.parseConfig(d, old)
+	if err != nil {
+		return nil, refuse("%v", err)
 	}
-	if old.sameUpstream(cfg) {
-		return cur
+	spec := b.specs[cfg.Provider]
+	// A stored secret goes only to the endpoint it was written with: a
+	// caller who can update the config but never had its secret must not
+	// point it elsewhere and have the plugin send the secret there.
+	given := func(field string) bool { _, ok := d.Raw[field]; return ok }
+	if missing := secretsToResend(given, old, cfg, spec); len(missing) > 0 {
+		return nil, refuse("%s: changing base_url, ca_cert or environment needs the secret fields again in the same write (%s); the stored secret goes only to the endpoint it was written with; nothing was stored", strings.Join(missing, ", "), strings.Join(missing, ", "))
 	}
-	rec := tokenRecord{RetireEpoch: cur.RetireEpoch, RetiredBefore: cur.RetiredBefore}
-	if old.Environment == cfg.Environment && old.BaseURL == cfg.BaseURL && old.CACert == cfg.CACert {
-		for k, v := range cur.Rotated {
-			// The same value written again is not a new one: the rotation
-			// still supersedes it (the broker may have retired it).
-			if _, given := d.Raw[k]; !given || cfg.Secrets[k] == old.Secrets[k] {
-				if rec.Rotated == nil {
-					rec.Rotated = map[string]string{}
-				}
-				rec.Rotated[k] = v
-				rec.SecretExpiresAt = cur.SecretExpiresAt
-			}
-		}
+	ms, err := b.settings(ctx, s)
+	if err != nil {
+		return nil, err
 	}
-	return rec
-}
-
-// keepRotation keeps in memory a secret the broker rotated during a config
-// write that then failed, when the write presented the stored config's own
-// current value (the broker has now retired it); the write's rotation
-// record stays for recovery. A rotation of a new seed the write brought
-// belongs to no stored config and is dropped with the write.
-func (b *backend) keepRotation(st *configState, m *refreshed, presented map[string]string) {
-	if m == nil || len(m.rotated) == 0 {
-		return
+	if !ms.hostAllowed(baseURL(spec, cfg), spec.Environments) {
+		return nil, refuse("base_url: host is not in this mount's allowed_hosts (%s); ask an operator to add it to broker/settings", strings.Join(ms.AllowedHosts, ", "))
 	}
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if st.dead || st.cfg == nil {
-		return
-	}
-	current := effectiveSecrets(st.cfg, st.rec)
-	rec := st.rec
-	rec.Rotated = maps.Clone(rec.Rotated)
-	if rec.Rotated == nil {
-		rec.Rotated = map[string]string{}
-	}
-	kept := false
-	for k, v := range m.rotated {
-		if presented[k] == current[k] {
-			rec.Rotated[k] = v
-			kept = true
-		}
-	}
-	if !kept {
-		return
-	}
-	st.rec = rec
-	b.Logger().Error("a config write failed after the broker rotated its secret; the new one is kept in memory and stored with the next refresh", "config", st.name)
+	return &configChange{cfg: cfg, verify: verify, given: given}, nil
 }
 
 // secretsToResend lists the secret fields an update must carry because it
 // moves the config to another endpoint (base_url, ca_cert or environment).
-func secretsToResend(d *framework.FieldData, old, cfg *brokerConfig, spec provider.Spec) []string {
-	if old == nil || (old.BaseURL == cfg.BaseURL && old.CACert == cfg.CACert && old.Environment == cfg.Environment) {
+func secretsToResend(given func(string) bool, old, cfg *brokerConfig, spec provider.Spec) []string {
+	if old == nil || old.sameEndpoint(cfg) {
 		return nil
 	}
 	var missing []string
 	for _, f := range spec.Fields {
-		if !f.Secret || old.Secrets[f.Name] == "" {
-			continue
-		}
-		if _, given := d.Raw[f.Name]; !given {
+		if f.Secret && old.Secrets[f.Name] != "" && !given(f.Name) {
 			missing = append(missing, f.Name)
 		}
 	}

@@ -36,7 +36,7 @@ which the response shows. To kill them sooner, act at the broker (see the
 
 func (b *backend) pathRetireWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	cfg, old, err := b.retireAll(ctx, req.Storage, name)
+	cfg, old, err := b.retireConfig(ctx, req.Storage, name)
 	if errors.Is(err, errConfigNotFound) {
 		return logical.ErrorResponse("no config named %q", name), nil
 	}

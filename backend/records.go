@@ -6,7 +6,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -46,42 +48,32 @@ type brokerConfig struct {
 	UpdatedAt        time.Time `json:"updated_at"`
 }
 
-// sameUpstream reports whether tokens obtained under a still hold under b:
-// same broker endpoint, same secrets, same narrowing.
-func (a *brokerConfig) sameUpstream(b *brokerConfig) bool {
-	if a.Provider != b.Provider || a.Environment != b.Environment || a.BaseURL != b.BaseURL || a.CACert != b.CACert {
-		return false
-	}
-	if len(a.Secrets) != len(b.Secrets) || !equalStrings(a.AllowedAccounts, b.AllowedAccounts) {
-		return false
-	}
-	for k, v := range a.Secrets {
-		if b.Secrets[k] != v {
-			return false
-		}
-	}
-	return true
+// endpointKey fingerprints where the config's secrets go: the broker and
+// its endpoint. A secret the broker rotated is bound to the endpoint that
+// issued it and never sent to another.
+func (a *brokerConfig) endpointKey() string {
+	return fingerprint(a.Provider, a.Environment, a.BaseURL, a.CACert)
 }
 
-// upstreamHash fingerprints what sameUpstream compares, so a token record
-// can say which config its token was obtained under.
+// upstreamHash fingerprints what a token depends on: the endpoint, the
+// secrets and the narrowing. A token record says which config its token was
+// obtained under by it.
 func (a *brokerConfig) upstreamHash() string {
-	h := sha256.New()
-	enc := json.NewEncoder(h)
-	_ = enc.Encode([]any{a.Provider, a.Environment, a.BaseURL, a.CACert, a.Secrets, a.AllowedAccounts})
-	return hex.EncodeToString(h.Sum(nil)[:16])
+	return fingerprint(a.Provider, a.Environment, a.BaseURL, a.CACert, a.Secrets, a.AllowedAccounts)
 }
 
-func equalStrings(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
+// sameUpstream reports whether tokens obtained under a still hold under b.
+func (a *brokerConfig) sameUpstream(b *brokerConfig) bool {
+	return a.upstreamHash() == b.upstreamHash()
+}
+
+// sameEndpoint reports whether a's secrets would go where b's go.
+func (a *brokerConfig) sameEndpoint(b *brokerConfig) bool { return a.endpointKey() == b.endpointKey() }
+
+func fingerprint(parts ...any) string {
+	h := sha256.New()
+	_ = json.NewEncoder(h).Encode(parts)
+	return hex.EncodeToString(h.Sum(nil)[:16])
 }
 
 // defaultExpiryWarning: a month's notice to create a new refresh token.
@@ -142,9 +134,22 @@ func writeConfig(ctx context.Context, s logical.Storage, name string, c *brokerC
 // of the last refresh, so a restart neither calls the broker again nor forgets a failure.
 type tokenRecord struct {
 	Token *storedToken `json:"token,omitempty"`
+	// Narrowed are the tokens the broker narrowed for roles (ALOR
+	// allowedPortfolios), by request key (see tokenRequest). They live and
+	// die with Token: same secret, same retire epoch.
+	Narrowed map[string]*storedToken `json:"narrowed,omitempty"`
 	// Rotated are long-lived secret fields the broker replaced (a rotated
-	// refresh token); they supersede the config's values.
+	// refresh token); they supersede the config's values, at the endpoint
+	// that issued them only.
 	Rotated map[string]string `json:"rotated,omitempty"`
+	// RotatedAt is the endpointKey of the endpoint that issued Rotated.
+	// Records from before it was kept have it empty: their rotation came
+	// from the stored config's endpoint.
+	RotatedAt string `json:"rotated_at,omitempty"`
+	// Prior is the rotation of the endpoint the config had before a write
+	// that moved it: if that write stored this record but not the config,
+	// the old config finds its own rotated secret here.
+	Prior *rotation `json:"prior,omitempty"`
 	// SecretExpiresAt is when the broker said the (rotated) long-lived
 	// secret expires.
 	SecretExpiresAt time.Time `json:"secret_expires_at,omitzero"`
@@ -164,6 +169,61 @@ type tokenRecord struct {
 	LastErrorAt time.Time `json:"last_error_at,omitzero"`
 }
 
+// tokenOf is the token of a request key ("" for the config's own).
+func (r tokenRecord) tokenOf(key string) *storedToken {
+	if key == "" {
+		return r.Token
+	}
+	return r.Narrowed[key]
+}
+
+// withToken is r with key's token replaced (nil removes it).
+func (r tokenRecord) withToken(key string, tok *storedToken) tokenRecord {
+	if key == "" {
+		r.Token = tok
+		return r
+	}
+	n := maps.Clone(r.Narrowed)
+	if n == nil {
+		n = map[string]*storedToken{}
+	}
+	if tok == nil {
+		delete(n, key)
+	} else {
+		n[key] = tok
+	}
+	r.Narrowed = n
+	return r
+}
+
+// rotation is one endpoint's rotated secrets.
+type rotation struct {
+	Secrets   map[string]string `json:"secrets"`
+	Endpoint  string            `json:"endpoint"`
+	ExpiresAt time.Time         `json:"expires_at,omitzero"`
+}
+
+// boundTo is the record as cfg may use it: a token obtained under other
+// settings is dropped (a config write that failed half way), and a rotated
+// secret is kept only for the endpoint that issued it.
+func (r tokenRecord) boundTo(cfg *brokerConfig) tokenRecord {
+	if r.ConfigHash != "" && r.ConfigHash != cfg.upstreamHash() {
+		r.Token, r.Narrowed = nil, nil
+	}
+	key := cfg.endpointKey()
+	if len(r.Rotated) > 0 && r.RotatedAt == "" {
+		r.RotatedAt = key
+	}
+	if len(r.Rotated) > 0 && r.RotatedAt != key {
+		r.Rotated, r.RotatedAt, r.SecretExpiresAt = nil, "", time.Time{}
+	}
+	if p := r.Prior; len(r.Rotated) == 0 && p != nil && p.Endpoint == key {
+		r.Rotated, r.RotatedAt, r.SecretExpiresAt = p.Secrets, key, p.ExpiresAt
+	}
+	r.Prior = nil
+	return r
+}
+
 // storedToken is a provider.Token as persisted and cached.
 type storedToken struct {
 	ID          string `json:"id"`
@@ -180,6 +240,10 @@ type storedToken struct {
 	Details    map[string]any `json:"details,omitempty"`
 }
 
+// errUndecodable: a record is in storage but cannot be decoded (as opposed
+// to storage failing to answer, which is worth asking again).
+var errUndecodable = errors.New("undecodable record")
+
 func readTokenRecord(ctx context.Context, s logical.Storage, name string) (tokenRecord, error) {
 	var rec tokenRecord
 	e, err := s.Get(ctx, tokenPrefix+name)
@@ -190,7 +254,7 @@ func readTokenRecord(ctx context.Context, s logical.Storage, name string) (token
 		return rec, nil
 	}
 	if err := e.DecodeJSON(&rec); err != nil {
-		return rec, fmt.Errorf("decoding token of %q: %w", name, err)
+		return tokenRecord{}, fmt.Errorf("%w: token of %q: %w", errUndecodable, name, err)
 	}
 	return rec, nil
 }

@@ -1,7 +1,9 @@
 package backend
 
 import (
+	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"time"
@@ -36,13 +38,23 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := b.config(ctx, req.Storage, in.config)
+	var role *roleEntry
+	if in.role != "" {
+		if role, err = b.roleFor(ctx, req.Storage, in.role); err != nil {
+			return nil, err
+		}
+		if role == nil || role.Config != in.config {
+			return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("role %q was deleted: the lease cannot be renewed; read creds of an existing role", in.role))
+		}
+	}
+	cfg, rec, err := b.view(ctx, req.Storage, in.config)
 	if err != nil {
 		return nil, err
 	}
 	if cfg == nil {
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted: the lease cannot be renewed; read creds of an existing config", in.config))
 	}
+	subject := b.credsSubject(in.config, role)
 	spec := b.specs[cfg.Provider]
 	tok := &storedToken{IssuedAt: in.issuedAt, ExpiresAt: in.expiresAt, AccountIDs: in.accounts, ReadOnly: in.readonly}
 	if spec.Issuance == provider.Passthrough {
@@ -51,30 +63,37 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		// Every renew asks the broker (concurrent renews share one call).
 		_, fresh, err := b.refreshNow(ctx, req.Storage, in.config)
 		if err != nil {
-			return failed(renewing, fmt.Sprintf("config %q: cannot renew: %v", in.config, err), err)
+			return failed(renewing, fmt.Sprintf("%s: cannot renew: %v", subject, err), err)
 		}
 		if fresh.ID != in.tokenID {
 			return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: the config now holds a different %s token; read creds/%s again", in.config, spec.Display, in.config))
 		}
 		tok = fresh
 	}
-	if err := checkGuards(cfg, tok); err != nil {
-		return failed(renewing, fmt.Sprintf("config %q: %v", in.config, err), err)
+	if err := b.checkAllGuards(cfg, role, tok); err != nil {
+		return failed(renewing, fmt.Sprintf("%s: %v", subject, err), err)
 	}
 	now := b.now()
-	ttl, err := leaseTTL(cfg, spec.DefaultTTL, tok, req.Secret.IssueTime, now)
+	ttl, err := leaseTTL(boundsFor(cfg, role), spec.DefaultTTL, tok, req.Secret.IssueTime, now)
 	if err != nil {
-		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: %v; read creds/%s for a new token", in.config, err, in.config))
+		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("%s: cannot renew: %v; read creds/%s for a new token", subject, err, cmp.Or(in.role, in.config)))
 	}
 	if spec.Issuance != provider.Passthrough && !tok.IssuedAt.IsZero() && dueForRefresh(tok, now) {
 		// Past the refresh point a renew gives one second: a client that
 		// only renews (Agent, a LifetimeWatcher) sees the lease stop
 		// growing and reads again, and finds the next token, whose refresh
 		// this starts. (An error instead makes Agent back off for long.)
-		b.nudgeRefresh(ctx, req.Storage, in.config)
+		b.nudgeRefresh(ctx, req.Storage, in.config, role)
 		ttl = time.Second
 	}
 	resp := &logical.Response{Secret: req.Secret}
+	if spec.Issuance != provider.Passthrough && in.epoch < rec.RetireEpoch {
+		// The lease's token was retired (config/<name>/retire): the lease
+		// ends now, so Agent, a LifetimeWatcher or a bot reads again and
+		// moves to a token minted after the retire.
+		ttl = time.Second
+		resp.AddWarning(fmt.Sprintf("config %q: the token of this lease was retired at %s; the lease ends now: read creds/%s for a new token", in.config, formatTime(rec.RetiredBefore), in.config))
+	}
 	resp.Secret.TTL = ttl
 	return resp, nil
 }
@@ -90,8 +109,12 @@ func (b *backend) revokeToken(context.Context, *logical.Request, *framework.Fiel
 }
 
 type leaseInternal struct {
-	config    string
-	tokenID   string
+	config  string
+	role    string // empty for a lease of the config itself
+	tokenID string
+	// epoch is the retire epoch the token was obtained under (0 for leases
+	// from before it was recorded: any retire ends them).
+	epoch     uint64
 	expiresAt time.Time
 	issuedAt  time.Time
 	accounts  []string
@@ -107,7 +130,19 @@ func parseInternal(m map[string]any) (leaseInternal, error) {
 		return in, fmt.Errorf("lease has no config name")
 	}
 	in.tokenID, _ = m["token_id"].(string)
+	in.role, _ = m["role"].(string)
 	in.readonly, _ = m["readonly"].(bool)
+	switch e := m["epoch"].(type) {
+	case float64:
+		in.epoch = uint64(e)
+	case json.Number:
+		n, _ := e.Int64()
+		in.epoch = uint64(n)
+	case uint64:
+		in.epoch = e
+	case int:
+		in.epoch = uint64(e)
+	}
 	for _, k := range []struct {
 		key string
 		dst *time.Time

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -17,53 +16,66 @@ var (
 	// errSecretExpired: the operator-declared expiry of the long-lived
 	// secret has passed; the plugin will not use it.
 	errSecretExpired = errors.New("long-lived secret expired")
+	// errClosing: the mount is being unloaded; no new broker call starts.
+	errClosing = errors.New("the mount is being unloaded")
 )
 
-// configState is the in-memory state of one config: its settings, its HTTP
-// client and its current token, shared by every reader.
+// configState is everything the backend holds for one config name: its
+// locks, its settings, its HTTP client and its current token, shared by
+// every reader.
+//
+// The state belongs to the name, not to a config: it stays in the map while
+// anyone uses it (refs), across deletes, re-creates and invalidations, so
+// its locks are the name's locks and there is never a second owner of one
+// name. It is dropped only when nobody uses it and no config is loaded.
 //
 // Three locks, always taken in this order:
-//   - upstream serialises calls to the broker: one at a time per config, so
+//   - upstream serialises calls to the broker: one at a time per name, so
 //     a rotating refresh token is never presented twice and a config write
 //     never verifies beside a refresh.
-//   - owner serialises every change of the config's token state, in memory
-//     and in storage (a refresh installed, a retire, a config write, a
-//     delete): it is held across the storage write, so none can undo
-//     another.
-//   - mu guards the fields below; it is never held across a broker call,
-//     so readers of a valid token never wait.
+//   - owner serialises every read of the name's storage into memory and
+//     every change of it, in memory and in storage (a load, a refresh
+//     installed, a retire, a config write, a delete, an invalidation): it
+//     is held across the storage call, so none can undo another and a load
+//     never sees half of one.
+//   - mu guards the fields below; it is never held across a broker or
+//     storage call, so readers of a valid token never wait.
+//
+// Only the core's files (state.go, core.go, refresh.go) take these locks;
+// path handlers call the core.
 type configState struct {
 	name  string
 	mkeys atomic.Pointer[metricKeys]
+	// refs counts the requests and refreshes using the state (see
+	// acquire); present mirrors cfg != nil so that release needs no lock
+	// on the read path.
+	refs    atomic.Int32
+	present atomic.Bool
 
 	upstream sync.Mutex
 	owner    sync.Mutex
 	// waiting counts goroutines blocked on upstream or owner; tests use it
 	// to know a writer is queued, instead of sleeping.
 	waiting atomic.Int32
-	// pins counts writers using the state; guarded by backend.mu. A pinned
-	// state is never forgotten.
-	pins int
 
-	mu     sync.Mutex
+	mu sync.Mutex
+	// loaded: cfg and rec are what storage holds (cfg nil: no config).
 	loaded bool
-	// dead: the config was deleted or changed on another node; a fresh
-	// state replaces this one, and nothing may be installed or stored
-	// through it any more.
-	dead   bool
 	cfg    *brokerConfig
 	client *upstream.Client
 	rec    tokenRecord
-	// gen changes whenever the config changes, so a refresh started under the
-	// old settings is not installed.
-	gen    uint64
-	flight *flight
-	// failErr is returned without calling the broker until failUntil.
-	failErr   error
-	failUntil time.Time
-	// background refresh backoff after failures.
-	failures  int
-	nextRetry time.Time
+	// gen changes whenever the config changes (a write, a delete, an
+	// invalidation), so a refresh started under the old settings is not
+	// installed.
+	gen uint64
+	// own is the refresh bookkeeping of the config's own token, narrowed
+	// that of each narrowed token (by request key).
+	own      slot
+	narrowed map[string]*slot
+	// unstored: rec holds a rotated secret that storage does not (its
+	// write failed); pendingWAL is the rotation record kept until it is.
+	unstored   bool
+	pendingWAL string
 }
 
 func (st *configState) lockUpstream() {
@@ -87,8 +99,8 @@ func (st *configState) keys(m *metrics) *metricKeys {
 		return k
 	}
 	k := &metricKeys{
-		hit:        m.creds.WithLabelValues(st.name, "hit"),
-		miss:       m.creds.WithLabelValues(st.name, "miss"),
+		hit:        m.creds.WithLabelValues(st.name, "", "hit"),
+		miss:       m.creds.WithLabelValues(st.name, "", "miss"),
 		refreshOK:  m.mints.WithLabelValues(st.name, "ok"),
 		refreshErr: m.mints.WithLabelValues(st.name, "error"),
 		rotation:   m.rotations.WithLabelValues(st.name),
@@ -97,153 +109,124 @@ func (st *configState) keys(m *metrics) *metricKeys {
 	return k
 }
 
-// killLocked marks st dead; st.mu must be held.
-func (st *configState) killLocked() {
-	st.dead = true
-	st.gen++
-	st.cfg = nil
-	st.rec = tokenRecord{}
-	if st.client != nil {
-		st.client.Close()
-		st.client = nil
+// acquire returns the state of name, created if needed, and counts the
+// caller as its user until release. While counted, the state is the only
+// one of its name.
+func (b *backend) acquire(name string) *configState {
+	b.mu.RLock()
+	st := b.states[name]
+	if st != nil {
+		st.refs.Add(1)
 	}
-}
-
-// lookup returns the loaded state of an existing config, or nil when there
-// is none. Names that do not exist leave nothing behind in memory.
-func (b *backend) lookup(ctx context.Context, s logical.Storage, name string) (*configState, error) {
-	for {
-		b.mu.RLock()
-		st := b.states[name]
-		b.mu.RUnlock()
-		if st == nil {
-			cfg, err := readConfig(ctx, s, name)
-			if err != nil || cfg == nil {
-				return nil, err
-			}
-			st = b.stateFor(name, false)
-		}
-		st.mu.Lock()
-		err := b.loadLocked(ctx, s, st)
-		dead, exists := st.dead, st.cfg != nil
-		st.mu.Unlock()
-		switch {
-		case err != nil:
-			b.forget(st)
-			return nil, err
-		case dead:
-			continue // deleted or invalidated meanwhile: look again
-		case !exists:
-			b.forget(st)
-			return nil, nil
-		}
-		return st, nil
+	b.mu.RUnlock()
+	if st != nil {
+		return st
 	}
-}
-
-// stateFor returns the state of name, creating an empty one; pin marks it
-// in use by a writer (release with unpin).
-func (b *backend) stateFor(name string, pin bool) *configState {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	st := b.states[name]
-	if st == nil {
+	if st = b.states[name]; st == nil {
 		st = &configState{name: name}
 		b.states[name] = st
 	}
-	if pin {
-		st.pins++
-	}
+	st.refs.Add(1)
 	return st
 }
 
-// pin returns the live state of name for a writer, created if needed.
-func (b *backend) pin(name string) *configState { return b.stateFor(name, true) }
-
-func (b *backend) unpin(st *configState) {
-	b.mu.Lock()
-	st.pins--
-	b.mu.Unlock()
-	b.forget(st)
-}
-
-// forget drops st from the map when it holds no config and no writer uses
-// it: reads of made-up names must not grow memory.
-func (b *backend) forget(st *configState) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.states[st.name] != st || st.pins > 0 {
+// release ends a use of st; the last user of a state with no config drops
+// it, so reads of made-up names leave nothing behind in memory.
+func (b *backend) release(st *configState) {
+	if st.refs.Add(-1) > 0 || st.present.Load() {
 		return
 	}
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if st.cfg == nil {
-		st.killLocked()
-		delete(b.states, st.name)
-	}
-}
-
-// dropState forgets a config's in-memory state (deleted here, or changed on
-// another node): in-flight work on it can no longer install or store.
-func (b *backend) dropState(name string) {
 	b.mu.Lock()
-	st := b.states[name]
-	delete(b.states, name)
-	b.mu.Unlock()
-	if st != nil {
-		st.mu.Lock()
-		st.killLocked()
-		st.mu.Unlock()
+	defer b.mu.Unlock()
+	// Users count themselves under b.mu (read), so none can appear now.
+	if st.refs.Load() > 0 || st.present.Load() || b.states[st.name] != st {
+		return
 	}
+	delete(b.states, st.name)
+	st.mu.Lock()
+	st.setClientLocked(nil)
+	st.mu.Unlock()
 }
 
-// loadLocked reads the config and its token from storage once, and builds
-// the config's HTTP client (its connection pool and rate limit live as long
-// as the state). st.mu must be held.
-func (b *backend) loadLocked(ctx context.Context, s logical.Storage, st *configState) error {
-	if st.loaded || st.dead {
+// setClientLocked replaces st's HTTP client, closing the old one; st.mu
+// must be held.
+func (st *configState) setClientLocked(c *upstream.Client) {
+	if st.client != nil && st.client != c {
+		st.client.Close()
+	}
+	st.client = c
+}
+
+// ensureLoaded reads the name's config and token record from storage
+// unless memory already holds them.
+func (b *backend) ensureLoaded(ctx context.Context, s logical.Storage, st *configState) error {
+	st.mu.Lock()
+	loaded := st.loaded
+	st.mu.Unlock()
+	if loaded {
+		return nil
+	}
+	st.lockOwner()
+	defer st.owner.Unlock()
+	return b.loadOwned(ctx, s, st)
+}
+
+// loadOwned is ensureLoaded for a caller holding st.owner. Every writer of
+// the name's storage holds the owner lock and updates memory before it lets
+// go, so what this reads is whole.
+func (b *backend) loadOwned(ctx context.Context, s logical.Storage, st *configState) error {
+	st.mu.Lock()
+	loaded := st.loaded
+	st.mu.Unlock()
+	if loaded {
 		return nil
 	}
 	cfg, err := readConfig(ctx, s, st.name)
 	if err != nil {
 		return err
 	}
-	rec, err := readTokenRecord(ctx, s, st.name)
-	if err != nil {
-		// An unreadable record must not lock the config for good: start
-		// without a token (a rotated secret in it is lost; the provider
-		// then falls back on its quota, if it has one) and say so.
-		b.Logger().Error("dropping an unreadable token record", "config", st.name, "error", err)
-		rec = tokenRecord{}
-	}
-	if cfg != nil && rec.ConfigHash != "" && rec.ConfigHash != cfg.upstreamHash() {
-		// Written for other settings by a config write that failed half
-		// way: its token is not this config's.
-		rec.Token = nil
-	}
+	var (
+		rec    tokenRecord
+		client *upstream.Client
+	)
 	if cfg != nil {
+		rec, err = readTokenRecord(ctx, s, st.name)
+		switch {
+		case errors.Is(err, errUndecodable):
+			// Only a record that cannot be decoded is given up: start
+			// without a token (a rotated secret in it is lost; the provider
+			// then falls back on its quota, if it has one) and say so. A
+			// storage error is an error, retried by whoever comes next.
+			b.Logger().Error("dropping an undecodable token record", "config", st.name, "error", err)
+			rec = tokenRecord{}
+		case err != nil:
+			return err
+		}
+		rec = rec.boundTo(cfg)
 		if spec, ok := b.specs[cfg.Provider]; ok {
-			client, err := b.newClient(spec, cfg)
-			if err != nil {
+			if client, err = b.newClient(spec, cfg); err != nil {
 				return err
 			}
-			st.client = client
 		}
 	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.setClientLocked(client)
 	st.cfg, st.rec, st.loaded = cfg, rec, true
+	st.present.Store(cfg != nil)
+	st.gen++
+	st.unstored, st.pendingWAL = false, ""
+	st.resetSlotsLocked()
 	return nil
 }
 
-// config returns the cached config (nil if none).
-func (b *backend) config(ctx context.Context, s logical.Storage, name string) (*brokerConfig, error) {
-	cfg, _, err := b.status(ctx, s, name)
-	return cfg, err
-}
-
-// status returns the config (nil if none) and a copy of its token record.
-func (b *backend) status(ctx context.Context, s logical.Storage, name string) (*brokerConfig, tokenRecord, error) {
-	st, err := b.lookup(ctx, s, name)
-	if err != nil || st == nil {
+// view returns the config (nil if none) and a copy of its token record.
+func (b *backend) view(ctx context.Context, s logical.Storage, name string) (*brokerConfig, tokenRecord, error) {
+	st := b.acquire(name)
+	defer b.release(st)
+	if err := b.ensureLoaded(ctx, s, st); err != nil {
 		return nil, tokenRecord{}, err
 	}
 	st.mu.Lock()
@@ -251,15 +234,60 @@ func (b *backend) status(ctx context.Context, s logical.Storage, name string) (*
 	return st.cfg, st.rec, nil
 }
 
-// install sets a config's state after a config write: new settings, a new
-// client, and the token record. st.owner must be held.
-func (st *configState) install(cfg *brokerConfig, client *upstream.Client, rec tokenRecord) {
+// config returns the stored config (nil if none).
+func (b *backend) config(ctx context.Context, s logical.Storage, name string) (*brokerConfig, error) {
+	cfg, _, err := b.view(ctx, s, name)
+	return cfg, err
+}
+
+// status is view under the name the handlers know.
+func (b *backend) status(ctx context.Context, s logical.Storage, name string) (*brokerConfig, tokenRecord, error) {
+	return b.view(ctx, s, name)
+}
+
+// forgetName drops what memory holds of name (another node changed it):
+// the next use reads storage again, and work in flight under the old
+// settings can no longer install anything.
+func (b *backend) forgetName(name string) {
+	b.mu.RLock()
+	st := b.states[name]
+	if st != nil {
+		st.refs.Add(1)
+	}
+	b.mu.RUnlock()
+	if st == nil {
+		return // nothing cached: the next use reads storage anyway
+	}
+	defer b.release(st)
+	st.lockOwner()
+	defer st.owner.Unlock()
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if st.client != nil && st.client != client {
-		st.client.Close()
+	if st.unstored {
+		b.Logger().Error("another node changed the config while a rotated secret of it was not yet stored here; storage's version wins", "config", name)
 	}
-	st.cfg, st.client, st.rec, st.loaded = cfg, client, rec, true
+	st.unloadLocked()
+}
+
+// unloadLocked empties st so the next use reads storage; st.mu must be held.
+func (st *configState) unloadLocked() {
+	st.setClientLocked(nil)
+	st.cfg, st.rec, st.loaded = nil, tokenRecord{}, false
+	st.present.Store(false)
 	st.gen++
-	st.failErr, st.failures, st.nextRetry = nil, 0, time.Time{}
+	st.unstored, st.pendingWAL = false, ""
+	st.resetSlotsLocked()
+}
+
+// resetSlotsLocked forgets failure backoffs (the config changed); flights
+// under way finish on their own, and find the generation changed.
+func (st *configState) resetSlotsLocked() {
+	st.own = slot{flight: st.own.flight}
+	for k, sl := range st.narrowed {
+		if sl.flight == nil {
+			delete(st.narrowed, k)
+		} else {
+			*sl = slot{flight: sl.flight}
+		}
+	}
 }

@@ -47,6 +47,8 @@ const (
 	hintRefresh     = "the refresh token is no longer valid; the plugin falls back to tokens.make"
 	hintAccess      = "the access token is invalid or expired: refresh the pair"
 	hintUnavailable = "ChatApp is failing; try again later"
+	hintKept        = "the answer carries a new refresh token, which is kept: the next refresh uses it, with no tokens.make"
+	hintNotChatApp  = "not taken as a refusal by ChatApp: the stored refresh token and login are kept and tried again later; if this lasts, check base_url and any proxy or firewall between Vault and ChatApp"
 )
 
 // ErrMakeNotAllowed is returned when a new pair needs tokens.make but the
@@ -103,6 +105,12 @@ func makeQuotaKey(secrets map[string]string) string {
 // refresh token is held, tokens.make only when there is none or ChatApp
 // refused it. The new refresh token is in Token.Rotated and must be stored:
 // the old one no longer works. Details["made"] says whether make was spent.
+//
+// An answer that carries a new refresh token but cannot be accepted (a
+// field missing or unreadable) fails with a *provider.RotatedError, never
+// wrapped, holding the new refresh token for the backend to store: ChatApp
+// has rotated the pair, so the stored refresh token is dead and dropping the
+// new one would cost a make.
 func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Token, error) {
 	secrets := secretList(req.Secrets)
 	if rt := req.Secrets["refresh_token"]; rt != "" {
@@ -120,6 +128,11 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 		if merr != nil {
 			// The make error stays first in the chain (its Failure is what the
 			// backend acts on); the refusal is kept as text for the operator.
+			var re *provider.RotatedError
+			if errors.As(merr, &re) {
+				re.Err = fmt.Errorf("%w (tokens.make was needed because %v)", re.Err, err)
+				return nil, re
+			}
 			return nil, fmt.Errorf("%w (tokens.make was needed because %v)", merr, err)
 		}
 		return tok, nil
@@ -130,6 +143,12 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 // refused reports whether err is ChatApp refusing the refresh token itself,
 // as opposed to failing for a while.
 func refused(err error) bool {
+	// An answer that rotated the pair is no refusal, whatever else is
+	// wrong with it: its refresh token is the one to use next.
+	var re *provider.RotatedError
+	if errors.As(err, &re) {
+		return false
+	}
 	ue, ok := upstream.AsError(err)
 	return ok && ue.Op == opRefresh && ue.Failure == upstream.Unauthorized
 }
@@ -145,11 +164,11 @@ func refresh(ctx context.Context, req provider.Request, rt string, secrets []str
 		Op:         opRefresh,
 		Secrets:    secrets,
 	}
-	data, err := do(ctx, req.Client, call)
+	data, odd, err := do(ctx, req.Client, call)
 	if err != nil {
 		return nil, err
 	}
-	return tokenFrom(opRefresh, data, false)
+	return tokenFrom(opRefresh, data, false, odd...)
 }
 
 // makePair spends one tokens.make, after ReserveQuota agreed.
@@ -173,11 +192,11 @@ func makePair(ctx context.Context, req provider.Request, secrets []string) (*pro
 		Op:         opMake,
 		Secrets:    secrets,
 	}
-	data, err := do(ctx, req.Client, call)
+	data, odd, err := do(ctx, req.Client, call)
 	if err != nil {
 		return nil, err
 	}
-	return tokenFrom(opMake, data, true)
+	return tokenFrom(opMake, data, true, odd...)
 }
 
 // Check calls tokens.check: nil when ChatApp accepts the access token, a
@@ -192,17 +211,22 @@ func Check(ctx context.Context, c *upstream.Client, baseURL, accessToken string)
 		Op:         opCheck,
 		Secrets:    []string{accessToken},
 	}
-	_, err := do(ctx, c, call)
+	_, odd, err := do(ctx, c, call)
+	if err == nil && len(odd) > 0 {
+		return badResponse(opCheck, "response "+strings.Join(odd, "; "))
+	}
 	return err
 }
 
-// pair is the data of a make or refresh answer.
+// pair is the data of a make or refresh answer, each field as sent: one
+// field ChatApp sent oddly must not hide the others (above all the new
+// refresh token). The tags match keys as encoding/json does.
 type pair struct {
-	CabinetUserID       *unixOrInt `json:"cabinetUserId"`
-	AccessToken         string     `json:"accessToken"`
-	AccessTokenEndTime  *unixOrInt `json:"accessTokenEndTime"`
-	RefreshToken        string     `json:"refreshToken"`
-	RefreshTokenEndTime *unixOrInt `json:"refreshTokenEndTime"`
+	CabinetUserID       json.RawMessage `json:"cabinetUserId"`
+	AccessToken         json.RawMessage `json:"accessToken"`
+	AccessTokenEndTime  json.RawMessage `json:"accessTokenEndTime"`
+	RefreshToken        json.RawMessage `json:"refreshToken"`
+	RefreshTokenEndTime json.RawMessage `json:"refreshTokenEndTime"`
 }
 
 type apiError struct {
@@ -210,10 +234,10 @@ type apiError struct {
 	Message string `json:"message"`
 }
 
+// envelope is a successful answer as sent: {"success": true, "data": ...}.
 type envelope struct {
-	Success *bool           `json:"success"`
+	Success json.RawMessage `json:"success"`
 	Data    json.RawMessage `json:"data"`
-	Error   *apiError       `json:"error"`
 }
 
 // unixOrInt reads an integer sent as a JSON number or a numeric string.
@@ -236,59 +260,77 @@ func (u *unixOrInt) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-func (u *unixOrInt) value() int64 {
-	if u == nil {
-		return 0
-	}
-	return int64(*u)
-}
-
-// do sends call and returns the "data" of a successful answer. A 2xx answer
-// with success:false is an error like any other.
-func do(ctx context.Context, c *upstream.Client, call upstream.Call) (json.RawMessage, error) {
+// do sends call and returns the "data" of a successful answer, and what is
+// odd about the answer around it (a "success" that is not a boolean): the
+// data may still hold a new pair, which the caller must not lose. A 2xx
+// answer with success:false is an error like any other.
+func do(ctx context.Context, c *upstream.Client, call upstream.Call) (json.RawMessage, []string, error) {
 	resp, err := c.Do(ctx, call, func(r *upstream.Response) *upstream.Error {
-		return classify(call, r.Status, r.Body)
+		return classify(call, r)
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var env envelope
 	if err := json.Unmarshal(resp.Body, &env); err != nil {
 		// The body of a successful answer holds fresh tokens the scrubber
 		// does not know: describe it, never quote it.
-		return nil, badResponse(call.Op, fmt.Sprintf("response is not the expected JSON (%d bytes)", len(resp.Body)))
+		return nil, nil, badResponse(call.Op, fmt.Sprintf("response is not the expected JSON (%d bytes)", len(resp.Body)))
 	}
-	if env.Success != nil && !*env.Success {
-		return nil, classify(call, resp.Status, resp.Body)
+	var odd []string
+	switch string(bytes.TrimSpace(env.Success)) {
+	case "", "null", "true":
+	case "false":
+		return nil, nil, classify(call, resp)
+	default:
+		odd = append(odd, "success is not a boolean")
 	}
-	return env.Data, nil
+	return env.Data, odd, nil
 }
 
 // classify turns a ChatApp error into an *upstream.Error with a hint.
-func classify(call upstream.Call, status int, body []byte) *upstream.Error {
-	e := &upstream.Error{Broker: display, Op: call.Op, Status: status}
-	var env envelope
-	if err := json.Unmarshal(body, &env); err == nil && env.Error != nil && (env.Error.Code != "" || env.Error.Message != "") {
-		e.Code = upstream.Quote(env.Error.Code, call.Secrets...)
-		e.Message = upstream.Quote(env.Error.Message, call.Secrets...)
-	} else if status >= 200 && status < 300 {
-		e.Message = "success is false and no error was given"
-	} else {
-		e.Message = upstream.Quote(string(body), call.Secrets...)
-	}
-	ok := status >= 200 && status < 300
+// Whether ChatApp refused a secret is decided on ChatApp's own answer, its
+// error envelope and code: a 401 or 403 without the envelope comes from
+// whatever sits in front of ChatApp (a proxy, a WAF, a gateway) and says
+// nothing of the refresh token or the login, so it is Unavailable, to be
+// retried, never Unauthorized (which drops the refresh token and spends a
+// tokens.make).
+func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
+	e := &upstream.Error{Broker: display, Op: call.Op, Status: r.Status}
+	ae, own := ownError(r.Body)
+	ok := r.Status >= 200 && r.Status < 300
+	auth := r.Status == http.StatusUnauthorized || r.Status == http.StatusForbidden
 	switch {
-	case status == http.StatusTooManyRequests || isQuotaCode(e.Code):
+	case own:
+		e.Code = upstream.Quote(ae.Code, call.Secrets...)
+		e.Message = upstream.Quote(ae.Message, call.Secrets...)
+	case ok:
+		e.Message = "success is false and no error was given"
+	case auth:
+		e.Message = "the answer was not ChatApp's: " + upstream.DescribeBody(r) + " without ChatApp's error envelope"
+		if len(r.Body) > 0 {
+			e.Message += ": " + upstream.Quote(string(r.Body), call.Secrets...)
+		}
+	default:
+		e.Message = upstream.Quote(string(r.Body), call.Secrets...)
+	}
+	switch {
+	case r.Status == http.StatusTooManyRequests || (own && isQuotaCode(e.Code)):
 		e.Failure = upstream.RateLimited
-	case status >= 500:
+	case r.Status >= 500:
 		// Transient whatever the code says: a refresh is not given up on.
 		e.Failure = upstream.Unavailable
-	case status == http.StatusUnauthorized || status == http.StatusForbidden || isTokenCode(e.Code) || isCredentialsCode(e.Code):
+	case own && (auth || isTokenCode(e.Code) || isCredentialsCode(e.Code)):
 		e.Failure = upstream.Unauthorized
+	case auth:
+		// A bare status: ChatApp did not say it refused anything.
+		e.Failure = upstream.Unavailable
+		e.Hint = hintNotChatApp
+		return e
 	case ok:
 		e.Failure = upstream.BadResponse
 	default:
-		e.Failure = upstream.FailureForStatus(status)
+		e.Failure = upstream.FailureForStatus(r.Status)
 	}
 	switch {
 	case e.Failure == upstream.RateLimited && call.Op == opMake:
@@ -304,6 +346,23 @@ func classify(call upstream.Call, status int, body []byte) *upstream.Error {
 		e.Hint = hintAccess
 	}
 	return e
+}
+
+// ownError returns the error of ChatApp's own error envelope,
+// {"success": false, "error": {"code": "...", "message": "..."}}, and
+// whether body is one.
+func ownError(body []byte) (*apiError, bool) {
+	var env struct {
+		Success *bool     `json:"success"`
+		Error   *apiError `json:"error"`
+	}
+	if json.Unmarshal(body, &env) != nil || env.Success == nil || *env.Success || env.Error == nil {
+		return nil, false
+	}
+	if env.Error.Code == "" && env.Error.Message == "" {
+		return nil, false
+	}
+	return env.Error, true
 }
 
 // isTokenCode matches ChatApp's invalid-token code and, leniently, any code
@@ -352,43 +411,136 @@ func isQuotaCode(code string) bool {
 }
 
 // tokenFrom builds the token from a make or refresh answer. The end times
-// are read from the answer, never assumed (24 h and 14 d today).
-func tokenFrom(op string, data json.RawMessage, made bool) (*provider.Token, error) {
+// are read from the answer, never assumed (24 h and 14 d today). odd are
+// problems do found around the data.
+//
+// When the answer carries a usable new refresh token but anything else is
+// wrong, ChatApp has rotated the pair all the same: the error is a
+// *provider.RotatedError holding the new refresh token (and its end time,
+// when that was readable) around the BadResponse, so that the backend stores
+// it. The error names fields and never holds a token.
+func tokenFrom(op string, data json.RawMessage, made bool, odd ...string) (*provider.Token, error) {
 	received := time.Now()
-	var p pair
-	if d := bytes.TrimSpace(data); len(d) == 0 || d[0] != '{' || json.Unmarshal(d, &p) != nil {
-		return nil, badResponse(op, "response has no readable data object")
+	var raw pair
+	if d := bytes.TrimSpace(data); len(d) == 0 || d[0] != '{' || json.Unmarshal(d, &raw) != nil {
+		return nil, badResponse(op, strings.Join(append([]string{"response has no readable data object"}, odd...), "; "))
 	}
-	var missing []string
-	if p.AccessToken == "" {
-		missing = append(missing, "accessToken")
-	}
-	if p.AccessTokenEndTime.value() <= 0 {
-		missing = append(missing, "accessTokenEndTime")
-	}
-	if p.RefreshToken == "" {
-		missing = append(missing, "refreshToken")
-	}
-	if p.RefreshTokenEndTime.value() <= 0 {
-		missing = append(missing, "refreshTokenEndTime")
-	}
-	if len(missing) > 0 {
-		return nil, badResponse(op, "response lacks "+strings.Join(missing, ", "))
-	}
+	a := &answerCheck{bad: odd}
+	accessToken := a.token("accessToken", raw.AccessToken)
+	accessEnd := a.endTime("accessTokenEndTime", raw.AccessTokenEndTime)
+	refreshToken := a.token("refreshToken", raw.RefreshToken)
+	refreshEnd := a.endTime("refreshTokenEndTime", raw.RefreshTokenEndTime)
 	details := map[string]any{"made": made}
-	if p.CabinetUserID != nil {
-		details["cabinet_user_id"] = p.CabinetUserID.value()
+	if present(raw.CabinetUserID) {
+		var id unixOrInt
+		if id.UnmarshalJSON(raw.CabinetUserID) != nil {
+			a.bad = append(a.bad, "cabinetUserId is not an integer")
+		} else {
+			details["cabinet_user_id"] = int64(id)
+		}
+	}
+	if msg := a.message(); msg != "" {
+		e := badResponse(op, upstream.Scrub(msg, a.said...))
+		if refreshToken == "" {
+			return nil, e
+		}
+		e.Hint = hintKept
+		return nil, &provider.RotatedError{
+			Rotated:         map[string]string{"refresh_token": refreshToken},
+			SecretExpiresAt: refreshEnd,
+			Err:             e,
+		}
 	}
 	return &provider.Token{
-		AccessToken:     p.AccessToken,
+		AccessToken:     accessToken,
 		IssuedAt:        received,
-		ExpiresAt:       time.Unix(p.AccessTokenEndTime.value(), 0).UTC(),
+		ExpiresAt:       accessEnd,
 		AccountIDs:      []string{},
 		ReadOnly:        false,
 		Details:         details,
-		Rotated:         map[string]string{"refresh_token": p.RefreshToken},
-		SecretExpiresAt: time.Unix(p.RefreshTokenEndTime.value(), 0).UTC(),
+		Rotated:         map[string]string{"refresh_token": refreshToken},
+		SecretExpiresAt: refreshEnd,
 	}, nil
+}
+
+// maxTokenLen bounds a token the plugin keeps: ChatApp's are 60 bytes, and
+// one a server would refuse as a header value could never be sent back.
+const maxTokenLen = 4096
+
+// answerCheck collects what is wrong with the fields of an answer.
+type answerCheck struct {
+	missing, bad []string
+	// said are the tokens the answer held, scrubbed from the message.
+	said []string
+}
+
+// present reports whether a field was sent with a value.
+func present(raw json.RawMessage) bool {
+	s := string(bytes.TrimSpace(raw))
+	return s != "" && s != "null" && s != `""`
+}
+
+// token reads a token field: a non-empty string that can travel back as a
+// header value (no control characters, not huge). "" when it cannot.
+func (a *answerCheck) token(name string, raw json.RawMessage) string {
+	if !present(raw) {
+		a.missing = append(a.missing, name)
+		return ""
+	}
+	var s string
+	if json.Unmarshal(raw, &s) != nil {
+		a.bad = append(a.bad, name+" is not a string")
+		return ""
+	}
+	a.said = append(a.said, s)
+	if len(s) > maxTokenLen || strings.ContainsFunc(s, func(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f }) {
+		a.bad = append(a.bad, fmt.Sprintf("%s is not a usable token (control characters, or over %d bytes)", name, maxTokenLen))
+		return ""
+	}
+	return s
+}
+
+// endTime reads an end time in unix seconds, bounded as JWT dates are
+// (provider.NumericDate: after 1970, before year 10000). Zero when it
+// cannot.
+func (a *answerCheck) endTime(name string, raw json.RawMessage) time.Time {
+	if !present(raw) {
+		a.missing = append(a.missing, name)
+		return time.Time{}
+	}
+	var u unixOrInt
+	if err := u.UnmarshalJSON(raw); err != nil {
+		// unixOrInt refuses a number past 1e15, far past year 9999.
+		f, ferr := strconv.ParseFloat(string(bytes.Trim(bytes.TrimSpace(raw), `"`)), 64)
+		switch {
+		case ferr != nil || math.IsNaN(f) || math.IsInf(f, 0):
+			a.bad = append(a.bad, name+" is not a number")
+		case f > 0:
+			a.bad = append(a.bad, name+" is past year 9999: unix seconds expected (milliseconds?)")
+		default:
+			a.bad = append(a.bad, name+" is not after 1970")
+		}
+		return time.Time{}
+	}
+	t, ok := provider.NumericDate(map[string]any{name: float64(u)}, name)
+	switch {
+	case ok:
+		return t
+	case u <= 0:
+		a.bad = append(a.bad, name+" is not after 1970")
+	default:
+		a.bad = append(a.bad, name+" is past year 9999: unix seconds expected (milliseconds?)")
+	}
+	return time.Time{}
+}
+
+// message says what is wrong, naming fields only, or "" when nothing is.
+func (a *answerCheck) message() string {
+	var parts []string
+	if len(a.missing) > 0 {
+		parts = append(parts, "response lacks "+strings.Join(a.missing, ", "))
+	}
+	return strings.Join(append(parts, a.bad...), "; ")
 }
 
 // secretList is everything ChatApp must never echo back to us.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -468,8 +469,8 @@ func TestBadResponses(t *testing.T) {
 		{"no refreshToken", valid(func(d map[string]any) { delete(d, "refreshToken") }), "refreshToken"},
 		{"no accessTokenEndTime", valid(func(d map[string]any) { delete(d, "accessTokenEndTime") }), "accessTokenEndTime"},
 		{"no refreshTokenEndTime", valid(func(d map[string]any) { d["refreshTokenEndTime"] = 0 }), "refreshTokenEndTime"},
-		{"end time not a number", valid(func(d map[string]any) { d["accessTokenEndTime"] = "soon" }), "no readable data"},
-		{"end time NaN", valid(func(d map[string]any) { d["accessTokenEndTime"] = "NaN" }), "no readable data"},
+		{"end time not a number", valid(func(d map[string]any) { d["accessTokenEndTime"] = "soon" }), "accessTokenEndTime is not a number"},
+		{"end time NaN", valid(func(d map[string]any) { d["accessTokenEndTime"] = "NaN" }), "accessTokenEndTime is not a number"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -690,5 +691,326 @@ func TestAccessTokenAtRefresh(t *testing.T) {
 			}
 			noLeak(t, err, first.AccessToken)
 		})
+	}
+}
+
+// TestBareAuthStatusIsNotRefusal: a 401 or 403 without ChatApp's own error
+// envelope ({"success": false, "error": {...}}) is a proxy, a WAF or a
+// gateway answering in ChatApp's place, not ChatApp refusing anything. It
+// must not be taken as a refusal of the refresh token (which would drop a
+// token that still works and spend a tokens.make), nor of the login: it is
+// Unavailable, to be retried, and says the answer was not ChatApp's.
+func TestBareAuthStatusIsNotRefusal(t *testing.T) {
+	sb := sandbox.New(sandbox.Options{})
+	cases := []struct {
+		name        string
+		status      int
+		contentType string
+		body        string
+	}{
+		{"401 empty", 401, "", ""},
+		{"403 empty", 403, "", ""},
+		{"403 WAF html", 403, "text/html", "<html><head><title>403 Forbidden</title></head><body>Request blocked</body></html>"},
+		{"401 proxy auth html", 401, "text/html; charset=utf-8", "<html><body>Authorization Required</body></html>"},
+		{"403 plain text", 403, "text/plain", "Forbidden"},
+		{"401 JSON of another shape", 401, "application/json", `{"error":"unauthorized","message":"Unauthorized"}`},
+		{"403 JSON error string", 403, "application/json", `{"success":false,"error":"Forbidden"}`},
+		{"401 success false without error", 401, "application/json", `{"success":false}`},
+		{"403 error without success", 403, "application/json", `{"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`},
+	}
+	for _, tc := range cases {
+		for _, op := range []string{opRefresh, opMake, opCheck} {
+			t.Run(tc.name+" "+op, func(t *testing.T) {
+				srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if r.Method+" "+r.URL.Path == op {
+						if tc.contentType != "" {
+							w.Header().Set("Content-Type", tc.contentType)
+						}
+						w.WriteHeader(tc.status)
+						io.WriteString(w, tc.body)
+						return
+					}
+					sb.ServeHTTP(w, r)
+				}))
+				defer srv.Close()
+				r := &reserve{}
+				secrets := login("still-good-refresh-token")
+				if op == opMake {
+					secrets = login("")
+				}
+				var err error
+				if op == opCheck {
+					err = Check(context.Background(), newClient(t, upstream.Options{}), srv.URL, "still-good-access-token")
+				} else {
+					var tok *provider.Token
+					tok, err = New().Issue(context.Background(), request(t, srv.URL, secrets, r))
+					if tok != nil {
+						t.Fatalf("issued %+v", tok)
+					}
+				}
+				ue, ok := upstream.AsError(err)
+				if !ok || ue.Failure != upstream.Unavailable || !ue.Retryable() || ue.Op != op || ue.Status != tc.status {
+					t.Fatalf("want a retryable Unavailable of %s: err = %v", op, err)
+				}
+				if op == opRefresh && (r.n.Load() != 0 || sb.Calls(sandbox.ChatAppMakeEP) != 0) {
+					t.Fatalf("a bare %d spent a make (reserve=%d)", tc.status, r.n.Load())
+				}
+				msg := err.Error()
+				for _, w := range []string{"ChatApp " + op, "HTTP " + strconv.Itoa(tc.status), "not ChatApp's"} {
+					if !strings.Contains(msg, w) {
+						t.Errorf("error %q lacks %q", msg, w)
+					}
+				}
+				for _, w := range []string{hintRefresh, hintCredentials, hintAccess} {
+					if strings.Contains(msg, w) {
+						t.Errorf("error %q gives the hint of a refusal", msg)
+					}
+				}
+				noLeak(t, err, secrets["refresh_token"], secrets["password"], secrets["email"], "still-good-access-token")
+			})
+		}
+	}
+	// ChatApp's own refusal, in its envelope, is still a refusal.
+	for _, status := range []int{401, 403} {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == pathRefresh {
+				w.WriteHeader(status)
+				io.WriteString(w, `{"success":false,"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`)
+				return
+			}
+			sb.ServeHTTP(w, r)
+		}))
+		r := &reserve{}
+		tok, err := New().Issue(context.Background(), request(t, srv.URL, login("dead-refresh-token"), r))
+		srv.Close()
+		if err != nil || tok.Details["made"] != true || r.n.Load() != 1 {
+			t.Fatalf("HTTP %d in ChatApp's envelope: want the fallback to make: err=%v reserve=%d", status, err, r.n.Load())
+		}
+	}
+}
+
+// pairAnswer is a make/refresh answer: a valid pair, changed by mut.
+func pairAnswer(mut func(d map[string]any)) string {
+	d := map[string]any{"cabinetUserId": 4242, "accessToken": answerAccess, "accessTokenEndTime": answerAccessEnd,
+		"refreshToken": answerRefresh, "refreshTokenEndTime": answerRefreshEnd}
+	if mut != nil {
+		mut(d)
+	}
+	b, _ := json.Marshal(map[string]any{"success": true, "data": d})
+	return string(b)
+}
+
+const (
+	answerAccess     = "$2y$10$newAccessTokenFromTheAnswer0123456789abcdefghijklmn"
+	answerRefresh    = "$2y$10$newRefreshTokenFromTheAnswer0123456789abcdefghijkl"
+	answerAccessEnd  = 1900000000
+	answerRefreshEnd = 1901123200
+)
+
+// answering serves refreshBody at tokens.refresh and makeBody at
+// tokens.make, each with 200 unless it is a ChatApp error.
+func answering(t *testing.T, refreshBody, makeBody string) string {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body := makeBody
+		if r.URL.Path == pathRefresh {
+			body = refreshBody
+		}
+		if strings.Contains(body, `"success":false`) {
+			w.WriteHeader(http.StatusUnauthorized)
+		}
+		io.WriteString(w, body)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+const refusedRefresh = `{"success":false,"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`
+
+// TestRotationKeptOnBadAnswer: an answer that carries the new refresh token
+// has rotated the pair at ChatApp, whatever else is wrong with it (a field
+// missing, a cabinetUserId that is not a number): refusing it whole drops
+// the only refresh token that still works, and every retry then spends a
+// make. The provider returns a *provider.RotatedError with the new refresh
+// token (and its end time when readable) for the backend to store, and a
+// BadResponse naming the field, without a token in it. This holds for a
+// refresh, a make, and a make after a refused refresh; the refresh path
+// never goes on to a make.
+func TestRotationKeptOnBadAnswer(t *testing.T) {
+	refreshEnd := time.Unix(answerRefreshEnd, 0).UTC()
+	cases := []struct {
+		name       string
+		body       string
+		field      string
+		secretEnds time.Time
+	}{
+		{"no refreshTokenEndTime", pairAnswer(func(d map[string]any) { delete(d, "refreshTokenEndTime") }), "refreshTokenEndTime", time.Time{}},
+		{"refreshTokenEndTime null", pairAnswer(func(d map[string]any) { d["refreshTokenEndTime"] = nil }), "refreshTokenEndTime", time.Time{}},
+		{"refreshTokenEndTime zero", pairAnswer(func(d map[string]any) { d["refreshTokenEndTime"] = 0 }), "refreshTokenEndTime", time.Time{}},
+		{"refreshTokenEndTime not a number", pairAnswer(func(d map[string]any) { d["refreshTokenEndTime"] = "in two weeks" }), "refreshTokenEndTime", time.Time{}},
+		{"no accessTokenEndTime", pairAnswer(func(d map[string]any) { delete(d, "accessTokenEndTime") }), "accessTokenEndTime", refreshEnd},
+		{"accessTokenEndTime not a number", pairAnswer(func(d map[string]any) { d["accessTokenEndTime"] = "soon" }), "accessTokenEndTime", refreshEnd},
+		{"accessTokenEndTime NaN", pairAnswer(func(d map[string]any) { d["accessTokenEndTime"] = "NaN" }), "accessTokenEndTime", refreshEnd},
+		{"accessTokenEndTime an object", pairAnswer(func(d map[string]any) { d["accessTokenEndTime"] = map[string]any{"sec": 1} }), "accessTokenEndTime", refreshEnd},
+		{"cabinetUserId not numeric", pairAnswer(func(d map[string]any) { d["cabinetUserId"] = "user-4242" }), "cabinetUserId", refreshEnd},
+		{"cabinetUserId a list", pairAnswer(func(d map[string]any) { d["cabinetUserId"] = []int{4242} }), "cabinetUserId", refreshEnd},
+		{"no accessToken", pairAnswer(func(d map[string]any) { delete(d, "accessToken") }), "accessToken", refreshEnd},
+		{"accessToken a number", pairAnswer(func(d map[string]any) { d["accessToken"] = 12345678 }), "accessToken", refreshEnd},
+		{"accessToken with a newline", pairAnswer(func(d map[string]any) { d["accessToken"] = "$2y$10$abc\ndef" }), "accessToken", refreshEnd},
+		{"everything else wrong", pairAnswer(func(d map[string]any) {
+			d["cabinetUserId"], d["accessToken"], d["accessTokenEndTime"], d["refreshTokenEndTime"] = true, nil, "x", []any{}
+		}), "accessTokenEndTime", time.Time{}},
+		{"success not a boolean", strings.Replace(pairAnswer(nil), `"success":true`, `"success":"true"`, 1), "success", refreshEnd},
+	}
+	paths := []struct {
+		name             string
+		seed             string
+		refresh, make    func(body string) string
+		wantMake, wantBy string
+	}{
+		{"refresh", "stored-refresh-token-0001", func(b string) string { return b }, func(string) string { return pairAnswer(nil) }, "", ""},
+		{"make", "", func(string) string { return refusedRefresh }, func(b string) string { return b }, "make", ""},
+		{"make after a refused refresh", "dead-refresh-token-0001", func(string) string { return refusedRefresh }, func(b string) string { return b }, "make", "tokens.make was needed because"},
+	}
+	for _, tc := range cases {
+		for _, p := range paths {
+			t.Run(tc.name+"/"+p.name, func(t *testing.T) {
+				r := &reserve{}
+				url := answering(t, p.refresh(tc.body), p.make(tc.body))
+				secrets := login(p.seed)
+				tok, err := New().Issue(context.Background(), request(t, url, secrets, r))
+				if tok != nil {
+					t.Fatalf("issued %+v from a bad answer", tok)
+				}
+				var re *provider.RotatedError
+				if !errors.As(err, &re) {
+					t.Fatalf("the new refresh token is lost: %T %v", err, err)
+				}
+				if err != error(re) {
+					t.Fatalf("the RotatedError is wrapped: %v", err)
+				}
+				if len(re.Rotated) != 1 || re.Rotated["refresh_token"] != answerRefresh {
+					t.Fatalf("rotated %v", re.Rotated)
+				}
+				if !re.SecretExpiresAt.Equal(tc.secretEnds) {
+					t.Fatalf("secret expires %v, want %v", re.SecretExpiresAt, tc.secretEnds)
+				}
+				ue, ok := upstream.AsError(re.Err)
+				if !ok || ue.Failure != upstream.BadResponse || ue.Broker != "ChatApp" {
+					t.Fatalf("err = %v", re.Err)
+				}
+				wantOp := opRefresh
+				if p.wantMake != "" {
+					wantOp = opMake
+				}
+				if ue.Op != wantOp || !strings.Contains(err.Error(), tc.field) || !strings.Contains(err.Error(), p.wantBy) {
+					t.Fatalf("err = %v, want %s naming %s", err, wantOp, tc.field)
+				}
+				if want := int32(0); p.wantMake != "" {
+					want = 1
+					if r.n.Load() != want {
+						t.Fatalf("reserve=%d", r.n.Load())
+					}
+				} else if r.n.Load() != want {
+					t.Fatalf("a rotated refresh went on to spend a make (reserve=%d)", r.n.Load())
+				}
+				noLeak(t, err, answerRefresh, answerAccess, "$2y$10$new", secrets["refresh_token"], secrets["password"], secrets["email"])
+			})
+		}
+	}
+}
+
+// TestBadAnswerWithoutRefreshToken: an answer with no usable refresh token
+// in it rotated nothing the provider can keep; it is a plain BadResponse
+// naming the field, and no RotatedError.
+func TestBadAnswerWithoutRefreshToken(t *testing.T) {
+	cases := []struct {
+		name, body, field string
+	}{
+		{"no refreshToken", pairAnswer(func(d map[string]any) { delete(d, "refreshToken") }), "refreshToken"},
+		{"refreshToken empty", pairAnswer(func(d map[string]any) { d["refreshToken"] = "" }), "refreshToken"},
+		{"refreshToken a number", pairAnswer(func(d map[string]any) { d["refreshToken"] = 1234567890 }), "refreshToken"},
+		{"refreshToken with a newline", pairAnswer(func(d map[string]any) { d["refreshToken"] = "$2y$10$abc\r\nX-Evil: 1" }), "refreshToken"},
+		{"refreshToken too long", pairAnswer(func(d map[string]any) { d["refreshToken"] = strings.Repeat("r", 5000) }), "refreshToken"},
+	}
+	for _, tc := range cases {
+		for _, seed := range []string{"", "stored-refresh-token-0001"} {
+			t.Run(tc.name+"/seed "+strconv.Quote(seed), func(t *testing.T) {
+				url := answering(t, tc.body, tc.body)
+				tok, err := New().Issue(context.Background(), request(t, url, login(seed), &reserve{}))
+				var re *provider.RotatedError
+				if tok != nil || errors.As(err, &re) {
+					t.Fatalf("tok=%v rotated=%v", tok, re)
+				}
+				ue, ok := upstream.AsError(err)
+				if !ok || ue.Failure != upstream.BadResponse || !strings.Contains(ue.Message, tc.field) {
+					t.Fatalf("err = %v", err)
+				}
+				noLeak(t, err, answerAccess, seed)
+			})
+		}
+	}
+}
+
+// TestEndTimesBounded: an end time past year 9999 (milliseconds, or worse,
+// where unix seconds are documented) gives a record that cannot be encoded,
+// so the rotation would never be stored. It is refused like a JWT date out
+// of bounds, naming the field and saying seconds are expected; and the new
+// refresh token is still handed back, with the refresh token's end time
+// only when that one was readable.
+func TestEndTimesBounded(t *testing.T) {
+	refreshEnd := time.Unix(answerRefreshEnd, 0).UTC()
+	cases := []struct {
+		name       string
+		field      string
+		value      any
+		secretEnds time.Time
+	}{
+		{"access ms", "accessTokenEndTime", int64(answerAccessEnd) * 1000, refreshEnd},
+		{"access ms as a string", "accessTokenEndTime", strconv.FormatInt(int64(answerAccessEnd)*1000, 10), refreshEnd},
+		{"access ms as a float", "accessTokenEndTime", 1.7e12, refreshEnd},
+		{"access µs", "accessTokenEndTime", int64(answerAccessEnd) * 1000000, refreshEnd},
+		{"access at the bound", "accessTokenEndTime", int64(253402300800), refreshEnd},
+		{"access max int64", "accessTokenEndTime", json.Number("9223372036854775807"), refreshEnd},
+		{"access 1e300", "accessTokenEndTime", json.Number("1e300"), refreshEnd},
+		{"refresh ms", "refreshTokenEndTime", int64(answerRefreshEnd) * 1000, time.Time{}},
+		{"refresh ms as a string", "refreshTokenEndTime", strconv.FormatInt(int64(answerRefreshEnd)*1000, 10), time.Time{}},
+		{"refresh at the bound", "refreshTokenEndTime", int64(253402300800), time.Time{}},
+		{"refresh 1e16", "refreshTokenEndTime", json.Number("1e16"), time.Time{}},
+	}
+	for _, tc := range cases {
+		for _, seed := range []string{"", "stored-refresh-token-0001"} {
+			t.Run(tc.name+"/seed "+strconv.Quote(seed), func(t *testing.T) {
+				body := pairAnswer(func(d map[string]any) { d[tc.field] = tc.value })
+				r := &reserve{}
+				tok, err := New().Issue(context.Background(), request(t, answering(t, body, body), login(seed), r))
+				var re *provider.RotatedError
+				if tok != nil || !errors.As(err, &re) {
+					t.Fatalf("tok=%+v err=%v", tok, err)
+				}
+				if re.Rotated["refresh_token"] != answerRefresh || !re.SecretExpiresAt.Equal(tc.secretEnds) {
+					t.Fatalf("rotated %v, secret expires %v", re.Rotated, re.SecretExpiresAt)
+				}
+				ue, ok := upstream.AsError(err)
+				if !ok || ue.Failure != upstream.BadResponse {
+					t.Fatalf("err = %v", err)
+				}
+				for _, w := range []string{tc.field, "past year 9999", "seconds expected"} {
+					if !strings.Contains(ue.Message, w) {
+						t.Errorf("message %q lacks %q", ue.Message, w)
+					}
+				}
+				if seed != "" && r.n.Load() != 0 {
+					t.Fatalf("spent a make (reserve=%d)", r.n.Load())
+				}
+				noLeak(t, err, answerRefresh, answerAccess, seed)
+			})
+		}
+	}
+	// The last second of year 9999 is still a date.
+	body := pairAnswer(func(d map[string]any) { d["accessTokenEndTime"], d["refreshTokenEndTime"] = 253402300799, 253402300799 })
+	tok, err := New().Issue(context.Background(), request(t, answering(t, body, body), login("x"), nil))
+	if err != nil || tok.ExpiresAt.Year() != 9999 || tok.SecretExpiresAt.Year() != 9999 {
+		t.Fatalf("tok=%+v err=%v", tok, err)
 	}
 }

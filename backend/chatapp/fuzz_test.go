@@ -70,6 +70,15 @@ func FuzzClassify(f *testing.F) {
 	f.Add(500, `<html><body>Internal Server Error</body></html>`, 2)
 	f.Add(422, `{"success":false,"error":{"code":"ApiValidationError","message":"password `+markPassword+` too short"}}`, 0)
 	f.Add(401, `{"success":false,"error":{"code":"`+markRefresh+`","message":"unknown refresh token"}}`, 1)
+	// A proxy, a WAF or a gateway answering 401/403 in ChatApp's place:
+	// no envelope, so no refusal.
+	f.Add(401, ``, 1)
+	f.Add(403, `<html><head><title>403 Forbidden</title></head><body>Request blocked `+markRefresh+`</body></html>`, 1)
+	f.Add(403, `{"error":"forbidden"}`, 0)
+	f.Add(401, `{"success":false}`, 2)
+	f.Add(403, `{"error":{"code":"ApiInvalidTokenError","message":"Invalid Token"}}`, 1)
+	f.Add(401, `{"success":"false","error":{"code":"ApiInvalidTokenError"}}`, 1)
+	f.Add(403, `{"success":false,"error":{"code":"ApiForbiddenError","message":"Forbidden"}}`, 1)
 	f.Fuzz(checkClassify)
 }
 
@@ -94,10 +103,11 @@ func checkClassify(t *testing.T, status int, body string, which int) {
 	if status < 200 || status > 599 {
 		return
 	}
+	envelope := isEnvelope(serve(body))
 	ops := []string{opMake, opRefresh, opCheck}
 	op := ops[((which%3)+3)%3]
 	call := upstream.Call{Op: op, Secrets: fuzzSecrets}
-	e := classify(call, status, []byte(serve(body)))
+	e := classify(call, &upstream.Response{Status: status, Header: http.Header{}, Body: []byte(serve(body))})
 	ue := checkError(t, e, unmarked(body))
 	if ue.Status != status || ue.Op != op {
 		t.Fatalf("status/op %d %q", ue.Status, ue.Op)
@@ -109,30 +119,68 @@ func checkClassify(t *testing.T, status int, body string, which int) {
 		t.Fatalf("HTTP %d is %v: a failing ChatApp must look transient", status, ue.Failure)
 	case status == 429 && ue.Failure != upstream.RateLimited:
 		t.Fatalf("HTTP 429 is %v", ue.Failure)
-	case (status == 401 || status == 403) && ue.Failure != upstream.Unauthorized && ue.Failure != upstream.RateLimited:
-		t.Fatalf("HTTP %d is %v", status, ue.Failure)
+	case (status == 401 || status == 403) && envelope && ue.Failure != upstream.Unauthorized && ue.Failure != upstream.RateLimited:
+		t.Fatalf("HTTP %d in ChatApp's envelope is %v", status, ue.Failure)
+	case (status == 401 || status == 403) && !envelope && ue.Failure != upstream.Unavailable:
+		// A proxy or WAF answered: retried, never a refusal.
+		t.Fatalf("a bare HTTP %d is %v", status, ue.Failure)
+	case ue.Failure == upstream.Unauthorized && !envelope:
+		t.Fatalf("HTTP %d without ChatApp's envelope is a refusal", status)
 	}
 	if ue.Failure == upstream.Unavailable && refused(e) {
 		t.Fatal("an unavailable ChatApp counts as refusing the refresh token")
 	}
 }
 
+// isEnvelope is the test's own reading of brokers.md: ChatApp's error
+// answer is an object with "success": false and an "error" object holding a
+// code or a message.
+func isEnvelope(body string) bool {
+	var env struct {
+		Success *bool `json:"success"`
+		Error   *struct {
+			Code    string `json:"code"`
+			Message string `json:"message"`
+		} `json:"error"`
+	}
+	return json.Unmarshal([]byte(body), &env) == nil && env.Success != nil && !*env.Success &&
+		env.Error != nil && (env.Error.Code != "" || env.Error.Message != "")
+}
+
 // FuzzTokenFrom: a make/refresh answer is accepted only with all four
-// fields, end times read as sent, and the new refresh token handed back for
-// storage. A refusal describes the answer and never quotes it (it may hold
-// fresh tokens the scrubber does not know).
+// fields, end times read as sent (unix seconds, before year 10000), and the
+// new refresh token handed back for storage. A refusal describes the answer
+// and never quotes it (it may hold fresh tokens the scrubber does not know);
+// and whenever the answer carries a usable refresh token, the refusal is a
+// *provider.RotatedError handing it back all the same.
 func FuzzTokenFrom(f *testing.F) {
 	f.Add(`{"cabinetUserId":4242,"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1773568800}`, true)
 	f.Add(`{"cabinetUserId":"4242","accessToken":"at-0123456789abcdef","accessTokenEndTime":"1772445600","refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1.7735688e9}`, false)
 	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":"rt-0123456789abcdef"}`, false)
 	f.Add(`{"accessToken":"","accessTokenEndTime":0,"refreshToken":"","refreshTokenEndTime":-1}`, false)
 	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1e16,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":"NaN"}`, false)
+	// The new refresh token with something else wrong: kept.
+	f.Add(`{"cabinetUserId":4242,"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":"rt-0123456789abcdef"}`, false)
+	f.Add(`{"cabinetUserId":"user-4242","accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1773568800}`, true)
+	f.Add(`{"cabinetUserId":[1],"accessToken":7,"accessTokenEndTime":{},"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":null}`, false)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":"soon","refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":"1773568800"}`, false)
+	// Milliseconds where seconds are documented, and the bound itself.
+	f.Add(`{"cabinetUserId":4242,"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600000,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1773568800000}`, false)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1.7e12,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":"1773568800000"}`, true)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":253402300799,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":253402300800}`, false)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":9223372036854775807,"refreshToken":"rt-0123456789abcdef","refreshTokenEndTime":1e300}`, false)
+	// A refresh token that could never be sent back: not kept.
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":"rt-0123\r\nX: y","refreshTokenEndTime":1773568800}`, false)
+	f.Add(`{"accessToken":"at-0123456789abcdef","accessTokenEndTime":1772445600,"refreshToken":1773568800,"refreshTokenEndTime":1773568800}`, false)
+	// A token that is also the name of a field.
+	f.Add(`{"accessToken":"refreshTokenEndTime","accessTokenEndTime":1772445600,"refreshToken":"accessTokenEndTime"}`, false)
 	f.Add(`null`, false)
 	f.Add(`[]`, false)
 	f.Add(`"data"`, false)
 	f.Add(``, false)
 	f.Fuzz(func(t *testing.T, data string, made bool) {
 		tok, err := tokenFrom(opRefresh, json.RawMessage(data), made)
+		kept := usableRefresh(data)
 		if err != nil {
 			if tok != nil {
 				t.Fatal("token and error")
@@ -144,21 +192,35 @@ func FuzzTokenFrom(f *testing.F) {
 			var p map[string]any
 			if json.Unmarshal([]byte(data), &p) == nil {
 				for _, k := range []string{"accessToken", "refreshToken"} {
-					if s, _ := p[k].(string); len(s) >= 8 && strings.Contains(err.Error(), s) {
+					// The message is the part made from the answer; the
+					// rest of the text is the provider's own.
+					if s, _ := p[k].(string); len(s) >= 8 && strings.Contains(ue.Message, s) {
 						t.Fatalf("error quotes %s: %v", k, err)
 					}
 				}
 			}
+			var re *provider.RotatedError
+			isRotated := errors.As(err, &re)
+			switch {
+			case kept != "" && !isRotated:
+				t.Fatalf("the answer's refresh token %q is lost: %v", kept, err)
+			case kept == "" && isRotated:
+				t.Fatalf("kept %q from an answer without a usable refresh token", re.Rotated)
+			case isRotated && (len(re.Rotated) != 1 || re.Rotated["refresh_token"] != kept):
+				t.Fatalf("rotated %q, the answer had %q", re.Rotated, kept)
+			case isRotated && !re.SecretExpiresAt.IsZero() && (re.SecretExpiresAt.Unix() <= 0 || re.SecretExpiresAt.Year() > 9999):
+				t.Fatalf("secret end time %v out of bounds", re.SecretExpiresAt)
+			}
 			return
 		}
-		var p pair
+		var p oraclePair
 		if err := json.Unmarshal([]byte(data), &p); err != nil {
 			t.Fatalf("accepted data that does not decode: %v", err)
 		}
 		if tok.AccessToken == "" || tok.AccessToken != p.AccessToken {
 			t.Fatalf("access token %q", tok.AccessToken)
 		}
-		if rt := tok.Rotated["refresh_token"]; rt == "" || rt != p.RefreshToken {
+		if rt := tok.Rotated["refresh_token"]; rt == "" || rt != p.RefreshToken || rt != kept {
 			t.Fatalf("rotated refresh token %q, answer had %q", rt, p.RefreshToken)
 		}
 		if !tok.ExpiresAt.Equal(time.Unix(p.AccessTokenEndTime.value(), 0)) || !tok.SecretExpiresAt.Equal(time.Unix(p.RefreshTokenEndTime.value(), 0)) {
@@ -167,6 +229,9 @@ func FuzzTokenFrom(f *testing.F) {
 		if tok.ExpiresAt.Unix() <= 0 || tok.SecretExpiresAt.Unix() <= 0 {
 			t.Fatal("accepted a non-positive end time")
 		}
+		if tok.ExpiresAt.Year() > 9999 || tok.SecretExpiresAt.Year() > 9999 {
+			t.Fatalf("accepted an end time past year 9999: %v %v", tok.ExpiresAt, tok.SecretExpiresAt)
+		}
 		if tok.Details["made"] != made {
 			t.Fatal("made flag lost")
 		}
@@ -174,6 +239,38 @@ func FuzzTokenFrom(f *testing.F) {
 			t.Fatalf("details are not JSON-friendly: %v", err)
 		}
 	})
+}
+
+// oraclePair is the test's own reading of a whole, good answer.
+type oraclePair struct {
+	CabinetUserID       *unixOrInt `json:"cabinetUserId"`
+	AccessToken         string     `json:"accessToken"`
+	AccessTokenEndTime  *unixOrInt `json:"accessTokenEndTime"`
+	RefreshToken        string     `json:"refreshToken"`
+	RefreshTokenEndTime *unixOrInt `json:"refreshTokenEndTime"`
+}
+
+func (u *unixOrInt) value() int64 {
+	if u == nil {
+		return 0
+	}
+	return int64(*u)
+}
+
+// usableRefresh is the refresh token an answer's data carries when it can
+// be sent back (a string, not empty, no control characters, not huge), or "".
+func usableRefresh(data string) string {
+	var p struct {
+		RefreshToken json.RawMessage `json:"refreshToken"`
+	}
+	var s string
+	if json.Unmarshal([]byte(data), &p) != nil || json.Unmarshal(p.RefreshToken, &s) != nil {
+		return ""
+	}
+	if s == "" || len(s) > 4096 || strings.ContainsFunc(s, func(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f }) {
+		return ""
+	}
+	return s
 }
 
 // FuzzUnixOrInt: integers as numbers or numeric strings; the value of a
@@ -257,6 +354,19 @@ func FuzzIssue(f *testing.F) {
 	f.Add(200, `{"success":true,"data":{"cabinetUserId":4242,"accessToken":"at-`, 200, okBody)
 	f.Add(200, `<!DOCTYPE html><html>`+markRefresh+`</html>`, 200, okBody)
 	f.Add(429, `{"success":false,"error":{"code":"ApiTooManyRequestsError","message":"slow down"}}`, 200, okBody)
+	// A bare 401/403 from something in front of ChatApp: no make.
+	f.Add(401, ``, 200, okBody)
+	f.Add(403, `<html><body>Access denied</body></html>`, 200, okBody)
+	f.Add(403, `{"message":"Forbidden"}`, 200, okBody)
+	// A new pair with something else wrong: the refresh token is kept and
+	// no make follows, on the refresh and on the make after a refusal.
+	rotatedBad := `{"success":true,"data":{"cabinetUserId":"user-4242","accessToken":"at-new-0123456789","accessTokenEndTime":` + strconv.FormatInt(end, 10) + `,"refreshToken":"rt-new-0123456789"}}`
+	rotatedMs := `{"success":true,"data":{"cabinetUserId":4242,"accessToken":"at-new-0123456789","accessTokenEndTime":` + strconv.FormatInt(end*1000, 10) + `,"refreshToken":"rt-new-0123456789","refreshTokenEndTime":` + strconv.FormatInt((end+13*86400)*1000, 10) + `}}`
+	f.Add(200, rotatedBad, 200, okBody)
+	f.Add(200, rotatedMs, 200, okBody)
+	f.Add(401, invalid, 200, rotatedBad)
+	f.Add(401, invalid, 200, rotatedMs)
+	f.Add(200, `{"success":"yes","data":{"accessToken":"at-new-0123456789","refreshToken":"rt-new-0123456789"}}`, 200, okBody)
 	f.Fuzz(func(t *testing.T, refreshStatus int, refreshBody string, makeStatus int, makeBody string) {
 		if refreshStatus < 200 || refreshStatus > 599 || makeStatus < 200 || makeStatus > 599 {
 			return
@@ -285,18 +395,39 @@ func FuzzIssue(f *testing.F) {
 		if makes > 1 || makes != reserved {
 			t.Fatalf("%d makes, %d reserved", makes, reserved)
 		}
-		// Whether ChatApp refused the refresh token: an error answer that
-		// classifies as an auth failure.
-		refreshRefused := false
-		var env envelope
-		if refreshStatus >= 300 || (json.Unmarshal([]byte(serve(refreshBody)), &env) == nil && env.Success != nil && !*env.Success) {
-			refreshRefused = classify(upstream.Call{Op: opRefresh}, refreshStatus, []byte(serve(refreshBody))).Failure == upstream.Unauthorized
-		}
+		// Whether ChatApp refused the refresh token: an answer in ChatApp's
+		// own error envelope that classifies as an auth failure. A bare
+		// 401/403 (a proxy, a WAF) is not ChatApp refusing anything.
+		served := serve(refreshBody)
+		refreshRefused := isEnvelope(served) &&
+			classify(upstream.Call{Op: opRefresh}, &upstream.Response{Status: refreshStatus, Body: []byte(served)}).Failure == upstream.Unauthorized
 		if makes == 1 && !refreshRefused {
 			t.Fatalf("spent a make after refresh answered HTTP %d %q", refreshStatus, refreshBody)
 		}
 		if refreshStatus >= 500 && makes != 0 {
 			t.Fatal("spent a make on a failing ChatApp")
+		}
+		// A 2xx answer that is not an error and carries a refresh token
+		// that can be sent back has rotated the pair: it is handed back,
+		// with a token or in a RotatedError, and no make follows.
+		var env struct {
+			Success *bool           `json:"success"`
+			Data    json.RawMessage `json:"data"`
+		}
+		rotatedAt := ""
+		// (A 204 reaches the client without its body.)
+		if refreshStatus < 300 && refreshStatus != http.StatusNoContent && json.Unmarshal([]byte(served), &env) == nil && (env.Success == nil || *env.Success) {
+			rotatedAt = usableRefresh(string(env.Data))
+		}
+		var re *provider.RotatedError
+		switch {
+		case rotatedAt == "":
+		case makes != 0:
+			t.Fatalf("spent a make after a refresh answer carrying a new refresh token: %q", refreshBody)
+		case err == nil && tok.Rotated["refresh_token"] != rotatedAt:
+			t.Fatalf("rotated %q, the answer had %q", tok.Rotated["refresh_token"], rotatedAt)
+		case err != nil && (!errors.As(err, &re) || re.Rotated["refresh_token"] != rotatedAt):
+			t.Fatalf("the answer's refresh token %q is lost: %v", rotatedAt, err)
 		}
 		if err != nil {
 			if tok != nil {
@@ -308,7 +439,7 @@ func FuzzIssue(f *testing.F) {
 			checkError(t, err, unmarked(refreshBody+makeBody))
 			return
 		}
-		if tok.Rotated["refresh_token"] == "" || tok.Rotated["refresh_token"] == fuzzRefresh {
+		if tok.Rotated["refresh_token"] == "" {
 			t.Fatalf("no new refresh token to store: %q", tok.Rotated["refresh_token"])
 		}
 	})

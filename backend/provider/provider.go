@@ -117,6 +117,12 @@ type Spec struct {
 	// Trusted Root CA, which system stores lack). A config's ca_cert
 	// replaces both.
 	TrustedRoots *upstream.HostRoots
+	// NarrowsAccounts is true when the broker narrows a token to the
+	// accounts it is asked for at issue (ALOR's allowedPortfolios): a role
+	// with its own allowed_accounts then gets a token of its own, minted
+	// narrowed. For any other broker a role's accounts only check the
+	// config's token.
+	NarrowsAccounts bool
 	// ReportsNoAccess is true when the broker tells nothing of a token's
 	// accounts or trading rights: require_readonly and allowed_accounts
 	// cannot be checked, so a config refuses them rather than pretend.
@@ -181,6 +187,22 @@ type Token struct {
 	// the broker says; zero when unknown.
 	SecretExpiresAt time.Time
 }
+
+// RotatedError is an Issue failure that comes after the broker replaced the
+// long-lived secret (an answer carrying a new refresh token but some other
+// field the provider cannot accept). The old values may no longer work, so
+// the backend stores Rotated and SecretExpiresAt exactly as it would from a
+// Token, and then reports Err. A provider returns it whenever an answer
+// carries a rotated secret, whatever else is wrong with the answer.
+type RotatedError struct {
+	Rotated map[string]string
+	// SecretExpiresAt is zero when the answer did not say (or said it badly).
+	SecretExpiresAt time.Time
+	Err             error
+}
+
+func (e *RotatedError) Error() string { return e.Err.Error() }
+func (e *RotatedError) Unwrap() error { return e.Err }
 
 // Provider is one broker.
 type Provider interface {

@@ -56,6 +56,9 @@ type Options struct {
 	Observe func(op, outcome string, d time.Duration)
 	// Clock times the waits between attempts; nil is the system clock.
 	Clock Clock
+	// OnClose, if set, is called once by Close (the owner of a shared
+	// Transport counts its users by it).
+	OnClose func()
 }
 
 // Client talks to one broker endpoint.
@@ -72,6 +75,8 @@ type Client struct {
 	ratePerOp                    bool
 	limMu                        sync.Mutex
 	limiters                     map[string]*limiter
+	closeOnce                    sync.Once
+	onClose                      func()
 }
 
 // New builds a Client. It fails only on an unusable CA bundle.
@@ -95,6 +100,7 @@ func New(opts Options) (*Client, error) {
 		maxConcurrent: opts.MaxConcurrent,
 		ratePerOp:     opts.RatePerOp,
 		limiters:      map[string]*limiter{},
+		onClose:       opts.OnClose,
 		http: &http.Client{
 			Transport: tr,
 			Timeout:   opts.Timeout,
@@ -118,10 +124,16 @@ func New(opts Options) (*Client, error) {
 }
 
 // Close releases idle connections of a pool the client owns.
+// It may be called more than once.
 func (c *Client) Close() {
-	if !c.shared {
-		c.http.CloseIdleConnections()
-	}
+	c.closeOnce.Do(func() {
+		if !c.shared {
+			c.http.CloseIdleConnections()
+		}
+		if c.onClose != nil {
+			c.onClose()
+		}
+	})
 }
 
 // Call is one HTTP request to a broker.
