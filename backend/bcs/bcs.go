@@ -20,6 +20,7 @@ package bcs
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -189,11 +190,11 @@ func exchange(ctx context.Context, req provider.Request, refresh string, secrets
 	received := time.Now()
 	ans, err := ParseTokenResponse(resp.Body)
 	if err != nil {
-		return nil, badResponse(opToken, err.Error())
+		return nil, keepRotation(resp.Body, refresh, badResponse(opToken, err.Error()))
 	}
 	tok, err := tokenFrom(ans, rc, received)
 	if err != nil {
-		return nil, err
+		return nil, keepRotation(resp.Body, refresh, err)
 	}
 	accounts, trading, perr := portfolio(ctx, req, tok.AccessToken, append(secrets, tok.AccessToken, ans.RefreshToken))
 	if perr != nil {
@@ -258,6 +259,26 @@ func tokenFrom(ans *TokenResponse, sent *RefreshClaims, received time.Time) (*pr
 		tok.SecretExpiresAt = received.Add(ans.RefreshExpiresIn).UTC()
 	}
 	return tok, nil
+}
+
+// keepRotation wraps err, the failure of an answer BCS sent with 200, in a
+// provider.RotatedError when the answer still carries a new refresh token
+// that can be presented next (a readable BCS refresh token other than the
+// one sent): the sent one may be retired now, so the backend must store it.
+func keepRotation(body []byte, sent string, err error) error {
+	var m map[string]json.RawMessage
+	if json.Unmarshal(body, &m) != nil {
+		return err
+	}
+	next, ok := stringField(m, "refresh_token")
+	if !ok || next == "" || next == sent {
+		return err
+	}
+	nc, perr := ParseRefreshToken(next)
+	if perr != nil {
+		return err // could not be sent back: not kept
+	}
+	return &provider.RotatedError{Rotated: map[string]string{fieldToken: next}, SecretExpiresAt: nc.Expires, Err: err}
 }
 
 // portfolio asks which account the access token reaches: the agreementId

@@ -350,3 +350,35 @@ func TestReasons(t *testing.T) {
 		}
 	}
 }
+
+func TestABadAnswerStillHandsBackTheRotatedToken(t *testing.T) {
+	next := brokertest.JWT(`{"alg":"HS512"}`, `{"azp":"trade-api-read","typ":"Refresh","exp":4102444800}`)
+	sent := brokertest.JWT(`{"alg":"HS512"}`, `{"azp":"trade-api-read","typ":"Refresh","exp":4102444800,"jti":"sent"}`)
+	for _, c := range []struct {
+		name, body string
+		kept       bool
+	}{
+		{"no expires_in", `{"access_token":"a","refresh_token":"` + next + `"}`, true},
+		{"token_type mac", `{"access_token":"a","expires_in":60,"token_type":"mac","refresh_token":"` + next + `"}`, true},
+		{"no access token", `{"expires_in":60,"refresh_token":"` + next + `"}`, true},
+		{"unreadable new token", `{"expires_in":60,"refresh_token":"garbage"}`, false},
+		{"the same token back", `{"expires_in":60,"refresh_token":"` + sent + `"}`, false},
+		{"no JSON", `<html>`, false},
+	} {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte(c.body)) }))
+		cl, _ := upstream.New(upstream.Options{Broker: display})
+		_, err := Provider{}.Issue(context.Background(), provider.Request{BaseURL: srv.URL, Client: cl,
+			Secrets: map[string]string{fieldToken: sent}})
+		srv.Close()
+		var re *provider.RotatedError
+		ue, isUpstream := upstream.AsError(err)
+		if errors.As(err, &re) != c.kept || !isUpstream || ue.Failure != upstream.BadResponse {
+			t.Errorf("%s: %v (rotated kept: %v)", c.name, err, re != nil)
+			continue
+		}
+		if c.kept && (re.Rotated[fieldToken] != next || re.SecretExpiresAt.Unix() != 4102444800) {
+			t.Errorf("%s: %+v", c.name, re)
+		}
+		brokertest.CheckLeak(t, err.Error(), "", sent, next)
+	}
+}
