@@ -380,3 +380,24 @@ func TestMountBcsRefusesWhatIsNotABcsToken(t *testing.T) {
 		t.Fatal("a refused write called BCS")
 	}
 }
+
+// BCS cannot narrow a token: roles over a BCS config share the config's
+// token and only check it (design.md, roles).
+func TestMountBcsRolesShareTheConfigsToken(t *testing.T) {
+	h := newHarness(t, sandbox.Options{})
+	trade := h.sb.IssueBCSToken(sandbox.BCSTokenOptions{})
+	h.mustWriteBCS("bcs", trade, nil)
+	h.mustOK(logical.UpdateOperation, "roles/desk", map[string]any{"config": "bcs", "allowed_accounts": sandbox.BCSAgreement, "ttl": "1h"})
+	r, err := h.do(logical.UpdateOperation, "roles/reports", map[string]any{"config": "bcs", "require_readonly": true})
+	if statusOf(r, err) != 400 || !strings.Contains(errText(r, err), "require_readonly") {
+		t.Fatalf("a read-only role over a trade token: %d %q", statusOf(r, err), errText(r, err))
+	}
+	cfgCreds := h.mustOK(logical.ReadOperation, "creds/bcs", nil)
+	role := h.mustOK(logical.ReadOperation, "creds/desk", nil)
+	if role.Data["access_token"] != cfgCreds.Data["access_token"] || role.Data["role"] != "desk" || role.Secret.TTL > time.Hour {
+		t.Fatalf("role creds: %v (ttl %v)", role.Data, role.Secret.TTL)
+	}
+	if h.sb.Calls(sandbox.BCSTokenEP) != 1 {
+		t.Fatalf("a role cost its own exchange: %d", h.sb.Calls(sandbox.BCSTokenEP))
+	}
+}
