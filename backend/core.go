@@ -192,8 +192,9 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, name string,
 // upstream keeps the token. Any other change drops the token, but keeps a
 // secret the broker rotated (a rotated refresh token: changing a password
 // does not end it, and the seed it replaced is spent) unless this write
-// supplies that field anew or moves the config to another endpoint. The
-// retire epoch always carries over.
+// supplies that field anew (a value other than the one written before) or
+// moves the config to another endpoint. The retire epoch always carries
+// over.
 func carriedRecord(ch *configChange, old, cfg *brokerConfig, cur tokenRecord) tokenRecord {
 	if old == nil {
 		return tokenRecord{}
@@ -206,7 +207,9 @@ func carriedRecord(ch *configChange, old, cfg *brokerConfig, cur tokenRecord) to
 		return rec
 	}
 	for k, v := range cur.Rotated {
-		if !ch.given(k) {
+		// The same value written again is not a new one: the rotation
+		// still supersedes it (the broker may have retired it).
+		if !ch.given(k) || cfg.Secrets[k] == old.Secrets[k] {
 			if rec.Rotated == nil {
 				rec.Rotated = map[string]string{}
 			}

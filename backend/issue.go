@@ -31,6 +31,9 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 	spec := b.specs[cfg.Provider]
 	endpoint := baseURL(spec, cfg)
 	if !cfg.SecretExpiresAt.IsZero() && !started.Before(cfg.SecretExpiresAt) {
+		if spec.RenewSecret != "" {
+			return nil, "", fmt.Errorf("%w: %s; %s", errSecretExpired, cfg.expiryWarning(started), spec.RenewSecret)
+		}
 		return nil, "", fmt.Errorf("%w: %s", errSecretExpired, cfg.expiryWarning(started))
 	}
 	// The allow-list may have tightened since the config was written: the
@@ -62,6 +65,7 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		Environment:     cfg.Environment,
 		Client:          client,
 		Secrets:         secrets,
+		Written:         cfg.Secrets,
 		AllowedAccounts: accounts,
 		RequireReadOnly: cfg.RequireReadOnly,
 		ReserveQuota:    b.reserveQuota(cfg),

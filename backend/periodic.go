@@ -148,6 +148,11 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 		return time.Time{}
 	}
 	if spec.RotatesSecret {
+		if !rotatesAhead(spec) {
+			// A fixed expiry: refreshing ahead would not extend it. Minted
+			// tokens are refreshed ahead on the read path.
+			return time.Time{}
+		}
 		return b.nextRotation(cfg, rec)
 	}
 	if spec.Issuance != provider.Passthrough {
