@@ -27,7 +27,6 @@ func (c *coreHarness) read(path string) map[string]any {
 	return c.ok(logical.ReadOperation, path, nil).Data
 }
 
-
 func TestRoleWriteReadListDelete(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)

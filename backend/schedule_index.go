@@ -23,7 +23,7 @@ const (
 	duePrefix = "due/"
 	// dueRepairKey marks an index that missed a write (see reschedule).
 	dueRepairKey = "due-repair"
-	dueBucket = time.Hour
+	dueBucket    = time.Hour
 	// indexedSchema is the storage schema from which the index is complete
 	// (the migration to it builds the index once).
 	indexedSchema = 2
