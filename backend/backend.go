@@ -202,36 +202,15 @@ func (b *backend) clean(context.Context) {
 	b.cancel()
 	<-done
 
-	b.mu.Lock()
-	states := b.states
-	b.states = map[string]*configState{}
-	b.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), persistTimeout)
 	defer cancel()
-	for _, st := range states {
-		b.storeUnstored(ctx, st)
-		st.mu.Lock()
-		st.unloadLocked()
-		st.mu.Unlock()
-	}
+	b.unloadAll(ctx)
 	b.trMu.Lock()
 	for _, sh := range b.transports {
 		sh.tr.CloseIdleConnections()
 	}
 	b.transports = map[[32]byte]*sharedTransport{}
 	b.trMu.Unlock()
-}
-
-// storeUnstored stores a rotated secret that only memory holds.
-func (b *backend) storeUnstored(ctx context.Context, st *configState) {
-	st.lockOwner()
-	defer st.owner.Unlock()
-	st.mu.Lock()
-	unstored, rec := st.unstored && st.cfg != nil, st.rec
-	st.mu.Unlock()
-	if unstored && b.storage != nil {
-		b.storeRotationOwned(ctx, b.storage, st, rec, "")
-	}
 }
 
 // invalidate drops the in-memory state of a config another node changed.

@@ -539,3 +539,25 @@ func newInstanceID() string {
 	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
 	return hex.EncodeToString(b[:])
 }
+
+// unloadAll empties memory at cleanup, storing first every rotated secret
+// only memory holds (its storage write failed earlier).
+func (b *backend) unloadAll(ctx context.Context) {
+	b.mu.Lock()
+	states := b.states
+	b.states = map[string]*configState{}
+	b.mu.Unlock()
+	for _, st := range states {
+		st.lockOwner()
+		st.mu.Lock()
+		unstored, rec := st.unstored && st.cfg != nil, st.rec
+		st.mu.Unlock()
+		if unstored && b.storage != nil {
+			b.storeRotationOwned(ctx, b.storage, st, rec, "")
+		}
+		st.mu.Lock()
+		st.unloadLocked()
+		st.mu.Unlock()
+		st.owner.Unlock()
+	}
+}

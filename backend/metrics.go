@@ -106,30 +106,18 @@ func (c expiryCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c expiryCollector) Collect(ch chan<- prometheus.Metric) {
 	b := c.b
 	now := b.now()
-	b.mu.RLock()
-	states := make([]*configState, 0, len(b.states))
-	for _, st := range b.states {
-		states = append(states, st)
-	}
-	b.mu.RUnlock()
-	for _, st := range states {
-		st.mu.Lock()
-		cfg, rec := st.cfg, st.rec
-		st.mu.Unlock()
-		if cfg == nil {
-			continue
-		}
+	b.eachLoaded(func(name string, cfg *brokerConfig, rec tokenRecord) {
 		if t := rec.Token; t != nil && !t.ExpiresAt.IsZero() {
-			ch <- prometheus.MustNewConstMetric(tokenExpiryDesc, prometheus.GaugeValue, t.ExpiresAt.Sub(now).Seconds(), st.name, cfg.Provider)
+			ch <- prometheus.MustNewConstMetric(tokenExpiryDesc, prometheus.GaugeValue, t.ExpiresAt.Sub(now).Seconds(), name, cfg.Provider)
 		}
 		exp := rec.SecretExpiresAt
 		if exp.IsZero() {
 			exp = cfg.SecretExpiresAt
 		}
 		if !exp.IsZero() {
-			ch <- prometheus.MustNewConstMetric(secretExpiryDesc, prometheus.GaugeValue, exp.Sub(now).Seconds(), st.name, cfg.Provider)
+			ch <- prometheus.MustNewConstMetric(secretExpiryDesc, prometheus.GaugeValue, exp.Sub(now).Seconds(), name, cfg.Provider)
 		}
-	}
+	})
 }
 
 // expose renders every metric of the mount in the text format. The expiry

@@ -308,3 +308,22 @@ func (st *configState) resetSlotsLocked() {
 		}
 	}
 }
+
+// eachLoaded calls fn with every config memory holds (for the expiry
+// gauges), without holding any lock while fn runs.
+func (b *backend) eachLoaded(fn func(name string, cfg *brokerConfig, rec tokenRecord)) {
+	b.mu.RLock()
+	states := make([]*configState, 0, len(b.states))
+	for _, st := range b.states {
+		states = append(states, st)
+	}
+	b.mu.RUnlock()
+	for _, st := range states {
+		st.mu.Lock()
+		cfg, rec := st.cfg, st.rec
+		st.mu.Unlock()
+		if cfg != nil {
+			fn(st.name, cfg, rec)
+		}
+	}
+}
