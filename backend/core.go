@@ -322,9 +322,9 @@ func (b *backend) deleteConfig(ctx context.Context, s logical.Storage, name stri
 		return fmt.Errorf("config %q was deleted, but not its token record (delete again to remove it): %w", name, err)
 	}
 	b.reschedule(ctx, name, time.Time{})
-	// The config's series go with it.
-	st.mkeys.Store(nil)
-	b.metrics.forget(name)
+	// The config's series go with it (the collector shows configs that
+	// exist only); one written again counts from zero.
+	st.counts.reset()
 	return nil
 }
 
@@ -490,8 +490,7 @@ func (b *backend) deleteRole(ctx context.Context, s logical.Storage, name string
 	if err := s.Delete(ctx, rolePrefix+name); err != nil {
 		return fmt.Errorf("deleting role %q: %w", name, err)
 	}
-	b.roles.set(name, nil)
-	b.metrics.creds.DeletePartialMatch(map[string]string{"role": name})
+	b.roles.set(name, nil) // its series go with it
 
 	cs := b.acquire(r.Config)
 	defer b.release(cs)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -19,19 +20,14 @@ import (
 // provider, operation and outcome come from fixed sets, and config names are
 // the only open label (one series per config, never per token or account).
 type metrics struct {
-	reg       *prometheus.Registry
-	upstream  *prometheus.CounterVec   // provider, op, outcome
-	latency   *prometheus.HistogramVec // provider, op
-	creds     *prometheus.CounterVec   // config, role, outcome
-	mints     *prometheus.CounterVec   // config, outcome
-	rotations *prometheus.CounterVec   // config
+	reg      *prometheus.Registry
+	upstream *prometheus.CounterVec   // provider, op, outcome
+	latency  *prometheus.HistogramVec // provider, op
+	// The per-config and per-role counters live beside their state
+	// (counts) and are exported by countCollector.
 
 	expiryOnce sync.Once
 }
-
-// counter is a series of one of the vectors above, looked up once and kept
-// (see metricKeys).
-type counter = prometheus.Counter
 
 // latencyBuckets in seconds: from a cached loopback call to a stuck broker.
 var latencyBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
@@ -52,31 +48,12 @@ func newMetrics() *metrics {
 			Help:    "Latency of calls to brokers.",
 			Buckets: latencyBuckets,
 		}, []string{"provider", "op"}),
-		creds: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "broker_creds_total",
-			Help: "creds reads by config, role (empty for a read of the config itself) and outcome (hit: served from cache; miss: waited on a mint; error).",
-		}, []string{"config", "role", "outcome"}),
-		mints: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "broker_mints_total",
-			Help: "Tokens obtained from brokers by config and outcome.",
-		}, []string{"config", "outcome"}),
-		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "broker_rotations_total",
-			Help: "Rotations of long-lived secrets (a rotating refresh token replaced) by config.",
-		}, []string{"config"}),
 	}
-	m.reg.MustRegister(m.upstream, m.latency, m.creds, m.mints, m.rotations,
+	m.reg.MustRegister(m.upstream, m.latency,
 		// The plugin process's goroutines, memory and file descriptors.
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
-}
-
-// forget deletes a config's series (the config was deleted).
-func (m *metrics) forget(config string) {
-	for _, v := range []*prometheus.CounterVec{m.creds, m.mints, m.rotations} {
-		v.DeletePartialMatch(prometheus.Labels{"config": config})
-	}
 }
 
 // observeUpstream is the upstream client's hook for one provider.
@@ -88,6 +65,13 @@ func (m *metrics) observeUpstream(provider string) func(op, outcome string, d ti
 }
 
 var (
+	credsDesc = prometheus.NewDesc("broker_creds_total",
+		"creds reads by config, role (empty for a read of the config itself) and outcome (hit: served from cache; miss: waited on a mint; error).",
+		[]string{"config", "role", "outcome"}, nil)
+	mintsDesc = prometheus.NewDesc("broker_mints_total",
+		"Tokens obtained from brokers by config and outcome.", []string{"config", "outcome"}, nil)
+	rotationsDesc = prometheus.NewDesc("broker_rotations_total",
+		"Rotations of long-lived secrets (a rotating refresh token replaced) by config.", []string{"config"}, nil)
 	tokenExpiryDesc = prometheus.NewDesc("broker_token_expiry_seconds",
 		"Seconds until the cached token of a config expires.", []string{"config", "provider"}, nil)
 	secretExpiryDesc = prometheus.NewDesc("broker_secret_expiry_seconds",
@@ -120,11 +104,44 @@ func (c expiryCollector) Collect(ch chan<- prometheus.Metric) {
 	})
 }
 
+// countCollector exports the counters of every config that exists and of
+// every role over one: a deleted config's or role's series are gone with it.
+type countCollector struct{ b *backend }
+
+func (c countCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- credsDesc
+	ch <- mintsDesc
+	ch <- rotationsDesc
+}
+
+func (c countCollector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(d *prometheus.Desc, v *atomic.Uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v.Load()), labels...)
+	}
+	present := map[string]bool{}
+	c.b.eachState(func(name string, n *counts) {
+		present[name] = true
+		counter(credsDesc, &n.hit, name, "", "hit")
+		counter(credsDesc, &n.miss, name, "", "miss")
+		counter(credsDesc, &n.credsErr, name, "", "error")
+		counter(mintsDesc, &n.refreshOK, name, "ok")
+		counter(mintsDesc, &n.refreshErr, name, "error")
+		counter(rotationsDesc, &n.rotate, name)
+	})
+	c.b.roles.each(func(r *roleEntry) {
+		if present[r.Config] {
+			counter(credsDesc, &r.counts.hit, r.Config, r.Name, "hit")
+			counter(credsDesc, &r.counts.miss, r.Config, r.Name, "miss")
+			counter(credsDesc, &r.counts.credsErr, r.Config, r.Name, "error")
+		}
+	})
+}
+
 // expose renders every metric of the mount in the text format. The expiry
 // collector joins the registry on the first scrape: it reads the backend,
 // which does not exist yet when newMetrics runs.
 func (m *metrics) expose(b *backend) ([]byte, error) {
-	m.expiryOnce.Do(func() { m.reg.MustRegister(expiryCollector{b}) })
+	m.expiryOnce.Do(func() { m.reg.MustRegister(expiryCollector{b}, countCollector{b}) })
 	mfs, err := m.reg.Gather()
 	if err != nil {
 		return nil, fmt.Errorf("gathering metrics: %w", err)

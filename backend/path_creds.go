@@ -68,7 +68,7 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		return nil, logical.ErrReadOnly // Vault forwards it to the active node
 	}
 	if err != nil {
-		b.metrics.creds.WithLabelValues(configName, roleName, "error").Inc()
+		b.countCredsError(configName, role)
 		return failed(issuing, fmt.Sprintf("%s: %v", b.credsSubject(configName, role), err), err)
 	}
 	if err := b.checkAllGuards(cfg, role, tok); err != nil {

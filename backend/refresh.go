@@ -136,16 +136,16 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 		return nil, nil, false, errConfigNotFound
 	}
 	req := b.requestFor(cfg, role)
-	keys := st.keysFor(b.metrics, role)
+	keys := st.credsCounts(role)
 	now := b.now()
 	if tok := st.rec.tokenOf(req.key); !fresh && st.rec.servable(tok, now) {
 		b.refreshAheadLocked(st, req, now)
 		st.mu.Unlock()
-		keys.hit.Inc()
+		keys.hit.Add(1)
 		return cfg, tok, false, nil
 	}
 	if !fresh {
-		keys.miss.Inc()
+		keys.miss.Add(1)
 	}
 	sl := st.slotLocked(req)
 	if !fresh && sl.failErr != nil && now.Before(sl.failUntil) {
@@ -401,12 +401,12 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 	// are gone and must not come back.
 	if err != nil {
 		if current {
-			st.keys(b.metrics).refreshErr.Inc()
+			st.counts.refreshErr.Add(1)
 		}
 		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
 	} else {
 		if current {
-			st.keys(b.metrics).refreshOK.Inc()
+			st.counts.refreshOK.Add(1)
 		}
 		b.Logger().Debug("token refreshed", "config", st.name, "expires_at", m.tok.ExpiresAt)
 		if w := cfg.expiryWarning(now); w != "" {
@@ -415,7 +415,7 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 		f.tok = m.tok
 	}
 	if rotated && current {
-		st.keys(b.metrics).rotation.Inc()
+		st.counts.rotate.Add(1)
 	}
 	f.err = err
 	close(f.done)

@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -31,8 +30,8 @@ type roleEntry struct {
 	MaxTTL          time.Duration `json:"max_ttl"`
 	UpdatedAt       time.Time     `json:"updated_at"`
 
-	// mkeys are the role's metric series, looked up once (not stored).
-	mkeys atomic.Pointer[metricKeys]
+	// counts are the role's creds counters (not stored).
+	counts counts
 }
 
 // tokenRequest is what the broker is asked for on a reader's behalf: the
@@ -66,24 +65,13 @@ func (b *backend) requestFor(cfg *brokerConfig, role *roleEntry) tokenRequest {
 	return tokenRequest{key: "accounts:" + strings.Join(accounts, ","), accounts: accounts}
 }
 
-// keysFor are the metric series of a read of the config (role nil) or of a
-// role.
-func (st *configState) keysFor(m *metrics, role *roleEntry) *metricKeys {
+// credsCounts are the creds counters of a read of the config (role nil)
+// or of a role.
+func (st *configState) credsCounts(role *roleEntry) *counts {
 	if role == nil {
-		return st.keys(m)
+		return &st.counts
 	}
-	if k := role.mkeys.Load(); k != nil {
-		return k
-	}
-	k := &metricKeys{
-		hit:        m.creds.WithLabelValues(st.name, role.Name, "hit"),
-		miss:       m.creds.WithLabelValues(st.name, role.Name, "miss"),
-		refreshOK:  m.mints.WithLabelValues(st.name, "ok"),
-		refreshErr: m.mints.WithLabelValues(st.name, "error"),
-		rotation:   m.rotations.WithLabelValues(st.name),
-	}
-	role.mkeys.Store(k)
-	return k
+	return &role.counts
 }
 
 // roleCache holds every role in memory: creds/<name> must know at once
@@ -148,6 +136,16 @@ func (rc *roleCache) set(name string, r *roleEntry) {
 	}
 	delete(rc.reread, name)
 	rc.setLocked(name, r)
+}
+
+// each calls fn with every role in memory.
+func (rc *roleCache) each(fn func(*roleEntry)) {
+	rc.mu.RLock()
+	roles := slices.Collect(maps.Values(rc.byName))
+	rc.mu.RUnlock()
+	for _, r := range roles {
+		fn(r)
+	}
 }
 
 // invalidate marks a role another node changed.

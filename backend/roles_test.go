@@ -60,6 +60,13 @@ func TestRoleWriteReadListDelete(t *testing.T) {
 		t.Errorf("creds of the config: config=%v role=%v", cfgCreds["config"], cfgCreds["role"])
 	}
 
+	body, err := c.b.metrics.expose(c.b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := sampleValue(t, string(body), "broker_creds_total", "config", "fin", "role", "reports", "outcome", "hit"); !ok || got < 1 {
+		t.Errorf("metrics do not count the role's reads: %v %v", got, ok)
+	}
 	resp, err := c.do(logical.DeleteOperation, "config/fin", nil)
 	if statusOf(resp, err) != 409 || !strings.Contains(errText(resp, err), "reports") {
 		t.Errorf("deleting a config a role names: %d %s", statusOf(resp, err), errText(resp, err))
@@ -71,6 +78,9 @@ func TestRoleWriteReadListDelete(t *testing.T) {
 	}
 	if resp, err := c.renewLease(c.b, lease); statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "deleted") {
 		t.Errorf("renew of a deleted role's lease: %d %s", statusOf(resp, err), errText(resp, err))
+	}
+	if body, _ := c.b.metrics.expose(c.b); strings.Contains(string(body), `role="reports"`) {
+		t.Error("a deleted role's series remain")
 	}
 	c.ok(logical.DeleteOperation, "config/fin", nil)
 }

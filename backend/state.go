@@ -44,8 +44,9 @@ var (
 // Only the core's files (state.go, core.go, refresh.go) take these locks;
 // path handlers call the core.
 type configState struct {
-	name  string
-	mkeys atomic.Pointer[metricKeys]
+	name string
+	// counts are the config's metric counters (see countCollector).
+	counts counts
 	// refs counts the requests and refreshes using the state (see
 	// acquire); present mirrors cfg != nil so that release needs no lock
 	// on the read path.
@@ -90,23 +91,20 @@ func (st *configState) lockOwner() {
 	st.waiting.Add(-1)
 }
 
-// metricKeys are a config's counters, looked up once: the read path only
-// bumps a counter, with no label hashing.
-type metricKeys struct{ hit, miss, refreshOK, refreshErr, rotation counter }
+// counts are the counters of a config or a role, exported at scrape time
+// by countCollector: a few atomics per config, where a labelled series per
+// counter costs a kilobyte or so of the metrics library's memory each.
+type counts struct {
+	hit, miss, credsErr           atomic.Uint64 // creds reads
+	refreshOK, refreshErr, rotate atomic.Uint64 // a config's own only
+}
 
-func (st *configState) keys(m *metrics) *metricKeys {
-	if k := st.mkeys.Load(); k != nil {
-		return k
+// reset zeroes the counters (the config was deleted: a config written
+// again under its name counts from zero, as a new series).
+func (c *counts) reset() {
+	for _, v := range []*atomic.Uint64{&c.hit, &c.miss, &c.credsErr, &c.refreshOK, &c.refreshErr, &c.rotate} {
+		v.Store(0)
 	}
-	k := &metricKeys{
-		hit:        m.creds.WithLabelValues(st.name, "", "hit"),
-		miss:       m.creds.WithLabelValues(st.name, "", "miss"),
-		refreshOK:  m.mints.WithLabelValues(st.name, "ok"),
-		refreshErr: m.mints.WithLabelValues(st.name, "error"),
-		rotation:   m.rotations.WithLabelValues(st.name),
-	}
-	st.mkeys.Store(k)
-	return k
 }
 
 // acquire returns the state of name, created if needed, and counts the
@@ -325,5 +323,35 @@ func (b *backend) eachLoaded(fn func(name string, cfg *brokerConfig, rec tokenRe
 		if cfg != nil {
 			fn(st.name, cfg, rec)
 		}
+	}
+}
+
+// countCredsError counts a failed creds read of a config that exists (or of
+// a role).
+func (b *backend) countCredsError(config string, role *roleEntry) {
+	if role != nil {
+		role.counts.credsErr.Add(1)
+		return
+	}
+	b.mu.RLock()
+	st := b.states[config]
+	b.mu.RUnlock()
+	if st != nil {
+		st.counts.credsErr.Add(1)
+	}
+}
+
+// eachState calls fn with the counters of every config memory holds.
+func (b *backend) eachState(fn func(name string, c *counts)) {
+	b.mu.RLock()
+	states := make([]*configState, 0, len(b.states))
+	for _, st := range b.states {
+		if st.present.Load() {
+			states = append(states, st)
+		}
+	}
+	b.mu.RUnlock()
+	for _, st := range states {
+		fn(st.name, &st.counts)
 	}
 }
