@@ -63,6 +63,7 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		AllowedAccounts: cfg.AllowedAccounts,
 		RequireReadOnly: cfg.RequireReadOnly,
 		ReserveQuota:    b.reserveQuota(cfg),
+		Now:             b.now,
 	})
 	if err != nil {
 		var re *provider.RotatedError

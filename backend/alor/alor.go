@@ -106,7 +106,7 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 	if err != nil {
 		return nil, err
 	}
-	received := time.Now()
+	received := req.Time()
 	jwt, err := accessToken(resp.Body, refresh)
 	if err != nil {
 		return nil, err

@@ -168,7 +168,7 @@ func refresh(ctx context.Context, req provider.Request, rt string, secrets []str
 	if err != nil {
 		return nil, err
 	}
-	return tokenFrom(opRefresh, data, false, odd...)
+	return tokenFrom(opRefresh, data, req.Time(), false, odd...)
 }
 
 // makePair spends one tokens.make, after ReserveQuota agreed.
@@ -196,7 +196,7 @@ func makePair(ctx context.Context, req provider.Request, secrets []string) (*pro
 	if err != nil {
 		return nil, err
 	}
-	return tokenFrom(opMake, data, true, odd...)
+	return tokenFrom(opMake, data, req.Time(), true, odd...)
 }
 
 // Check calls tokens.check: nil when ChatApp accepts the access token, a
@@ -419,8 +419,7 @@ func isQuotaCode(code string) bool {
 // *provider.RotatedError holding the new refresh token (and its end time,
 // when that was readable) around the BadResponse, so that the backend stores
 // it. The error names fields and never holds a token.
-func tokenFrom(op string, data json.RawMessage, made bool, odd ...string) (*provider.Token, error) {
-	received := time.Now()
+func tokenFrom(op string, data json.RawMessage, received time.Time, made bool, odd ...string) (*provider.Token, error) {
 	var raw pair
 	if d := bytes.TrimSpace(data); len(d) == 0 || d[0] != '{' || json.Unmarshal(d, &raw) != nil {
 		return nil, badResponse(op, strings.Join(append([]string{"response has no readable data object"}, odd...), "; "))

@@ -129,7 +129,7 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 	if auth.Token == "" {
 		return nil, badResponse(pathSessions, "no token in response")
 	}
-	received := time.Now()
+	received := req.Time()
 	var det Details
 	if err := post(ctx, req, pathDetails, map[string]string{"token": auth.Token}, true, []string{secret, auth.Token}, &det); err != nil {
 		return nil, err

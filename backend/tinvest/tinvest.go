@@ -145,7 +145,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (*provider.T
 	if err := c.post(ctx, "GetAccounts", opGetAccts, &accts); err != nil {
 		return nil, err
 	}
-	tok, err := tokenFrom(token, env, info, accts, time.Now())
+	tok, err := tokenFrom(token, env, info, accts, req.Time())
 	if err != nil {
 		return nil, err
 	}

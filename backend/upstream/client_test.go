@@ -31,7 +31,7 @@ func TestRetryAfter(t *testing.T) {
 			for k, v := range tc.header {
 				h.Set(k, v)
 			}
-			if got := RetryAfter(h); got != tc.want {
+			if got := RetryAfter(h, time.Now()); got != tc.want {
 				t.Fatalf("got %v, want %v", got, tc.want)
 			}
 		})
