@@ -94,16 +94,12 @@ func rejectedSecret(err error) bool {
 
 func toStored(t *provider.Token) *storedToken {
 	sum := sha256.Sum256([]byte(t.AccessToken))
-	accounts := t.AccountIDs
-	if accounts == nil {
-		accounts = []string{}
-	}
 	return &storedToken{
 		ID:          hex.EncodeToString(sum[:12]),
 		AccessToken: t.AccessToken,
 		IssuedAt:    t.IssuedAt,
 		ExpiresAt:   t.ExpiresAt,
-		AccountIDs:  accounts,
+		AccountIDs:  provider.NonNil(t.AccountIDs),
 		ReadOnly:    t.ReadOnly,
 		Details:     t.Details,
 	}

@@ -46,7 +46,6 @@ const (
 	hintQuota       = "tokens.make is limited to 100 a day per email and appId"
 	hintRefresh     = "the refresh token is no longer valid; the plugin falls back to tokens.make"
 	hintAccess      = "the access token is invalid or expired: refresh the pair"
-	hintUnavailable = "ChatApp is failing; try again later"
 	hintKept        = "the answer carries a new refresh token, which is kept: the next refresh uses it, with no tokens.make"
 	hintNotChatApp  = "not taken as a refusal by ChatApp: the stored refresh token and login are kept and tried again later; if this lasts, check base_url and any proxy or firewall between Vault and ChatApp"
 )
@@ -275,7 +274,7 @@ func do(ctx context.Context, c *upstream.Client, call upstream.Call) (json.RawMe
 	if err := json.Unmarshal(resp.Body, &env); err != nil {
 		// The body of a successful answer holds fresh tokens the scrubber
 		// does not know: describe it, never quote it.
-		return nil, nil, badResponse(call.Op, fmt.Sprintf("response is not the expected JSON (%d bytes)", len(resp.Body)))
+		return nil, nil, badResponse(call.Op, upstream.NotExpectedJSON(resp, ""))
 	}
 	var odd []string
 	switch string(bytes.TrimSpace(env.Success)) {
@@ -335,8 +334,6 @@ func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
 	switch {
 	case e.Failure == upstream.RateLimited && call.Op == opMake:
 		e.Hint = hintQuota
-	case e.Failure == upstream.Unavailable:
-		e.Hint = hintUnavailable
 	case e.Failure != upstream.Unauthorized:
 	case call.Op == opMake:
 		e.Hint = hintCredentials
@@ -554,7 +551,7 @@ func secretList(s map[string]string) []string {
 }
 
 func badResponse(op, msg string) *upstream.Error {
-	return &upstream.Error{Broker: display, Op: op, Failure: upstream.BadResponse, Message: msg}
+	return upstream.BadResponseError(display, op, msg)
 }
 
 // Ensure Provider satisfies the interface.

@@ -174,6 +174,15 @@ type Token struct {
 	SecretExpiresAt time.Time
 }
 
+// NonNil returns s, or an empty list when s is nil, so that JSON shows []
+// rather than null (Token.Details values, account lists).
+func NonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
 // RotatedError is an Issue failure that comes after the broker replaced the
 // long-lived secret (an answer carrying a new refresh token but some other
 // field the provider cannot accept). The old values may no longer work, so

@@ -224,6 +224,9 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 		if ue == nil {
 			ue = c.GenericError(call, resp)
 		}
+		if ue.Hint == "" {
+			ue.Hint = DefaultHint(c.broker, ue.Failure)
+		}
 		// A broker may send rate-limit headers on every answer; "retry
 		// after" only means something on an answer that asks for a retry.
 		if ue.RetryAfter == 0 && retryableStatus(resp.Status) {
