@@ -154,7 +154,7 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		}
 		if rotating(spec) {
 			data["rotated_refresh_token"] = len(rec.Rotated) > 0
-			data["rotation_fraction"] = cmp.Or(cfg.RotationFraction, 0.5)
+			data["rotation_fraction"] = cfg.rotationFraction()
 		}
 		if passthrough(spec) {
 			data["validation_interval"] = int64(cmp.Or(cfg.ValidationInterval, defaultValidationInterval) / time.Second)

@@ -1,7 +1,6 @@
 package backend
 
 import (
-	"cmp"
 	"container/heap"
 	"context"
 	"errors"
@@ -19,10 +18,6 @@ import (
 // backend starts, and kept current by config writes and deletes.
 
 const (
-	// defaultValidationInterval: a broker may kill a passthrough token
-	// some time after its last use (months); a daily validation keeps them alive and shows a
-	// revocation early.
-	defaultValidationInterval = 24 * time.Hour
 	// retryFailedValidation is how soon a failed keep-alive is retried.
 	retryFailedValidation = time.Hour
 	// maxDuePerTick bounds one tick; the rest stays due for the next.
@@ -136,10 +131,7 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 	if cfg.NoKeepAlive {
 		return time.Time{} // the operator chose the broker's own inactivity expiry
 	}
-	interval := cfg.ValidationInterval
-	if interval <= 0 {
-		interval = defaultValidationInterval
-	}
+	interval := cfg.validationInterval()
 	last := rec.LastRefresh
 	if rec.LastErrorAt.After(last) {
 		return rec.LastErrorAt.Add(min(interval, retryFailedValidation))
@@ -154,7 +146,7 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 }
 
 // nextRotation is when a rotating pair is refreshed proactively: once
-// rotation_fraction (default half) of the refresh token's life has passed,
+// rotation_fraction (cfg.rotationFraction) of the refresh token's life has passed,
 // so it never dies unused. After a failure it is retried within the hour.
 func (b *backend) nextRotation(cfg *brokerConfig, rec tokenRecord) time.Time {
 	if rec.SecretExpiresAt.IsZero() || rec.LastRefresh.IsZero() {
@@ -165,8 +157,7 @@ func (b *backend) nextRotation(cfg *brokerConfig, rec tokenRecord) time.Time {
 		left := rec.SecretExpiresAt.Sub(rec.LastErrorAt)
 		return rec.LastErrorAt.Add(min(retryFailedValidation, max(time.Minute, left/4)))
 	}
-	frac := cmp.Or(cfg.RotationFraction, 0.5)
-	return rec.LastRefresh.Add(time.Duration(float64(rec.SecretExpiresAt.Sub(rec.LastRefresh)) * frac))
+	return rec.LastRefresh.Add(time.Duration(float64(rec.SecretExpiresAt.Sub(rec.LastRefresh)) * cfg.rotationFraction()))
 }
 
 // periodicFunc runs due keep-alive work. Vault calls it about once a minute;

@@ -120,10 +120,7 @@ func (b *backend) reserveQuota(cfg *brokerConfig) func(context.Context) error {
 	if q == nil {
 		return nil
 	}
-	budget := cfg.MakeBudget
-	if budget <= 0 {
-		budget = q.DefaultBudget
-	}
+	budget := cfg.makeBudget(b.specs[cfg.Provider])
 	return func(ctx context.Context) error {
 		b.quotaMu.Lock()
 		defer b.quotaMu.Unlock()

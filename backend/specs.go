@@ -17,68 +17,6 @@ import (
 // help that describe it. Nothing here names a broker: a provider added to
 // the registry (or passed in Options.Providers) shows up everywhere.
 
-// providerOption is a non-secret config field that applies to the
-// providers whose Spec has some property (a rotating secret, a quota, ...).
-type providerOption struct {
-	schema framework.FieldSchema // type and default; the description is built
-	// applies says whether the option applies to a provider.
-	applies func(provider.Spec) bool
-	// describe says what the option does for a provider that takes it,
-	// without naming the provider.
-	describe func(provider.Spec) string
-}
-
-// providerOptions are the options some providers take, by field name.
-var providerOptions = map[string]providerOption{
-	"make_budget": {
-		schema:  framework.FieldSchema{Type: framework.TypeInt},
-		applies: hasQuota,
-		describe: func(s provider.Spec) string {
-			return fmt.Sprintf("most %s calls a day (UTC) the plugin makes for one login; %s allows %d. Default %d.", s.Quota.Call, s.Display, s.Quota.Limit, s.Quota.DefaultBudget)
-		},
-	},
-	"rotation_fraction": {
-		schema:  framework.FieldSchema{Type: framework.TypeFloat},
-		applies: rotating,
-		describe: func(provider.Spec) string {
-			return "refresh the rotating long-lived secret once this share of its life has passed (0 < f < 1). Default 0.5."
-		},
-	},
-	"keep_alive": {
-		schema:  framework.FieldSchema{Type: framework.TypeBool, Default: true},
-		applies: passthrough,
-		describe: func(provider.Spec) string {
-			return "validate the token in the background every validation_interval (default true). It keeps a token nobody reads alive; false lets such a token die of disuse."
-		},
-	},
-	"validation_interval": {
-		schema:  framework.FieldSchema{Type: framework.TypeDurationSecond},
-		applies: passthrough,
-		describe: func(provider.Spec) string {
-			return "how often the token is validated in the background, which keeps it alive and shows a revocation early. Default " + shortDuration(defaultValidationInterval) + "."
-		},
-	},
-	"refresh_token_expires_at": {
-		schema:  framework.FieldSchema{Type: framework.TypeString},
-		applies: declaredExpiry,
-		describe: func(provider.Spec) string {
-			return "when the long-lived secret expires, as the broker's portal shows it (RFC 3339 or YYYY-MM-DD). The plugin warns before and refuses to use it after."
-		},
-	},
-	"expiry_warning": {
-		schema:  framework.FieldSchema{Type: framework.TypeDurationSecond},
-		applies: declaredExpiry,
-		describe: func(provider.Spec) string {
-			return fmt.Sprintf("warn in config reads, creds responses and the log when the long-lived secret has less than this left. Default %s (%d days).", shortDuration(defaultExpiryWarning), int(defaultExpiryWarning.Hours()/24))
-		},
-	},
-}
-
-func rotating(s provider.Spec) bool       { return s.RotatesSecret }
-func hasQuota(s provider.Spec) bool       { return s.Quota != nil }
-func passthrough(s provider.Spec) bool    { return s.Issuance == provider.Passthrough }
-func declaredExpiry(s provider.Spec) bool { return s.DeclaredExpiry }
-
 // providerFields builds the schema of the provider-specific config fields:
 // the union of the registered providers' Fields (a field two providers
 // share gets one schema whose description joins theirs) and the options
