@@ -1,8 +1,10 @@
 package backend
 
 import (
+	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 )
@@ -21,11 +23,37 @@ func TestOptionAccessorsGiveTheDefaultTheDescriptionNames(t *testing.T) {
 			t.Errorf("%s: %q does not say %q", opt, d, want)
 		}
 	}
-	if unset.rotationFraction() != 0.5 || unset.makeBudget(spec) != 7 || unset.validationInterval().Hours() != 24 {
+	if unset.rotationFraction() != 0.5 || unset.makeBudget(spec) != 7 || unset.validationInterval() != 24*time.Hour {
 		t.Fatalf("defaults: %v %v %v", unset.rotationFraction(), unset.makeBudget(spec), unset.validationInterval())
 	}
-	set := brokerConfig{RotationFraction: 0.25, MakeBudget: 3, ValidationInterval: 3600e9}
-	if set.rotationFraction() != 0.25 || set.makeBudget(spec) != 3 || set.validationInterval().Hours() != 1 {
+	set := brokerConfig{RotationFraction: 0.25, MakeBudget: 3, ValidationInterval: time.Hour}
+	if set.rotationFraction() != 0.25 || set.makeBudget(spec) != 3 || set.validationInterval() != time.Hour {
 		t.Fatalf("set values: %v %v %v", set.rotationFraction(), set.makeBudget(spec), set.validationInterval())
+	}
+}
+
+// TestConfigReadShowsEachOptionAsTheTableDoes: for every registered
+// provider, a config read shows each option that applies with the value
+// the option table's show gives, set or unset.
+func TestConfigReadShowsEachOptionAsTheTableDoes(t *testing.T) {
+	b := New(Options{})
+	for _, name := range b.names {
+		spec := b.specs[name]
+		for _, cfg := range []*brokerConfig{
+			{Provider: name},
+			{Provider: name, RotationFraction: 0.3, MakeBudget: 2, ValidationInterval: 2 * time.Hour, NoKeepAlive: true,
+				ExpiryWarning: 48 * time.Hour, SecretExpiresAt: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)},
+		} {
+			data := b.configData(cfg, tokenRecord{})
+			want := map[string]any{}
+			showOptions(want, cfg, spec)
+			for opt := range providerOptions {
+				w, applies := want[opt]
+				got, shown := data[opt]
+				if applies != shown || !reflect.DeepEqual(got, w) {
+					t.Errorf("%s %s: read shows %v (%v), the table %v (%v)", name, opt, got, shown, w, applies)
+				}
+			}
+		}
 	}
 }
