@@ -27,9 +27,9 @@ const (
 	defaultValidationInterval = 24 * time.Hour
 )
 
-// defaultMakeBudget is the quota budget of a config that sets none: the
+// defaultQuotaBudget is the quota budget of a config that sets none: the
 // provider's own (Spec.Quota.DefaultBudget), below the broker's limit.
-func defaultMakeBudget(s provider.Spec) int { return s.Quota.DefaultBudget }
+func defaultQuotaBudget(s provider.Spec) int { return s.Quota.DefaultBudget }
 
 // rotationFraction is the share of the rotating secret's life after which
 // it is refreshed (rotation_fraction).
@@ -40,13 +40,15 @@ func (c *brokerConfig) rotationFraction() float64 {
 	return defaultRotationFraction
 }
 
-// makeBudget is how many calls of spec's quota a day the config may spend
-// (make_budget); spec must have a Quota.
-func (c *brokerConfig) makeBudget(spec provider.Spec) int {
+// quotaBudget is how many calls of spec's quota a day the config may spend;
+// spec must have a Quota. Its public field is make_budget, a name kept from
+// the first quota (ChatApp's tokens.make) for compatibility, as is the
+// storage prefix of the counts (quotaPrefix, "makes/").
+func (c *brokerConfig) quotaBudget(spec provider.Spec) int {
 	if c.MakeBudget > 0 {
 		return c.MakeBudget
 	}
-	return defaultMakeBudget(spec)
+	return defaultQuotaBudget(spec)
 }
 
 // validationInterval is how often a passthrough token is validated in the
@@ -89,7 +91,7 @@ var providerOptions = map[string]providerOption{
 		schema:  framework.FieldSchema{Type: framework.TypeInt},
 		applies: hasQuota,
 		describe: func(s provider.Spec) string {
-			return fmt.Sprintf("most %s calls a day (UTC) the plugin makes for one login; %s allows %d. Default %d.", s.Quota.Call, s.Display, s.Quota.Limit, defaultMakeBudget(s))
+			return fmt.Sprintf("most %s calls a day (UTC) the plugin makes for one login; %s allows %d. Default %d.", s.Quota.Call, s.Display, s.Quota.Limit, defaultQuotaBudget(s))
 		},
 		parse: func(_ *backend, v any, cfg *brokerConfig, spec provider.Spec) error {
 			cfg.MakeBudget = v.(int)
@@ -98,7 +100,7 @@ var providerOptions = map[string]providerOption{
 			}
 			return nil
 		},
-		show: func(cfg *brokerConfig, spec provider.Spec) any { return cfg.makeBudget(spec) },
+		show: func(cfg *brokerConfig, spec provider.Spec) any { return cfg.quotaBudget(spec) },
 	},
 	"rotation_fraction": {
 		schema:  framework.FieldSchema{Type: framework.TypeFloat},

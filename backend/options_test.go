@@ -23,12 +23,12 @@ func TestOptionAccessorsGiveTheDefaultTheDescriptionNames(t *testing.T) {
 			t.Errorf("%s: %q does not say %q", opt, d, want)
 		}
 	}
-	if unset.rotationFraction() != 0.5 || unset.makeBudget(spec) != 7 || unset.validationInterval() != 24*time.Hour {
-		t.Fatalf("defaults: %v %v %v", unset.rotationFraction(), unset.makeBudget(spec), unset.validationInterval())
+	if unset.rotationFraction() != 0.5 || unset.quotaBudget(spec) != 7 || unset.validationInterval() != 24*time.Hour {
+		t.Fatalf("defaults: %v %v %v", unset.rotationFraction(), unset.quotaBudget(spec), unset.validationInterval())
 	}
 	set := brokerConfig{RotationFraction: 0.25, MakeBudget: 3, ValidationInterval: time.Hour}
-	if set.rotationFraction() != 0.25 || set.makeBudget(spec) != 3 || set.validationInterval() != time.Hour {
-		t.Fatalf("set values: %v %v %v", set.rotationFraction(), set.makeBudget(spec), set.validationInterval())
+	if set.rotationFraction() != 0.25 || set.quotaBudget(spec) != 3 || set.validationInterval() != time.Hour {
+		t.Fatalf("set values: %v %v %v", set.rotationFraction(), set.quotaBudget(spec), set.validationInterval())
 	}
 }
 

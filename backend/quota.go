@@ -55,7 +55,7 @@ func (b *backend) reserveQuota(cfg *brokerConfig) func(context.Context) error {
 	if q == nil {
 		return nil
 	}
-	budget := cfg.makeBudget(b.specs[cfg.Provider])
+	budget := cfg.quotaBudget(b.specs[cfg.Provider])
 	return func(ctx context.Context) error {
 		b.quotaMu.Lock()
 		defer b.quotaMu.Unlock()
