@@ -333,8 +333,6 @@ func classify(call upstream.Call, r *upstream.Response, env string, narrowing bo
 	case r.Status == http.StatusTooManyRequests:
 		e.Failure = upstream.RateLimited
 		e.Hint = "ALOR allows a limited number of concurrent requests"
-	case r.Status >= 500:
-		e.Failure = upstream.Unavailable
 	case r.Status == http.StatusBadRequest && narrowing:
 		e.Hint = "check allowed_accounts: ALOR refuses to narrow a token to a portfolio this refresh token does not reach"
 	}
