@@ -46,11 +46,14 @@ type backend struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-	// closing: the mount is being unloaded; no new refresh starts.
+	// closing: the mount is being unloaded; no new refresh starts (set and
+	// read with wg.Add under lifeMu).
 	closing atomic.Bool
+	lifeMu  sync.Mutex
 
 	mu            sync.RWMutex
 	states        map[string]*configState
+	roles         roleCache
 	sched         *schedule
 	settingsCache atomic.Pointer[mountSettings]
 	metrics       *metrics
@@ -156,6 +159,7 @@ func New(opts Options) *backend {
 		},
 		Paths: framework.PathAppend(
 			b.pathConfig(),
+			b.pathRoles(),
 			b.pathCreds(),
 			b.pathRotateRoot(),
 			b.pathRetire(),
@@ -181,7 +185,9 @@ func New(opts Options) *backend {
 // broker cancelled. A rotated secret whose storage write failed earlier is
 // tried once more.
 func (b *backend) clean(context.Context) {
+	b.lifeMu.Lock()
 	b.closing.Store(true)
+	b.lifeMu.Unlock()
 	done := make(chan struct{})
 	go func() {
 		b.wg.Wait()
@@ -221,10 +227,10 @@ func (b *backend) storeUnstored(ctx context.Context, st *configState) {
 	st.lockOwner()
 	defer st.owner.Unlock()
 	st.mu.Lock()
-	unstored, rec, walID := st.unstored && st.cfg != nil, st.rec, st.pendingWAL
+	unstored, rec := st.unstored && st.cfg != nil, st.rec
 	st.mu.Unlock()
 	if unstored && b.storage != nil {
-		b.storeRotationOwned(ctx, b.storage, st, rec, walID)
+		b.storeRotationOwned(ctx, b.storage, st, rec, "")
 	}
 }
 
@@ -232,6 +238,10 @@ func (b *backend) storeUnstored(ctx context.Context, st *configState) {
 func (b *backend) invalidate(_ context.Context, key string) {
 	if key == settingsKey {
 		b.settingsCache.Store(nil)
+		return
+	}
+	if name, ok := strings.CutPrefix(key, rolePrefix); ok {
+		b.roles.invalidate(name)
 		return
 	}
 	for _, p := range []string{configPrefix, tokenPrefix} {

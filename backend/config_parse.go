@@ -38,6 +38,7 @@ func (b *backend) parseConfig(d *framework.FieldData, old *brokerConfig) (*broke
 	for _, parse := range []func(*framework.FieldData, *brokerConfig, provider.Spec) error{
 		parseEndpoint,
 		b.parseSecrets,
+		b.parseSecretExpiry,
 		parseLeaseBounds,
 		b.parseOptions,
 		parseGuards,
@@ -121,6 +122,35 @@ func (b *backend) parseSecrets(d *framework.FieldData, cfg *brokerConfig, spec p
 		if f.Required && cfg.Secrets[f.Name] == "" {
 			return badField(f.Name, "is required for provider %s", cfg.Provider)
 		}
+	}
+	return nil
+}
+
+// parseSecretExpiry records the expiry a secret carries in itself
+// (Spec.SecretExpiry) when this write brings the secret. An expiry already
+// past is not recorded: the verifying call then puts the secret to the
+// broker, whose own refusal (and reason) is the one the operator sees, and
+// clocks that disagree with the broker's refuse nothing by themselves.
+func (b *backend) parseSecretExpiry(d *framework.FieldData, cfg *brokerConfig, spec provider.Spec) error {
+	if spec.SecretExpiry == nil {
+		return nil
+	}
+	given := false
+	for _, f := range spec.Fields {
+		if _, ok := d.Raw[f.Name]; ok && f.Secret {
+			given = true
+		}
+	}
+	if !given {
+		return nil // the stored secret's expiry carries over
+	}
+	t, err := spec.SecretExpiry(cfg.Secrets)
+	if err != nil {
+		return err
+	}
+	cfg.SecretExpiresAt = time.Time{}
+	if t.After(b.now()) {
+		cfg.SecretExpiresAt = t.UTC()
 	}
 	return nil
 }

@@ -126,7 +126,7 @@ func TestDeleteDuringVerifyingWriteStoresNothing(t *testing.T) {
 		t.Fatal("a write that lost to a delete stored a token record")
 	}
 	resp, err := c.do(logical.ReadOperation, "creds/x", nil)
-	if err != nil || resp == nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), "no config named") {
+	if statusOf(resp, err) != 404 || !strings.Contains(errText(resp, err), "no config or role named") {
 		t.Fatalf("creds after the delete: %v %v", resp, err)
 	}
 }

@@ -162,7 +162,7 @@ func TestR5DeleteDuringPersistDoesNotResurrect(t *testing.T) {
 		t.Fatalf("token/x came back after the delete: rotated=%v token=%v", len(rec.Rotated) > 0, rec.Token != nil)
 	}
 	resp, err := c.do(logical.ReadOperation, "creds/x", nil)
-	if err != nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), "no config named") {
+	if statusOf(resp, err) != 404 || !strings.Contains(errText(resp, err), "no config or role named") {
 		t.Fatalf("a deleted config still serves: %v %v", resp, err)
 	}
 }
@@ -460,7 +460,7 @@ func TestPassthroughRenewsShareOneCall(t *testing.T) {
 		go func() { errs <- renew() }()
 	}
 	var fl *flight
-	c.inState("p", func(st *configState) { fl = st.flight })
+	c.inState("p", func(st *configState) { fl = st.own.flight })
 	until(t, "the renews never all waited on the one call", func() bool { return fl.waiters.Load() >= n })
 	release()
 	for range n {

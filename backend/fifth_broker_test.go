@@ -226,7 +226,7 @@ func TestFifthBrokerIsOnePackageAndOneLine(t *testing.T) {
 
 	// delete: the config and its token go.
 	ok(logical.DeleteOperation, "config/f", nil)
-	refused(logical.ReadOperation, "creds/f", nil, `no config named "f"`)
+	refused(logical.ReadOperation, "creds/f", nil, `no config or role named "f"`)
 	if keys, _ := storage.List(ctx, "token/"); len(keys) > 0 {
 		t.Fatalf("token records left after delete: %v", keys)
 	}

@@ -17,8 +17,10 @@ import (
 // provider that rotates its long-lived secret it first writes a rotation
 // record (returned as walID) so that a crash between the broker's answer and
 // the storage write is recovered; the caller deletes it once the outcome is
-// stored. epoch is the config's retire epoch when the call started.
-func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, epoch uint64) (*refreshed, string, error) {
+// stored. accounts are what a broker that narrows is asked to narrow to (the
+// config's allowed_accounts, or a role's); epoch is the config's retire
+// epoch when the call started.
+func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, client *upstream.Client, secrets map[string]string, accounts []string, epoch uint64) (*refreshed, string, error) {
 	started := b.now()
 	p, ok := b.providers[cfg.Provider]
 	if !ok {
@@ -27,6 +29,9 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 	spec := b.specs[cfg.Provider]
 	endpoint := baseURL(spec, cfg)
 	if !cfg.SecretExpiresAt.IsZero() && !started.Before(cfg.SecretExpiresAt) {
+		if spec.RenewSecret != "" {
+			return nil, "", fmt.Errorf("%w: %s; %s", errSecretExpired, cfg.expiryWarning(started), spec.RenewSecret)
+		}
 		return nil, "", fmt.Errorf("%w: %s", errSecretExpired, cfg.expiryWarning(started))
 	}
 	// The allow-list may have tightened since the config was written: the
@@ -58,7 +63,8 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		Environment:     cfg.Environment,
 		Client:          client,
 		Secrets:         secrets,
-		AllowedAccounts: cfg.AllowedAccounts,
+		Written:         cfg.Secrets,
+		AllowedAccounts: accounts,
 		RequireReadOnly: cfg.RequireReadOnly,
 		ReserveQuota:    b.reserveQuota(cfg),
 		Now:             b.now,

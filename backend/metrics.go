@@ -22,7 +22,7 @@ type metrics struct {
 	reg       *prometheus.Registry
 	upstream  *prometheus.CounterVec   // provider, op, outcome
 	latency   *prometheus.HistogramVec // provider, op
-	creds     *prometheus.CounterVec   // config, outcome
+	creds     *prometheus.CounterVec   // config, role, outcome
 	mints     *prometheus.CounterVec   // config, outcome
 	rotations *prometheus.CounterVec   // config
 
@@ -54,8 +54,8 @@ func newMetrics() *metrics {
 		}, []string{"provider", "op"}),
 		creds: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "broker_creds_total",
-			Help: "creds reads by config and outcome (hit: served from cache; miss: waited on a mint; error).",
-		}, []string{"config", "outcome"}),
+			Help: "creds reads by config, role (empty for a read of the config itself) and outcome (hit: served from cache; miss: waited on a mint; error).",
+		}, []string{"config", "role", "outcome"}),
 		mints: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "broker_mints_total",
 			Help: "Tokens obtained from brokers by config and outcome.",

@@ -36,8 +36,8 @@ func TestMetricsExposition(t *testing.T) {
 		labels []string
 		value  float64
 	}{
-		{"broker_creds_total", []string{"config", "finam", "outcome", "miss"}, 1},
-		{"broker_creds_total", []string{"config", "finam", "outcome", "hit"}, 2},
+		{"broker_creds_total", []string{"config", "finam", "role", "", "outcome", "miss"}, 1},
+		{"broker_creds_total", []string{"config", "finam", "role", "", "outcome", "hit"}, 2},
 		{"broker_mints_total", []string{"config", "finam", "outcome", "ok"}, 1},
 		{"broker_upstream_requests_total", []string{"provider", "finam", "op", "POST /v1/sessions", "outcome", "ok"}, 1},
 		{"broker_upstream_request_duration_seconds_count", []string{"provider", "finam", "op", "POST /v1/sessions/details"}, 1},
@@ -138,7 +138,7 @@ func TestMetricsFamiliesHelpAndType(t *testing.T) {
 	for _, fam := range []struct{ name, kind, help string }{
 		{"broker_upstream_requests_total", "counter", "Calls to brokers by provider, operation and outcome."},
 		{"broker_upstream_request_duration_seconds", "histogram", "Latency of calls to brokers."},
-		{"broker_creds_total", "counter", "creds reads by config and outcome (hit: served from cache; miss: waited on a mint; error)."},
+		{"broker_creds_total", "counter", "creds reads by config, role (empty for a read of the config itself) and outcome (hit: served from cache; miss: waited on a mint; error)."},
 		{"broker_mints_total", "counter", "Tokens obtained from brokers by config and outcome."},
 		{"broker_rotations_total", "counter", "Rotations of long-lived secrets (a rotating refresh token replaced) by config."},
 		{"broker_token_expiry_seconds", "gauge", "Seconds until the cached token of a config expires."},
@@ -160,8 +160,8 @@ func TestMetricsFamiliesHelpAndType(t *testing.T) {
 	}{
 		{"broker_upstream_requests_total", []string{"provider", f.name, "op", "POST /v1/token", "outcome", "ok"}, 1},
 		{"broker_upstream_request_duration_seconds_count", []string{"provider", f.name, "op", "POST /v1/token"}, 1},
-		{"broker_creds_total", []string{"config", "x", "outcome", "miss"}, 1},
-		{"broker_creds_total", []string{"config", "x", "outcome", "hit"}, 1},
+		{"broker_creds_total", []string{"config", "x", "role", "", "outcome", "miss"}, 1},
+		{"broker_creds_total", []string{"config", "x", "role", "", "outcome", "hit"}, 1},
 		{"broker_mints_total", []string{"config", "x", "outcome", "ok"}, 1},
 		{"broker_mints_total", []string{"config", "x", "outcome", "error"}, 0},
 		{"broker_rotations_total", []string{"config", "x"}, 1},
@@ -195,8 +195,8 @@ func TestMetricsPerMount(t *testing.T) {
 		hit, miss float64
 	}{{one, 2, 1}, {two, 0, 1}} {
 		text := scrape(t, tc.c, tc.c.b)
-		hit, _ := sampleValue(t, text, "broker_creds_total", "config", "x", "outcome", "hit")
-		miss, _ := sampleValue(t, text, "broker_creds_total", "config", "x", "outcome", "miss")
+		hit, _ := sampleValue(t, text, "broker_creds_total", "config", "x", "role", "", "outcome", "hit")
+		miss, _ := sampleValue(t, text, "broker_creds_total", "config", "x", "role", "", "outcome", "miss")
 		if hit != tc.hit || miss != tc.miss {
 			t.Errorf("mount counted hit=%v miss=%v, want hit=%v miss=%v", hit, miss, tc.hit, tc.miss)
 		}

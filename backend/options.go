@@ -104,7 +104,7 @@ var providerOptions = map[string]providerOption{
 	},
 	"rotation_fraction": {
 		schema:  framework.FieldSchema{Type: framework.TypeFloat},
-		applies: rotating,
+		applies: rotatesAhead,
 		describe: func(provider.Spec) string {
 			return fmt.Sprintf("refresh the rotating long-lived secret once this share of its life has passed (0 < f < 1). Default %g.", defaultRotationFraction)
 		},
@@ -170,7 +170,7 @@ var providerOptions = map[string]providerOption{
 	},
 	"expiry_warning": {
 		schema:  framework.FieldSchema{Type: framework.TypeDurationSecond},
-		applies: declaredExpiry,
+		applies: knownExpiry,
 		describe: func(provider.Spec) string {
 			return fmt.Sprintf("warn in config reads, creds responses and the log when the long-lived secret has less than this left. Default %s (%d days).", shortDuration(defaultExpiryWarning), int(defaultExpiryWarning.Hours()/24))
 		},
@@ -199,3 +199,12 @@ func rotating(s provider.Spec) bool       { return s.RotatesSecret }
 func hasQuota(s provider.Spec) bool       { return s.Quota != nil }
 func passthrough(s provider.Spec) bool    { return s.Issuance == provider.Passthrough }
 func declaredExpiry(s provider.Spec) bool { return s.DeclaredExpiry }
+
+// knownExpiry: the long-lived secret's expiry is known, declared by the
+// operator or read from the secret itself.
+func knownExpiry(s provider.Spec) bool { return s.DeclaredExpiry || s.SecretExpiry != nil }
+
+// rotatesAhead: a rotating secret whose life a refresh extends, so it is
+// refreshed ahead to keep it alive. A secret with a fixed expiry
+// (Spec.SecretExpiry) gains nothing from it.
+func rotatesAhead(s provider.Spec) bool { return s.RotatesSecret && s.SecretExpiry == nil }

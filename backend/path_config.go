@@ -147,6 +147,8 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		data["endpoint"] = baseURL(spec, cfg)
 		if declaredExpiry(spec) {
 			data["refresh_token_expires_at"] = formatTime(cfg.SecretExpiresAt)
+		}
+		if knownExpiry(spec) {
 			data["expiry_warning"] = int64(cmp.Or(cfg.ExpiryWarning, defaultExpiryWarning) / time.Second)
 		}
 		if hasQuota(spec) {
@@ -154,6 +156,8 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		}
 		if rotating(spec) {
 			data["rotated_refresh_token"] = len(rec.Rotated) > 0
+		}
+		if rotatesAhead(spec) {
 			data["rotation_fraction"] = cfg.rotationFraction()
 		}
 		if passthrough(spec) {

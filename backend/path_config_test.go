@@ -135,7 +135,7 @@ func TestConfigListAndDelete(t *testing.T) {
 		t.Fatal("deleted config left its token in storage")
 	}
 	r, err := h.do(logical.ReadOperation, "creds/a", nil)
-	if statusOf(r, err) != 400 || !strings.Contains(errText(r, err), `no config named "a"`) {
+	if statusOf(r, err) != 404 || !strings.Contains(errText(r, err), `no config or role named "a"`) {
 		t.Fatalf("creds of deleted config: %s", errText(r, err))
 	}
 }

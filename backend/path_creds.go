@@ -19,19 +19,20 @@ func (b *backend) pathCreds() []*framework.Path {
 	return []*framework.Path{{
 		Pattern: "creds/" + framework.GenericNameRegex("name"),
 		Fields: map[string]*framework.FieldSchema{
-			"name": {Type: framework.TypeString, Description: "Name of the config to issue a token from.", Required: true},
+			"name": {Type: framework.TypeString, Description: "Name of the config or role to issue a token from.", Required: true},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.ReadOperation: &framework.PathOperation{Callback: b.pathCredsRead, Summary: "Issue a short-lived broker token as a lease."},
 		},
-		HelpSynopsis:    "Issue a short-lived access token for the broker of config/<name>, as a Vault lease.",
+		HelpSynopsis:    "Issue a short-lived access token for the broker of config/<name> (or of role <name>'s config, within the role's scope), as a Vault lease.",
 		HelpDescription: fmt.Sprintf(strings.TrimSpace(credsHelp), b.helpTable(func(s provider.Spec) string { return s.DetailsHelp })),
 	}}
 }
 
 const credsHelp = `
-Returns access_token, expires_at (RFC 3339), provider, account_ids and readonly,
-plus what the broker reports about the token:
+<name> is a config or a role (roles/<name>). Returns access_token, expires_at
+(RFC 3339), provider, account_ids, readonly, config and role (empty for a read
+of the config itself), plus what the broker reports about the token:
 
 %s
 
@@ -45,24 +46,39 @@ own expiry. To stop handing out the current token, write config/<name>/retire.
 
 func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	cfg, tok, err := b.currentToken(ctx, req.Storage, name)
+	role, err := b.roleFor(ctx, req.Storage, name)
+	if err != nil {
+		return nil, err
+	}
+	configName, roleName := name, ""
+	var (
+		cfg *brokerConfig
+		tok *storedToken
+	)
+	if role != nil {
+		configName, roleName = role.Config, role.Name
+		cfg, tok, err = b.roleToken(ctx, req.Storage, role)
+	} else {
+		cfg, tok, err = b.currentToken(ctx, req.Storage, name)
+	}
 	if errors.Is(err, errConfigNotFound) {
-		return logical.ErrorResponse("no config named %q: write config/%s first", name, name), nil
+		return nil, logical.CodedError(http.StatusNotFound, fmt.Sprintf("no config or role named %q: write config/%s or roles/%s first", name, name, name))
 	}
 	if errors.Is(err, logical.ErrReadOnly) {
 		return nil, logical.ErrReadOnly // Vault forwards it to the active node
 	}
 	if err != nil {
-		b.metrics.creds.WithLabelValues(name, "error").Inc()
-		return failed(issuing, fmt.Sprintf("config %q: %v", name, err), err)
+		b.metrics.creds.WithLabelValues(configName, roleName, "error").Inc()
+		return failed(issuing, fmt.Sprintf("%s: %v", b.credsSubject(configName, role), err), err)
 	}
-	if err := checkGuards(cfg, tok); err != nil {
-		return failed(issuing, fmt.Sprintf("config %q: %v", name, err), err)
+	if err := b.checkAllGuards(cfg, role, tok); err != nil {
+		return failed(issuing, fmt.Sprintf("%s: %v", b.credsSubject(configName, role), err), err)
 	}
 	now := b.now()
-	ttl, err := leaseTTL(cfg, b.specs[cfg.Provider].DefaultTTL, tok, now, now)
+	bounds := boundsFor(cfg, role)
+	ttl, err := leaseTTL(bounds, b.specs[cfg.Provider].DefaultTTL, tok, now, now)
 	if err != nil {
-		return nil, logical.CodedError(http.StatusBadGateway, fmt.Sprintf("config %q: %v", name, err))
+		return nil, logical.CodedError(http.StatusBadGateway, fmt.Sprintf("%s: %v", b.credsSubject(configName, role), err))
 	}
 
 	data := map[string]any{
@@ -71,23 +87,31 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		"provider":     cfg.Provider,
 		"account_ids":  tok.AccountIDs,
 		"readonly":     tok.ReadOnly,
+		"config":       configName,
+		"role":         roleName,
 	}
 	for k, v := range tok.Details {
-		data[k] = v
+		if _, taken := data[k]; !taken {
+			data[k] = v
+		}
 	}
 	resp := b.Secret(secretTokenType).Response(data, map[string]any{
-		"config":      name,
-		"token_id":    tok.ID,
-		"epoch":       tok.Epoch,
-		"expires_at":  formatTimeNano(tok.ExpiresAt),
-		"issued_at":   formatTimeNano(tok.IssuedAt),
-		"account_ids": tok.AccountIDs,
-		"readonly":    tok.ReadOnly,
+		"config":   configName,
+		"role":     roleName,
+		"token_id": tok.ID,
+		"epoch":    tok.Epoch,
+		// Which config of this name issued the lease: one written again
+		// after a delete never renews the old one's leases.
+		"config_instance": cfg.Instance,
+		"expires_at":      formatTimeNano(tok.ExpiresAt),
+		"issued_at":       formatTimeNano(tok.IssuedAt),
+		"account_ids":     tok.AccountIDs,
+		"readonly":        tok.ReadOnly,
 	})
 	if w := cfg.expiryWarning(now); w != "" {
 		resp.AddWarning(w)
 	}
-	if w := b.staleWarning(ctx, req.Storage, name); w != "" {
+	if w := b.staleWarning(ctx, req.Storage, configName); w != "" {
 		resp.AddWarning(w)
 	}
 	resp.Secret.TTL = ttl
@@ -99,7 +123,7 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		resp.Secret.Renewable = false
 	}
 	// The lease can never be renewed past max_ttl nor past the token's end.
-	resp.Secret.MaxTTL = cfg.MaxTTL
+	resp.Secret.MaxTTL = bounds.MaxTTL
 	if !tok.ExpiresAt.IsZero() {
 		left := tok.ExpiresAt.Sub(now).Truncate(time.Second)
 		if resp.Secret.MaxTTL == 0 || left < resp.Secret.MaxTTL {
@@ -107,6 +131,25 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		}
 	}
 	return resp, nil
+}
+
+// credsSubject names what a creds read or renew was for, in messages.
+func (b *backend) credsSubject(config string, role *roleEntry) string {
+	if role == nil {
+		return fmt.Sprintf("config %q", config)
+	}
+	return fmt.Sprintf("role %q (config %q)", role.Name, config)
+}
+
+// checkAllGuards applies the config's guards and, for a role, the role's.
+func (b *backend) checkAllGuards(cfg *brokerConfig, role *roleEntry, tok *storedToken) error {
+	if err := checkGuards(cfg, tok); err != nil {
+		return err
+	}
+	if role != nil {
+		return checkRoleGuards(b.specs[cfg.Provider], role, tok)
+	}
+	return nil
 }
 
 // leaseTTL is min(ttl, the shaped life of a lease on the token (see

@@ -34,6 +34,11 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 		return time.Time{}
 	}
 	if spec.RotatesSecret {
+		if !rotatesAhead(spec) {
+			// A fixed expiry: refreshing ahead would not extend it. Minted
+			// tokens are refreshed ahead on the read path.
+			return time.Time{}
+		}
 		return b.nextRotation(cfg, rec)
 	}
 	if spec.Issuance != provider.Passthrough {
@@ -82,6 +87,7 @@ func (b *backend) periodicFunc(ctx context.Context, req *logical.Request) error 
 	if err := b.loadSchedule(ctx, req.Storage); err != nil {
 		return err
 	}
+	b.retryUnpersisted(ctx)
 	due := b.sched.popDue(b.now(), maxDuePerTick)
 	for i, name := range due {
 		if ctx.Err() != nil {

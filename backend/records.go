@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -45,6 +46,10 @@ type brokerConfig struct {
 	// it is refreshed proactively (Spec.RotatesSecret); zero means one half.
 	RotationFraction float64   `json:"rotation_fraction,omitempty"`
 	UpdatedAt        time.Time `json:"updated_at"`
+	// Instance tells this config from an earlier one of the same name: a
+	// random id set on create (empty for configs written before it was
+	// kept).
+	Instance string `json:"instance,omitempty"`
 }
 
 // endpointKey fingerprints where the config's secrets go: the broker and
@@ -113,7 +118,7 @@ func readConfig(ctx context.Context, s logical.Storage, name string) (*brokerCon
 	}
 	var c brokerConfig
 	if err := e.DecodeJSON(&c); err != nil {
-		return nil, fmt.Errorf("decoding config %q: %w", name, err)
+		return nil, fmt.Errorf("%w: config %q: %w", errUndecodable, name, err)
 	}
 	return &c, nil
 }
@@ -133,6 +138,10 @@ func writeConfig(ctx context.Context, s logical.Storage, name string, c *brokerC
 // of the last refresh, so a restart neither calls the broker again nor forgets a failure.
 type tokenRecord struct {
 	Token *storedToken `json:"token,omitempty"`
+	// Narrowed are the tokens the broker narrowed for roles (ALOR
+	// allowedPortfolios), by request key (see tokenRequest). They live and
+	// die with Token: same secret, same retire epoch.
+	Narrowed map[string]*storedToken `json:"narrowed,omitempty"`
 	// Rotated are long-lived secret fields the broker replaced (a rotated
 	// refresh token); they supersede the config's values, at the endpoint
 	// that issued them only.
@@ -164,6 +173,33 @@ type tokenRecord struct {
 	LastErrorAt time.Time `json:"last_error_at,omitzero"`
 }
 
+// tokenOf is the token of a request key ("" for the config's own).
+func (r tokenRecord) tokenOf(key string) *storedToken {
+	if key == "" {
+		return r.Token
+	}
+	return r.Narrowed[key]
+}
+
+// withToken is r with key's token replaced (nil removes it).
+func (r tokenRecord) withToken(key string, tok *storedToken) tokenRecord {
+	if key == "" {
+		r.Token = tok
+		return r
+	}
+	n := maps.Clone(r.Narrowed)
+	if n == nil {
+		n = map[string]*storedToken{}
+	}
+	if tok == nil {
+		delete(n, key)
+	} else {
+		n[key] = tok
+	}
+	r.Narrowed = n
+	return r
+}
+
 // rotation is one endpoint's rotated secrets.
 type rotation struct {
 	Secrets   map[string]string `json:"secrets"`
@@ -176,11 +212,19 @@ type rotation struct {
 // secret is kept only for the endpoint that issued it.
 func (r tokenRecord) boundTo(cfg *brokerConfig) tokenRecord {
 	if r.ConfigHash != "" && r.ConfigHash != cfg.upstreamHash() {
-		r.Token = nil
+		r.Token, r.Narrowed = nil, nil
 	}
 	key := cfg.endpointKey()
 	if len(r.Rotated) > 0 && r.RotatedAt == "" {
-		r.RotatedAt = key
+		// A record from before rotations were bound. Its rotation came from
+		// the stored config's endpoint only if the record was written for
+		// that config: a half-failed write of the old core left another
+		// endpoint's rotation beside the old config, with that write's hash.
+		if r.ConfigHash == "" || r.ConfigHash == cfg.upstreamHash() {
+			r.RotatedAt = key
+		} else {
+			r.RotatedAt = "unknown"
+		}
 	}
 	if len(r.Rotated) > 0 && r.RotatedAt != key {
 		r.Rotated, r.RotatedAt, r.SecretExpiresAt = nil, "", time.Time{}

@@ -22,10 +22,11 @@ const (
 	persistTimeout = 10 * time.Second
 )
 
-// flight is the one refresh of a config under way; every reader that needs a
-// token waits on it.
+// flight is the one refresh of one of a config's tokens under way; every
+// reader that needs that token waits on it.
 type flight struct {
 	gen  uint64
+	req  tokenRequest
 	done chan struct{}
 	tok  *storedToken
 	err  error
@@ -36,42 +37,89 @@ type flight struct {
 	waiters atomic.Int32
 }
 
+// slot is the refresh bookkeeping of one of a config's tokens: the refresh
+// under way and the backoff after failures.
+type slot struct {
+	flight *flight
+	// failErr is returned without calling the broker until failUntil.
+	failErr   error
+	failUntil time.Time
+	// background refresh backoff after failures.
+	failures  int
+	nextRetry time.Time
+}
+
+// slotLocked is the bookkeeping of req's token; st.mu must be held.
+func (st *configState) slotLocked(req tokenRequest) *slot {
+	if req.key == "" {
+		return &st.own
+	}
+	if st.narrowed == nil {
+		st.narrowed = map[string]*slot{}
+	}
+	sl := st.narrowed[req.key]
+	if sl == nil {
+		sl = &slot{}
+		st.narrowed[req.key] = sl
+	}
+	return sl
+}
+
 // currentToken returns the config and a token to hand out. A valid cached
 // token is returned at once (starting a background refresh when it is due);
 // otherwise every concurrent caller waits on one single refresh.
 func (b *backend) currentToken(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
-	return b.token(ctx, s, name, false, false)
+	return b.token(ctx, s, name, nil, false, false)
+}
+
+// roleToken is currentToken for a role: the token its config asks the
+// broker for on the role's behalf (see requestFor).
+func (b *backend) roleToken(ctx context.Context, s logical.Storage, r *roleEntry) (*brokerConfig, *storedToken, error) {
+	return b.token(ctx, s, r.Config, r, false, false)
 }
 
 // refreshNow asks the broker again, for a caller that needs its word now (a
 // passthrough renew, rotate-root, keep-alive, rotation recovery): it joins
 // the refresh under way or starts one; it never returns the cached token.
 func (b *backend) refreshNow(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
-	return b.token(ctx, s, name, true, false)
+	return b.token(ctx, s, name, nil, true, false)
 }
 
 // refreshInBackground is refreshNow for work nobody waits on (keep-alive,
 // rotation recovery): the broker's rate-limit waits are honoured in full
 // rather than failed fast.
 func (b *backend) refreshInBackground(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
-	return b.token(ctx, s, name, true, true)
+	return b.token(ctx, s, name, nil, true, true)
 }
 
-func (b *backend) token(ctx context.Context, s logical.Storage, name string, fresh, background bool) (*brokerConfig, *storedToken, error) {
-	// A refresh that was under way when the config changed or its tokens were
-	// retired yields a token no reader may get: wait for the next one.
+// maxStaleRetries: how many times a reader looks again after the refresh
+// it waited on turned out stale (the config changed or was retired while
+// it ran). Each look is a new refresh under the new settings; a config
+// rewritten three times during one read is left for the caller to retry.
+const maxStaleRetries = 2
+
+func (b *backend) token(ctx context.Context, s logical.Storage, name string, role *roleEntry, fresh, background bool) (*brokerConfig, *storedToken, error) {
 	for attempt := 0; ; attempt++ {
-		cfg, tok, stale, err := b.tokenOnce(ctx, s, name, fresh, background)
+		cfg, tok, stale, err := b.tokenOnce(ctx, s, name, role, fresh, background)
 		if err != nil || !stale {
 			return cfg, tok, err
 		}
-		if attempt == 2 {
+		if attempt == maxStaleRetries {
 			return nil, nil, fmt.Errorf("config %q changed while its token was being refreshed; read again", name)
+		}
+		if role != nil {
+			// The role may have been deleted or changed meanwhile.
+			if role, err = b.roleFor(ctx, s, role.Name); err != nil {
+				return nil, nil, err
+			}
+			if role == nil || role.Config != name {
+				return nil, nil, errConfigNotFound
+			}
 		}
 	}
 }
 
-func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string, fresh, background bool) (*brokerConfig, *storedToken, bool, error) {
+func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string, role *roleEntry, fresh, background bool) (*brokerConfig, *storedToken, bool, error) {
 	st := b.acquire(name)
 	defer b.release(st)
 	if err := b.ensureLoaded(ctx, s, st); err != nil {
@@ -87,22 +135,25 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 		st.mu.Unlock()
 		return nil, nil, false, errConfigNotFound
 	}
+	req := b.requestFor(cfg, role)
+	keys := st.keysFor(b.metrics, role)
 	now := b.now()
-	if tok := st.rec.Token; !fresh && st.rec.servable(tok, now) {
-		b.refreshAheadLocked(st, now)
+	if tok := st.rec.tokenOf(req.key); !fresh && st.rec.servable(tok, now) {
+		b.refreshAheadLocked(st, req, now)
 		st.mu.Unlock()
-		st.keys(b.metrics).hit.Inc()
+		keys.hit.Inc()
 		return cfg, tok, false, nil
 	}
 	if !fresh {
-		st.keys(b.metrics).miss.Inc()
+		keys.miss.Inc()
 	}
-	if !fresh && st.failErr != nil && now.Before(st.failUntil) {
-		err := st.failErr
+	sl := st.slotLocked(req)
+	if !fresh && sl.failErr != nil && now.Before(sl.failUntil) {
+		err := sl.failErr
 		st.mu.Unlock()
 		return nil, nil, false, err
 	}
-	f := st.flight
+	f := sl.flight
 	if f == nil {
 		if !b.canRotate(cfg) {
 			// A performance standby cannot store a rotated secret: Vault
@@ -110,11 +161,10 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 			st.mu.Unlock()
 			return nil, nil, false, logical.ErrReadOnly
 		}
-		if b.closing.Load() {
+		if f = b.startRefreshLocked(st, req, background); f == nil {
 			st.mu.Unlock()
 			return nil, nil, false, errClosing
 		}
-		f = b.startRefreshLocked(st, background)
 	}
 	f.waiters.Add(1)
 	st.mu.Unlock()
@@ -137,9 +187,9 @@ func (b *backend) tokenOnce(ctx context.Context, s logical.Storage, name string,
 	return cfg, f.tok, stale, nil
 }
 
-// nudgeRefresh starts the refresh ahead of a config whose token is due,
-// without waiting for it; it never refreshes a config with no token.
-func (b *backend) nudgeRefresh(ctx context.Context, s logical.Storage, name string) {
+// nudgeRefresh starts the refresh ahead of a token that is due, without
+// waiting for it; it never refreshes a token nobody has read.
+func (b *backend) nudgeRefresh(ctx context.Context, s logical.Storage, name string, role *roleEntry) {
 	st := b.acquire(name)
 	defer b.release(st)
 	if b.ensureLoaded(ctx, s, st) != nil {
@@ -147,17 +197,22 @@ func (b *backend) nudgeRefresh(ctx context.Context, s logical.Storage, name stri
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if now := b.now(); st.cfg != nil && st.rec.servable(st.rec.Token, now) {
-		b.refreshAheadLocked(st, now)
+	if st.cfg == nil {
+		return
+	}
+	req := b.requestFor(st.cfg, role)
+	if now := b.now(); st.rec.servable(st.rec.tokenOf(req.key), now) {
+		b.refreshAheadLocked(st, req, now)
 	}
 }
 
-// refreshAheadLocked starts the background refresh of st's servable token
+// refreshAheadLocked starts the background refresh of req's servable token
 // when it is due, none runs and no failure backoff holds; st.mu must be
 // held. Readers keep the current token: nobody waits on it.
-func (b *backend) refreshAheadLocked(st *configState, now time.Time) {
-	if dueForRefresh(st.rec.Token, now) && st.flight == nil && !now.Before(st.nextRetry) && b.canRotate(st.cfg) && !b.closing.Load() {
-		b.startRefreshLocked(st, true)
+func (b *backend) refreshAheadLocked(st *configState, req tokenRequest, now time.Time) {
+	sl := st.slotLocked(req)
+	if dueForRefresh(st.rec.tokenOf(req.key), now) && sl.flight == nil && !now.Before(sl.nextRetry) && b.canRotate(st.cfg) && !b.closing.Load() {
+		b.startRefreshLocked(st, req, true)
 	}
 }
 
@@ -192,9 +247,16 @@ func (b *backend) staleWarning(ctx context.Context, s logical.Storage, name stri
 // does not abort the refresh others are waiting on.
 // background: nobody waits on it, so the broker's rate-limit waits are
 // honoured in full instead of failing fast.
-func (b *backend) startRefreshLocked(st *configState, background bool) *flight {
-	f := &flight{gen: st.gen, done: make(chan struct{})}
-	st.flight = f
+func (b *backend) startRefreshLocked(st *configState, req tokenRequest, background bool) *flight {
+	// Counted under lifeMu, so that cleanup's wait sees every refresh that
+	// starts before it begins, and none starts after.
+	b.lifeMu.Lock()
+	defer b.lifeMu.Unlock()
+	if b.closing.Load() {
+		return nil
+	}
+	f := &flight{gen: st.gen, req: req, done: make(chan struct{})}
+	st.slotLocked(req).flight = f
 	st.refs.Add(1) // the refresh uses the state until it is installed
 	b.wg.Add(1)
 	go func() {
@@ -217,8 +279,8 @@ func (b *backend) runRefresh(st *configState, f *flight, background bool) {
 	if !st.loaded || st.gen != f.gen || st.cfg == nil {
 		// The config changed while this refresh waited its turn: whoever
 		// changed it installed what readers need.
-		if st.flight == f {
-			st.flight = nil
+		if sl := st.slotLocked(f.req); sl.flight == f {
+			sl.flight = nil
 		}
 		st.mu.Unlock()
 		f.stale = true
@@ -234,7 +296,7 @@ func (b *backend) runRefresh(st *configState, f *flight, background bool) {
 	if background {
 		ctx = upstream.WithBackground(ctx)
 	}
-	m, walID, err := b.issue(ctx, st.name, cfg, client, secrets, epoch)
+	m, walID, err := b.issue(ctx, st.name, cfg, client, secrets, f.req.accountsOr(cfg), epoch)
 	cancel()
 
 	// What the broker answered is stored even if the backend is being
@@ -252,16 +314,19 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 	now := b.now()
 	st.lockOwner()
 	st.mu.Lock()
-	current := st.loaded && st.cfg != nil && st.gen == f.gen
-	prev, pending := st.rec, st.pendingWAL
+	// Current: same config generation, and the request still has its slot
+	// (a role deleted meanwhile took its narrowed slot away).
+	current := st.loaded && st.cfg != nil && st.gen == f.gen && (f.req.key == "" || st.narrowed[f.req.key] != nil && st.narrowed[f.req.key].flight == f)
+	prev := st.rec
 	st.mu.Unlock()
 
 	rotated := m != nil && len(m.rotated) > 0
 	rec := prev
 	persisted := false
+	var stale []string // rotation records of rotations now stored
 	if current {
 		if m != nil {
-			rec = rec.with(cfg, m, now)
+			rec = rec.with(cfg, f.req.key, m, now)
 		}
 		switch {
 		case err != nil:
@@ -270,14 +335,14 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 				// The broker refused the long-lived secret itself (revoked,
 				// expired): tokens from it are dead or about to be, so none
 				// is handed out any more.
-				rec.Token = nil
+				rec.Token, rec.Narrowed = nil, nil
 			}
 		default:
 			rec.ConfigHash = cfg.upstreamHash()
 			if m.tok.Epoch < prev.RetireEpoch {
 				// Retired while in flight: keep what it rotated, never
 				// the token.
-				rec.Token = prev.Token
+				rec = rec.withToken(f.req.key, prev.tokenOf(f.req.key))
 			}
 		}
 		// Store first, install second: a reader never gets a token whose
@@ -291,24 +356,23 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 		st.rec = rec
 		switch {
 		case persisted:
-			st.unstored, st.pendingWAL = false, ""
+			stale = st.storedLocked()
 		case rotated || st.unstored:
 			// Kept in memory with its rotation record: stored by the next
 			// refresh, or at unload.
-			st.unstored = true
-			if walID != "" {
-				st.pendingWAL = walID
-			}
+			st.unstoredLocked(walID)
+			walID = ""
 			b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh or at unload", "config", st.name, "error", werr)
 		}
+		sl := st.slotLocked(f.req)
 		if err != nil {
-			st.failures++
-			st.nextRetry = now.Add(min(refreshBackoff<<min(st.failures-1, 8), maxRefreshBackoff))
-			if !rec.servable(rec.Token, now) && !errors.Is(err, logical.ErrReadOnly) {
-				st.failErr, st.failUntil = err, now.Add(failFastFor)
+			sl.failures++
+			sl.nextRetry = now.Add(min(refreshBackoff<<min(sl.failures-1, 8), maxRefreshBackoff))
+			if !rec.servable(rec.tokenOf(f.req.key), now) && !errors.Is(err, logical.ErrReadOnly) {
+				sl.failErr, sl.failUntil = err, now.Add(failFastFor)
 			}
 		} else {
-			st.failures, st.nextRetry, st.failErr = 0, time.Time{}, nil
+			sl.failures, sl.nextRetry, sl.failErr = 0, time.Time{}, nil
 		}
 		st.mu.Unlock()
 		// Under the owner: a delete cannot slip in and be undone. A failed
@@ -318,23 +382,32 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 		b.Logger().Info("discarding a rotation of a config deleted or changed while it ran", "config", st.name)
 	}
 	st.mu.Lock()
-	if st.flight == f {
-		st.flight = nil
+	if f.req.key == "" && st.own.flight == f {
+		st.own.flight = nil
+	} else if sl := st.narrowed[f.req.key]; f.req.key != "" && sl != nil && sl.flight == f {
+		sl.flight = nil
 	}
 	st.mu.Unlock()
 	st.owner.Unlock()
+	if !current {
+		f.stale = true // its waiters look again, under what holds now
+	}
 
-	if walID != "" && (persisted || !current) {
-		b.deleteRotationWAL(ctx, walID)
+	if persisted || !current || !rotated {
+		b.deleteRotationWALs(ctx, walID) // stored, moot, or nothing rotated
 	}
-	if pending != "" && persisted {
-		b.deleteRotationWAL(ctx, pending) // the rotation it covered is stored now
-	}
+	b.deleteRotationWALs(ctx, stale...)
+	// Counted only for a config that still exists: a deleted one's series
+	// are gone and must not come back.
 	if err != nil {
-		st.keys(b.metrics).refreshErr.Inc()
+		if current {
+			st.keys(b.metrics).refreshErr.Inc()
+		}
 		b.Logger().Warn("token refresh failed", "config", st.name, "error", err)
 	} else {
-		st.keys(b.metrics).refreshOK.Inc()
+		if current {
+			st.keys(b.metrics).refreshOK.Inc()
+		}
 		b.Logger().Debug("token refreshed", "config", st.name, "expires_at", m.tok.ExpiresAt)
 		if w := cfg.expiryWarning(now); w != "" {
 			b.Logger().Warn(w, "config", st.name)
@@ -355,16 +428,14 @@ type refreshed struct {
 	secretExpiresAt time.Time
 }
 
-// with returns the record after a refresh under cfg: the new token (none
-// when the refresh failed after rotating), the rotated secrets merged in and
-// bound to cfg's endpoint, the error cleared.
-func (r tokenRecord) with(cfg *brokerConfig, m *refreshed, now time.Time) tokenRecord {
-	out := tokenRecord{Token: m.tok, LastRefresh: now, SecretExpiresAt: r.SecretExpiresAt, Rotated: r.Rotated, RotatedAt: r.RotatedAt,
-		RetiredBefore: r.RetiredBefore, RetireEpoch: r.RetireEpoch, ConfigHash: r.ConfigHash, Prior: r.Prior}
-	if m.tok == nil {
-		// Only the rotation is new: the token, the last good refresh and
-		// the error stay the caller's to set.
-		out.Token, out.LastRefresh, out.LastError, out.LastErrorAt = r.Token, r.LastRefresh, r.LastError, r.LastErrorAt
+// with returns the record after a refresh of key's token under cfg: the
+// new token (none when the refresh failed after rotating), the rotated
+// secrets merged in and bound to cfg's endpoint, the error cleared.
+func (r tokenRecord) with(cfg *brokerConfig, key string, m *refreshed, now time.Time) tokenRecord {
+	out := r
+	if m.tok != nil {
+		out = out.withToken(key, m.tok)
+		out.LastRefresh, out.LastError, out.LastErrorAt = now, "", time.Time{}
 	}
 	if len(m.rotated) > 0 {
 		out.Rotated = maps.Clone(r.Rotated)

@@ -2,6 +2,7 @@ package backend
 
 import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/alor"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/bcs"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/chatapp"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/finam"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
@@ -20,6 +21,7 @@ func registry() []provider.Provider {
 		tinvest.New(),
 		alor.New(),
 		chatapp.New(),
+		bcs.New(),
 	}
 }
 

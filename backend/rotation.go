@@ -45,6 +45,16 @@ func (b *backend) deleteRotationWAL(ctx context.Context, id string) {
 	}
 }
 
+// deleteRotationWALs deletes the rotation records whose rotations are
+// stored (or moot); empty ids are skipped.
+func (b *backend) deleteRotationWALs(ctx context.Context, ids ...string) {
+	for _, id := range ids {
+		if id != "" {
+			b.deleteRotationWAL(ctx, id)
+		}
+	}
+}
+
 // walRollback recovers an interrupted rotation: the broker may have replaced
 // the refresh token without the new one reaching storage. Refreshing again
 // with what storage holds either works (the old one was still valid) or is

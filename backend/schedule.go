@@ -40,13 +40,16 @@ type schedule struct {
 	// pending are the index's hours not read yet, in order.
 	pending []int64
 	// idxMu serialises writes of the persisted index; persisted is the
-	// hour each config's index entry is under, where known.
-	idxMu     sync.Mutex
-	persisted map[string]int64
+	// hour each config's index entry is under, where known; unpersisted
+	// are configs whose entry could not be written (written again at the
+	// next tick).
+	idxMu       sync.Mutex
+	persisted   map[string]int64
+	unpersisted map[string]bool
 }
 
 func newSchedule() *schedule {
-	return &schedule{items: map[string]*dueItem{}, persisted: map[string]int64{}}
+	return &schedule{items: map[string]*dueItem{}, persisted: map[string]int64{}, unpersisted: map[string]bool{}}
 }
 
 // set schedules name at at (zero time: no periodic work).

@@ -2,7 +2,9 @@ package backend
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,7 +22,9 @@ import (
 
 const (
 	duePrefix = "due/"
-	dueBucket = time.Hour
+	// dueRepairKey marks an index that missed a write (see reschedule).
+	dueRepairKey = "due-repair"
+	dueBucket    = time.Hour
 	// indexedSchema is the storage schema from which the index is complete
 	// (the migration to it builds the index once).
 	indexedSchema = 2
@@ -45,6 +49,7 @@ func (b *backend) reschedule(ctx context.Context, name string, at time.Time) {
 	defer b.sched.idxMu.Unlock()
 	old, had := b.sched.persisted[name]
 	if at.IsZero() {
+		delete(b.sched.unpersisted, name)
 		if had {
 			b.deleteDueKey(ctx, dueKey(old, name))
 			delete(b.sched.persisted, name)
@@ -56,12 +61,17 @@ func (b *backend) reschedule(ctx context.Context, name string, at time.Time) {
 		return
 	}
 	if err := b.storage.Put(ctx, &logical.StorageEntry{Key: dueKey(nb, name)}); err != nil {
-		// The in-memory schedule still holds it; a restart before the next
-		// write finds it through the hour it was in, or not at all if it
-		// had none: the next write or read reschedules it.
-		b.Logger().Warn("could not store a config's next due time", "config", name, "error", err)
+		// The in-memory schedule still holds it, and the next tick writes
+		// it again; the repair mark makes a restart before that rebuild
+		// the schedule from every config.
+		b.Logger().Warn("could not store a config's next due time; it is written again at the next tick", "config", name, "error", err)
+		b.sched.unpersisted[name] = true
+		if err := b.storage.Put(ctx, &logical.StorageEntry{Key: dueRepairKey}); err != nil {
+			b.Logger().Warn("could not mark the schedule index for repair", "error", err)
+		}
 		return
 	}
+	delete(b.sched.unpersisted, name)
 	b.sched.persisted[name] = nb
 	if had {
 		b.deleteDueKey(ctx, dueKey(old, name))
@@ -98,6 +108,23 @@ func (b *backend) openIndex(ctx context.Context, s logical.Storage) error {
 		// Vault runs the migration that builds the index before the mount
 		// serves; without it (an old Vault), scan every config once.
 		return b.scanSchedule(ctx, s)
+	}
+	repair, err := s.Get(ctx, dueRepairKey)
+	if err != nil {
+		return fmt.Errorf("reading the schedule index's repair mark: %w", err)
+	}
+	if repair != nil {
+		// A write of the index failed before a restart: it may lack a
+		// config. Rebuild it from every config once.
+		b.Logger().Warn("the schedule index missed a write; rebuilding it from every config")
+		if err := b.indexSchedule(ctx, s); err != nil {
+			return err
+		}
+		if b.canWrite() {
+			if err := s.Delete(ctx, dueRepairKey); err != nil {
+				b.Logger().Warn("could not clear the schedule index's repair mark", "error", err)
+			}
+		}
 	}
 	hours, err := s.List(ctx, duePrefix)
 	if err != nil {
@@ -166,9 +193,14 @@ func (b *backend) eachConfig(ctx context.Context, s logical.Storage, fn func(str
 		if err == nil {
 			rec, err = readTokenRecord(ctx, s, name)
 		}
-		if err != nil {
-			b.Logger().Error("skipping a config the schedule cannot read", "config", name, "error", err)
+		if errors.Is(err, errUndecodable) {
+			b.Logger().Error("skipping a config the schedule cannot decode", "config", name, "error", err)
 			continue
+		}
+		if err != nil {
+			// Storage failing to answer: the whole pass is tried again,
+			// rather than leave a config out of the schedule for good.
+			return err
 		}
 		if err := fn(name, cfg, rec); err != nil {
 			return err
@@ -207,5 +239,21 @@ func (b *backend) loadDueHours(ctx context.Context, s logical.Storage, upTo int6
 		b.sched.mu.Lock()
 		b.sched.pending = b.sched.pending[1:]
 		b.sched.mu.Unlock()
+	}
+}
+
+// retryUnpersisted writes again the index entries that failed.
+func (b *backend) retryUnpersisted(ctx context.Context) {
+	b.sched.idxMu.Lock()
+	names := slices.Collect(maps.Keys(b.sched.unpersisted))
+	b.sched.idxMu.Unlock()
+	for _, name := range names {
+		b.sched.mu.Lock()
+		var at time.Time
+		if it, ok := b.sched.items[name]; ok {
+			at = it.at
+		}
+		b.sched.mu.Unlock()
+		b.reschedule(ctx, name, at)
 	}
 }

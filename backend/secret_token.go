@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -37,6 +38,15 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	if err != nil {
 		return nil, err
 	}
+	var role *roleEntry
+	if in.role != "" {
+		if role, err = b.roleFor(ctx, req.Storage, in.role); err != nil {
+			return nil, err
+		}
+		if role == nil || role.Config != in.config {
+			return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("role %q was deleted: the lease cannot be renewed; read creds of an existing role", in.role))
+		}
+	}
 	cfg, rec, err := b.view(ctx, req.Storage, in.config)
 	if err != nil {
 		return nil, err
@@ -44,35 +54,40 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 	if cfg == nil {
 		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted: the lease cannot be renewed; read creds of an existing config", in.config))
 	}
+	subject := b.credsSubject(in.config, role)
+	if in.configInstance != cfg.Instance {
+		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q was deleted and written again since this lease was issued: the lease cannot be renewed; read creds/%s for a new token", in.config, cmp.Or(in.role, in.config)))
+	}
 	spec := b.specs[cfg.Provider]
 	tok := &storedToken{IssuedAt: in.issuedAt, ExpiresAt: in.expiresAt, AccountIDs: in.accounts, ReadOnly: in.readonly}
 	if spec.Issuance == provider.Passthrough {
 		// The lease holds the long-lived token itself: renewing means asking
 		// the broker again whether it still lives and what it can reach.
 		// Every renew asks the broker (concurrent renews share one call).
-		_, fresh, err := b.refreshNow(ctx, req.Storage, in.config)
+		freshCfg, fresh, err := b.refreshNow(ctx, req.Storage, in.config)
 		if err != nil {
-			return failed(renewing, fmt.Sprintf("config %q: cannot renew: %v", in.config, err), err)
+			return failed(renewing, fmt.Sprintf("%s: cannot renew: %v", subject, err), err)
 		}
+		cfg = freshCfg // the guards that hold now, not those read before the call
 		if fresh.ID != in.tokenID {
 			return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: the config now holds a different %s token; read creds/%s again", in.config, spec.Display, in.config))
 		}
 		tok = fresh
 	}
-	if err := checkGuards(cfg, tok); err != nil {
-		return failed(renewing, fmt.Sprintf("config %q: %v", in.config, err), err)
+	if err := b.checkAllGuards(cfg, role, tok); err != nil {
+		return failed(renewing, fmt.Sprintf("%s: %v", subject, err), err)
 	}
 	now := b.now()
-	ttl, err := leaseTTL(cfg, spec.DefaultTTL, tok, req.Secret.IssueTime, now)
+	ttl, err := leaseTTL(boundsFor(cfg, role), spec.DefaultTTL, tok, req.Secret.IssueTime, now)
 	if err != nil {
-		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: %v; read creds/%s for a new token", in.config, err, in.config))
+		return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("%s: cannot renew: %v; read creds/%s for a new token", subject, err, cmp.Or(in.role, in.config)))
 	}
 	if spec.Issuance != provider.Passthrough && !tok.IssuedAt.IsZero() && dueForRefresh(tok, now) {
 		// Past the refresh point a renew gives one second: a client that
 		// only renews (Agent, a LifetimeWatcher) sees the lease stop
 		// growing and reads again, and finds the next token, whose refresh
 		// this starts. (An error instead makes Agent back off for long.)
-		b.nudgeRefresh(ctx, req.Storage, in.config)
+		b.nudgeRefresh(ctx, req.Storage, in.config, role)
 		ttl = time.Second
 	}
 	resp := &logical.Response{Secret: req.Secret}
@@ -99,7 +114,11 @@ func (b *backend) revokeToken(context.Context, *logical.Request, *framework.Fiel
 
 type leaseInternal struct {
 	config  string
+	role    string // empty for a lease of the config itself
 	tokenID string
+	// configInstance is the issuing config's Instance (empty for configs
+	// and leases from before it was kept).
+	configInstance string
 	// epoch is the retire epoch the token was obtained under (0 for leases
 	// from before it was recorded: any retire ends them).
 	epoch     uint64
@@ -118,6 +137,8 @@ func parseInternal(m map[string]any) (leaseInternal, error) {
 		return in, fmt.Errorf("lease has no config name")
 	}
 	in.tokenID, _ = m["token_id"].(string)
+	in.role, _ = m["role"].(string)
+	in.configInstance, _ = m["config_instance"].(string)
 	in.readonly, _ = m["readonly"].(bool)
 	switch e := m["epoch"].(type) {
 	case float64:

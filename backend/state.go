@@ -5,7 +5,6 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -68,18 +67,15 @@ type configState struct {
 	// gen changes whenever the config changes (a write, a delete, an
 	// invalidation), so a refresh started under the old settings is not
 	// installed.
-	gen    uint64
-	flight *flight
-	// failErr is returned without calling the broker until failUntil.
-	failErr   error
-	failUntil time.Time
-	// background refresh backoff after failures.
-	failures  int
-	nextRetry time.Time
+	gen uint64
+	// own is the refresh bookkeeping of the config's own token, narrowed
+	// that of each narrowed token (by request key).
+	own      slot
+	narrowed map[string]*slot
 	// unstored: rec holds a rotated secret that storage does not (its
-	// write failed); pendingWAL is the rotation record kept until it is.
-	unstored   bool
-	pendingWAL string
+	// write failed); pendingWALs are the rotation records kept until it is.
+	unstored    bool
+	pendingWALs []string
 }
 
 func (st *configState) lockUpstream() {
@@ -103,8 +99,8 @@ func (st *configState) keys(m *metrics) *metricKeys {
 		return k
 	}
 	k := &metricKeys{
-		hit:        m.creds.WithLabelValues(st.name, "hit"),
-		miss:       m.creds.WithLabelValues(st.name, "miss"),
+		hit:        m.creds.WithLabelValues(st.name, "", "hit"),
+		miss:       m.creds.WithLabelValues(st.name, "", "miss"),
 		refreshOK:  m.mints.WithLabelValues(st.name, "ok"),
 		refreshErr: m.mints.WithLabelValues(st.name, "error"),
 		rotation:   m.rotations.WithLabelValues(st.name),
@@ -221,8 +217,8 @@ func (b *backend) loadOwned(ctx context.Context, s logical.Storage, st *configSt
 	st.cfg, st.rec, st.loaded = cfg, rec, true
 	st.present.Store(cfg != nil)
 	st.gen++
-	st.unstored, st.pendingWAL = false, ""
-	st.failErr, st.failures, st.nextRetry = nil, 0, time.Time{}
+	st.unstored, st.pendingWALs = false, nil
+	st.resetSlotsLocked()
 	return nil
 }
 
@@ -279,6 +275,36 @@ func (st *configState) unloadLocked() {
 	st.cfg, st.rec, st.loaded = nil, tokenRecord{}, false
 	st.present.Store(false)
 	st.gen++
-	st.unstored, st.pendingWAL = false, ""
-	st.failErr = nil
+	st.unstored, st.pendingWALs = false, nil
+	st.resetSlotsLocked()
+}
+
+// stored records that rec is in storage now: the rotation records that
+// covered it are returned for deletion. st.mu must be held.
+func (st *configState) storedLocked() []string {
+	ids := st.pendingWALs
+	st.unstored, st.pendingWALs = false, nil
+	return ids
+}
+
+// unstoredLocked records that rec holds a rotation storage lacks, covered by
+// walID (kept until it is stored). st.mu must be held.
+func (st *configState) unstoredLocked(walID string) {
+	st.unstored = true
+	if walID != "" {
+		st.pendingWALs = append(st.pendingWALs, walID)
+	}
+}
+
+// resetSlotsLocked forgets failure backoffs (the config changed); flights
+// under way finish on their own, and find the generation changed.
+func (st *configState) resetSlotsLocked() {
+	st.own = slot{flight: st.own.flight}
+	for k, sl := range st.narrowed {
+		if sl.flight == nil {
+			delete(st.narrowed, k)
+		} else {
+			*sl = slot{flight: sl.flight}
+		}
+	}
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make dev`: the sandbox and a dev Vault with the plugin registered through
-# the catalog and mounted at broker/, config/finam written against the
-# sandbox. Ctrl-C stops everything.
+# the catalog and mounted at broker/, config/finam and config/bcs written
+# against the sandbox. Ctrl-C stops everything.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -66,6 +66,16 @@ step "Writing broker/config/finam against the sandbox"
 bin/vault write broker/config/finam provider=finam secret=sandbox-finam-secret \
   base_url="http://$SANDBOX_ADDR" >/dev/null
 
+step "Writing broker/config/bcs against the sandbox (a read-only BCS token the sandbox issued)"
+# BCS tokens are JWTs that expire, so the sandbox issues one (as the web
+# terminal would) instead of a fixed string.
+bcs_token=$(curl -fsS -XPOST "http://$SANDBOX_ADDR/_sandbox/bcs/tokens" -d '{"readonly":true}' |
+  sed -n 's/.*"refresh_token":"\([^"]*\)".*/\1/p')
+[ -n "$bcs_token" ] || fail "the sandbox issued no BCS token"
+bin/vault write broker/config/bcs provider=bcs refresh_token="$bcs_token" \
+  base_url="http://$SANDBOX_ADDR" require_readonly=true allowed_accounts=400123 >/dev/null
+unset bcs_token
+
 cat <<BANNER
 
   Ready. Vault $(bin/vault version | awk '{print $2}' | tr -d ,) with $plugin $VERSION, mounted at broker/.
@@ -76,6 +86,7 @@ cat <<BANNER
     export PATH="$root/bin:\$PATH"
 
     vault read broker/creds/finam          # a short-lived Finam JWT, as a lease
+    vault read broker/creds/bcs            # a 24 h BCS access token (read-only, account 400123)
     vault read broker/config/finam         # settings and status, never the secret
     vault lease revoke <lease_id>          # ends that lease; other readers keep the token
     vault write -f broker/config/finam/retire   # incident switch: the next read mints anew

@@ -58,6 +58,8 @@ func (Provider) Spec() provider.Spec {
 		}},
 		// The portal shows when a refresh token expires; the API does not.
 		DeclaredExpiry: true,
+		// allowedPortfolios narrows a JWT at issue.
+		NarrowsAccounts: true,
 		OptionNotes: map[string]string{
 			"refresh_token_expires_at": "ALOR's is on the developer portal's API Access Tokens page.",
 		},

@@ -82,6 +82,21 @@ type Spec struct {
 	// Quota, when set, is a daily limit on a call Issue may spend; Issue
 	// then gets Request.ReserveQuota. Independent of RotatesSecret.
 	Quota *Quota
+	// SecretExpiry, when set, reads when the long-lived secret expires from
+	// the secret itself (BCS's refresh token is a JWT with a fixed exp); zero
+	// when the secret does not say. Such an expiry is fixed: rotating the
+	// secret never extends it. The backend records it at a config write
+	// that brings the secret, shows it (secret_expires_at), warns before it
+	// (expiry_warning), refuses to use the secret after it, and does not
+	// refresh a rotating secret ahead just to keep it alive. An error means
+	// the value cannot be a secret the broker issued: the write is refused
+	// with a 400 carrying the error's text (which names the field), and
+	// nothing is sent anywhere.
+	SecretExpiry func(secrets map[string]string) (time.Time, error)
+	// RenewSecret says how the operator replaces an expired long-lived
+	// secret at the broker ("issue a new token in the BCS web terminal");
+	// it is added to the refusal once the secret's expiry has passed.
+	RenewSecret string
 	// DeclaredExpiry is true when the broker's portal shows when the
 	// long-lived secret expires but its API does not: the operator declares
 	// it (refresh_token_expires_at) and the backend warns before it
@@ -102,6 +117,12 @@ type Spec struct {
 	// Trusted Root CA, which system stores lack). A config's ca_cert
 	// replaces both.
 	TrustedRoots *upstream.HostRoots
+	// NarrowsAccounts is true when the broker narrows a token to the
+	// accounts it is asked for at issue (ALOR's allowedPortfolios): a role
+	// with its own allowed_accounts then gets a token of its own, minted
+	// narrowed. For any other broker a role's accounts only check the
+	// config's token.
+	NarrowsAccounts bool
 	// ReportsNoAccess is true when the broker tells nothing of a token's
 	// accounts or trading rights: require_readonly and allowed_accounts
 	// cannot be checked, so a config refuses them rather than pretend.
@@ -118,8 +139,14 @@ type Spec struct {
 type Request struct {
 	BaseURL string
 	Client  *upstream.Client
-	// Secrets holds the long-lived secret fields by field name.
+	// Secrets holds the long-lived secret fields by field name: for a
+	// rotating provider, the newest values the broker returned.
 	Secrets map[string]string
+	// Written holds the secret fields as the operator wrote them to the
+	// config. It differs from Secrets once the broker rotated a field; a
+	// provider whose broker may refuse the rotated value while the written
+	// one still works (BCS) may present the written value instead, once.
+	Written map[string]string
 	// AllowedAccounts lets a broker that can narrow a token do so.
 	AllowedAccounts []string
 	// RequireReadOnly is the config's require_readonly. A provider that

@@ -144,6 +144,9 @@ type Call struct {
 	Header http.Header
 	// JSON, if non-nil, is marshalled as the request body.
 	JSON any
+	// Form, if non-nil (and JSON is nil), is sent as an
+	// application/x-www-form-urlencoded body (OAuth token endpoints).
+	Form url.Values
 	// Idempotent calls are retried on 429/5xx/connection errors. A call that
 	// may spend a quota must leave this false.
 	Idempotent bool
@@ -181,6 +184,8 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 		if body, err = json.Marshal(call.JSON); err != nil {
 			return nil, fmt.Errorf("%s %s: encoding request: %w", c.broker, call.Op, err)
 		}
+	} else if call.Form != nil {
+		body = []byte(call.Form.Encode())
 	}
 	attempts := 1
 	if call.Idempotent {
@@ -325,8 +330,11 @@ func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *
 			req.Header.Add(k, v)
 		}
 	}
-	if body != nil {
+	switch {
+	case call.JSON != nil:
 		req.Header.Set("Content-Type", "application/json")
+	case call.Form != nil:
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	}
 	req.Header.Set("Accept", "application/json")
 	resp, err := c.http.Do(req)

@@ -3,8 +3,10 @@ package upstream
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -258,5 +260,24 @@ func TestServerErrorIsNotRetried(t *testing.T) {
 	}
 	if len(outcomes) != 1 || outcomes[0] != "unavailable" {
 		t.Fatalf("observed %v", outcomes)
+	}
+}
+
+func TestDoSendsAFormBody(t *testing.T) {
+	var ctype, body string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctype = r.Header.Get("Content-Type")
+		b, _ := io.ReadAll(r.Body)
+		body = string(b)
+		w.Write([]byte(`{}`))
+	}))
+	defer srv.Close()
+	c, _ := New(Options{Broker: "Test"})
+	form := url.Values{"grant_type": {"refresh_token"}, "client_id": {"a b"}, "refresh_token": {"x&y"}}
+	if _, err := c.Do(context.Background(), Call{Method: "POST", URL: srv.URL, Form: form, Op: "POST /"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if ctype != "application/x-www-form-urlencoded" || body != "client_id=a+b&grant_type=refresh_token&refresh_token=x%26y" {
+		t.Fatalf("Content-Type %q, body %q", ctype, body)
 	}
 }

@@ -48,6 +48,7 @@ func run(args []string) error {
 	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
 	fmt.Printf("broker-sandbox listening on http://%s\n", ln.Addr())
 	fmt.Printf("  finam secrets: %s (trading), %s (read-only)\n", sandbox.FinamSecret, sandbox.FinamReadOnlySecret)
+	fmt.Printf("  bcs tokens:    curl -XPOST http://%s/_sandbox/bcs/tokens -d '{\"readonly\":true}'\n", ln.Addr())
 	fmt.Printf("  call counts:   curl http://%s/_sandbox/calls\n", ln.Addr())
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -35,6 +35,10 @@ var sandboxConfigs = []struct {
 	{"finam", "finam", func(u string) []string {
 		return []string{"secret=" + sandbox.FinamSecret, "base_url=" + u}
 	}},
+	{"bcs", "bcs", func(u string) []string {
+		return []string{"refresh_token=" + sandbox.BCSToken(sandbox.BCSTokenOptions{ReadOnly: true}), "base_url=" + u,
+			"require_readonly=true", "allowed_accounts=" + sandbox.BCSAgreement}
+	}},
 }
 
 // TestDocsSandboxConfigsCoverTheRegistry fails when a provider is registered

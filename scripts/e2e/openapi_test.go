@@ -47,9 +47,9 @@ var configFields = map[string]struct {
 	"keep_alive":               {option: func(s provider.Spec) bool { return s.Issuance == provider.Passthrough }},
 	"validation_interval":      {option: func(s provider.Spec) bool { return s.Issuance == provider.Passthrough }},
 	"refresh_token_expires_at": {option: func(s provider.Spec) bool { return s.DeclaredExpiry }},
-	"expiry_warning":           {option: func(s provider.Spec) bool { return s.DeclaredExpiry }},
+	"expiry_warning":           {option: func(s provider.Spec) bool { return s.DeclaredExpiry || s.SecretExpiry != nil }},
 	"make_budget":              {option: func(s provider.Spec) bool { return s.Quota != nil }},
-	"rotation_fraction":        {option: func(s provider.Spec) bool { return s.RotatesSecret }},
+	"rotation_fraction":        {option: func(s provider.Spec) bool { return s.RotatesSecret && s.SecretExpiry == nil }},
 }
 
 // fieldProviders are the registered providers a config field's description

@@ -70,6 +70,9 @@ func TestNoLongLivedSecretLeaks(t *testing.T) {
 	flows("chat", "provider=chatapp", "email="+sandbox.ChatAppEmail, "password="+sandbox.ChatAppPassword,
 		"app_id="+sandbox.ChatAppAppID, "base_url="+e.sbURL)
 	run(true, "write", "-f", "broker/rotate-root/chat")
+	// BCS: every exchange returns a new refresh token; all are searched.
+	flows("bcs", "provider=bcs", "refresh_token="+e.sb.IssueBCSToken(sandbox.BCSTokenOptions{ReadOnly: true}), "base_url="+e.sbURL)
+	run(true, "write", "-f", "broker/rotate-root/bcs")
 	// T-Invest: the creds and renew responses carry the token itself.
 	run(true, "write", "broker/config/tb", "provider=tinvest", "token="+sandbox.TInvestFullToken, "base_url="+e.sbURL+sandbox.TInvestPrefix)
 	readConfig("tb")
@@ -83,6 +86,11 @@ func TestNoLongLivedSecretLeaks(t *testing.T) {
 	run(false, "write", "broker/config/bad3", "provider=chatapp", "email="+sandbox.ChatAppEmail, "password="+sandbox.ChatAppPassword+"x",
 		"app_id="+sandbox.ChatAppAppID, "base_url="+e.sbURL)
 	run(false, "write", "broker/config/bad4", "provider=tinvest", "token="+sandbox.TInvestFullToken+"x", "base_url="+e.sbURL+sandbox.TInvestPrefix)
+	bcsDeleted := e.sb.IssueBCSToken(sandbox.BCSTokenOptions{ReadOnly: true})
+	e.sb.DeleteBCSToken(bcsDeleted)
+	bcsTampered := bcsDeleted[:len(bcsDeleted)-4] + "AAAA"
+	run(false, "write", "broker/config/bad5", "provider=bcs", "refresh_token="+bcsDeleted, "base_url="+e.sbURL)
+	run(false, "write", "broker/config/bad6", "provider=bcs", "refresh_token="+bcsTampered, "base_url="+e.sbURL)
 	e.sb.InjectFault("POST /v1/sessions", 503, -1)
 	run(true, "write", "-f", "broker/config/finam/retire")
 	run(false, "read", "broker/creds/finam")
@@ -100,7 +108,7 @@ func TestNoLongLivedSecretLeaks(t *testing.T) {
 		run(true, "write", "-f", "broker/config/"+name+"/retire")
 		run(false, "read", "broker/creds/"+name)
 	}
-	for _, name := range []string{"finam", "alor", "chat", "tb"} {
+	for _, name := range []string{"finam", "alor", "chat", "tb", "bcs"} {
 		readConfig(name)
 	}
 	e.cli("audit", "disable", "file")
@@ -121,6 +129,13 @@ func TestNoLongLivedSecretLeaks(t *testing.T) {
 		"Finam wrong secret":   sandbox.FinamSecret + "x",
 		"ALOR wrong token":     sandbox.AlorRefreshToken + "x",
 		"ChatApp bad password": sandbox.ChatAppPassword + "x",
+	}
+	secrets["BCS tampered token"] = bcsTampered
+	for i, rt := range e.sb.BCSIssuedRefreshTokens() {
+		secrets[fmt.Sprintf("BCS refresh token #%d", i+1)] = rt
+	}
+	if n := len(e.sb.BCSIssuedRefreshTokens()); n < 5 {
+		t.Fatalf("only %d BCS refresh tokens issued: the flows did not rotate", n)
 	}
 	for i, rt := range e.sb.ChatAppIssuedRefreshTokens() {
 		secrets[fmt.Sprintf("ChatApp refresh token #%d", i+1)] = rt

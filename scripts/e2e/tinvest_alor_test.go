@@ -72,6 +72,8 @@ func TestAlorEndToEnd(t *testing.T) {
 	if r.OK() || !strings.Contains(r.Stderr, "403") || !strings.Contains(r.Stderr, "developer portal") {
 		t.Fatalf("bad refresh token: %s", r)
 	}
+	// Roles share this server: they use configs of their own.
+	t.Run("roles", func(t *testing.T) { testRoles(t, e) })
 	if strings.Contains(e.vault.Log(), sandbox.AlorRefreshToken) {
 		t.Fatal("the ALOR refresh token appears in the Vault server log")
 	}

@@ -1,5 +1,6 @@
-// Package sandbox serves local fakes of the brokers' token APIs, following
-// their published protocols (docs/sandbox.md): real signed JWTs with exp,
+// Package sandbox serves local fakes of the brokers' token APIs (Finam,
+// T-Invest, ALOR, ChatApp and BCS), following their published protocols
+// (docs/sandbox.md): real signed JWTs with exp,
 // the brokers' error bodies, rate limits, and switches to inject latency,
 // faults and revocation. It counts calls per endpoint so tests and
 // benchmarks can assert upstream traffic.
@@ -44,6 +45,7 @@ type Server struct {
 
 	tinvest *tinvestFake
 	chatapp *chatappFake
+	bcs     *bcsFake
 }
 
 type fault struct {
@@ -79,6 +81,7 @@ func New(opts Options) *Server {
 	s.tinvest = registerTInvest(s)
 	s.alor = newAlor(s)
 	s.chatapp = registerChatApp(s)
+	s.bcs = registerBCS(s)
 	s.registerAdmin()
 	return s
 }
@@ -168,6 +171,7 @@ func (s *Server) Endpoints() []string {
 	eps = append(eps, s.tinvest.endpoints()...)
 	eps = append(eps, s.alor.endpoints()...)
 	eps = append(eps, s.chatapp.endpoints()...)
+	eps = append(eps, s.bcs.endpoints()...)
 	sort.Strings(eps)
 	return eps
 }
