@@ -23,7 +23,7 @@ vault:
 	@scripts/build-vault.sh
 
 dev: build vault
-	@VERSION=$(VERSION) scripts/dev.sh
+	@VERSION=$(VERSION) exec scripts/dev.sh
 
 test: check unit e2e
 

@@ -178,50 +178,18 @@ func parseLeaseBounds(d *framework.FieldData, cfg *brokerConfig, _ provider.Spec
 // parseOptions sets the options some providers take (providerOptions),
 // refusing one that does not apply to this provider.
 func (b *backend) parseOptions(d *framework.FieldData, cfg *brokerConfig, spec provider.Spec) error {
-	for _, opt := range slices.Sorted(maps.Keys(providerOptions)) {
+	opts := slices.Sorted(maps.Keys(providerOptions))
+	for _, opt := range opts {
 		applies := providerOptions[opt].applies
 		if _, ok := d.GetOk(opt); ok && !applies(spec) {
 			return badField(opt, "does not apply to provider %s (only to %s)", cfg.Provider, strings.Join(b.providersWhere(applies), ", "))
 		}
 	}
-	if v, ok := d.GetOk("refresh_token_expires_at"); ok {
-		cfg.SecretExpiresAt = time.Time{}
-		if s := strings.TrimSpace(v.(string)); s != "" {
-			t, err := parseDate(s)
-			if err != nil {
-				return badField("refresh_token_expires_at", "%v", err)
+	for _, opt := range opts {
+		if v, ok := d.GetOk(opt); ok {
+			if err := providerOptions[opt].parse(b, v, cfg, spec); err != nil {
+				return err
 			}
-			if !t.After(b.now()) {
-				return badField("refresh_token_expires_at", "%s is in the past: the refresh token has expired; create a new one on the developer portal", formatTime(t))
-			}
-			cfg.SecretExpiresAt = t
-		}
-	}
-	if v, ok := d.GetOk("expiry_warning"); ok {
-		cfg.ExpiryWarning = time.Duration(v.(int)) * time.Second
-		if cfg.ExpiryWarning < 0 {
-			return badField("expiry_warning", "must not be negative")
-		}
-	}
-	if v, ok := d.GetOk("make_budget"); ok {
-		cfg.MakeBudget = v.(int)
-		if limit := spec.Quota.Limit; cfg.MakeBudget < 1 || cfg.MakeBudget > limit {
-			return badField("make_budget", "must be between 1 and %d (%s's daily limit)", limit, spec.Display)
-		}
-	}
-	if v, ok := d.GetOk("rotation_fraction"); ok {
-		cfg.RotationFraction = v.(float64)
-		if cfg.RotationFraction <= 0 || cfg.RotationFraction >= 1 {
-			return badField("rotation_fraction", "must be between 0 and 1 (exclusive)")
-		}
-	}
-	if v, ok := d.GetOk("keep_alive"); ok {
-		cfg.NoKeepAlive = !v.(bool)
-	}
-	if v, ok := d.GetOk("validation_interval"); ok {
-		cfg.ValidationInterval = time.Duration(v.(int)) * time.Second
-		if cfg.ValidationInterval != 0 && cfg.ValidationInterval < time.Minute {
-			return badField("validation_interval", "must be at least 1m")
 		}
 	}
 	return nil

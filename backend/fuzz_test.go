@@ -24,6 +24,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
 )
@@ -302,7 +303,7 @@ func FuzzParseInternal(f *testing.F) {
 			}
 			_ = json.Unmarshal(raw, &sent)
 			if in.config != sent.Config || in.tokenID != sent.TokenID || in.readonly != readonly ||
-				!in.expiresAt.Equal(exp) || !reflect.DeepEqual(nonNil(in.accounts), nonNil(sent.Accounts)) {
+				!in.expiresAt.Equal(exp) || !reflect.DeepEqual(provider.NonNil(in.accounts), provider.NonNil(sent.Accounts)) {
 				t.Fatalf("round trip changed the lease: %+v from %s", in, raw)
 			}
 		}

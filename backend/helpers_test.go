@@ -21,25 +21,32 @@ const (
 
 type harness struct {
 	t *testing.T
-	// offset moves the backends' clock ahead of the sandbox's (skip), so a
-	// token minted by the sandbox ages without the test sleeping.
-	offset  atomic.Int64
+	// skipped is how far skip has moved the harness clock past real time.
+	// The one clock (now) is the backends' and the sandbox's: a token ages
+	// on both sides of the wire at once, without the test sleeping.
+	skipped atomic.Int64
 	b       *backend
 	storage logical.Storage
 	sb      *sandbox.Server
 	url     string
 }
 
-// newHarness starts a sandbox on loopback and a backend on in-memory storage.
+// newHarness starts a sandbox on loopback and a backend on in-memory
+// storage, both on the harness clock.
 func newHarness(t *testing.T, opts sandbox.Options) *harness {
 	t.Helper()
-	sb := sandbox.New(opts)
-	srv := httptest.NewServer(sb)
+	h := &harness{t: t}
+	opts.Now = h.now
+	h.sb = sandbox.New(opts)
+	srv := httptest.NewServer(h.sb)
 	t.Cleanup(srv.Close)
-	h := &harness{t: t, sb: sb, url: srv.URL}
+	h.url = srv.URL
 	h.b, h.storage = h.newBackend(nil)
 	return h
 }
+
+// now is the harness clock: real time moved on by every skip.
+func (h *harness) now() time.Time { return time.Now().Add(time.Duration(h.skipped.Load())) }
 
 // newBackend builds a backend, on the given storage or a fresh one.
 func (h *harness) newBackend(s logical.Storage) (*backend, logical.Storage) {
@@ -50,8 +57,7 @@ func (h *harness) newBackend(s logical.Storage) (*backend, logical.Storage) {
 	} else {
 		conf.StorageView = &logical.InmemStorage{}
 	}
-	clock := func() time.Time { return time.Now().Add(time.Duration(h.offset.Load())) }
-	lb, err := FactoryWith(Options{Version: "v0.0.0-test", Clock: clock})(context.Background(), conf)
+	lb, err := FactoryWith(Options{Version: "v0.0.0-test", Clock: h.now})(context.Background(), conf)
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -147,5 +153,6 @@ func containsAll(s string, subs ...string) bool {
 	return true
 }
 
-// skip ages every token the backends hold by d, as if d had passed.
-func (h *harness) skip(d time.Duration) { h.offset.Add(int64(d)) }
+// skip moves the harness clock on by d, as if d had passed: every token
+// ages by d, in the backends and in the sandbox alike.
+func (h *harness) skip(d time.Duration) { h.skipped.Add(int64(d)) }

@@ -6,8 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net/http"
-	"sync"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -69,6 +67,7 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		AllowedAccounts: accounts,
 		RequireReadOnly: cfg.RequireReadOnly,
 		ReserveQuota:    b.reserveQuota(cfg),
+		Now:             b.now,
 	})
 	if err != nil {
 		var re *provider.RotatedError
@@ -99,78 +98,15 @@ func rejectedSecret(err error) bool {
 
 func toStored(t *provider.Token) *storedToken {
 	sum := sha256.Sum256([]byte(t.AccessToken))
-	accounts := t.AccountIDs
-	if accounts == nil {
-		accounts = []string{}
-	}
 	return &storedToken{
 		ID:          hex.EncodeToString(sum[:12]),
 		AccessToken: t.AccessToken,
 		IssuedAt:    t.IssuedAt,
 		ExpiresAt:   t.ExpiresAt,
-		AccountIDs:  accounts,
+		AccountIDs:  provider.NonNil(t.AccountIDs),
 		ReadOnly:    t.ReadOnly,
 		Details:     t.Details,
 	}
-}
-
-// newClient builds the HTTP client of one config: its broker's limits over
-// the connection pool shared by configs that trust the same CAs. Closing
-// the client releases its share of the pool.
-func (b *backend) newClient(spec provider.Spec, cfg *brokerConfig) (*upstream.Client, error) {
-	tr, release, err := b.transport(cfg.CACert)
-	if err != nil {
-		return nil, err
-	}
-	c, err := upstream.New(upstream.Options{
-		Broker:        spec.Display,
-		Transport:     tr,
-		RatePerMinute: spec.RatePerMinute,
-		RatePerOp:     spec.RatePerOp,
-		MaxConcurrent: spec.MaxConcurrent,
-		Observe:       b.metrics.observeUpstream(spec.Name),
-		OnClose:       release,
-	})
-	if err != nil {
-		release()
-	}
-	return c, err
-}
-
-// sharedTransport is a connection pool and the clients using it.
-type sharedTransport struct {
-	tr    *http.Transport
-	users int
-}
-
-// transport returns the connection pool shared by every client that trusts
-// the same CAs (most trust the system roots: one pool for the mount) and
-// the release its user calls when done; the last release closes the pool,
-// so refused writes with made-up CAs leave nothing behind.
-func (b *backend) transport(caPEM string) (*http.Transport, func(), error) {
-	key := sha256.Sum256([]byte(caPEM))
-	b.trMu.Lock()
-	defer b.trMu.Unlock()
-	sh, ok := b.transports[key]
-	if !ok {
-		tr, err := upstream.NewTransport(caPEM, b.extraRoots...)
-		if err != nil {
-			return nil, nil, err
-		}
-		sh = &sharedTransport{tr: tr}
-		b.transports[key] = sh
-	}
-	sh.users++
-	return sh.tr, sync.OnceFunc(func() {
-		b.trMu.Lock()
-		defer b.trMu.Unlock()
-		if sh.users--; sh.users == 0 {
-			sh.tr.CloseIdleConnections()
-			if b.transports[key] == sh {
-				delete(b.transports, key)
-			}
-		}
-	}), nil
 }
 
 func baseURL(spec provider.Spec, cfg *brokerConfig) string {

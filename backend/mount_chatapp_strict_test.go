@@ -1,7 +1,6 @@
 package backend
 
 import (
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,15 +16,6 @@ import (
 // refresh ahead, a read past the usable life, rotate-root), and never serve
 // the token a refresh killed.
 func TestMountChatAppAccessDiesAtRefresh(t *testing.T) {
-	// The sandbox's clock moves with the backend's: a pair ChatApp issues
-	// after a skip must look fresh to the backend. (The provider stamps
-	// IssuedAt with the real clock, so a pair issued after a skip looks
-	// longer-lived than it is: no step ages such a pair.)
-	var offset atomic.Int64
-	skip := func(h *harness, d time.Duration) {
-		h.skip(d)
-		offset.Add(int64(d))
-	}
 	steps := []struct {
 		name string
 		// act moves time or asks for a rotation; the read follows.
@@ -33,11 +23,11 @@ func TestMountChatAppAccessDiesAtRefresh(t *testing.T) {
 		// refreshes is how many tokens.refresh calls the step may cost.
 		refreshes int
 	}{
-		{"reads at mid-life refresh nothing", func(h *harness) { skip(h, 12*time.Hour) }, 0},
-		{"a read past the usable life refreshes once", func(h *harness) { skip(h, 12*time.Hour-30*time.Second) }, 1},
+		{"reads at mid-life refresh nothing", func(h *harness) { h.skip(12 * time.Hour) }, 0},
+		{"a read past the usable life refreshes once", func(h *harness) { h.skip(12*time.Hour - 30*time.Second) }, 1},
 		{"rotate-root refreshes once", func(h *harness) { h.mustOK(logical.UpdateOperation, "rotate-root/chat", nil) }, 1},
 	}
-	h := newHarness(t, sandbox.Options{Now: func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }})
+	h := newHarness(t, sandbox.Options{})
 	h.sb.SetChatAppAccessDiesAtRefresh(true)
 	if resp, err := h.do(logical.UpdateOperation, "config/chat", map[string]any{"provider": "chatapp", "email": sandbox.ChatAppEmail,
 		"password": sandbox.ChatAppPassword, "app_id": sandbox.ChatAppAppID, "base_url": h.url}); errText(resp, err) != "" {

@@ -158,7 +158,7 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 			data["rotated_refresh_token"] = len(rec.Rotated) > 0
 		}
 		if rotatesAhead(spec) {
-			data["rotation_fraction"] = cmp.Or(cfg.RotationFraction, 0.5)
+			data["rotation_fraction"] = cfg.rotationFraction()
 		}
 		if passthrough(spec) {
 			data["validation_interval"] = int64(cmp.Or(cfg.ValidationInterval, defaultValidationInterval) / time.Second)

@@ -9,6 +9,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 )
 
 const settingsKey = "settings"
@@ -61,7 +63,7 @@ func (b *backend) pathSettingsRead(ctx context.Context, req *logical.Request, _ 
 	if err != nil {
 		return nil, err
 	}
-	return &logical.Response{Data: map[string]any{"allowed_hosts": nonNil(ms.AllowedHosts)}}, nil
+	return &logical.Response{Data: map[string]any{"allowed_hosts": provider.NonNil(ms.AllowedHosts)}}, nil
 }
 
 func (b *backend) pathSettingsWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {

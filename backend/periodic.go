@@ -1,13 +1,8 @@
 package backend
 
 import (
-	"cmp"
-	"container/heap"
 	"context"
 	"errors"
-	"maps"
-	"slices"
-	"sync"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -15,128 +10,19 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 )
 
-// Periodic work is scheduled per config in a min-heap keyed by due time, so
-// a tick costs time in proportion to what is due, not to the number of
-// configs. The heap is built from storage once, on the first tick after the
-// backend starts, and kept current by config writes and deletes.
+// The scheduling policy: when each config next needs periodic work
+// (nextDue: a passthrough token's keep-alive, a rotating secret's proactive
+// refresh, the retry after a failure) and the tick that runs what is due.
+// The configs wait in the schedule (schedule.go), built from storage once,
+// on the first tick after the backend starts, and kept current by config
+// writes and deletes.
 
 const (
-	// defaultValidationInterval: a broker may kill a passthrough token
-	// some time after its last use (months); a daily validation keeps them alive and shows a
-	// revocation early.
-	defaultValidationInterval = 24 * time.Hour
 	// retryFailedValidation is how soon a failed keep-alive is retried.
 	retryFailedValidation = time.Hour
 	// maxDuePerTick bounds one tick; the rest stays due for the next.
 	maxDuePerTick = 256
 )
-
-type dueItem struct {
-	name  string
-	at    time.Time
-	index int
-}
-
-type dueHeap []*dueItem
-
-func (h dueHeap) Len() int           { return len(h) }
-func (h dueHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
-func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i]; h[i].index = i; h[j].index = j }
-func (h *dueHeap) Push(x any)        { it := x.(*dueItem); it.index = len(*h); *h = append(*h, it) }
-func (h *dueHeap) Pop() any {
-	old := *h
-	it := old[len(old)-1]
-	*h = old[:len(old)-1]
-	it.index = -1
-	return it
-}
-
-// schedule is the set of configs with periodic work and when it is due.
-type schedule struct {
-	mu     sync.Mutex
-	loaded bool
-	h      dueHeap
-	items  map[string]*dueItem
-	// pending are the index's hours not read yet, in order.
-	pending []int64
-	// idxMu serialises writes of the persisted index; persisted is the
-	// hour each config's index entry is under, where known; unpersisted
-	// are configs whose entry could not be written (written again at the
-	// next tick).
-	idxMu       sync.Mutex
-	persisted   map[string]int64
-	unpersisted map[string]bool
-}
-
-func newSchedule() *schedule {
-	return &schedule{items: map[string]*dueItem{}, persisted: map[string]int64{}, unpersisted: map[string]bool{}}
-}
-
-// retryUnpersisted writes again the index entries that failed.
-func (b *backend) retryUnpersisted(ctx context.Context) {
-	b.sched.idxMu.Lock()
-	names := slices.Collect(maps.Keys(b.sched.unpersisted))
-	b.sched.idxMu.Unlock()
-	for _, name := range names {
-		b.sched.mu.Lock()
-		var at time.Time
-		if it, ok := b.sched.items[name]; ok {
-			at = it.at
-		}
-		b.sched.mu.Unlock()
-		b.reschedule(ctx, name, at)
-	}
-}
-
-// set schedules name at at (zero time: no periodic work).
-func (s *schedule) set(name string, at time.Time) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	it, ok := s.items[name]
-	switch {
-	case at.IsZero() && ok:
-		heap.Remove(&s.h, it.index)
-		delete(s.items, name)
-	case at.IsZero():
-	case ok:
-		it.at = at
-		heap.Fix(&s.h, it.index)
-	default:
-		it = &dueItem{name: name, at: at}
-		heap.Push(&s.h, it)
-		s.items[name] = it
-	}
-}
-
-// setIfAbsent schedules name at at unless it is already scheduled (a
-// write or a refresh since knows better).
-func (s *schedule) setIfAbsent(name string, at time.Time) {
-	s.mu.Lock()
-	_, ok := s.items[name]
-	s.mu.Unlock()
-	if !ok {
-		s.set(name, at)
-	}
-}
-
-// popDue removes and returns up to max names due at now.
-func (s *schedule) popDue(now time.Time, max int) []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var out []string
-	for len(s.h) > 0 && !s.h[0].at.After(now) && len(out) < max {
-		it := heap.Pop(&s.h).(*dueItem)
-		delete(s.items, it.name)
-		out = append(out, it.name)
-	}
-	return out
-}
-
-func (s *schedule) size() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.h)
-}
 
 // nextDue is when a config next needs periodic work (zero: never).
 func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
@@ -162,10 +48,7 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 	if cfg.NoKeepAlive {
 		return time.Time{} // the operator chose the broker's own inactivity expiry
 	}
-	interval := cfg.ValidationInterval
-	if interval <= 0 {
-		interval = defaultValidationInterval
-	}
+	interval := cfg.validationInterval()
 	last := rec.LastRefresh
 	if rec.LastErrorAt.After(last) {
 		return rec.LastErrorAt.Add(min(interval, retryFailedValidation))
@@ -180,7 +63,7 @@ func (b *backend) nextDue(cfg *brokerConfig, rec tokenRecord) time.Time {
 }
 
 // nextRotation is when a rotating pair is refreshed proactively: once
-// rotation_fraction (default half) of the refresh token's life has passed,
+// rotation_fraction (cfg.rotationFraction) of the refresh token's life has passed,
 // so it never dies unused. After a failure it is retried within the hour.
 func (b *backend) nextRotation(cfg *brokerConfig, rec tokenRecord) time.Time {
 	if rec.SecretExpiresAt.IsZero() || rec.LastRefresh.IsZero() {
@@ -191,8 +74,7 @@ func (b *backend) nextRotation(cfg *brokerConfig, rec tokenRecord) time.Time {
 		left := rec.SecretExpiresAt.Sub(rec.LastErrorAt)
 		return rec.LastErrorAt.Add(min(retryFailedValidation, max(time.Minute, left/4)))
 	}
-	frac := cmp.Or(cfg.RotationFraction, 0.5)
-	return rec.LastRefresh.Add(time.Duration(float64(rec.SecretExpiresAt.Sub(rec.LastRefresh)) * frac))
+	return rec.LastRefresh.Add(time.Duration(float64(rec.SecretExpiresAt.Sub(rec.LastRefresh)) * cfg.rotationFraction()))
 }
 
 // periodicFunc runs due keep-alive work. Vault calls it about once a minute;

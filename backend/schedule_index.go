@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -238,5 +239,21 @@ func (b *backend) loadDueHours(ctx context.Context, s logical.Storage, upTo int6
 		b.sched.mu.Lock()
 		b.sched.pending = b.sched.pending[1:]
 		b.sched.mu.Unlock()
+	}
+}
+
+// retryUnpersisted writes again the index entries that failed.
+func (b *backend) retryUnpersisted(ctx context.Context) {
+	b.sched.idxMu.Lock()
+	names := slices.Collect(maps.Keys(b.sched.unpersisted))
+	b.sched.idxMu.Unlock()
+	for _, name := range names {
+		b.sched.mu.Lock()
+		var at time.Time
+		if it, ok := b.sched.items[name]; ok {
+			at = it.at
+		}
+		b.sched.mu.Unlock()
+		b.reschedule(ctx, name, at)
 	}
 }

@@ -15,15 +15,24 @@ mkdir -p "$work"
 export VAULT_ADDR="http://127.0.0.1:$VAULT_PORT" VAULT_TOKEN=root
 
 pids=()
-cleanup() {
-  trap - INT TERM EXIT
-  echo
-  echo "==> Stopping Vault and the sandbox"
+stop_all() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+}
+# A stop the user asked for (Ctrl-C, a kill) says so and exits 0.
+stopped() { # why
+  trap - INT TERM EXIT
+  echo
+  step "Stopped ($1): stopping Vault and the sandbox"
+  stop_all
+  step "Stopped."
   exit 0
 }
-trap cleanup INT TERM EXIT
+trap 'stopped Ctrl-C' INT
+trap 'stopped "SIGTERM"' TERM
+# Anything else that ends the script (a failed step) stops what it started;
+# fail has said why.
+trap 'status=$?; trap - EXIT; stop_all; exit "$status"' EXIT
 
 step() { printf '==> %s\n' "$*"; }
 fail() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -86,7 +95,12 @@ cat <<BANNER
   Ctrl-C stops Vault and the sandbox.
 
 BANNER
-wait -n "${pids[@]}" || true
-trap - EXIT
-for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-fail "Vault or the sandbox exited; see tmp/dev/*.log"
+status=0
+wait -n "${pids[@]}" || status=$?
+# Vault and the sandbox exit 0 (or die of the signal) only when told to
+# stop: Ctrl-C reaches them too, and reaches this script's trap only when
+# SIGINT was not ignored at its start (a terminal; not a background job).
+case $status in
+  0 | 130 | 143) stopped "Vault or the sandbox was told to stop" ;;
+esac
+fail "Vault or the sandbox exited with status $status; see tmp/dev/*.log"

@@ -108,8 +108,8 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 	if err != nil {
 		return nil, err
 	}
-	received := time.Now()
-	jwt, err := accessToken(resp.Body, refresh)
+	received := req.Time()
+	jwt, err := accessToken(resp, refresh)
 	if err != nil {
 		return nil, err
 	}
@@ -147,11 +147,11 @@ func notReadOnly(tok *provider.Token) error {
 
 // accessToken reads the JWT from the response {"AccessToken": ...} (that
 // casing, as ALOR's docs and its .NET SDK show).
-func accessToken(body []byte, refresh string) (string, error) {
+func accessToken(resp *upstream.Response, refresh string) (string, error) {
 	var m map[string]json.RawMessage
-	if err := json.Unmarshal(body, &m); err != nil {
+	if err := json.Unmarshal(resp.Body, &m); err != nil {
 		// Never quoted: a 2xx body may carry part of a fresh token.
-		return "", badResponse(fmt.Sprintf("response is not the expected JSON (a %d-byte body)", len(body)))
+		return "", badResponse(upstream.NotExpectedJSON(resp, ""))
 	}
 	raw, ok := m["AccessToken"]
 	if !ok {
@@ -204,7 +204,7 @@ func tokenFrom(jwt string, received time.Time, allowed []string) (*provider.Toke
 		details["portfolios"] = portfolios
 	}
 	if agreementsPresent {
-		details["agreements"] = nonNil(agreements)
+		details["agreements"] = provider.NonNil(agreements)
 	}
 	if sub, ok := claims["sub"].(string); ok && sub != "" {
 		details["login"] = sub
@@ -229,13 +229,6 @@ func tokenFrom(jwt string, received time.Time, allowed []string) (*provider.Toke
 		ReadOnly: scopePresent && len(scope) > 0 && readOnly(scope),
 		Details:  details,
 	}, nil
-}
-
-func nonNil(s []string) []string {
-	if s == nil {
-		return []string{}
-	}
-	return s
 }
 
 // words reads a claim ALOR sends as a space-separated string. A JSON list of
@@ -342,9 +335,6 @@ func classify(call upstream.Call, r *upstream.Response, env string, narrowing bo
 	case r.Status == http.StatusTooManyRequests:
 		e.Failure = upstream.RateLimited
 		e.Hint = "ALOR allows a limited number of concurrent requests"
-	case r.Status >= 500:
-		e.Failure = upstream.Unavailable
-		e.Hint = "ALOR is failing; try again later"
 	case r.Status == http.StatusBadRequest && narrowing:
 		e.Hint = "check allowed_accounts: ALOR refuses to narrow a token to a portfolio this refresh token does not reach"
 	}
@@ -368,7 +358,7 @@ func message(body []byte) string {
 }
 
 func badResponse(msg string) *upstream.Error {
-	return &upstream.Error{Broker: display, Op: opRefresh, Failure: upstream.BadResponse, Message: msg}
+	return upstream.BadResponseError(display, opRefresh, msg)
 }
 
 // Ensure Provider satisfies the interface.

@@ -64,7 +64,7 @@ func FuzzAccessToken(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, body string) {
 		served := strings.ReplaceAll(body, fuzzRefreshMarker, fuzzRefresh)
-		got, err := accessToken([]byte(served), fuzzRefresh)
+		got, err := accessToken(&upstream.Response{Body: []byte(served)}, fuzzRefresh)
 		if err != nil {
 			if got != "" {
 				t.Fatal("token and error")

@@ -46,7 +46,6 @@ const (
 	hintQuota       = "tokens.make is limited to 100 a day per email and appId"
 	hintRefresh     = "the refresh token is no longer valid; the plugin falls back to tokens.make"
 	hintAccess      = "the access token is invalid or expired: refresh the pair"
-	hintUnavailable = "ChatApp is failing; try again later"
 	hintKept        = "the answer carries a new refresh token, which is kept: the next refresh uses it, with no tokens.make"
 	hintNotChatApp  = "not taken as a refusal by ChatApp: the stored refresh token and login are kept and tried again later; if this lasts, check base_url and any proxy or firewall between Vault and ChatApp"
 )
@@ -168,7 +167,7 @@ func refresh(ctx context.Context, req provider.Request, rt string, secrets []str
 	if err != nil {
 		return nil, err
 	}
-	return tokenFrom(opRefresh, data, false, odd...)
+	return tokenFrom(opRefresh, data, req.Time(), false, odd...)
 }
 
 // makePair spends one tokens.make, after ReserveQuota agreed.
@@ -196,7 +195,7 @@ func makePair(ctx context.Context, req provider.Request, secrets []string) (*pro
 	if err != nil {
 		return nil, err
 	}
-	return tokenFrom(opMake, data, true, odd...)
+	return tokenFrom(opMake, data, req.Time(), true, odd...)
 }
 
 // Check calls tokens.check: nil when ChatApp accepts the access token, a
@@ -275,7 +274,7 @@ func do(ctx context.Context, c *upstream.Client, call upstream.Call) (json.RawMe
 	if err := json.Unmarshal(resp.Body, &env); err != nil {
 		// The body of a successful answer holds fresh tokens the scrubber
 		// does not know: describe it, never quote it.
-		return nil, nil, badResponse(call.Op, fmt.Sprintf("response is not the expected JSON (%d bytes)", len(resp.Body)))
+		return nil, nil, badResponse(call.Op, upstream.NotExpectedJSON(resp, ""))
 	}
 	var odd []string
 	switch string(bytes.TrimSpace(env.Success)) {
@@ -335,8 +334,6 @@ func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
 	switch {
 	case e.Failure == upstream.RateLimited && call.Op == opMake:
 		e.Hint = hintQuota
-	case e.Failure == upstream.Unavailable:
-		e.Hint = hintUnavailable
 	case e.Failure != upstream.Unauthorized:
 	case call.Op == opMake:
 		e.Hint = hintCredentials
@@ -419,8 +416,7 @@ func isQuotaCode(code string) bool {
 // *provider.RotatedError holding the new refresh token (and its end time,
 // when that was readable) around the BadResponse, so that the backend stores
 // it. The error names fields and never holds a token.
-func tokenFrom(op string, data json.RawMessage, made bool, odd ...string) (*provider.Token, error) {
-	received := time.Now()
+func tokenFrom(op string, data json.RawMessage, received time.Time, made bool, odd ...string) (*provider.Token, error) {
 	var raw pair
 	if d := bytes.TrimSpace(data); len(d) == 0 || d[0] != '{' || json.Unmarshal(d, &raw) != nil {
 		return nil, badResponse(op, strings.Join(append([]string{"response has no readable data object"}, odd...), "; "))
@@ -555,7 +551,7 @@ func secretList(s map[string]string) []string {
 }
 
 func badResponse(op, msg string) *upstream.Error {
-	return &upstream.Error{Broker: display, Op: op, Failure: upstream.BadResponse, Message: msg}
+	return upstream.BadResponseError(display, op, msg)
 }
 
 // Ensure Provider satisfies the interface.

@@ -179,7 +179,7 @@ func FuzzTokenFrom(f *testing.F) {
 	f.Add(`"data"`, false)
 	f.Add(``, false)
 	f.Fuzz(func(t *testing.T, data string, made bool) {
-		tok, err := tokenFrom(opRefresh, json.RawMessage(data), made)
+		tok, err := tokenFrom(opRefresh, json.RawMessage(data), time.Now(), made)
 		kept := usableRefresh(data)
 		if err != nil {
 			if tok != nil {

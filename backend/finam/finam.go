@@ -129,7 +129,7 @@ func (Provider) Issue(ctx context.Context, req provider.Request) (*provider.Toke
 	if auth.Token == "" {
 		return nil, badResponse(pathSessions, "no token in response")
 	}
-	received := time.Now()
+	received := req.Time()
 	var det Details
 	if err := post(ctx, req, pathDetails, map[string]string{"token": auth.Token}, true, []string{secret, auth.Token}, &det); err != nil {
 		return nil, err
@@ -254,7 +254,7 @@ func post(ctx context.Context, req provider.Request, path string, body any, idem
 	}
 	if err := json.Unmarshal(resp.Body, out); err != nil {
 		// Never quoted: a 2xx body may carry part of a fresh token.
-		return badResponse(path, "response is not the expected JSON ("+upstream.DescribeBody(resp)+")")
+		return badResponse(path, upstream.NotExpectedJSON(resp, ""))
 	}
 	return nil
 }
@@ -279,14 +279,12 @@ func classify(call upstream.Call, r *upstream.Response) *upstream.Error {
 		e.Hint = "Finam allows 200 requests a minute per method"
 	case r.Status == http.StatusNotFound:
 		e.Hint = "the account is not in this token"
-	case r.Status >= 500:
-		e.Hint = "Finam is failing; try again later"
 	}
 	return e
 }
 
 func badResponse(path, msg string) *upstream.Error {
-	return &upstream.Error{Broker: display, Op: "POST " + path, Failure: upstream.BadResponse, Message: msg}
+	return upstream.BadResponseError(display, "POST "+path, msg)
 }
 
 // Ensure Provider satisfies the interface.

@@ -161,6 +161,19 @@ type Request struct {
 	// tokens.make). It counts the call durably and refuses past the
 	// config's budget. A nil ReserveQuota forbids such calls.
 	ReserveQuota func(ctx context.Context) error
+	// Now is the backend's clock: a provider stamps what the broker said
+	// (receipt times, lifetimes) by it, so the backend judges a token's
+	// freshness on the same clock it was stamped with. Read it through
+	// Time; nil (a provider's own tests) is the system clock.
+	Now func() time.Time
+}
+
+// Time reads the request's clock (Now), or the system clock when Now is nil.
+func (r Request) Time() time.Time {
+	if r.Now == nil {
+		return time.Now()
+	}
+	return r.Now()
 }
 
 // Token is a credential obtained from (or validated by) the broker, with what
@@ -186,6 +199,15 @@ type Token struct {
 	// SecretExpiresAt is when the (rotated) long-lived secret expires, where
 	// the broker says; zero when unknown.
 	SecretExpiresAt time.Time
+}
+
+// NonNil returns s, or an empty list when s is nil, so that JSON shows []
+// rather than null (Token.Details values, account lists).
+func NonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
 }
 
 // RotatedError is an Issue failure that comes after the broker replaced the

@@ -53,9 +53,6 @@ func classify(call upstream.Call, env string, r *upstream.Response) *upstream.Er
 		// RetryAfter is filled from x-ratelimit-reset by upstream.Client.Do.
 		e.Failure = upstream.RateLimited
 		e.Hint = "T-Invest allows 100 UsersService requests a minute per user, across all that user's tokens (configs holding tokens of one user share that budget)"
-	case r.Status >= 500:
-		e.Failure = upstream.Unavailable
-		e.Hint = "T-Invest is failing; try again later"
 	}
 	return e
 }

@@ -145,7 +145,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (*provider.T
 	if err := c.post(ctx, "GetAccounts", opGetAccts, &accts); err != nil {
 		return nil, err
 	}
-	tok, err := tokenFrom(token, env, info, accts, time.Now())
+	tok, err := tokenFrom(token, env, info, accts, req.Time())
 	if err != nil {
 		return nil, err
 	}
@@ -354,12 +354,11 @@ func (c caller) post(ctx context.Context, method, op string, out any) error {
 	if err := decodeJSON(resp.Body, out); err != nil {
 		// Described, never quoted: a 2xx body may hold a secret the
 		// scrubber does not know.
-		msg := "response is not the expected JSON (" + upstream.DescribeBody(resp) + ": " + decodeProblem(err) + ")"
-		return badResponse(op, msg, trackingID(resp.Header, call.Secrets))
+		return badResponse(op, upstream.NotExpectedJSON(resp, decodeProblem(err)), trackingID(resp.Header, call.Secrets))
 	}
 	return nil
 }
 
 func badResponse(op, msg, tracking string) *upstream.Error {
-	return &upstream.Error{Broker: display, Op: op, Failure: upstream.BadResponse, Message: withTracking(msg, tracking)}
+	return upstream.BadResponseError(display, op, withTracking(msg, tracking))
 }

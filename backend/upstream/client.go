@@ -54,7 +54,8 @@ type Options struct {
 	// Observe, if set, is told the outcome and duration of every attempt,
 	// for metrics. outcome is "ok" or a Failure's metric name.
 	Observe func(op, outcome string, d time.Duration)
-	// Clock times the waits between attempts; nil is the system clock.
+	// Clock times the waits between attempts, the client-side rate limit
+	// and the durations Observe is told; nil is the system clock.
 	Clock Clock
 	// OnClose, if set, is called once by Close (the owner of a shared
 	// Transport counts its users by it).
@@ -228,10 +229,13 @@ func (c *Client) Do(ctx context.Context, call Call, classify func(*Response) *Er
 		if ue == nil {
 			ue = c.GenericError(call, resp)
 		}
+		if ue.Hint == "" {
+			ue.Hint = DefaultHint(c.broker, ue.Failure)
+		}
 		// A broker may send rate-limit headers on every answer; "retry
 		// after" only means something on an answer that asks for a retry.
 		if ue.RetryAfter == 0 && retryableStatus(resp.Status) {
-			ue.RetryAfter = RetryAfter(resp.Header)
+			ue.RetryAfter = RetryAfter(resp.Header, c.clock.Now())
 		}
 		if call.Budget != nil && ue.Failure == RateLimited && ue.RetryAfter > 0 {
 			call.Budget.HoldUntil(c.clock.Now().Add(min(ue.RetryAfter, MaxBackgroundWait)))
@@ -281,7 +285,7 @@ func (c *Client) limited(ctx context.Context, call Call, body []byte) (*Response
 	if err := l.acquire(ctx); err != nil {
 		return nil, &Error{Broker: c.broker, Op: call.Op, Failure: Unavailable, Message: "gave up waiting for the client-side rate limit: " + err.Error()}
 	}
-	start := time.Now()
+	start := c.clock.Now()
 	resp, err := c.once(ctx, call, body)
 	l.release()
 	if c.observe != nil {
@@ -292,7 +296,7 @@ func (c *Client) limited(ctx context.Context, call Call, body []byte) (*Response
 		case resp.Status < 200 || resp.Status >= 300:
 			outcome = FailureForStatus(resp.Status).metric()
 		}
-		c.observe(call.Op, outcome, time.Since(start))
+		c.observe(call.Op, outcome, c.clock.Now().Sub(start))
 	}
 	return resp, err
 }
@@ -306,7 +310,7 @@ func (c *Client) limiter(op string) *limiter {
 	defer c.limMu.Unlock()
 	l := c.limiters[key]
 	if l == nil {
-		l = newLimiter(c.ratePerMinute, c.maxConcurrent)
+		l = newLimiter(c.ratePerMinute, c.maxConcurrent, c.clock)
 		c.limiters[key] = l
 	}
 	return l
@@ -392,14 +396,15 @@ func Excerpt(b []byte) string {
 }
 
 // RetryAfter reads how long a broker asked us to wait: Retry-After (seconds
-// or an HTTP date) or x-ratelimit-reset (seconds until the window resets).
-func RetryAfter(h http.Header) time.Duration {
+// or an HTTP date, counted from now) or x-ratelimit-reset (seconds until the
+// window resets).
+func RetryAfter(h http.Header, now time.Time) time.Duration {
 	if v := h.Get("Retry-After"); v != "" {
 		if s, err := strconv.ParseInt(v, 10, 64); err == nil && s >= 0 {
 			return seconds(s)
 		}
 		if t, err := http.ParseTime(v); err == nil {
-			return min(max(time.Until(t), 0), maxRetryAfter)
+			return min(max(t.Sub(now), 0), maxRetryAfter)
 		}
 	}
 	if v := h.Get("x-ratelimit-reset"); v != "" {

@@ -33,7 +33,7 @@ func TestRetryAfter(t *testing.T) {
 			for k, v := range tc.header {
 				h.Set(k, v)
 			}
-			if got := RetryAfter(h); got != tc.want {
+			if got := RetryAfter(h, time.Now()); got != tc.want {
 				t.Fatalf("got %v, want %v", got, tc.want)
 			}
 		})
@@ -174,16 +174,21 @@ func TestRateLimiterHoldsTheRate(t *testing.T) {
 	var calls atomic.Int32
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { calls.Add(1) }))
 	defer srv.Close()
-	// 600 a minute = 10 a second, burst 60: 80 calls need about 2 s.
-	c, _ := New(Options{Broker: "Test", RatePerMinute: 600})
-	start := time.Now()
+	// 600 a minute = 10 a second, burst 60: 80 calls wait 2 s on the
+	// client's clock (a test clock: nothing sleeps).
+	clock := newTestClock()
+	c, _ := New(Options{Broker: "Test", RatePerMinute: 600, Clock: clock})
 	for range 80 {
 		if _, err := c.Do(context.Background(), Call{Method: "GET", URL: srv.URL, Op: "GET /"}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if d := time.Since(start); d < 1500*time.Millisecond || d > 4*time.Second {
-		t.Fatalf("80 calls at 10/s after a burst of 60 took %v", d)
+	var waited time.Duration
+	for _, d := range clock.Slept() {
+		waited += d
+	}
+	if waited < 1990*time.Millisecond || waited > 2010*time.Millisecond || calls.Load() != 80 {
+		t.Fatalf("80 calls at 10/s after a burst of 60 waited %v (%d calls)", waited, calls.Load())
 	}
 }
 

@@ -43,7 +43,7 @@ func checkRetryAfter(t *testing.T, retryAfter, reset string) {
 	if reset != "" {
 		h.Set("x-ratelimit-reset", reset)
 	}
-	got := RetryAfter(h)
+	got := RetryAfter(h, time.Now())
 	if got < 0 {
 		t.Fatalf("Retry-After %q / x-ratelimit-reset %q read as a negative wait %v", retryAfter, reset, got)
 	}

@@ -9,8 +9,10 @@ import (
 // limiter keeps a client under a broker's published request rate: a token
 // bucket refilled at rate per second holding at most burst tokens, and an
 // optional cap on requests in flight. A caller waits for a slot (bounded by
-// its context) rather than earn a 429 from the broker.
+// its context) rather than earn a 429 from the broker. It refills and waits
+// on the client's clock.
 type limiter struct {
+	clock  Clock
 	mu     sync.Mutex
 	rate   float64 // tokens a second; 0: no rate limit
 	burst  float64
@@ -19,15 +21,15 @@ type limiter struct {
 	slots  chan struct{} // nil: no concurrency cap
 }
 
-func newLimiter(perMinute, maxConcurrent int) *limiter {
-	l := &limiter{}
+func newLimiter(perMinute, maxConcurrent int, clock Clock) *limiter {
+	l := &limiter{clock: clock}
 	if perMinute > 0 {
 		l.rate = float64(perMinute) / 60
 		// A burst of a tenth of a minute's budget smooths spikes without
 		// letting one spike spend the broker's whole window.
 		l.burst = max(1, float64(perMinute)/10)
 		l.tokens = l.burst
-		l.last = time.Now()
+		l.last = clock.Now()
 	}
 	if maxConcurrent > 0 {
 		l.slots = make(chan struct{}, maxConcurrent)
@@ -46,7 +48,7 @@ func (l *limiter) acquire(ctx context.Context) error {
 	}
 	for l.rate > 0 {
 		l.mu.Lock()
-		now := time.Now()
+		now := l.clock.Now()
 		l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
 		l.last = now
 		if l.tokens >= 1 {
@@ -56,13 +58,9 @@ func (l *limiter) acquire(ctx context.Context) error {
 		}
 		wait := time.Duration((1 - l.tokens) / l.rate * float64(time.Second))
 		l.mu.Unlock()
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
+		if err := l.clock.Sleep(ctx, wait); err != nil {
 			l.release()
-			return ctx.Err()
+			return err
 		}
 	}
 	return nil
