@@ -133,7 +133,7 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		"ttl":               int64(cfg.TTL / time.Second),
 		"max_ttl":           int64(cfg.MaxTTL / time.Second),
 		"require_readonly":  cfg.RequireReadOnly,
-		"allowed_accounts":  nonNil(cfg.AllowedAccounts),
+		"allowed_accounts":  provider.NonNil(cfg.AllowedAccounts),
 		"updated_at":        formatTime(cfg.UpdatedAt),
 		"last_refresh":      formatTime(rec.LastRefresh),
 		"last_error":        rec.LastError,
@@ -148,21 +148,11 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 		if declaredExpiry(spec) {
 			data["refresh_token_expires_at"] = formatTime(cfg.SecretExpiresAt)
 		}
-		if knownExpiry(spec) {
-			data["expiry_warning"] = int64(cmp.Or(cfg.ExpiryWarning, defaultExpiryWarning) / time.Second)
-		}
-		if hasQuota(spec) {
-			data["make_budget"] = cmp.Or(cfg.MakeBudget, spec.Quota.DefaultBudget)
-		}
+		showOptions(data, cfg, spec)
 		if rotating(spec) {
 			data["rotated_refresh_token"] = len(rec.Rotated) > 0
 		}
-		if rotatesAhead(spec) {
-			data["rotation_fraction"] = cfg.rotationFraction()
-		}
 		if passthrough(spec) {
-			data["validation_interval"] = int64(cmp.Or(cfg.ValidationInterval, defaultValidationInterval) / time.Second)
-			data["keep_alive"] = !cfg.NoKeepAlive
 			data["last_validated"] = formatTime(rec.LastRefresh)
 		}
 		for _, f := range spec.Fields {
@@ -291,13 +281,6 @@ func (b *backend) defaultTTLs() string {
 		return ""
 	}
 	return " (" + strings.Join(out, ", ") + ")"
-}
-
-func nonNil(s []string) []string {
-	if s == nil {
-		return []string{}
-	}
-	return s
 }
 
 func formatTime(t time.Time) string {

@@ -9,6 +9,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 )
 
 func (b *backend) pathRoles() []*framework.Path {
@@ -163,7 +165,7 @@ func (b *backend) pathRoleRead(ctx context.Context, req *logical.Request, d *fra
 func (b *backend) roleData(ctx context.Context, s logical.Storage, r *roleEntry) map[string]any {
 	data := map[string]any{
 		"config":           r.Config,
-		"allowed_accounts": nonNil(r.AllowedAccounts),
+		"allowed_accounts": provider.NonNil(r.AllowedAccounts),
 		"require_readonly": r.RequireReadOnly,
 		"ttl":              int64(r.TTL / time.Second),
 		"max_ttl":          int64(r.MaxTTL / time.Second),

@@ -187,7 +187,7 @@ func exchange(ctx context.Context, req provider.Request, refresh string, secrets
 	if err != nil {
 		return nil, err
 	}
-	received := time.Now()
+	received := req.Time()
 	ans, err := ParseTokenResponse(resp.Body)
 	if err != nil {
 		return nil, keepRotation(resp.Body, refresh, badResponse(opToken, err.Error()))
