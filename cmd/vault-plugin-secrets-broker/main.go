@@ -2,6 +2,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"time"
 
@@ -22,6 +23,12 @@ var version = "v0.0.0-dev"
 const walMinAgeEnv = "BROKER_WAL_ROLLBACK_MIN_AGE"
 
 func main() {
+	// An operator checks what a downloaded binary is before registering it
+	// (docs/install.md); Vault starts plugins with no such argument.
+	if len(os.Args) == 2 && (os.Args[1] == "-version" || os.Args[1] == "--version") {
+		fmt.Println("vault-plugin-secrets-broker", version)
+		return
+	}
 	logger := hclog.New(&hclog.LoggerOptions{})
 	opts := backend.Options{Version: version}
 	if v := os.Getenv(walMinAgeEnv); v != "" {
