@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"os"
+	"regexp"
+	"strconv"
 	"slices"
 	"strings"
 	"sync"
@@ -200,5 +203,27 @@ func TestNewerSchemaIsRefusedAndLeftAlone(t *testing.T) {
 	}
 	if f := c.brokers["fake"]; f.callCount() != calls["fake"] {
 		t.Errorf("serving the cached token minted again")
+	}
+}
+
+// TestInstallDocNamesTheSchema keeps docs/install.md's table of schemas
+// and releases true: a new schema version needs a row there, which tells an
+// operator which rollbacks stop working.
+func TestInstallDocNamesTheSchema(t *testing.T) {
+	doc, err := os.ReadFile("../docs/install.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, table, ok := strings.Cut(string(doc), "## Storage schemas")
+	if !ok {
+		t.Fatal("docs/install.md has no Storage schemas section")
+	}
+	newest := 0
+	for _, m := range regexp.MustCompile(`(?m)^\| ([0-9]+) \|`).FindAllStringSubmatch(table, -1) {
+		n, _ := strconv.Atoi(m[1])
+		newest = max(newest, n)
+	}
+	if newest != schemaVersion {
+		t.Errorf("docs/install.md's newest storage schema is %d; the plugin writes %d: add its row (and its releases)", newest, schemaVersion)
 	}
 }
