@@ -29,7 +29,10 @@ func main() {
 		fmt.Println("vault-plugin-secrets-broker", version)
 		return
 	}
-	logger := hclog.New(&hclog.LoggerOptions{})
+	// JSON lines are what Vault's plugin client parses into its own log at
+	// each line's level; plain text it logs whole at DEBUG, which a server
+	// at the default level drops, errors included.
+	logger := hclog.New(&hclog.LoggerOptions{JSONFormat: true})
 	opts := backend.Options{Version: version}
 	if v := os.Getenv(walMinAgeEnv); v != "" {
 		d, err := time.ParseDuration(v)
