@@ -39,7 +39,20 @@ e2e: vault
 	VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -count=1 -timeout 30m ./scripts/...
 
 clean:
-	rm -rf bin tmp
+	rm -rf bin tmp dist
+
+# Release artifacts (docs/install.md): a static binary, a zip per
+# linux/darwin and amd64/arm64, and SHA256SUMS, in dist/. The version is
+# stamped into the binary, so it must be given.
+# release-check (CI): builds twice, the second time with an empty build
+# cache, and fails unless SHA256SUMS are identical; two targets (one per OS,
+# one per arch) keep it to a few minutes.
+.PHONY: release release-check
+release:
+	@if [ "$(origin VERSION)" = file ]; then echo "make release needs VERSION=vX.Y.Z"; exit 1; fi
+	$(GO) run ./tools/release -version $(VERSION) -out dist
+release-check:
+	$(GO) run ./tools/release -version $(VERSION) -check -targets linux/amd64,darwin/arm64
 
 # Benchmarks (docs/performance.md): real Vault with the plugin and the sandbox,
 # against Vault's built-in kv-v2 and HashiCorp's kv as an external plugin.

@@ -69,6 +69,9 @@ type backend struct {
 	extraRoots []upstream.HostRoots
 	// refreshTimeout bounds one broker call (tests shorten it).
 	refreshTimeout time.Duration
+	// refused is set when storage was written by a newer schema: the
+	// message every request but help and revoke gets (migrations.go).
+	refused atomic.Pointer[string]
 }
 
 // Options are what a backend is built from. The zero value is the plugin as

@@ -29,9 +29,13 @@ func (b *backend) secretTypeError(req *logical.Request) error {
 	return nil
 }
 
-// HandleRequest refuses secret fields of the wrong type, then defers to the
+// HandleRequest refuses every request on storage of a newer schema
+// (migrations.go) and secret fields of the wrong type, then defers to the
 // framework.
 func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*logical.Response, error) {
+	if handled, err := b.refusal(req); handled {
+		return nil, err
+	}
 	if err := b.secretTypeError(req); err != nil {
 		return logical.ErrorResponse(err.Error()), nil
 	}
@@ -41,6 +45,11 @@ func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*log
 // HandleExistenceCheck does the same for the existence check, which Vault
 // runs before the request and which also converts fields.
 func (b *backend) HandleExistenceCheck(ctx context.Context, req *logical.Request) (bool, bool, error) {
+	// On storage of a newer schema the check would read it; "not checked"
+	// lets the request through to HandleRequest's refusal.
+	if b.refused.Load() != nil {
+		return false, false, nil
+	}
 	if err := b.secretTypeError(req); err != nil {
 		return false, false, errutil.UserError{Err: err.Error()}
 	}

@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"fmt"
+	"net/http"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -55,8 +56,15 @@ func (b *backend) initialize(ctx context.Context, req *logical.InitializationReq
 		return err
 	}
 	if version > schemaVersion {
-		return fmt.Errorf("storage was written by a newer plugin (schema %d, this plugin knows %d): upgrade the plugin, do not downgrade", version, schemaVersion)
+		err := fmt.Errorf("storage was written by a newer plugin (schema %d, this plugin knows %d): upgrade the plugin, do not downgrade", version, schemaVersion)
+		// Vault keeps routing to a mount whose initialization failed, so the
+		// refusal is remembered and given to every request (HandleRequest).
+		msg := err.Error()
+		b.refused.Store(&msg)
+		b.Logger().Error(msg)
+		return err
 	}
+	b.refused.Store(nil)
 	for v := version; v < schemaVersion; v++ {
 		if err := b.migration(v)(ctx, s); err != nil {
 			return fmt.Errorf("migrating storage from schema %d: %w", v, err)
@@ -71,4 +79,25 @@ func (b *backend) initialize(ctx context.Context, req *logical.InitializationReq
 		b.Logger().Info("storage migrated", "from", v, "to", v+1)
 	}
 	return nil
+}
+
+// refusal is what a request gets while storage holds a schema this version
+// does not know (handled false: serve it): every request but help and
+// revoke is refused, since reading could misread what a newer version wrote
+// and writing (a config write, a refresh, a rotation's recovery on the
+// rollback tick) could destroy it. Revoke reads and writes nothing, so
+// leases still end and the mount can be disabled.
+func (b *backend) refusal(req *logical.Request) (handled bool, err error) {
+	msg := b.refused.Load()
+	if msg == nil {
+		return false, nil
+	}
+	switch req.Operation {
+	case logical.HelpOperation, logical.RevokeOperation:
+		return false, nil
+	case logical.RollbackOperation:
+		// Every minute: the refusal was logged once already.
+		return true, nil
+	}
+	return true, logical.CodedError(http.StatusServiceUnavailable, *msg)
 }

@@ -2,6 +2,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"time"
 
@@ -22,7 +23,16 @@ var version = "v0.0.0-dev"
 const walMinAgeEnv = "BROKER_WAL_ROLLBACK_MIN_AGE"
 
 func main() {
-	logger := hclog.New(&hclog.LoggerOptions{})
+	// An operator checks what a downloaded binary is before registering it
+	// (docs/install.md); Vault starts plugins with no such argument.
+	if len(os.Args) == 2 && (os.Args[1] == "-version" || os.Args[1] == "--version") {
+		fmt.Println("vault-plugin-secrets-broker", version)
+		return
+	}
+	// JSON lines are what Vault's plugin client parses into its own log at
+	// each line's level; plain text it logs whole at DEBUG, which a server
+	// at the default level drops, errors included.
+	logger := hclog.New(&hclog.LoggerOptions{JSONFormat: true})
 	opts := backend.Options{Version: version}
 	if v := os.Getenv(walMinAgeEnv); v != "" {
 		d, err := time.ParseDuration(v)

@@ -58,6 +58,23 @@ func BuildPlugin(dir, version string) (string, error) {
 	return FileSHA256(out)
 }
 
+// Platform is the host's <os>_<arch>, as release file names spell it.
+func Platform() string { return runtime.GOOS + "_" + runtime.GOARCH }
+
+// BuildRelease writes the release artifacts of version for the host's
+// platform into dir with the tool `make release` runs (tools/release), so
+// the zip, the binary and SHA256SUMS are the ones an operator downloads;
+// the other platforms are skipped to save their builds.
+func BuildRelease(dir, version string) error {
+	cmd := exec.Command("go", "run", "./tools/release", "-version", version, "-out", dir,
+		"-targets", runtime.GOOS+"/"+runtime.GOARCH)
+	cmd.Dir = RepoRoot()
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("building release %s: %w\n%s", version, err, b)
+	}
+	return nil
+}
+
 // FileSHA256 hashes a file.
 func FileSHA256(path string) (string, error) {
 	f, err := os.Open(path)
