@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make dev`: the sandbox and a dev Vault with the plugin registered through
-# the catalog and mounted at broker/, config/finam and config/bcs written
-# against the sandbox. Ctrl-C stops everything.
+# the catalog and mounted at broker/, config/finam, config/bcs and config/alor
+# written against the sandbox, and one role (roles/scalper: the ALOR secret
+# narrowed to one portfolio). Ctrl-C stops everything.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -76,6 +77,13 @@ bin/vault write broker/config/bcs provider=bcs refresh_token="$bcs_token" \
   base_url="http://$SANDBOX_ADDR" require_readonly=true allowed_accounts=400123 >/dev/null
 unset bcs_token
 
+step "Writing broker/config/alor and the role broker/roles/scalper (portfolio D12345 only)"
+# The sandbox's ALOR refresh token reaches D12345, D67890 and G11111; the
+# role's bots get a JWT ALOR narrows to D12345.
+bin/vault write broker/config/alor provider=alor refresh_token=sandbox-alor-refresh \
+  base_url="http://$SANDBOX_ADDR" >/dev/null
+bin/vault write broker/roles/scalper config=alor allowed_accounts=D12345 ttl=10m >/dev/null
+
 cat <<BANNER
 
   Ready. Vault $(bin/vault version | awk '{print $2}' | tr -d ,) with $plugin $VERSION, mounted at broker/.
@@ -87,6 +95,9 @@ cat <<BANNER
 
     vault read broker/creds/finam          # a short-lived Finam JWT, as a lease
     vault read broker/creds/bcs            # a 24 h BCS access token (read-only, account 400123)
+    vault read broker/creds/alor           # an ALOR JWT reaching D12345, D67890 and G11111
+    vault read broker/creds/scalper        # role "scalper" over config alor: a JWT reaching D12345 only
+    vault read broker/roles/scalper        # the role, and what its token reaches
     vault read broker/config/finam         # settings and status, never the secret
     vault lease revoke <lease_id>          # ends that lease; other readers keep the token
     vault write -f broker/config/finam/retire   # incident switch: the next read mints anew
