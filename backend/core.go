@@ -331,7 +331,8 @@ func (b *backend) deleteConfig(ctx context.Context, s logical.Storage, name stri
 // retireConfig is the incident switch: from now on no lease receives a
 // token obtained before this moment, including one a running refresh is
 // about to deliver (its epoch is older). Rotated secrets such a refresh
-// brings are still stored. It returns the config and the token retired.
+// brings are still stored. It returns the config and the retired token that
+// expires last (the config's own or a role's).
 func (b *backend) retireConfig(ctx context.Context, s logical.Storage, name string) (*brokerConfig, *storedToken, error) {
 	st := b.acquire(name)
 	defer b.release(st)
@@ -346,7 +347,13 @@ func (b *backend) retireConfig(ctx context.Context, s logical.Storage, name stri
 	if cfg == nil {
 		return nil, nil, errConfigNotFound
 	}
-	old := rec.Token
+	// What was handed out lives until the last of them expires.
+	var old *storedToken
+	for _, t := range append([]*storedToken{rec.Token}, slices.Collect(maps.Values(rec.Narrowed))...) {
+		if t != nil && (old == nil || t.ExpiresAt.After(old.ExpiresAt)) {
+			old = t
+		}
+	}
 	rec.Token, rec.Narrowed = nil, nil
 	rec.RetiredBefore = b.now()
 	rec.RetireEpoch++
@@ -394,6 +401,15 @@ func (b *backend) putRole(ctx context.Context, s logical.Storage, name string, p
 		return nil, err
 	}
 	r.Name = name
+	if cfg, err := b.config(ctx, s, r.Config); err != nil {
+		return nil, err
+	} else if cfg != nil {
+		// Checked again under the locks below; here so that a guard the
+		// broker gives no evidence for is refused before the broker is asked.
+		if err := b.roleWithinConfig(r, cfg); err != nil {
+			return nil, err
+		}
+	}
 	if r.RequireReadOnly || len(r.AllowedAccounts) > 0 {
 		// The broker's word on the config's token, before any lock (it
 		// may call the broker).

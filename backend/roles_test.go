@@ -328,3 +328,24 @@ func TestRoleGuardsAndBoundsHoldAtRenew(t *testing.T) {
 
 // waitTimeout is the bound of a wait that must not happen.
 func waitTimeout() <-chan time.Time { return time.After(10 * time.Second) }
+
+// Retire reports when the last token it retired expires, a role's
+// narrowed one included, and a renew of a role's lease on a retired token
+// sends its holder back to the role's own path.
+func TestRetireCoversRoleTokens(t *testing.T) {
+	f := alorLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/alor", map[string]any{"provider": "fakenarrow", "secret": "s1"})
+	c.ok(logical.UpdateOperation, "roles/d1", map[string]any{"config": "alor", "allowed_accounts": "D1"})
+	c.token("creds/alor")
+	c.clock.Advance(5 * time.Minute)
+	lease := c.ok(logical.ReadOperation, "creds/d1", nil)
+	resp := c.ok(logical.UpdateOperation, "config/alor/retire", nil)
+	if got, want := resp.Data["issued_tokens_expire_at"], lease.Data["expires_at"]; got != want {
+		t.Errorf("retire says issued tokens expire at %v; the role's expires at %v", got, want)
+	}
+	renewed, err := c.renewLease(c.b, lease.Secret)
+	if err != nil || renewed.IsError() || !strings.Contains(strings.Join(renewed.Warnings, " "), "read creds/d1") {
+		t.Errorf("renew of a role's retired lease: %v %v", err, renewed)
+	}
+}

@@ -70,7 +70,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		}
 		cfg = freshCfg // the guards that hold now, not those read before the call
 		if fresh.ID != in.tokenID {
-			return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: the config now holds a different %s token; read creds/%s again", in.config, spec.Display, in.config))
+			return nil, logical.CodedError(http.StatusBadRequest, fmt.Sprintf("config %q: cannot renew: the config now holds a different %s token; read creds/%s again", in.config, spec.Display, cmp.Or(in.role, in.config)))
 		}
 		tok = fresh
 	}
@@ -96,7 +96,7 @@ func (b *backend) renewToken(ctx context.Context, req *logical.Request, _ *frame
 		// ends now, so Agent, a LifetimeWatcher or a bot reads again and
 		// moves to a token minted after the retire.
 		ttl = time.Second
-		resp.AddWarning(fmt.Sprintf("config %q: the token of this lease was retired at %s; the lease ends now: read creds/%s for a new token", in.config, formatTime(rec.RetiredBefore), in.config))
+		resp.AddWarning(fmt.Sprintf("config %q: the token of this lease was retired at %s; the lease ends now: read creds/%s for a new token", in.config, formatTime(rec.RetiredBefore), cmp.Or(in.role, in.config)))
 	}
 	resp.Secret.TTL = ttl
 	return resp, nil
