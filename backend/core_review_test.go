@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 )
 
 // Reviewer's break tests: each opens one window deterministically.
@@ -27,11 +29,11 @@ func TestReviewRetireDuringConfigWriteVerifyIsUndone(t *testing.T) {
 		defer close(done)
 		c.ok(logical.UpdateOperation, "config/x", map[string]any{"ttl": "10m"}) // same upstream, verified
 	}()
-	<-entered // the write's verifying mint is at the broker
+	waitFor(t, entered, "the write's verifying call never reached the broker") // the write's verifying mint is at the broker
 	c.ok(logical.UpdateOperation, "config/x/retire", nil)
 	verifyTok := fmt.Sprintf("fake-token-%d", f.callCount())
 	release()
-	<-done
+	waitFor(t, done, "the config write never returned")
 
 	rec, _ := c.stored("x")
 	if rec.RetireEpoch == 0 || rec.RetiredBefore.IsZero() {
@@ -255,7 +257,9 @@ func (s *holdDelStorage) Delete(ctx context.Context, k string) error {
 		default:
 			close(s.once)
 			close(s.hit)
-			<-s.release
+			if !brokertest.Held(s.release) {
+				return errNeverReleased
+			}
 		}
 	}
 	return s.Storage.Delete(ctx, k)
@@ -272,11 +276,11 @@ func TestReviewDeleteThenMintReschedulesDeletedConfig(t *testing.T) {
 	hs := &holdDelStorage{Storage: c.raw, prefix: "wal/", hit: make(chan struct{}), release: make(chan struct{}), once: make(chan struct{})}
 	c.storage.Storage = hs
 	c.dueRefresh("creds/x")
-	<-hs.hit // the refresh stored its record, released the owner, and deletes its rotation record
+	waitFor(t, hs.hit, "the refresh never deleted its rotation record") // the refresh stored its record, released the owner, and deletes its rotation record
 	c.ok(logical.DeleteOperation, "config/x", nil)
 	close(hs.release)
 	c.waitIdle("x")
-	c.b.wg.Wait()
+	waitGroup(t, &c.b.wg, "the backend's background work never finished")
 
 	c.b.sched.mu.Lock()
 	_, scheduled := c.b.sched.items["x"]

@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 )
 
@@ -45,7 +46,7 @@ func TestR1RetireDuringMintPersistIsNotUndone(t *testing.T) {
 	if got := c.dueRefresh("creds/x"); got != first {
 		t.Fatal("a valid token was not served while the refresh was due")
 	}
-	<-hit // the refresh is writing its token record
+	waitFor(t, hit, "the refresh never wrote its token record") // the refresh is writing its token record
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -53,7 +54,7 @@ func TestR1RetireDuringMintPersistIsNotUndone(t *testing.T) {
 	}()
 	c.queued("x", done)
 	release()
-	<-done
+	waitFor(t, done, "the retire never returned")
 	c.waitIdle("x")
 
 	rec, _ := c.stored("x")
@@ -114,7 +115,7 @@ func TestR8ConfigWriteDuringRefreshPersistWins(t *testing.T) {
 
 			hit, release := c.storage.holdNextPut(tokenPrefix + "x")
 			c.dueRefresh("creds/x")
-			<-hit // the refresh under the old settings is persisting
+			waitFor(t, hit, "the refresh under the old settings never persisted") // the refresh under the old settings is persisting
 			done := make(chan struct{})
 			go func() {
 				defer close(done)
@@ -122,7 +123,7 @@ func TestR8ConfigWriteDuringRefreshPersistWins(t *testing.T) {
 			}()
 			c.queued("x", done)
 			release()
-			<-done
+			waitFor(t, done, "the config write never returned")
 			c.waitIdle("x")
 
 			rec, _ := c.stored("x")
@@ -147,7 +148,7 @@ func TestR5DeleteDuringPersistDoesNotResurrect(t *testing.T) {
 
 	hit, release := c.storage.holdNextPut(tokenPrefix + "x")
 	c.dueRefresh("creds/x")
-	<-hit
+	waitFor(t, hit, "the refresh never wrote its token record")
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -155,7 +156,7 @@ func TestR5DeleteDuringPersistDoesNotResurrect(t *testing.T) {
 	}()
 	c.queued("x", done)
 	release()
-	<-done
+	waitFor(t, done, "the queued writer never returned")
 	c.waitIdle("x")
 
 	if rec, ok := c.stored("x"); ok {
@@ -182,7 +183,7 @@ func TestR4ConfigWriteJoinsSingleFlightAndWAL(t *testing.T) {
 	}
 	entered, release := f.holdNext()
 	c.dueRefresh("creds/x")
-	<-entered // a refresh-ahead is at the broker
+	waitFor(t, entered, "the refresh ahead never reached the broker") // a refresh-ahead is at the broker
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -190,7 +191,7 @@ func TestR4ConfigWriteJoinsSingleFlightAndWAL(t *testing.T) {
 	}()
 	c.queued("x", done)
 	release()
-	<-done
+	waitFor(t, done, "the queued writer never returned")
 	c.waitIdle("x")
 
 	if f.maxFlight != 1 {
@@ -221,16 +222,16 @@ func TestR3CleanupPersistsAnsweredRotation(t *testing.T) {
 	f.ignoreCtx = true // the broker answers although the plugin is being unloaded
 	entered, release := f.holdNext()
 	c.dueRefresh("creds/x")
-	<-entered
+	waitFor(t, entered, "the refresh ahead never reached the broker")
 	cleaned := make(chan struct{})
 	go func() {
 		defer close(cleaned)
 		c.b.Clean(context.Background()) // reload, step-down or seal
 	}()
 	// Clean cancels the backend's context first, then waits for the mint.
-	<-c.b.ctx.Done()
+	waitFor(t, c.b.ctx.Done(), "Clean never cancelled the backend's context")
 	release()
-	<-cleaned
+	waitFor(t, cleaned, "Clean never returned after the held rotation was answered")
 
 	rec, _ := c.stored("x")
 	if rec.Rotated["refresh_token"] != f.refresh {
@@ -247,7 +248,7 @@ func TestR3MakeAtMintDeadlineStillPersists(t *testing.T) {
 	c.b.refreshTimeout = 50 * time.Millisecond
 	// A refused refresh and a make used the whole mint timeout: the answer
 	// arrives as the mint's context ends.
-	f.onIssue = func(ctx context.Context, _ provider.Request) { <-ctx.Done() }
+	f.onIssue = func(ctx context.Context, _ provider.Request) { brokertest.Held(ctx.Done()) }
 	c.dueRefresh("creds/x")
 	c.waitIdle("x")
 
@@ -384,7 +385,7 @@ func TestRetireHoldsAcrossRestartAndInFlightMint(t *testing.T) {
 	// A mint already at the broker when the retire lands is not handed out.
 	entered, release := f.holdNext()
 	c.dueRefresh("creds/x")
-	<-entered
+	waitFor(t, entered, "the refresh ahead never reached the broker")
 	c.ok(logical.UpdateOperation, "config/x/retire", nil)
 	release()
 	c.waitIdle("x")
@@ -455,7 +456,7 @@ func TestPassthroughRenewsShareOneCall(t *testing.T) {
 	const n = 50
 	errs := make(chan error, n)
 	go func() { errs <- renew() }()
-	<-entered // one renew is asking the broker
+	waitFor(t, entered, "no renew reached the broker") // one renew is asking the broker
 	for range n - 1 {
 		go func() { errs <- renew() }()
 	}
@@ -464,7 +465,7 @@ func TestPassthroughRenewsShareOneCall(t *testing.T) {
 	until(t, "the renews never all waited on the one call", func() bool { return fl.waiters.Load() >= n })
 	release()
 	for range n {
-		if err := <-errs; err != nil {
+		if err := waitFor(t, errs, "a renew waiting on the shared call never returned"); err != nil {
 			t.Fatal(err)
 		}
 	}
