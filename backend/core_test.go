@@ -376,32 +376,45 @@ func TestRevokeEndsTheLeaseOnly(t *testing.T) {
 	}
 }
 
+// A retire holds for a mint already at the broker, and across a reload or
+// on another node. The restart half restarts straight after the retire: a
+// read on the retiring node would store a new record first, and the new
+// backend would then pass even if the retire itself were never stored.
 func TestRetireHoldsAcrossRestartAndInFlightMint(t *testing.T) {
-	f := finamLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
-	first := c.token("creds/x")
+	t.Run("in-flight mint", func(t *testing.T) {
+		f := finamLike()
+		c := newCoreHarness(t, f)
+		c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+		first := c.token("creds/x")
 
-	// A mint already at the broker when the retire lands is not handed out.
-	entered, release := f.holdNext()
-	c.dueRefresh("creds/x")
-	waitFor(t, entered, "the refresh ahead never reached the broker")
-	c.ok(logical.UpdateOperation, "config/x/retire", nil)
-	release()
-	c.waitIdle("x")
-	inflight := fmt.Sprintf("fake-token-%d", f.callCount())
-	got := c.token("creds/x")
-	if got == first || got == inflight {
-		t.Fatalf("after retire a read got a token minted before it: %q", got)
-	}
-	// A reload and a new node load the same rule from storage.
-	for i := range 2 {
-		b := c.newBackend(nil)
-		resp, err := c.doOn(b, logical.ReadOperation, "creds/x", nil)
-		if err != nil || resp.IsError() || resp.Data["access_token"] == first || resp.Data["access_token"] == inflight {
-			t.Fatalf("backend %d: %v %v", i, resp, err)
+		// A mint already at the broker when the retire lands is not handed out.
+		entered, release := f.holdNext()
+		c.dueRefresh("creds/x")
+		waitFor(t, entered, "the refresh ahead never reached the broker")
+		c.ok(logical.UpdateOperation, "config/x/retire", nil)
+		release()
+		c.waitIdle("x")
+		inflight := fmt.Sprintf("fake-token-%d", f.callCount())
+		if got := c.token("creds/x"); got == first || got == inflight {
+			t.Fatalf("after retire a read got a token minted before it: %q", got)
 		}
-	}
+	})
+	t.Run("restart straight after the retire", func(t *testing.T) {
+		f := finamLike()
+		c := newCoreHarness(t, f)
+		c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+		first := c.token("creds/x")
+		c.ok(logical.UpdateOperation, "config/x/retire", nil)
+		// A reload and a new node load the same rule from storage, with
+		// nothing stored since the retire.
+		for i := range 2 {
+			b := c.newBackend(nil)
+			resp, err := c.doOn(b, logical.ReadOperation, "creds/x", nil)
+			if err != nil || resp.IsError() || resp.Data["access_token"] == first {
+				t.Fatalf("backend %d after the retire: %v %v (first token %q)", i, resp, err, first)
+			}
+		}
+	})
 }
 
 func TestPerformanceStandbyNeverRotates(t *testing.T) {
