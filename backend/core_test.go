@@ -499,8 +499,9 @@ func TestLeasesAreShapedToSwapWithLifeToSpare(t *testing.T) {
 		age      time.Duration
 		min, max time.Duration
 	}{
-		{0, 24 * time.Second, 26 * time.Second},              // ends at a third left, up to a tenth early
-		{20 * time.Second, 5 * time.Second, 6 * time.Second}, // still before the refresh point
+		{0, 21 * time.Second, 24 * time.Second},              // ends at two fifths left, up to a tenth early
+		{20 * time.Second, 3 * time.Second, 4 * time.Second}, // still before the refresh point
+		{22 * time.Second, minLease, minLease},               // a moment before it: due already, come back shortly
 		{26 * time.Second, minLease, minLease},               // due: come back shortly, but never within Agent's one-second index
 		{35 * time.Second, minLease, minLease},
 		{39 * time.Second, time.Second, time.Second}, // never past the token's end
@@ -512,14 +513,14 @@ func TestLeasesAreShapedToSwapWithLifeToSpare(t *testing.T) {
 			}
 			// A client re-reading at 85-95% of its lease (Agent) swaps
 			// with at least a quarter of the token's life left.
-			if left := tok.ExpiresAt.Sub(issued.Add(tc.age + got*95/100)); tc.age < 26*time.Second && left < life/4 {
+			if left := tok.ExpiresAt.Sub(issued.Add(tc.age + got*95/100)); tc.age < 22*time.Second && left < life/4 {
 				t.Fatalf("age %v: the holder re-reads with %v of %v left", tc.age, left, life)
 			}
 		}
 	}
-	// A 15-minute JWT: the lease ends with 5 minutes left (minus spread).
+	// A 15-minute JWT: the lease ends with 6 minutes left (minus spread).
 	jwt := &storedToken{IssuedAt: issued, ExpiresAt: issued.Add(15 * time.Minute)}
-	if got := shapedTTL(jwt, issued); got > 10*time.Minute || got < 10*time.Minute-30*time.Second {
+	if got := shapedTTL(jwt, issued); got > 9*time.Minute || got < 9*time.Minute-30*time.Second {
 		t.Fatalf("15-minute JWT: lease %v", got)
 	}
 }
@@ -702,8 +703,8 @@ func TestRenewIsShapedAndReadiesTheNextToken(t *testing.T) {
 	}
 	// Before the refresh point a renew extends to it, not to the JWT's end.
 	c.clock.Advance(5 * time.Minute)
-	if ttl := renew().Secret.TTL; ttl > 5*time.Minute || ttl < 4*time.Minute {
-		t.Fatalf("renew with 10m of 15m left: lease %v, want up to the refresh point (5m)", ttl)
+	if ttl := renew().Secret.TTL; ttl > 4*time.Minute || ttl < 3*time.Minute {
+		t.Fatalf("renew with 10m of 15m left: lease %v, want up to the refresh point (6m left, 4m away)", ttl)
 	}
 	if f.callCount() != 1 {
 		t.Fatal("a renew before the refresh point minted")
