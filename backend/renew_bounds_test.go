@@ -98,3 +98,32 @@ func TestRenewOfReplacedTInvestTokenFails(t *testing.T) {
 		t.Fatalf("renew of token B's lease: %s", errText(resp, err))
 	}
 }
+
+// A lease's max TTL, which Vault enforces on renewals, is the config's
+// max_ttl or the token's remaining life, whichever is shorter: a max_ttl of
+// two hours on a 15-minute token must not let Vault renew the lease past
+// the token's end.
+func TestLeaseMaxTTLNeverPastTheTokenEnd(t *testing.T) {
+	cases := []struct {
+		maxTTL string
+		want   time.Duration // the lease's MaxTTL, at most
+	}{
+		{"", 15 * time.Minute},
+		{"2h", 15 * time.Minute},
+		{"10m", 10 * time.Minute},
+	}
+	for _, tc := range cases {
+		t.Run("max_ttl="+tc.maxTTL, func(t *testing.T) {
+			c := newCoreHarness(t, finamLike())
+			data := map[string]any{"provider": "fake", "secret": "s1"}
+			if tc.maxTTL != "" {
+				data["max_ttl"] = tc.maxTTL
+			}
+			c.ok(logical.UpdateOperation, "config/x", data)
+			sec := c.ok(logical.ReadOperation, "creds/x", nil).Secret
+			if sec.MaxTTL <= 0 || sec.MaxTTL > tc.want || sec.MaxTTL < tc.want-time.Second {
+				t.Fatalf("lease MaxTTL %s, want %s (the token lives 15m)", sec.MaxTTL, tc.want)
+			}
+		})
+	}
+}
