@@ -98,6 +98,12 @@ slip() {
 }
 
 echo "mutation: slips against the backend unit suite (copy in $work)"
+# The unchanged tree must pass first, or every slip would look caught.
+if ! base=$(cd "$work" && timeout "$TIMEOUT" "$GO" test -failfast ./backend/... 2>&1); then
+	printf '%s\n' "$base" | grep -E '^(--- FAIL|FAIL|ok )' | head -20
+	echo "mutation: the unchanged tree fails its unit suite; fix that first"
+	exit 2
+fi
 
 # --- issue 24: the eight that survived --------------------------------------
 slip 24.1-endpoint-change-and-or backend/path_config.go \
