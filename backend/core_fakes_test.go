@@ -343,7 +343,8 @@ func (c *coreHarness) inState(name string, fn func(st *configState)) {
 }
 
 // waitIdle waits until no mint of name is under way on b: it waits on the
-// flights' done channels, never on a timer.
+// flights' done channels (each wait bounded by brokertest.WaitBound), never
+// sleeps.
 func waitIdle(t testing.TB, b *backend, name string) {
 	t.Helper()
 	for {
