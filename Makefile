@@ -71,6 +71,13 @@ bench-quick: vault
 	@scripts/build-kvplugin.sh
 	$(GO) run ./scripts/bench -quick -out bench-results
 
+# Plausible one-line slips applied one at a time to a copy of the tree, each
+# run against the backend unit suite: prints caught/survived per slip
+# (scripts/mutation.sh; several minutes, not in CI).
+.PHONY: mutation
+mutation:
+	@scripts/mutation.sh
+
 # A short fuzz run of every parser of untrusted input (CI); longer: FUZZTIME=60s scripts/fuzz.sh
 .PHONY: fuzz-quick
 fuzz-quick:

@@ -112,10 +112,10 @@ func TestDeleteDuringVerifyingWriteStoresNothing(t *testing.T) {
 		resp, err := c.do(logical.UpdateOperation, "config/x", map[string]any{"secret": "s2"})
 		done <- result{resp, err}
 	}()
-	<-entered
+	waitFor(t, entered, "the write's verifying call never reached the broker")
 	c.ok(logical.DeleteOperation, "config/x", nil)
 	release()
-	r := <-done
+	r := waitFor(t, done, "the config write never returned after the delete")
 	if got := statusOf(r.resp, r.err); got != http.StatusConflict {
 		t.Fatalf("status %d, want 409: %v %v", got, r.resp, r.err)
 	}
@@ -141,7 +141,7 @@ func TestConfigWriteQueuedBehindRefreshAtBroker(t *testing.T) {
 
 	entered, release := f.holdNext()
 	c.dueRefresh("creds/x")
-	<-entered // the background refresh under s1 is at the broker
+	waitFor(t, entered, "the background refresh never reached the broker") // the background refresh under s1 is at the broker
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -149,7 +149,7 @@ func TestConfigWriteQueuedBehindRefreshAtBroker(t *testing.T) {
 	}()
 	c.queued("x", done)
 	release()
-	<-done
+	waitFor(t, done, "the config write queued behind the refresh never returned")
 	c.waitIdle("x")
 	rec, _ := c.stored("x")
 	if rec.Token == nil || f.secretOf[rec.Token.AccessToken] != "s2" {

@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream/clocktest"
@@ -136,12 +138,16 @@ func (f *fakeBroker) Issue(ctx context.Context, req provider.Request) (*provider
 			return tok, err
 		}
 		if f.ignoreCtx {
-			<-release
+			if !brokertest.Held(release) {
+				return nil, errNeverReleased
+			}
 		} else {
 			select {
 			case <-release:
 			case <-ctx.Done():
 				return nil, ctx.Err()
+			case <-time.After(brokertest.WaitBound):
+				return nil, errNeverReleased
 			}
 		}
 	}
@@ -305,8 +311,8 @@ func (g *gateStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
 	}
 	fail := g.failKey != "" && e.Key == g.failKey
 	g.mu.Unlock()
-	if wait != nil {
-		<-wait
+	if wait != nil && !brokertest.Held(wait) {
+		return errNeverReleased
 	}
 	if fail {
 		return fmt.Errorf("injected storage failure for %s", e.Key)
@@ -433,8 +439,11 @@ func (c *coreHarness) queued(name string, done <-chan struct{}) {
 	})
 }
 
-// waitBackground waits for the backend's background mints to finish.
-func (c *coreHarness) waitIdle(name string) { waitIdle(c.b, name) }
+// waitIdle waits for the backend's background mints of name to finish.
+func (c *coreHarness) waitIdle(name string) {
+	c.t.Helper()
+	waitIdle(c.t, c.b, name)
+}
 
 // inState runs fn on a config's in-memory state, under its mutex.
 func (c *coreHarness) inState(name string, fn func(st *configState)) {
@@ -451,8 +460,10 @@ func (c *coreHarness) inState(name string, fn func(st *configState)) {
 }
 
 // waitIdle waits until no mint of name is under way on b: it waits on the
-// flights' done channels, never on a timer.
-func waitIdle(b *backend, name string) {
+// flights' done channels (each wait bounded by brokertest.WaitBound), never
+// sleeps.
+func waitIdle(t testing.TB, b *backend, name string) {
+	t.Helper()
 	for {
 		b.mu.RLock()
 		st := b.states[name]
@@ -471,15 +482,37 @@ func waitIdle(b *backend, name string) {
 		if f == nil {
 			return
 		}
-		<-f.done
+		waitFor(t, f.done, "a refresh of "+name+" never finished")
 	}
 }
 
-// until spins (yielding, never sleeping) until cond holds, failing after 10 s:
+// errNeverReleased: a test double held a call the test never released (a
+// slip made the test stop early or wait for the wrong thing); the call fails
+// after brokertest.WaitBound instead of hanging its goroutine.
+var errNeverReleased = errors.New("test double: the held call was never released")
+
+// waitFor receives from ch, failing the test with what (what did not
+// happen) after brokertest.WaitBound: every wait of a backend test is
+// bounded, so a slip fails the one test, by name, instead of hanging the
+// package until go test's 10-minute panic.
+func waitFor[T any](t testing.TB, ch <-chan T, what string) T {
+	t.Helper()
+	return brokertest.Wait(t, ch, what)
+}
+
+// waitGroup waits for wg within brokertest.WaitBound, failing with what.
+func waitGroup(t testing.TB, wg *sync.WaitGroup, what string) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	waitFor(t, done, what)
+}
+
+// until spins (yielding, never sleeping) until cond holds, failing after brokertest.WaitBound:
 // for a condition only a counter shows, such as a goroutine queued on a lock.
 func until(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(brokertest.WaitBound)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatal(what)

@@ -4,10 +4,13 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 )
 
 // Reviewer's break tests: each opens one window deterministically.
@@ -27,11 +30,11 @@ func TestReviewRetireDuringConfigWriteVerifyIsUndone(t *testing.T) {
 		defer close(done)
 		c.ok(logical.UpdateOperation, "config/x", map[string]any{"ttl": "10m"}) // same upstream, verified
 	}()
-	<-entered // the write's verifying mint is at the broker
+	waitFor(t, entered, "the write's verifying call never reached the broker") // the write's verifying mint is at the broker
 	c.ok(logical.UpdateOperation, "config/x/retire", nil)
 	verifyTok := fmt.Sprintf("fake-token-%d", f.callCount())
 	release()
-	<-done
+	waitFor(t, done, "the config write never returned")
 
 	rec, _ := c.stored("x")
 	if rec.RetireEpoch == 0 || rec.RetiredBefore.IsZero() {
@@ -169,24 +172,56 @@ func (s *delFailStorage) Delete(ctx context.Context, k string) error {
 	return s.Storage.Delete(ctx, k)
 }
 
-// A delete whose config Delete succeeds and token Delete fails returns an
-// error but leaves the config gone from storage while this node keeps
-// serving its token (the state is only killed after both deletes), and
-// token/<name> with any rotated refresh token stays in storage.
-func TestReviewDeletePartialFailureKeepsServing(t *testing.T) {
-	f := finamLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
-	c.token("creds/x")
-	c.storage.Storage = &delFailStorage{Storage: c.raw, key: tokenPrefix + "x"}
-
-	c.do(logical.DeleteOperation, "config/x", nil)
-	if e, _ := c.raw.Get(context.Background(), configPrefix+"x"); e != nil {
-		t.Skip("config still stored: consistent")
+// A delete that fails half way returns the error and leaves storage and
+// this node consistent: the config is deleted before its token record, so a
+// failure leaves either the whole config (record and rotated secret with
+// it, still served) or a record without a config, which nothing serves and
+// a retried delete removes.
+func TestDeleteThatFailsHalfWayServesExactlyWhatStorageHolds(t *testing.T) {
+	cases := []struct {
+		name       string
+		failKey    string
+		wantConfig bool // config/x still stored after the failed delete
+	}{
+		{"config delete fails: both stay", configPrefix + "x", true},
+		{"token delete fails: the config is gone, the record stays", tokenPrefix + "x", false},
 	}
-	resp, err := c.do(logical.ReadOperation, "creds/x", nil)
-	if err == nil && resp != nil && !resp.IsError() {
-		t.Errorf("config/x is gone from storage but creds/x still serves %v", resp.Data["access_token"])
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := finamLike()
+			c := newCoreHarness(t, f)
+			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+			first := c.token("creds/x")
+			c.storage.Storage = &delFailStorage{Storage: c.raw, key: tc.failKey}
+
+			resp, err := c.do(logical.DeleteOperation, "config/x", nil)
+			if err == nil && (resp == nil || !resp.IsError()) {
+				t.Fatal("a delete whose storage delete failed reported success")
+			}
+			if e, _ := c.raw.Get(context.Background(), configPrefix+"x"); (e != nil) != tc.wantConfig {
+				t.Fatalf("config/x stored = %v after the failed delete, want %v", e != nil, tc.wantConfig)
+			}
+			if _, ok := c.stored("x"); !ok {
+				t.Fatal("token/x is gone although its delete failed or never ran")
+			}
+			calls := f.callCount()
+			resp, err = c.do(logical.ReadOperation, "creds/x", nil)
+			switch {
+			case tc.wantConfig && (err != nil || resp.IsError() || resp.Data["access_token"] != first):
+				t.Errorf("the surviving config did not serve its stored token: %v %v", err, resp)
+			case !tc.wantConfig && statusOf(resp, err) != 404:
+				t.Errorf("a record without its config was served: %v %v", err, resp)
+			}
+			if n := f.callCount() - calls; n != 0 {
+				t.Errorf("the read after a failed delete cost %d mints", n)
+			}
+			// Once storage works again the delete completes and nothing is served.
+			c.storage.Storage = c.raw
+			c.ok(logical.DeleteOperation, "config/x", nil)
+			if resp, err := c.do(logical.ReadOperation, "creds/x", nil); err == nil && resp != nil && !resp.IsError() {
+				t.Errorf("creds/x still serves %v after the delete succeeded", resp.Data["access_token"])
+			}
+		})
 	}
 }
 
@@ -255,7 +290,9 @@ func (s *holdDelStorage) Delete(ctx context.Context, k string) error {
 		default:
 			close(s.once)
 			close(s.hit)
-			<-s.release
+			if !brokertest.Held(s.release) {
+				return errNeverReleased
+			}
 		}
 	}
 	return s.Storage.Delete(ctx, k)
@@ -267,31 +304,59 @@ func (s *holdDelStorage) Delete(ctx context.Context, k string) error {
 func TestReviewDeleteThenMintReschedulesDeletedConfig(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	// verify=false: the write schedules nothing (no pair yet), so only the
+	// refreshes below can have scheduled the config.
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1", "verify": false})
 	c.token("creds/x")
 	hs := &holdDelStorage{Storage: c.raw, prefix: "wal/", hit: make(chan struct{}), release: make(chan struct{}), once: make(chan struct{})}
 	c.storage.Storage = hs
+	releaseDel := sync.OnceFunc(func() { close(hs.release) })
+	t.Cleanup(releaseDel) // before the backend's Clean, also when the test fails
 	c.dueRefresh("creds/x")
-	<-hs.hit // the refresh stored its record, released the owner, and deletes its rotation record
+	waitFor(t, hs.hit, "the refresh never deleted its rotation record") // the refresh stored its record, released the owner, and deletes its rotation record
+	// The positive case first: the refresh did schedule the config's next
+	// rotation (else the check below passes when nothing is ever scheduled).
+	if scheduled, idx := c.scheduled("x"); !scheduled || len(idx) != 1 {
+		t.Fatalf("the refresh did not schedule the rotating config's next rotation (memory=%v, index=%v)", scheduled, idx)
+	}
 	c.ok(logical.DeleteOperation, "config/x", nil)
-	close(hs.release)
+	releaseDel()
 	c.waitIdle("x")
-	c.b.wg.Wait()
+	waitGroup(t, &c.b.wg, "the backend's background work never finished")
 
+	if scheduled, idx := c.scheduled("x"); scheduled || len(idx) > 0 {
+		t.Errorf("a deleted config is scheduled again (memory=%v, index=%v)", scheduled, idx)
+	}
+}
+
+// scheduled reports whether name is in the backend's in-memory schedule
+// and which entries of the persisted due/ index name it.
+func (c *coreHarness) scheduled(name string) (bool, []string) {
+	c.t.Helper()
 	c.b.sched.mu.Lock()
-	_, scheduled := c.b.sched.items["x"]
+	_, inMemory := c.b.sched.items[name]
 	c.b.sched.mu.Unlock()
+	return inMemory, dueEntries(c.t, c.raw, name)
+}
+
+// dueEntries lists the persisted schedule index's entries for name.
+func dueEntries(t testing.TB, s logical.Storage, name string) []string {
+	t.Helper()
 	var idx []string
-	hours, _ := c.raw.List(context.Background(), duePrefix)
+	hours, err := s.List(context.Background(), duePrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, h := range hours {
-		names, _ := c.raw.List(context.Background(), duePrefix+h)
+		names, err := s.List(context.Background(), duePrefix+h)
+		if err != nil {
+			t.Fatal(err)
+		}
 		for _, n := range names {
-			if n == "x" {
+			if n == name {
 				idx = append(idx, duePrefix+h+n)
 			}
 		}
 	}
-	if scheduled || len(idx) > 0 {
-		t.Errorf("a deleted config is scheduled again (memory=%v, index=%v)", scheduled, idx)
-	}
+	return idx
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 )
 
@@ -45,7 +46,7 @@ func TestR1RetireDuringMintPersistIsNotUndone(t *testing.T) {
 	if got := c.dueRefresh("creds/x"); got != first {
 		t.Fatal("a valid token was not served while the refresh was due")
 	}
-	<-hit // the refresh is writing its token record
+	waitFor(t, hit, "the refresh never wrote its token record") // the refresh is writing its token record
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -53,7 +54,7 @@ func TestR1RetireDuringMintPersistIsNotUndone(t *testing.T) {
 	}()
 	c.queued("x", done)
 	release()
-	<-done
+	waitFor(t, done, "the retire never returned")
 	c.waitIdle("x")
 
 	rec, _ := c.stored("x")
@@ -114,7 +115,7 @@ func TestR8ConfigWriteDuringRefreshPersistWins(t *testing.T) {
 
 			hit, release := c.storage.holdNextPut(tokenPrefix + "x")
 			c.dueRefresh("creds/x")
-			<-hit // the refresh under the old settings is persisting
+			waitFor(t, hit, "the refresh under the old settings never persisted") // the refresh under the old settings is persisting
 			done := make(chan struct{})
 			go func() {
 				defer close(done)
@@ -122,7 +123,7 @@ func TestR8ConfigWriteDuringRefreshPersistWins(t *testing.T) {
 			}()
 			c.queued("x", done)
 			release()
-			<-done
+			waitFor(t, done, "the config write never returned")
 			c.waitIdle("x")
 
 			rec, _ := c.stored("x")
@@ -147,7 +148,7 @@ func TestR5DeleteDuringPersistDoesNotResurrect(t *testing.T) {
 
 	hit, release := c.storage.holdNextPut(tokenPrefix + "x")
 	c.dueRefresh("creds/x")
-	<-hit
+	waitFor(t, hit, "the refresh never wrote its token record")
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -155,7 +156,7 @@ func TestR5DeleteDuringPersistDoesNotResurrect(t *testing.T) {
 	}()
 	c.queued("x", done)
 	release()
-	<-done
+	waitFor(t, done, "the queued writer never returned")
 	c.waitIdle("x")
 
 	if rec, ok := c.stored("x"); ok {
@@ -182,7 +183,7 @@ func TestR4ConfigWriteJoinsSingleFlightAndWAL(t *testing.T) {
 	}
 	entered, release := f.holdNext()
 	c.dueRefresh("creds/x")
-	<-entered // a refresh-ahead is at the broker
+	waitFor(t, entered, "the refresh ahead never reached the broker") // a refresh-ahead is at the broker
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -190,7 +191,7 @@ func TestR4ConfigWriteJoinsSingleFlightAndWAL(t *testing.T) {
 	}()
 	c.queued("x", done)
 	release()
-	<-done
+	waitFor(t, done, "the queued writer never returned")
 	c.waitIdle("x")
 
 	if f.maxFlight != 1 {
@@ -221,7 +222,7 @@ func TestR3CleanupPersistsAnsweredRotation(t *testing.T) {
 	f.ignoreCtx = true // the broker answers although the plugin is being unloaded
 	entered, release := f.holdNext()
 	c.dueRefresh("creds/x")
-	<-entered
+	waitFor(t, entered, "the refresh ahead never reached the broker")
 	cleaned := make(chan struct{})
 	go func() {
 		defer close(cleaned)
@@ -230,7 +231,7 @@ func TestR3CleanupPersistsAnsweredRotation(t *testing.T) {
 	// Clean waits for the mint before it cancels anything.
 	until(t, "cleanup never started", func() bool { return c.b.closing.Load() })
 	release()
-	<-cleaned
+	waitFor(t, cleaned, "Clean never returned after the held rotation was answered")
 
 	rec, _ := c.stored("x")
 	if rec.Rotated["refresh_token"] != f.refresh {
@@ -247,7 +248,7 @@ func TestR3MakeAtMintDeadlineStillPersists(t *testing.T) {
 	c.b.refreshTimeout = 50 * time.Millisecond
 	// A refused refresh and a make used the whole mint timeout: the answer
 	// arrives as the mint's context ends.
-	f.onIssue = func(ctx context.Context, _ provider.Request) { <-ctx.Done() }
+	f.onIssue = func(ctx context.Context, _ provider.Request) { brokertest.Held(ctx.Done()) }
 	c.dueRefresh("creds/x")
 	c.waitIdle("x")
 
@@ -375,32 +376,45 @@ func TestRevokeEndsTheLeaseOnly(t *testing.T) {
 	}
 }
 
+// A retire holds for a mint already at the broker, and across a reload or
+// on another node. The restart half restarts straight after the retire: a
+// read on the retiring node would store a new record first, and the new
+// backend would then pass even if the retire itself were never stored.
 func TestRetireHoldsAcrossRestartAndInFlightMint(t *testing.T) {
-	f := finamLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
-	first := c.token("creds/x")
+	t.Run("in-flight mint", func(t *testing.T) {
+		f := finamLike()
+		c := newCoreHarness(t, f)
+		c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+		first := c.token("creds/x")
 
-	// A mint already at the broker when the retire lands is not handed out.
-	entered, release := f.holdNext()
-	c.dueRefresh("creds/x")
-	<-entered
-	c.ok(logical.UpdateOperation, "config/x/retire", nil)
-	release()
-	c.waitIdle("x")
-	inflight := fmt.Sprintf("fake-token-%d", f.callCount())
-	got := c.token("creds/x")
-	if got == first || got == inflight {
-		t.Fatalf("after retire a read got a token minted before it: %q", got)
-	}
-	// A reload and a new node load the same rule from storage.
-	for i := range 2 {
-		b := c.newBackend(nil)
-		resp, err := c.doOn(b, logical.ReadOperation, "creds/x", nil)
-		if err != nil || resp.IsError() || resp.Data["access_token"] == first || resp.Data["access_token"] == inflight {
-			t.Fatalf("backend %d: %v %v", i, resp, err)
+		// A mint already at the broker when the retire lands is not handed out.
+		entered, release := f.holdNext()
+		c.dueRefresh("creds/x")
+		waitFor(t, entered, "the refresh ahead never reached the broker")
+		c.ok(logical.UpdateOperation, "config/x/retire", nil)
+		release()
+		c.waitIdle("x")
+		inflight := fmt.Sprintf("fake-token-%d", f.callCount())
+		if got := c.token("creds/x"); got == first || got == inflight {
+			t.Fatalf("after retire a read got a token minted before it: %q", got)
 		}
-	}
+	})
+	t.Run("restart straight after the retire", func(t *testing.T) {
+		f := finamLike()
+		c := newCoreHarness(t, f)
+		c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
+		first := c.token("creds/x")
+		c.ok(logical.UpdateOperation, "config/x/retire", nil)
+		// A reload and a new node load the same rule from storage, with
+		// nothing stored since the retire.
+		for i := range 2 {
+			b := c.newBackend(nil)
+			resp, err := c.doOn(b, logical.ReadOperation, "creds/x", nil)
+			if err != nil || resp.IsError() || resp.Data["access_token"] == first {
+				t.Fatalf("backend %d after the retire: %v %v (first token %q)", i, resp, err, first)
+			}
+		}
+	})
 }
 
 func TestPerformanceStandbyNeverRotates(t *testing.T) {
@@ -455,7 +469,7 @@ func TestPassthroughRenewsShareOneCall(t *testing.T) {
 	const n = 50
 	errs := make(chan error, n)
 	go func() { errs <- renew() }()
-	<-entered // one renew is asking the broker
+	waitFor(t, entered, "no renew reached the broker") // one renew is asking the broker
 	for range n - 1 {
 		go func() { errs <- renew() }()
 	}
@@ -464,7 +478,7 @@ func TestPassthroughRenewsShareOneCall(t *testing.T) {
 	until(t, "the renews never all waited on the one call", func() bool { return fl.waiters.Load() >= n })
 	release()
 	for range n {
-		if err := <-errs; err != nil {
+		if err := waitFor(t, errs, "a renew waiting on the shared call never returned"); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -485,8 +499,9 @@ func TestLeasesAreShapedToSwapWithLifeToSpare(t *testing.T) {
 		age      time.Duration
 		min, max time.Duration
 	}{
-		{0, 24 * time.Second, 26 * time.Second},              // ends at a third left, up to a tenth early
-		{20 * time.Second, 5 * time.Second, 6 * time.Second}, // still before the refresh point
+		{0, 21 * time.Second, 24 * time.Second},              // ends at two fifths left, up to a tenth early
+		{20 * time.Second, 3 * time.Second, 4 * time.Second}, // still before the refresh point
+		{22 * time.Second, minLease, minLease},               // a moment before it: due already, come back shortly
 		{26 * time.Second, minLease, minLease},               // due: come back shortly, but never within Agent's one-second index
 		{35 * time.Second, minLease, minLease},
 		{39 * time.Second, time.Second, time.Second}, // never past the token's end
@@ -498,14 +513,14 @@ func TestLeasesAreShapedToSwapWithLifeToSpare(t *testing.T) {
 			}
 			// A client re-reading at 85-95% of its lease (Agent) swaps
 			// with at least a quarter of the token's life left.
-			if left := tok.ExpiresAt.Sub(issued.Add(tc.age + got*95/100)); tc.age < 26*time.Second && left < life/4 {
+			if left := tok.ExpiresAt.Sub(issued.Add(tc.age + got*95/100)); tc.age < 22*time.Second && left < life/4 {
 				t.Fatalf("age %v: the holder re-reads with %v of %v left", tc.age, left, life)
 			}
 		}
 	}
-	// A 15-minute JWT: the lease ends with 5 minutes left (minus spread).
+	// A 15-minute JWT: the lease ends with 6 minutes left (minus spread).
 	jwt := &storedToken{IssuedAt: issued, ExpiresAt: issued.Add(15 * time.Minute)}
-	if got := shapedTTL(jwt, issued); got > 10*time.Minute || got < 10*time.Minute-30*time.Second {
+	if got := shapedTTL(jwt, issued); got > 9*time.Minute || got < 9*time.Minute-30*time.Second {
 		t.Fatalf("15-minute JWT: lease %v", got)
 	}
 }
@@ -688,8 +703,8 @@ func TestRenewIsShapedAndReadiesTheNextToken(t *testing.T) {
 	}
 	// Before the refresh point a renew extends to it, not to the JWT's end.
 	c.clock.Advance(5 * time.Minute)
-	if ttl := renew().Secret.TTL; ttl > 5*time.Minute || ttl < 4*time.Minute {
-		t.Fatalf("renew with 10m of 15m left: lease %v, want up to the refresh point (5m)", ttl)
+	if ttl := renew().Secret.TTL; ttl > 4*time.Minute || ttl < 3*time.Minute {
+		t.Fatalf("renew with 10m of 15m left: lease %v, want up to the refresh point (6m left, 4m away)", ttl)
 	}
 	if f.callCount() != 1 {
 		t.Fatal("a renew before the refresh point minted")

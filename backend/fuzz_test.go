@@ -324,6 +324,7 @@ func FuzzHostAllowed(f *testing.F) {
 	f.Add("proxy.example.com", "https://PROXY.example.com:9443")
 	f.Add("*.corp.example", "https://a.corp.example.evil.com")
 	f.Add("*.corp.example", "https://corp.example")
+	f.Add("*.corp.example", "https://evilcorp.example") // the suffix without its dot
 	f.Add("127.0.0.1:8443", "http://127.0.0.1:9999")
 	f.Add("proxy.example.com", "https://proxy.example.com.")
 	f.Add("xn--80ak6aa92e.com", "https://пример.com")

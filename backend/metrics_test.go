@@ -221,7 +221,7 @@ func TestStaleTokenServedWithWarning(t *testing.T) {
 	h.sb.InjectFault(sessionsEP, 503, -1)
 	h.skip(6600 * time.Millisecond)
 	h.mustOK(logical.ReadOperation, "creds/finam", nil) // starts the failing refresh
-	waitIdle(h.b, "finam")
+	waitIdle(t, h.b, "finam")
 	if r := h.mustOK(logical.ReadOperation, "creds/finam", nil); len(r.Warnings) == 0 || !containsAll(r.Warnings[0], "serving the cached token", "HTTP 503") {
 		t.Fatal("no warning while serving a token the broker could not refresh")
 	}

@@ -88,7 +88,7 @@ func TestMountAlorRejectedRefreshTokenStopsServing(t *testing.T) {
 	h.sb.RevokeAlorRefreshToken(sandbox.AlorRefreshToken)
 	h.skip(6 * time.Second) // refresh due (3 s left of 9, less the JWT iat rounding): the background refresh meets 403
 	h.mustOK(logical.ReadOperation, "creds/alor", nil)
-	waitIdle(h.b, "alor") // the background refresh has answered
+	waitIdle(t, h.b, "alor") // the background refresh has answered
 	if st := h.mustOK(logical.ReadOperation, "config/alor", nil); !strings.Contains(st.Data["last_error"].(string), "HTTP 403") {
 		t.Fatal("the 403 is not in the config status")
 	}

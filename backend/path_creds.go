@@ -197,7 +197,7 @@ const minLease = 2 * time.Second
 
 // shapedTTL is how long a lease on tok lasts so that its holder (Vault
 // Agent, a LifetimeWatcher, a bot re-reading at its lease's end) moves to
-// the next token with about a third of the old one's life left, not a
+// the next token with well over a quarter of the old one's life left, not a
 // tenth: a Vault blip or an Agent restart at that moment must not leave a
 // bot holding a dying token. Clients re-read a little before their lease
 // ends, so the lease ends where the refresh ahead is due; a read after
@@ -209,12 +209,15 @@ func shapedTTL(tok *storedToken, now time.Time) time.Duration {
 	if tok.IssuedAt.IsZero() {
 		life = 0 // a lease from before issued_at was recorded: no shaping
 	}
-	if until := remaining - life/refreshAtFraction; until >= minLease {
+	if until := remaining - refreshLeft(life); until >= minLease {
 		// Every lease on one token would end in the same second, and Vault
 		// would revoke them in one burst that stalls reads on every mount;
 		// ending each up to a tenth (at most 30 s) early spreads them out.
+		// Never under minLease (the spread on an until of 2.1 s made 1 s
+		// leases, which Agent mishandles); minLease <= until, so the lease
+		// still ends at the refresh point at the latest.
 		ttl := until - rand.N(min(until/10, 30*time.Second)+1)
-		return max(ttl.Truncate(time.Second), time.Second)
+		return max(ttl.Truncate(time.Second), minLease)
 	}
 	short := min(max(life/40, minLease), remaining)
 	return max(short.Truncate(time.Second), time.Second)

@@ -98,7 +98,7 @@ func TestConcurrentColdReadsMintOnce(t *testing.T) {
 			tokens[i] = resp.Data["access_token"].(string)
 		}()
 	}
-	wg.Wait()
+	waitGroup(t, &wg, "a concurrent creds read never returned")
 	for i := range readers {
 		if errs[i] != "" {
 			t.Fatalf("reader %d: %s", i, errs[i])
@@ -123,7 +123,7 @@ func TestRefreshAheadServesWithoutWaiting(t *testing.T) {
 	if got := c.dueRefresh("creds/x"); got != first {
 		t.Fatal("a still-valid token was not served while the refresh was due")
 	}
-	<-entered
+	waitFor(t, entered, "the refresh never reached the broker")
 	for range 5 {
 		if got := c.token("creds/x"); got != first {
 			t.Fatal("the token changed before the refresh finished")

@@ -28,6 +28,10 @@ func TestAllowedHosts(t *testing.T) {
 		{"https://a.corp.example", true},
 		{"https://corp.example", false},
 		{"https://a.corp.example.evil.com", false},
+		// *.corp.example is a label boundary: a host that merely ends in
+		// the same letters is somebody else's domain.
+		{"https://evilcorp.example", false},
+		{"https://a.evilcorp.example", false},
 	}
 	for _, tc := range cases {
 		if got := ms.hostAllowed(tc.url, builtin); got != tc.want {

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 )
 
 func TestRetryAfter(t *testing.T) {
@@ -209,8 +211,8 @@ func TestConcurrencyCap(t *testing.T) {
 				break
 			}
 		}
-		entered <- struct{}{}
-		<-release
+		entered <- struct{}{} // buffered for every call
+		brokertest.Held(release)
 		inFlight.Add(-1)
 	}))
 	defer srv.Close()
@@ -225,7 +227,7 @@ func TestConcurrencyCap(t *testing.T) {
 		}()
 	}
 	for range limit {
-		<-entered
+		brokertest.Wait(t, entered, "a call under the cap never reached the server")
 	}
 	gone, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -233,12 +235,12 @@ func TestConcurrencyCap(t *testing.T) {
 		t.Fatalf("a slot was free with %d calls in flight, cap %d", inFlight.Load(), limit)
 	}
 	for range calls - limit {
-		release <- struct{}{}
-		<-entered
+		brokertest.Send(t, release, struct{}{}, "no held call took the release")
+		brokertest.Wait(t, entered, "a call queued behind the cap never reached the server once a slot was free")
 	}
 	unblock.Do(func() { close(release) })
 	for range calls {
-		<-done
+		brokertest.Wait(t, done, "a call never returned")
 	}
 	if peak.Load() > limit {
 		t.Fatalf("%d calls in flight, cap %d", peak.Load(), limit)

@@ -270,7 +270,7 @@ func judge(r *report, o options) {
 	}
 	if s := r.P2Steady; s != nil {
 		r.add(target{Phase: "P2", Name: fmt.Sprintf("mints in %.0fs at %d reads/s, %.0fs tokens", s.DurationS, s.Rate, s.TokenLifetimeS),
-			Want: fmt.Sprintf("<= %.1f (one per 2/3 lifetime + 1)", s.MintBound), Got: fmt.Sprint(s.Mints),
+			Want: fmt.Sprintf("<= %.1f (one per half lifetime + 1)", s.MintBound), Got: fmt.Sprint(s.Mints),
 			Value: float64(s.Mints), Bound: s.MintBound, Pass: float64(s.Mints) <= s.MintBound})
 		r.add(target{Phase: "P2", Name: "reads that waited on the broker after warm-up",
 			Want: fmt.Sprintf("0 (no read over %.0f ms during a mint, %.0f ms broker)", s.SlowThresholdMs, s.BrokerLatencyMs),

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -23,6 +24,30 @@ import (
 // agentFinamLifetime is the sandbox's Finam JWT lifetime for the Agent test:
 // short enough to watch several refreshes in a few minutes.
 const agentFinamLifetime = 60 * time.Second
+
+// agentRun is the Agent test's token life and number of swaps to watch:
+// 60 s and 2 by default; AGENT_TOKEN_LIFE (a Go duration) and AGENT_SWAPS
+// change them, to measure the swap margin over more swaps (issue 24 asks
+// for ten with 40 s tokens on a machine with both cores busy).
+func agentRun(t *testing.T) (time.Duration, int) {
+	t.Helper()
+	life, swaps := agentFinamLifetime, 2
+	if v := os.Getenv("AGENT_TOKEN_LIFE"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 20*time.Second {
+			t.Fatalf("AGENT_TOKEN_LIFE=%q: want a duration of at least 20s", v)
+		}
+		life = d
+	}
+	if v := os.Getenv("AGENT_SWAPS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 2 {
+			t.Fatalf("AGENT_SWAPS=%q: want a number of at least 2", v)
+		}
+		swaps = n
+	}
+	return life, swaps
+}
 
 // docTemplateNames are the templates docs/agent.md must carry, one env file
 // and one JSON file per provider, named after the config they read.
@@ -214,7 +239,8 @@ type rendered struct {
 // per new token, and a process-supervisor Agent must restart its child with
 // the new token.
 func TestAgentRendersBotConfigs(t *testing.T) {
-	e := start(t, sandbox.Options{FinamTokenLifetime: agentFinamLifetime})
+	lifetime, wantChanges := agentRun(t)
+	e := start(t, sandbox.Options{FinamTokenLifetime: lifetime})
 	dir := filepath.Join(e.vault.Dir, "agent")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
@@ -326,8 +352,9 @@ exec {
 	var childStarts []string
 	var childInvalid []string
 	var expiredHeld []string
-	const wantChanges = 2
-	deadline := began.Add(170 * time.Second)
+	// Each swap comes about 3/5 of a life after the last; the first token is
+	// a few seconds old when the Agents start.
+	deadline := began.Add(time.Duration(wantChanges+1)*lifetime*4/5 + 50*time.Second)
 	// Once, around the second token's swap point, Vault stops answering
 	// (SIGSTOP) for a fifth of the token's life: the file must still never
 	// hold an expired token.
@@ -407,6 +434,23 @@ exec {
 		t.Log(line)
 	}
 	t.Logf("supervised child started %d time(s) in %.0fs", len(childStarts), elapsed.Seconds())
+	// The swap margin over the run: life left at each swap, but for token
+	// 2's, which Vault's pause delays on purpose.
+	var left []float64
+	for i, r := range seen {
+		if !r.replaced.IsZero() && i != 1 {
+			left = append(left, 100*r.exp.Sub(r.replaced).Seconds()/r.exp.Sub(r.iat).Seconds())
+		}
+	}
+	if len(left) > 0 {
+		sort.Float64s(left)
+		median := left[len(left)/2]
+		if len(left)%2 == 0 {
+			median = (left[len(left)/2-1] + median) / 2
+		}
+		t.Logf("life left at the swap over %d swaps (token 2's paused one not counted): min %.0f%%, median %.0f%%, max %.0f%% (%s tokens)",
+			len(left), left[0], median, left[len(left)-1], lifetime)
+	}
 
 	// When the Agent read creds again: its lifetime watcher gives up on a
 	// lease that renewals can no longer extend ("renewer done") and reads
@@ -466,12 +510,13 @@ exec {
 			if !r.replaced.Before(r.exp) {
 				t.Errorf("token %d replaced at %s, after its expiry %s", i+1, r.replaced.Format(time.RFC3339), r.exp.Format(time.RFC3339))
 			}
-			// The plugin refreshes at 2/3 of the life, and leases end
-			// there: the Agent moves to the new token soon after, with at
-			// least a quarter of the old one's life left (a Vault blip or
-			// an Agent restart then does not leave a dying token).
-			if frac < 0.6 {
-				t.Errorf("token %d replaced at %.0f%% of its life: earlier than the refresh-ahead point (2/3)", i+1, 100*frac)
+			// The plugin refreshes at 3/5 of the life (a moment before:
+			// at most 2 s or a tenth), and leases end there: the Agent
+			// moves to the new token soon after, with at least a quarter
+			// of the old one's life left (a Vault blip or an Agent restart
+			// then does not leave a dying token).
+			if frac < 0.5 {
+				t.Errorf("token %d replaced at %.0f%% of its life: earlier than the refresh-ahead point (3/5)", i+1, 100*frac)
 			}
 			// (Token 2 is the one whose swap Vault's pause delays: for it
 			// only "never expired in the file" holds, checked above.)

@@ -50,8 +50,8 @@ import (
 // To have a token that is valid but due for refresh ahead (so that each
 // creds read asks the broker for a new one in the background), the
 // sandbox's clock runs 11 minutes behind: Finam and ALOR JWTs of 15 minutes
-// arrive with 4 minutes left, which is servable (over 60 s) and due (under a
-// third). T-Invest validations become due after a minute, so its phase (a)
+// arrive with 4 minutes left, which is servable (over 60 s) and due (under
+// two fifths). T-Invest validations become due after a minute, so its phase (a)
 // runs on configs validated at the start; ChatApp's access token lives a day,
 // so its phase (a) asks for the refresh with rotate-root, as the periodic
 // rotation does.
