@@ -37,7 +37,7 @@ func (c *coreHarness) dueRefresh(path string) string {
 	return c.token(path)
 }
 
-func TestR1RetireDuringMintPersistIsNotUndone(t *testing.T) {
+func TestRetireDuringMintPersistIsNotUndone(t *testing.T) {
 	c := newCoreHarness(t, finamLike())
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	first := c.token("creds/x")
@@ -74,7 +74,7 @@ func TestR1RetireDuringMintPersistIsNotUndone(t *testing.T) {
 	}
 }
 
-func TestR8ConfigWriteDuringRefreshPersistWins(t *testing.T) {
+func TestConfigWriteDuringRefreshPersistWins(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		broker func() *fakeBroker
@@ -141,7 +141,7 @@ func TestR8ConfigWriteDuringRefreshPersistWins(t *testing.T) {
 	}
 }
 
-func TestR5DeleteDuringPersistDoesNotResurrect(t *testing.T) {
+func TestDeleteDuringPersistDoesNotResurrect(t *testing.T) {
 	c := newCoreHarness(t, chatLike())
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
 	c.token("creds/x")
@@ -168,7 +168,7 @@ func TestR5DeleteDuringPersistDoesNotResurrect(t *testing.T) {
 	}
 }
 
-func TestR4ConfigWriteJoinsSingleFlightAndWAL(t *testing.T) {
+func TestConfigWriteJoinsSingleFlightAndWAL(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -213,7 +213,7 @@ func TestR4ConfigWriteJoinsSingleFlightAndWAL(t *testing.T) {
 	}
 }
 
-func TestR3CleanupPersistsAnsweredRotation(t *testing.T) {
+func TestCleanupPersistsAnsweredRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -239,7 +239,7 @@ func TestR3CleanupPersistsAnsweredRotation(t *testing.T) {
 	}
 }
 
-func TestR3MakeAtMintDeadlineStillPersists(t *testing.T) {
+func TestMakeAtRefreshDeadlineStillPersists(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -258,7 +258,7 @@ func TestR3MakeAtMintDeadlineStillPersists(t *testing.T) {
 	}
 }
 
-func TestR2TickCutShortKeepsTheRest(t *testing.T) {
+func TestTickCutShortKeepsTheRest(t *testing.T) {
 	f := tinvestLike()
 	c := newCoreHarness(t, f)
 	for i := range 3 {
@@ -283,7 +283,7 @@ func TestR2TickCutShortKeepsTheRest(t *testing.T) {
 	}
 }
 
-func TestR2LoadScheduleSkipsUnreadableEntry(t *testing.T) {
+func TestLoadScheduleSkipsUndecodableEntry(t *testing.T) {
 	f := tinvestLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/a", map[string]any{"provider": "fakepass", "secret": "t1"})
@@ -327,7 +327,7 @@ func TestR2LoadScheduleSkipsUnreadableEntry(t *testing.T) {
 	}
 }
 
-func TestR7UnknownNamesLeaveNoState(t *testing.T) {
+func TestUnknownNamesLeaveNoState(t *testing.T) {
 	c := newCoreHarness(t, chatLike())
 	lease := &logical.Secret{InternalData: map[string]any{"secret_type": secretTokenType}}
 	for i := range 1000 {

@@ -13,12 +13,12 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 )
 
-// Reviewer's break tests: each opens one window deterministically.
+// Races of the token core, each window opened deterministically.
 
 // A retire that lands while a config write's verifying call is at the broker
 // is undone: configWrite snapshots the record under the upstream lock only,
 // retire takes only the owner lock, and the write stores the snapshot.
-func TestReviewRetireDuringConfigWriteVerifyIsUndone(t *testing.T) {
+func TestRetireDuringConfigWriteVerifyHolds(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
@@ -50,7 +50,7 @@ func TestReviewRetireDuringConfigWriteVerifyIsUndone(t *testing.T) {
 // RetiredBefore: a node whose clock is behind the one that retired (failover,
 // or an NTP step back) refuses every fresh token it mints, so every read
 // mints three times and fails.
-func TestReviewRetireThenClockBehindMintsAndFails(t *testing.T) {
+func TestRetireHoldsOnANodeWhoseClockIsBehind(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
@@ -74,7 +74,7 @@ func TestReviewRetireThenClockBehindMintsAndFails(t *testing.T) {
 // counts as a new upstream: the record is dropped, the broker's current
 // rotated refresh token is forgotten and the old seed, already spent, is
 // presented again.
-func TestReviewChatAppSecretChangeDropsRotatedRefreshToken(t *testing.T) {
+func TestOtherSecretChangeKeepsTheRotatedRefreshToken(t *testing.T) {
 	for _, verify := range []bool{true, false} {
 		t.Run(fmt.Sprintf("verify=%v", verify), func(t *testing.T) {
 			f := chatLike()
@@ -103,7 +103,7 @@ func TestReviewChatAppSecretChangeDropsRotatedRefreshToken(t *testing.T) {
 // A config write whose token record Put fails after its config Put
 // succeeded leaves storage pairing the new config with the token minted from
 // the old secret; a restart (or a standby, or the new active node) serves it.
-func TestReviewConfigWriteTokenPutFailureServesOldSecretAfterRestart(t *testing.T) {
+func TestConfigWriteFailingAtTheRecordKeepsTheStoredSecret(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
@@ -136,7 +136,7 @@ func TestReviewConfigWriteTokenPutFailureServesOldSecretAfterRestart(t *testing.
 // storage write then failed drops the rotation from memory too (finishRefresh
 // keeps it in memory for exactly this case): the next refresh presents the
 // refresh token ChatApp already retired.
-func TestReviewConfigWriteStoreFailureDropsVerifiedRotation(t *testing.T) {
+func TestConfigWriteStoreFailureKeepsTheVerifiedRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -229,7 +229,7 @@ func TestDeleteThatFailsHalfWayServesExactlyWhatStorageHolds(t *testing.T) {
 // failing: walRollback returns the error, Vault keeps the record and replays
 // it every rollback interval, each time presenting the same dead refresh
 // token again (and, with the real provider, reserving one more make).
-func TestReviewRefusedRecoveryDropsItsRecord(t *testing.T) {
+func TestRefusedRecoveryDropsItsRecord(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -260,7 +260,7 @@ func TestReviewRefusedRecoveryDropsItsRecord(t *testing.T) {
 // An undecodable token/<name> (a partial write, a bad migration) makes the
 // config unrepairable by a config write: configWrite loads the record first
 // and fails, so the operator's only way out is delete and re-create.
-func TestReviewCorruptTokenRecordBlocksConfigWrite(t *testing.T) {
+func TestUndecodableTokenRecordDoesNotBlockAConfigWrite(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
@@ -301,7 +301,7 @@ func (s *holdDelStorage) Delete(ctx context.Context, k string) error {
 // finishRefresh reschedules after releasing the owner lock: a delete landing in
 // between is followed by the mint re-adding the deleted config to the
 // schedule and to the persisted due/ index.
-func TestReviewDeleteThenMintReschedulesDeletedConfig(t *testing.T) {
+func TestDeleteDuringMintLeavesNothingScheduled(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	// verify=false: the write schedules nothing (no pair yet), so only the

@@ -13,9 +13,11 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
-// Reviewer's attacks on the round-two token core (issue 19). Each opens one
-// window deterministically with the doubles of core_fakes_test.go; none
-// sleeps.
+// The token core's failure paths: a storage call that fails or a broker
+// answer that is lost at each step of a delete, a config write, a rotation
+// and the schedule. Each opens its window deterministically with the
+// doubles of core_fakes_test.go; none sleeps. The comment over each test
+// names the window; the test name, the guarantee.
 
 func (c *coreHarness) walKeys() []string {
 	c.t.Helper()
@@ -39,7 +41,7 @@ func (c *coreHarness) renewLease(b *backend, lease *logical.Secret) (*logical.Re
 // the rotation the broker applied and deletes its write-ahead record. Storage
 // still pairs the surviving config with the refresh token the broker has
 // just retired: the next refresh is refused (and spends a make).
-func TestAttackFailedDeleteDuringRefreshLosesRotation(t *testing.T) {
+func TestFailedDeleteDuringRefreshKeepsTheRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -75,7 +77,7 @@ func TestAttackFailedDeleteDuringRefreshLosesRotation(t *testing.T) {
 // unloadLocked), so the unstored rotation and its pending rotation record id
 // are dropped, though the config survives. Neither the next refresh nor
 // unload can store it any more.
-func TestAttackFailedDeleteDropsUnstoredRotation(t *testing.T) {
+func TestFailedDeleteKeepsAnUnstoredRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -111,7 +113,7 @@ func TestAttackFailedDeleteDropsUnstoredRotation(t *testing.T) {
 // (core.go: the `changed` branch returns before keepRotationOwned, and its
 // walID is neither deleted nor kept). The surviving config keeps the spent
 // refresh token.
-func TestAttackFailedDeleteDuringConfigWriteLosesRotation(t *testing.T) {
+func TestFailedDeleteDuringConfigWriteKeepsTheRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -151,7 +153,7 @@ func TestAttackFailedDeleteDuringConfigWriteLosesRotation(t *testing.T) {
 // storeRotationOwned in core.go) without deleting the first: once a third
 // refresh stores the rotation, the first rotation record is left behind and
 // rollback replays a rotation that was stored.
-func TestAttackSecondUnstoredRotationLeaksFirstWAL(t *testing.T) {
+func TestEveryUnstoredRotationKeepsItsRecordUntilStored(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -178,7 +180,7 @@ func TestAttackSecondUnstoredRotationLeaksFirstWAL(t *testing.T) {
 // without deleting or keeping its verifying call's rotation record, nor the
 // pending one of an earlier unstored rotation: the rotation is in storage,
 // but the record stays for rollback to replay.
-func TestAttackConfigPutFailureLeaksWAL(t *testing.T) {
+func TestConfigPutFailureLeavesNoRotationRecord(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -203,7 +205,7 @@ func TestAttackConfigPutFailureLeaksWAL(t *testing.T) {
 // at retire epoch 0, so a lease on the retired token (epoch 0) of the deleted
 // config renews again, up to that token's expiry: renewToken checks only
 // that some config of that name exists and in.epoch < rec.RetireEpoch.
-func TestAttackRetiredLeaseRenewsAfterDeleteAndRecreate(t *testing.T) {
+func TestLeaseOfADeletedConfigNeverRenewsUnderARecreatedOne(t *testing.T) {
 	c := newCoreHarness(t, finamLike())
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	lease := c.ok(logical.ReadOperation, "creds/x", nil).Secret
@@ -223,7 +225,7 @@ func TestAttackRetiredLeaseRenewsAfterDeleteAndRecreate(t *testing.T) {
 // drops the config's series (metrics.forget) and its metric keys, but the
 // refresh's finishRefresh then bumps st.keys(b.metrics).refreshOK, which
 // looks the series up again: the deleted config's series come back.
-func TestAttackRefreshFinishingAfterDeleteRecreatesSeries(t *testing.T) {
+func TestRefreshFinishingAfterDeleteBringsNoSeriesBack(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/gone", map[string]any{"provider": "fake", "secret": "s1"})
@@ -248,7 +250,7 @@ func TestAttackRefreshFinishingAfterDeleteRecreatesSeries(t *testing.T) {
 // Held: two moving writes in a row (A->B, then A->C), each storing its
 // record and failing to store the config, leave A's own rotated secret for
 // A (Prior), on this node and after a restart.
-func TestAttackHeldPriorAcrossTwoFailedMoves(t *testing.T) {
+func TestPriorRotationSurvivesTwoFailedMoves(t *testing.T) {
 	const endpointA, endpointB, endpointC = "http://127.0.0.1:1", "http://127.0.0.2:1", "http://127.0.0.3:1"
 	for _, restart := range []bool{false, true} {
 		f := chatLike()
@@ -286,7 +288,7 @@ func TestAttackHeldPriorAcrossTwoFailedMoves(t *testing.T) {
 // Held: a retire while a rotation is at the broker, whose record write then
 // fails: the rotation stays (unstored) and the pre-retire token is never
 // served; the next retire stores both and clears the rotation record.
-func TestAttackHeldRetireDuringRotationWhoseWriteFails(t *testing.T) {
+func TestRetireDuringRotationWhoseWriteFailsKeepsIt(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -314,7 +316,7 @@ func TestAttackHeldRetireDuringRotationWhoseWriteFails(t *testing.T) {
 	}
 	// (Its rotation records are not checked here: rotate-root's retry after
 	// the retire makes a second unstored rotation, and the first record
-	// leaks; see TestAttackSecondUnstoredRotationLeaksFirstWAL.)
+	// leaks; see TestEveryUnstoredRotationKeepsItsRecordUntilStored.)
 	if f.refused != 0 {
 		t.Errorf("%d refused refresh tokens", f.refused)
 	}
@@ -322,7 +324,7 @@ func TestAttackHeldRetireDuringRotationWhoseWriteFails(t *testing.T) {
 
 // Held: unloading leaves no goroutine behind (refresh goroutines, the
 // cleanup waiter, the HTTP clients of every config).
-func TestAttackHeldCleanLeavesNoGoroutines(t *testing.T) {
+func TestCleanLeavesNoGoroutines(t *testing.T) {
 	base := runtime.NumGoroutine()
 	f := chatLike()
 	c := newCoreHarness(t, f, finamLike(), tinvestLike())
@@ -350,7 +352,7 @@ func TestAttackHeldCleanLeavesNoGoroutines(t *testing.T) {
 // `r.RotatedAt == ""` branch) takes a record without rotated_at as issued by
 // the stored config's endpoint, though its config_hash says it was written
 // for another config: B's refresh token goes to A.
-func TestAttackLegacyRecordSendsOtherEndpointsSecret(t *testing.T) {
+func TestLegacyRecordNeverSendsAnotherEndpointsSecret(t *testing.T) {
 	const endpointA, endpointB = "http://127.0.0.1:1", "http://127.0.0.2:1"
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -397,7 +399,7 @@ func TestAttackLegacyRecordSendsOtherEndpointsSecret(t *testing.T) {
 // failure branch hands the walID to keepRotationOwned, which returns at once
 // when nothing was rotated (m == nil) and never deletes it. Every refused
 // write leaves a record that rollback later replays as a rotation.
-func TestAttackRefusedConfigWriteLeaksWAL(t *testing.T) {
+func TestRefusedConfigWriteLeavesNoRotationRecord(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -419,7 +421,7 @@ func TestAttackRefusedConfigWriteLeaksWAL(t *testing.T) {
 // Held: a refresh at the broker when the config is deleted and re-created:
 // the re-create waits for it (upstream), its answer is discarded, and the
 // re-created config serves a token of its own secret only.
-func TestAttackHeldRefreshAfterDeleteAndRecreate(t *testing.T) {
+func TestRefreshAcrossDeleteAndRecreateServesOnlyTheNewSecret(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -456,7 +458,7 @@ func TestAttackHeldRefreshAfterDeleteAndRecreate(t *testing.T) {
 // the name's owner across its storage write queue behind it (no deadlock:
 // upstream -> owner -> mu everywhere), and what the write stored is what
 // the next load sees.
-func TestAttackHeldInvalidateAndCleanDuringConfigWritePut(t *testing.T) {
+func TestInvalidateAndCleanWaitForAConfigWritesPut(t *testing.T) {
 	for _, racer := range []string{"invalidate", "clean"} {
 		t.Run(racer, func(t *testing.T) {
 			f := chatLike()
@@ -516,7 +518,7 @@ func TestAttackHeldInvalidateAndCleanDuringConfigWritePut(t *testing.T) {
 // is read: the answer is lost, the write fails with nothing kept, and the
 // stored config holds a spent refresh token; its rotation record is left
 // for a rollback that can only present that spent token.
-func TestAttackCancelledConfigWriteLosesRotation(t *testing.T) {
+func TestCancelledConfigWriteKeepsTheRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -557,7 +559,7 @@ func TestAttackCancelledConfigWriteLosesRotation(t *testing.T) {
 // (issue 19, defect 3). The migration still completes, so the index never
 // holds the config: after the upgrade no tick ever rotates that ChatApp
 // refresh token, and a config nobody reads lets it die.
-func TestAttackTransientReadDuringIndexMigrationUnschedulesConfig(t *testing.T) {
+func TestTransientReadDuringIndexMigrationKeepsTheConfigScheduled(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
@@ -593,7 +595,7 @@ func TestAttackTransientReadDuringIndexMigrationUnschedulesConfig(t *testing.T) 
 // (reschedule in schedule_index.go only warns). The in-memory schedule holds
 // it, but after a reload, restart or failover nothing does: a rotating
 // config nobody reads is never rotated again and its refresh token dies.
-func TestAttackFailedIndexPutUnschedulesConfigAfterRestart(t *testing.T) {
+func TestFailedIndexWriteIsRepairedAfterARestart(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	// The write's verifying refresh makes the pair now; it is due half way
