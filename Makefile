@@ -28,15 +28,15 @@ dev: build vault
 test: check unit e2e
 
 check:
-	@unformatted=$$(gofmt -l backend cmd scripts tools); \
+	@unformatted=$$(gofmt -l backend cmd internal scripts tools); \
 	  if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
 
 unit:
-	$(GO) test -race -count=1 ./backend/... ./cmd/...
+	$(GO) test -race -count=1 ./backend/... ./cmd/... ./internal/sandbox/...
 
 e2e: vault
-	VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -count=1 -timeout 30m ./scripts/...
+	VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -count=1 -timeout 30m ./internal/e2e/... ./internal/vaulttest/... ./scripts/...
 
 clean:
 	rm -rf bin tmp dist

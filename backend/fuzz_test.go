@@ -26,7 +26,7 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 // Fuzz targets for the config fields an operator (or anyone with write

@@ -6,7 +6,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 // TestMountChatAppAccessDiesAtRefresh runs the plugin against the strict variant

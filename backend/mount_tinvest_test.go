@@ -10,7 +10,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 func (h *harness) writeTInvest(name, token string, extra map[string]any) (*logical.Response, error) {

@@ -7,7 +7,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 // A ChatApp pair made on the read path (the config stored with

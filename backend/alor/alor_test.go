@@ -16,7 +16,7 @@ import (
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 // seenRequest is what reached the fake, recorded in front of it.

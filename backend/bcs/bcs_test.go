@@ -15,7 +15,7 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 type seen struct {

@@ -16,7 +16,7 @@ import (
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 // fixture is a sandbox behind a recorder of what the provider sent.

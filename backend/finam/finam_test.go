@@ -12,7 +12,7 @@ import (
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 func request(t *testing.T, url, secret string) provider.Request {

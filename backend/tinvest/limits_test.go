@@ -10,7 +10,7 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/tinvest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream/clocktest"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 func clockedClient(t *testing.T, clock upstream.Clock, attempts int) *upstream.Client {

@@ -16,7 +16,7 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/tinvest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream/clocktest"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 // fakeClock is a settable clock for the sandbox's rate-limit windows and

@@ -12,8 +12,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 const (

@@ -31,7 +31,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 type options struct {

@@ -13,8 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 // P4: many configs. N configs are written through the API (Finam with

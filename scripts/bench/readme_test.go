@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 func TestParseGoBenchReadsCustomMetrics(t *testing.T) {

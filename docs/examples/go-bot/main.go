@@ -17,7 +17,7 @@
 // its SHA-256, enough to tell two tokens apart in the log.
 //
 // Every event is one line of key=value pairs on stdout, for people and for
-// the e2e test (scripts/e2e/bots_test.go) alike.
+// the e2e test (internal/e2e/bots_test.go) alike.
 package main
 
 import (

@@ -20,7 +20,7 @@ It never prints a token: a token is shown as the first 12 hex digits of its
 SHA-256, enough to tell two tokens apart.
 
 Every event is one line of key=value pairs on stdout, for people and for the
-e2e test (scripts/e2e/bots_test.go) alike.
+e2e test (internal/e2e/bots_test.go) alike.
 
 Needs python3-hvac (Debian/Ubuntu: apt-get install python3-hvac).
 """

@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 // testRoles: one ALOR secret, two bots each with a policy on its own role

@@ -12,8 +12,8 @@ import (
 	"testing"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 // sandboxConfigs are one config per provider against the sandbox, named as

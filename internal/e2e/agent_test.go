@@ -17,8 +17,8 @@ import (
 	"time"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 // agentFinamLifetime is the sandbox's Finam JWT lifetime for the Agent test:

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 func TestTInvestEndToEnd(t *testing.T) {

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 // TestHAFailover runs a three-node Vault cluster with integrated storage on

@@ -15,8 +15,8 @@ import (
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 // configFields is the public field list of config/<name>, as

@@ -8,7 +8,7 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 // A caller with update on a config, but never given its secret, must not be

@@ -9,8 +9,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 // TestNoLongLivedSecretLeaks runs every provider's flows, failures included,

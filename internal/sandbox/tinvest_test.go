@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
 const tiUsersPath = "/tinkoff.public.invest.api.contract.v1.UsersService/"

@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
-	"github.com/brokervault/vault-plugin-secrets-broker/cmd/broker-sandbox/sandbox"
-	"github.com/brokervault/vault-plugin-secrets-broker/scripts/vaulttest"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
+	"github.com/brokervault/vault-plugin-secrets-broker/internal/vaulttest"
 )
 
 const sessionsEP = "POST /v1/sessions"
