@@ -34,13 +34,10 @@ func (c *coreHarness) renewLease(b *backend, lease *logical.Secret) (*logical.Re
 	return b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: &sec})
 }
 
-// Window: a ChatApp refresh is at the broker (it holds upstream, not owner)
-// when a delete runs. deleteConfig unloads the state first (gen++), then its
-// config Delete fails: the config survives in storage. The refresh's answer
-// then finds the state not current (finishRefresh: current=false), discards
-// the rotation the broker applied and deletes its write-ahead record. Storage
-// still pairs the surviving config with the refresh token the broker has
-// just retired: the next refresh is refused (and spends a make).
+// A ChatApp refresh is at the broker (holding upstream, not owner) when a
+// delete runs and its config Delete fails. The delete changes memory only
+// after storage succeeds, so the refresh's answer still finds its
+// generation current and stores the rotation for the surviving config.
 func TestFailedDeleteDuringRefreshKeepsTheRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -71,12 +68,10 @@ func TestFailedDeleteDuringRefreshKeepsTheRotation(t *testing.T) {
 	}
 }
 
-// Window: a rotation whose token Put failed lives only in memory
-// (unstored, kept for the next refresh or unload). A delete whose config
-// Delete fails unloads the state before touching storage (deleteConfig:
-// unloadLocked), so the unstored rotation and its pending rotation record id
-// are dropped, though the config survives. Neither the next refresh nor
-// unload can store it any more.
+// A rotation whose token Put failed lives only in memory (unstored), and
+// then a delete's config Delete fails. The delete leaves memory as it was
+// when storage fails, so unload still stores the rotation for the surviving
+// config and the next instance presents it.
 func TestFailedDeleteKeepsAnUnstoredRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -106,13 +101,11 @@ func TestFailedDeleteKeepsAnUnstoredRotation(t *testing.T) {
 	}
 }
 
-// Window: a same-endpoint config write (ttl only, verified) is at the broker
-// presenting the stored rotated refresh token, which the broker rotates. A
-// delete lands meanwhile and its config Delete fails. putConfig finds the
-// generation changed and answers 409 without keeping the rotation
-// (core.go: the `changed` branch returns before keepRotationOwned, and its
-// walID is neither deleted nor kept). The surviving config keeps the spent
-// refresh token.
+// A same-endpoint config write (ttl only, verified) is at the broker
+// presenting the stored rotated refresh token, which the broker rotates,
+// when a delete runs and its config Delete fails. The failed delete changes
+// nothing in memory, so the write still finds its generation and stores the
+// rotation with the surviving config.
 func TestFailedDeleteDuringConfigWriteKeepsTheRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -148,11 +141,10 @@ func TestFailedDeleteDuringConfigWriteKeepsTheRotation(t *testing.T) {
 	}
 }
 
-// Window: two refreshes in a row whose token Put fails. The second
-// overwrites st.pendingWAL with its own id (refresh.go finishRefresh, and
-// storeRotationOwned in core.go) without deleting the first: once a third
-// refresh stores the rotation, the first rotation record is left behind and
-// rollback replays a rotation that was stored.
+// Two refreshes in a row whose token Put fails each leave an unstored
+// rotation. Every such rotation's record is kept (pendingWALs) until a
+// record is stored, and all are deleted then: rollback never replays a
+// rotation that was stored.
 func TestEveryUnstoredRotationKeepsItsRecordUntilStored(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -175,11 +167,10 @@ func TestEveryUnstoredRotationKeepsItsRecordUntilStored(t *testing.T) {
 	}
 }
 
-// Window: a config write whose token record is stored and whose config Put
-// then fails unloads the state (putConfig: the writeConfig error branch)
-// without deleting or keeping its verifying call's rotation record, nor the
-// pending one of an earlier unstored rotation: the rotation is in storage,
-// but the record stays for rollback to replay.
+// A config write stores its token record (holding its verifying call's
+// rotation) and then fails to store the config. The rotation is in
+// storage, so the write deletes its rotation record and any pending one:
+// none is left for rollback to replay.
 func TestConfigPutFailureLeavesNoRotationRecord(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -200,11 +191,11 @@ func TestConfigPutFailureLeavesNoRotationRecord(t *testing.T) {
 	}
 }
 
-// Window: the incident switch, then delete and re-create under the same
-// name (an operator replacing a leaked secret). The re-created config starts
-// at retire epoch 0, so a lease on the retired token (epoch 0) of the deleted
-// config renews again, up to that token's expiry: renewToken checks only
-// that some config of that name exists and in.epoch < rec.RetireEpoch.
+// The incident switch, then delete and re-create under the same name (an
+// operator replacing a leaked secret); the re-created config starts at
+// retire epoch 0. A lease carries the instance of the config that issued
+// it, and a re-created config has a new one, so the retired lease never
+// renews under it.
 func TestLeaseOfADeletedConfigNeverRenewsUnderARecreatedOne(t *testing.T) {
 	c := newCoreHarness(t, finamLike())
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
@@ -221,10 +212,9 @@ func TestLeaseOfADeletedConfigNeverRenewsUnderARecreatedOne(t *testing.T) {
 	}
 }
 
-// Window: a refresh is at the broker when a delete succeeds. deleteConfig
-// drops the config's series (metrics.forget) and its metric keys, but the
-// refresh's finishRefresh then bumps st.keys(b.metrics).refreshOK, which
-// looks the series up again: the deleted config's series come back.
+// A refresh is at the broker when a delete succeeds and resets the config's
+// counters. The refresh's answer finds the config gone and counts nothing
+// (it counts only for a current config), so no series comes back.
 func TestRefreshFinishingAfterDeleteBringsNoSeriesBack(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
@@ -247,7 +237,7 @@ func TestRefreshFinishingAfterDeleteBringsNoSeriesBack(t *testing.T) {
 	}
 }
 
-// Held: two moving writes in a row (A->B, then A->C), each storing its
+// Two moving writes in a row (A->B, then A->C), each storing its
 // record and failing to store the config, leave A's own rotated secret for
 // A (Prior), on this node and after a restart.
 func TestPriorRotationSurvivesTwoFailedMoves(t *testing.T) {
@@ -285,7 +275,7 @@ func TestPriorRotationSurvivesTwoFailedMoves(t *testing.T) {
 	}
 }
 
-// Held: a retire while a rotation is at the broker, whose record write then
+// A retire while a rotation is at the broker, whose record write then
 // fails: the rotation stays (unstored) and the pre-retire token is never
 // served; the next retire stores both and clears the rotation record.
 func TestRetireDuringRotationWhoseWriteFailsKeepsIt(t *testing.T) {
@@ -314,15 +304,14 @@ func TestRetireDuringRotationWhoseWriteFailsKeepsIt(t *testing.T) {
 	if got := c.token("creds/x"); got == first || got == inFlight {
 		t.Errorf("a retired token was served: %q", got)
 	}
-	// (Its rotation records are not checked here: rotate-root's retry after
-	// the retire makes a second unstored rotation, and the first record
-	// leaks; see TestEveryUnstoredRotationKeepsItsRecordUntilStored.)
+	// (Its rotation records are not checked here; see
+	// TestEveryUnstoredRotationKeepsItsRecordUntilStored.)
 	if f.refused != 0 {
 		t.Errorf("%d refused refresh tokens", f.refused)
 	}
 }
 
-// Held: unloading leaves no goroutine behind (refresh goroutines, the
+// Unloading leaves no goroutine behind (refresh goroutines, the
 // cleanup waiter, the HTTP clients of every config).
 func TestCleanLeavesNoGoroutines(t *testing.T) {
 	base := runtime.NumGoroutine()
@@ -345,13 +334,12 @@ func TestCleanLeavesNoGoroutines(t *testing.T) {
 	until(t, "goroutines left after Clean", func() bool { return runtime.NumGoroutine() <= base+1 })
 }
 
-// Window: a token record left by the previous core (no rotated_at, no
-// prior) after its defect #2: a write moving the config from A to B stored
-// its record, holding B's rotated refresh token and B's config hash, and
-// failed to store the config. On load boundTo (records.go, the
-// `r.RotatedAt == ""` branch) takes a record without rotated_at as issued by
-// the stored config's endpoint, though its config_hash says it was written
-// for another config: B's refresh token goes to A.
+// A token record an older version left (no rotated_at, no prior) when a
+// write moving the config from A to B stored its record (B's rotated
+// refresh token, B's config hash) and failed to store the config. On load a
+// record without rotated_at counts as the stored config's endpoint's only
+// when its config hash matches that config, so B's refresh token never goes
+// to A.
 func TestLegacyRecordNeverSendsAnotherEndpointsSecret(t *testing.T) {
 	const endpointA, endpointB = "http://127.0.0.1:1", "http://127.0.0.2:1"
 	f := chatLike()
@@ -394,11 +382,10 @@ func TestLegacyRecordNeverSendsAnotherEndpointsSecret(t *testing.T) {
 	}
 }
 
-// Window: a config write whose verifying call the broker refuses (a wrong
-// new password) writes a rotation record in issue() and returns; putConfig's
-// failure branch hands the walID to keepRotationOwned, which returns at once
-// when nothing was rotated (m == nil) and never deletes it. Every refused
-// write leaves a record that rollback later replays as a rotation.
+// A config write whose verifying call the broker refuses (a wrong new
+// password) has written a rotation record before the call. Nothing was
+// rotated, so the write deletes the record on its way out: rollback has
+// nothing to replay.
 func TestRefusedConfigWriteLeavesNoRotationRecord(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -418,7 +405,7 @@ func TestRefusedConfigWriteLeavesNoRotationRecord(t *testing.T) {
 	}
 }
 
-// Held: a refresh at the broker when the config is deleted and re-created:
+// A refresh at the broker when the config is deleted and re-created:
 // the re-create waits for it (upstream), its answer is discarded, and the
 // re-created config serves a token of its own secret only.
 func TestRefreshAcrossDeleteAndRecreateServesOnlyTheNewSecret(t *testing.T) {
@@ -454,7 +441,7 @@ func TestRefreshAcrossDeleteAndRecreateServesOnlyTheNewSecret(t *testing.T) {
 	}
 }
 
-// Held: an invalidation and an unload that land while a config write holds
+// An invalidation and an unload that land while a config write holds
 // the name's owner across its storage write queue behind it (no deadlock:
 // upstream -> owner -> mu everywhere), and what the write stored is what
 // the next load sees.
@@ -511,13 +498,11 @@ func TestInvalidateAndCleanWaitForAConfigWritesPut(t *testing.T) {
 	}
 }
 
-// Window: a config write's verifying call runs on the caller's context
-// (putConfig passes ctx to b.issue; refreshes use the backend's, and only the
-// storage step is detached). The caller gives up (a client timeout, Ctrl-C)
-// after ChatApp has rotated the stored refresh token but before its answer
-// is read: the answer is lost, the write fails with nothing kept, and the
-// stored config holds a spent refresh token; its rotation record is left
-// for a rollback that can only present that spent token.
+// The caller of a config write gives up (a client timeout, Ctrl-C) after
+// ChatApp has rotated the stored refresh token but before its answer is
+// read. The verifying call runs on a context detached from the caller's, so
+// the answer is still read and its rotation kept: the stored refresh token
+// is never a spent one.
 func TestCancelledConfigWriteKeepsTheRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -553,12 +538,11 @@ func TestCancelledConfigWriteKeepsTheRotation(t *testing.T) {
 	}
 }
 
-// Window: the migration to schema 2 builds the schedule's index with
-// eachConfig (schedule_index.go), which skips a config whose token record
-// Get fails, a transient storage error treated like an undecodable record
-// (issue 19, defect 3). The migration still completes, so the index never
-// holds the config: after the upgrade no tick ever rotates that ChatApp
-// refresh token, and a config nobody reads lets it die.
+// A token record Get fails once while the migration to schema 2 builds the
+// schedule's index. eachConfig skips only an undecodable record: a storage
+// error fails the migration, the schema stays at 1 and the first tick builds
+// the schedule from every config, so the config is rotated though nobody
+// reads it.
 func TestTransientReadDuringIndexMigrationKeepsTheConfigScheduled(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -591,10 +575,10 @@ func TestTransientReadDuringIndexMigrationKeepsTheConfigScheduled(t *testing.T) 
 	}
 }
 
-// Window: the Put of a new config's due-time index entry fails once
-// (reschedule in schedule_index.go only warns). The in-memory schedule holds
-// it, but after a reload, restart or failover nothing does: a rotating
-// config nobody reads is never rotated again and its refresh token dies.
+// The Put of a new config's due-time index entry fails once, and the node
+// restarts. The failed write leaves a repair mark, so the restarted node
+// rebuilds the index from every config and still rotates the config though
+// nobody reads it.
 func TestFailedIndexWriteIsRepairedAfterARestart(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)

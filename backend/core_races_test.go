@@ -15,9 +15,10 @@ import (
 
 // Races of the token core, each window opened deterministically.
 
-// A retire that lands while a config write's verifying call is at the broker
-// is undone: configWrite snapshots the record under the upstream lock only,
-// retire takes only the owner lock, and the write stores the snapshot.
+// A retire lands while a config write's verifying call is at the broker.
+// The write takes the retire epoch from the record current when it stores,
+// and drops a token from before it, so the retire holds and the verifying
+// token is never served.
 func TestRetireDuringConfigWriteVerifyHolds(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
@@ -45,11 +46,10 @@ func TestRetireDuringConfigWriteVerifyHolds(t *testing.T) {
 	}
 }
 
-// The epoch is documented as the authority "needing no clock agreement
-// between HA nodes", but servable also always checks RefreshStarted against
-// RetiredBefore: a node whose clock is behind the one that retired (failover,
-// or an NTP step back) refuses every fresh token it mints, so every read
-// mints three times and fails.
+// A retire, then a node whose clock is behind the retiring one's (failover,
+// or an NTP step back) serves. Once a retire epoch is recorded, only the
+// epoch decides what is servable, not RetiredBefore against the local
+// clock: one read mints once and succeeds.
 func TestRetireHoldsOnANodeWhoseClockIsBehind(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
@@ -69,11 +69,11 @@ func TestRetireHoldsOnANodeWhoseClockIsBehind(t *testing.T) {
 	}
 }
 
-// A ChatApp config write that changes a secret other than the refresh token
-// (e.g. the cabinet password, as the retire note tells operators to do)
-// counts as a new upstream: the record is dropped, the broker's current
-// rotated refresh token is forgotten and the old seed, already spent, is
-// presented again.
+// A ChatApp config write changes a secret other than the refresh token
+// (e.g. the cabinet password, as the retire note tells operators to do).
+// The token is dropped, but the broker's rotated refresh token is carried
+// over (the write does not supply that field anew), so the spent seed is
+// never presented again.
 func TestOtherSecretChangeKeepsTheRotatedRefreshToken(t *testing.T) {
 	for _, verify := range []bool{true, false} {
 		t.Run(fmt.Sprintf("verify=%v", verify), func(t *testing.T) {
@@ -100,9 +100,9 @@ func TestOtherSecretChangeKeepsTheRotatedRefreshToken(t *testing.T) {
 	}
 }
 
-// A config write whose token record Put fails after its config Put
-// succeeded leaves storage pairing the new config with the token minted from
-// the old secret; a restart (or a standby, or the new active node) serves it.
+// A config write whose token record Put fails. The record is stored before
+// the config, so nothing of the write is stored: a restart (or a standby,
+// or the new active node) serves a token of the stored config's secret.
 func TestConfigWriteFailingAtTheRecordKeepsTheStoredSecret(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
@@ -132,10 +132,10 @@ func TestConfigWriteFailingAtTheRecordKeepsTheStoredSecret(t *testing.T) {
 	}
 }
 
-// A ChatApp config write whose verifying refresh rotated the pair but whose
-// storage write then failed drops the rotation from memory too (finishRefresh
-// keeps it in memory for exactly this case): the next refresh presents the
-// refresh token ChatApp already retired.
+// A ChatApp config write whose verifying refresh rotated the pair stores its
+// token record and then fails to store the config. The stored record holds
+// the rotation, so the next refresh presents the refresh token ChatApp
+// issued last, not a retired one.
 func TestConfigWriteStoreFailureKeepsTheVerifiedRotation(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -225,10 +225,10 @@ func TestDeleteThatFailsHalfWayServesExactlyWhatStorageHolds(t *testing.T) {
 	}
 }
 
-// A rotation record whose replay meets a refused refresh token keeps
-// failing: walRollback returns the error, Vault keeps the record and replays
-// it every rollback interval, each time presenting the same dead refresh
-// token again (and, with the real provider, reserving one more make).
+// A rotation record's replay meets a refused refresh token. Replaying cannot
+// cure a refusal, so walRollback drops the record at once instead of
+// presenting the dead refresh token (and spending a make) every rollback
+// interval.
 func TestRefusedRecoveryDropsItsRecord(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
@@ -257,9 +257,9 @@ func TestRefusedRecoveryDropsItsRecord(t *testing.T) {
 	}
 }
 
-// An undecodable token/<name> (a partial write, a bad migration) makes the
-// config unrepairable by a config write: configWrite loads the record first
-// and fails, so the operator's only way out is delete and re-create.
+// An undecodable token/<name> (a partial write, a bad migration). Loading
+// gives up only that record and starts without a token, so a config write
+// repairs the config; no delete and re-create is needed.
 func TestUndecodableTokenRecordDoesNotBlockAConfigWrite(t *testing.T) {
 	f := finamLike()
 	c := newCoreHarness(t, f)
@@ -298,9 +298,10 @@ func (s *holdDelStorage) Delete(ctx context.Context, k string) error {
 	return s.Storage.Delete(ctx, k)
 }
 
-// finishRefresh reschedules after releasing the owner lock: a delete landing in
-// between is followed by the mint re-adding the deleted config to the
-// schedule and to the persisted due/ index.
+// A delete lands while a refresh that has stored its record deletes its
+// rotation record. The refresh reschedules under the owner lock, before the
+// delete can run, so the delete's unscheduling is never undone: nothing of
+// the deleted config stays in the schedule or the due/ index.
 func TestDeleteDuringMintLeavesNothingScheduled(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)

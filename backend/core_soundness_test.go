@@ -57,9 +57,7 @@ func (c *coreHarness) exists(key string) bool {
 // A delete owns the config's name until both storage deletes are done: an
 // update or a retire landing in between waits, and finds nothing; a read
 // there is served (it came before the delete finished) but nothing of the
-// config survives the delete's return. Before, a read there loaded a fresh
-// state from the still-stored config and served (and refreshed, and stored)
-// the deleted config's token after the delete returned.
+// config survives the delete's return.
 func TestDeleteOwnsTheNameUntilStorageIsDone(t *testing.T) {
 	for _, racer := range []struct {
 		name string

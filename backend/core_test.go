@@ -20,8 +20,7 @@ import (
 
 // Each test here opens one race window of the token core on purpose (a
 // held storage write or a held broker call) and checks that the config's
-// serialized owner keeps its state sound. Each failed on the core before it
-// was made one owner per config.
+// serialized owner keeps its state sound.
 
 func finamLike() *fakeBroker { return newFakeBroker("fake", provider.Minted, false, nil) }
 func chatLike() *fakeBroker  { return newFakeBroker("fakerot", provider.Minted, true, nil) }
@@ -168,7 +167,7 @@ func TestDeleteDuringPersistDoesNotResurrect(t *testing.T) {
 	}
 }
 
-func TestConfigWriteJoinsSingleFlightAndWAL(t *testing.T) {
+func TestConfigWriteVerifiesAfterTheRefreshUnderARotationRecord(t *testing.T) {
 	f := chatLike()
 	c := newCoreHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
