@@ -368,7 +368,7 @@ func TestUpgradeInPlaceAndDisable(t *testing.T) {
 
 		var names []string
 		e.cliJSON(&names, "list", "-format=json", "broker/config")
-		if strings.Join(names, ",") != "alor,chat,finam,tbank" {
+		if strings.Join(names, ",") != "alor,bcs,chat,finam,tbank" {
 			t.Errorf("configs after the move: %v", names)
 		}
 		for _, name := range []string{"finam", "chat"} {
