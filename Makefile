@@ -43,7 +43,7 @@ clean:
 
 # Benchmarks (docs/performance.md): real Vault with the plugin and the sandbox,
 # against Vault's built-in kv-v2 and HashiCorp's kv as an external plugin.
-# bench: the full run (~15 min), exits 1 when a target is missed; a run of a
+# bench: the full run (~16 min), exits 1 when a target is missed; a run of a
 #        clean tree is kept as docs/bench/latest.json
 # bench-readme: README.md's performance section from docs/bench/latest.json
 #        (refuses a run of a dirty tree)
