@@ -36,7 +36,7 @@ unit:
 	$(GO) test -race -count=1 ./backend/... ./cmd/... ./internal/sandbox/...
 
 e2e: vault
-	VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -count=1 -timeout 30m ./internal/e2e/... ./internal/vaulttest/... ./scripts/...
+	VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -count=1 -timeout 30m ./internal/e2e/... ./internal/vaulttest/... ./internal/bench/...
 
 clean:
 	rm -rf bin tmp dist
@@ -56,7 +56,7 @@ release-check:
 
 # Benchmarks (docs/performance.md): real Vault with the plugin and the sandbox,
 # against Vault's built-in kv-v2 and HashiCorp's kv as an external plugin.
-# bench: the full run (~15 min), exits 1 when a target is missed; a run of a
+# bench: the full run (~16 min), exits 1 when a target is missed; a run of a
 #        clean tree is kept as docs/bench/latest.json
 # bench-readme: README.md's performance section from docs/bench/latest.json
 #        (refuses a run of a dirty tree)
@@ -64,12 +64,12 @@ release-check:
 .PHONY: bench bench-readme bench-quick
 bench: vault
 	@scripts/build-kvplugin.sh
-	$(GO) run ./scripts/bench -strict -out bench-results -latest docs/bench/latest.json
+	$(GO) run ./internal/bench -strict -out bench-results -latest docs/bench/latest.json
 bench-readme:
-	$(GO) run ./scripts/bench -readme docs/bench/latest.json
+	$(GO) run ./internal/bench -readme docs/bench/latest.json
 bench-quick: vault
 	@scripts/build-kvplugin.sh
-	$(GO) run ./scripts/bench -quick -out bench-results
+	$(GO) run ./internal/bench -quick -out bench-results
 
 # Plausible one-line slips applied one at a time to a copy of the tree, each
 # run against the backend unit suite: prints caught/survived per slip

@@ -12,7 +12,7 @@ import (
 )
 
 // tickConfigs is how many configs the tick benchmark schedules (the P4 phase
-// of scripts/bench holds as many).
+// of internal/bench holds as many).
 const tickConfigs = 10000
 
 // BenchmarkPeriodicFunc measures one real periodic tick: the rollback
@@ -49,7 +49,7 @@ func benchPeriodicFunc(b *testing.B, due int) {
 	// The harness's logger (the SDK's test config) writes to hclog's default
 	// output, and go test puts that on the same stream as the benchmark's
 	// result lines: a log line written between a result's name and its
-	// numbers breaks them for scripts/bench. Benchmarks run after every
+	// numbers breaks them for internal/bench. Benchmarks run after every
 	// test, so nothing else logs meanwhile.
 	out := hclog.DefaultOutput
 	hclog.DefaultOutput = io.Discard

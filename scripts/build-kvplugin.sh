@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds HashiCorp's kv secrets engine as an external plugin binary from
-# tools/kvplugin, once: the benchmark's floor (scripts/bench registers it
+# tools/kvplugin, once: the benchmark's floor (internal/bench registers it
 # through the plugin catalog like the broker plugin). The binary is cached
 # outside the clone, keyed by the kv version and a hash of tools/kvplugin,
 # like scripts/build-vault.sh does for Vault; bin/vault-plugin-secrets-kv

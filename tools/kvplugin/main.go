@@ -1,7 +1,7 @@
 // Command vault-plugin-secrets-kv builds HashiCorp's kv secrets engine
 // (github.com/hashicorp/vault-plugin-secrets-kv, the same code Vault bundles
 // as its built-in kv) as an external plugin binary. The benchmark
-// (scripts/bench) registers it through the plugin catalog, exactly like the
+// (internal/bench) registers it through the plugin catalog, exactly like the
 // broker plugin, so its reads pay the same gRPC hop: it is the honest floor
 // for a creds read. It lives in its own module so the plugin's go.mod never
 // depends on it; scripts/build-kvplugin.sh builds it once and caches it.

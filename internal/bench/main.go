@@ -4,8 +4,9 @@
 // run: Vault's built-in kv-v2 and HashiCorp's kv engine as an external
 // plugin (built by scripts/build-kvplugin.sh). See docs/performance.md.
 //
-//	go run ./scripts/bench            # the full run (make bench), ~15 min
-//	go run ./scripts/bench -quick     # the CI guard (make bench-quick), <2 min
+//	go run ./internal/bench            # the full run (make bench), ~16 min
+//	go run ./internal/bench -quick     # the CI guard (make bench-quick), <2 min
+//	go run ./internal/bench -only roles -strict=false   # one part, for dev runs
 //
 // It prints a table and writes a JSON result (date, machine, commit, every
 // number) to -out; a full run of a clean tree also to -latest (the kept run,
@@ -13,7 +14,7 @@
 // full-run target was missed (-strict=false: only reported); 2: the run
 // itself failed.
 //
-//	go run ./scripts/bench -readme docs/bench/latest.json
+//	go run ./internal/bench -readme docs/bench/latest.json
 //
 // runs nothing: it rewrites README.md's performance section (between its
 // bench markers) from that JSON, and refuses a run that is not a full run
@@ -27,6 +28,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -52,19 +54,24 @@ type options struct {
 	configs    int
 	ticks      bool
 	leaseTTL   time.Duration
+	roles      rolesConfig
 }
+
+// phases are the parts of a full run, in the order they run (-skip, -only).
+var phases = []string{"p1", "p2cold", "roles", "p2steady", "p4", "p3"}
 
 func main() {
 	var o options
-	var skip, clients string
-	flag.BoolVar(&o.quick, "quick", false, "the cheap CI variant: P1 at 16 clients and the 1,000 cold reads, with regression guards")
+	var skip, only, clients string
+	flag.BoolVar(&o.quick, "quick", false, "the cheap CI variant: P1 at 16 clients, the 1,000 cold reads and creds/<role> vs creds/<config>, with regression guards")
 	flag.BoolVar(&o.strict, "strict", true, "full run: exit 1 when a target is missed (false: report it only, for dev runs)")
 	flag.StringVar(&o.out, "out", "bench-results", "directory for the JSON result, or a path ending in .json")
 	flag.StringVar(&o.latest, "latest", "", "full run of a clean tree: also write the JSON result here (make bench: docs/bench/latest.json)")
 	readme := flag.String("readme", "", "run nothing: rewrite README.md's performance section from this JSON result (make bench-readme)")
 	flag.StringVar(&o.kvBin, "kvplugin", filepath.Join(vaulttest.RepoRoot(), "bin", kvPluginName), "the external kv plugin binary (scripts/build-kvplugin.sh)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the scratch directory (Vault log, plugin dir)")
-	flag.StringVar(&skip, "skip", "", "phases to skip, comma-separated (p1,p2cold,p2steady,p3,p4)")
+	flag.StringVar(&skip, "skip", "", "phases to skip, comma-separated ("+strings.Join(phases, ",")+")")
+	flag.StringVar(&only, "only", "", "run only these phases, comma-separated (the others are skipped; e.g. -only roles)")
 	flag.StringVar(&clients, "p1-clients", "1,16,64", "P1 client counts")
 	flag.IntVar(&o.p1Rounds, "p1-rounds", 6, "P1 rounds (each target gets one slice per round)")
 	flag.DurationVar(&o.p1Slice, "p1-slice", 1500*time.Millisecond, "P1 slice length")
@@ -74,6 +81,11 @@ func main() {
 	flag.DurationVar(&o.p3, "p3", 2*time.Minute, "P3 run length")
 	flag.IntVar(&o.configs, "configs", 10000, "P4 configs")
 	flag.DurationVar(&o.leaseTTL, "lease-ttl", 0, "P2 steady and P3: the configs' ttl (0: unset, leases end with their token)")
+	flag.IntVar(&o.roles.Rounds, "roles-rounds", 16, "roles: rounds of creds/<role> and creds/<config> reads (each gets one slice per round)")
+	flag.DurationVar(&o.roles.Slice, "roles-slice", 1500*time.Millisecond, "roles: slice length")
+	flag.IntVar(&o.roles.Roles, "roles", 1000, "roles: roles written over -roles-configs configs for the RSS measurement")
+	flag.IntVar(&o.roles.Configs, "roles-configs", 10, "roles: configs the roles are spread over (half Finam, half ALOR)")
+	flag.IntVar(&o.roles.ColdReaders, "roles-cold", 1000, "roles: concurrent cold readers of one narrowed ALOR role")
 	flag.BoolVar(&o.ticks, "ticks", true, "P4: wait for Vault's periodic ticks (idle, 1% due, after reload): ~3.5 min")
 	flag.Parse()
 	if *readme != "" {
@@ -86,9 +98,29 @@ func main() {
 	o.skip = map[string]bool{}
 	for _, s := range strings.Split(skip, ",") {
 		if s = strings.TrimSpace(s); s != "" {
+			if !slices.Contains(phases, s) {
+				fatal(fmt.Errorf("-skip: no phase %q (phases: %s)", s, strings.Join(phases, ",")))
+			}
 			o.skip[s] = true
 		}
 	}
+	if only != "" {
+		keep := map[string]bool{}
+		for _, s := range strings.Split(only, ",") {
+			if s = strings.TrimSpace(s); s != "" {
+				if !slices.Contains(phases, s) {
+					fatal(fmt.Errorf("-only: no phase %q (phases: %s)", s, strings.Join(phases, ",")))
+				}
+				keep[s] = true
+			}
+		}
+		for _, p := range phases {
+			if !keep[p] {
+				o.skip[p] = true
+			}
+		}
+	}
+	o.roles.Clients, o.roles.Warm, o.roles.BrokerLatency = 16, time.Second, 300*time.Millisecond
 	for _, s := range strings.Split(clients, ",") {
 		var n int
 		if _, err := fmt.Sscan(strings.TrimSpace(s), &n); err != nil || n < 1 {
@@ -98,6 +130,11 @@ func main() {
 	}
 	if o.quick {
 		o.p1Clients, o.p1Rounds, o.p1Slice = []int{16}, 3, time.Second
+		// Roles: only the role-vs-config ratio (about 10 s), as a loose
+		// guard. An even number of rounds: each target goes first in half
+		// of them, so the slow drift of a run (Vault's lease table grows
+		// with every read) falls on both alike.
+		o.roles.Rounds, o.roles.Slice, o.roles.Roles, o.roles.ColdReaders = 4, time.Second, 0, 0
 		for _, p := range []string{"p2steady", "p3", "p4"} {
 			o.skip[p] = true
 		}
@@ -186,6 +223,19 @@ func run(ctx context.Context, o options) (*report, error) {
 		}
 		r.Load["p2_cold"] = m.read()
 	}
+	// Roles before the long phases: P2 steady's and P3's short leases are
+	// revoked through the plugin as they expire, and P4's 10,000 configs
+	// would swamp the RSS the roles add.
+	if !o.skip["roles"] {
+		m := e.meter()
+		c := o.roles
+		logf("roles: creds/<role> vs creds/<config> at %d clients, %d rounds of %s; %d roles over %d configs; %d cold reads of a narrowed role",
+			c.Clients, c.Rounds, c.Slice, c.Roles, c.Configs, c.ColdReaders)
+		if r.Roles, err = runRoles(ctx, e, c); err != nil {
+			return nil, fmt.Errorf("roles: %w", err)
+		}
+		r.Load["roles"] = m.read()
+	}
 	if !o.skip["p2steady"] {
 		m := e.meter()
 		logf("P2: %d reads/s for %s, 60s tokens", o.steadyRate, o.steady)
@@ -239,6 +289,30 @@ func run(ctx context.Context, o options) (*report, error) {
 // half again the worst of them.
 const quickP50Bound = 1.2
 
+// Role targets (issue 21): a cached creds/<role> read costs what a cached
+// creds/<config> read costs, 1,000 roles add little memory, and cold readers
+// of a narrowed role make one mint.
+const (
+	roleP50Bound = 1.05
+	// quickRoleP50Bound is the CI guard on the same ratio (4 rounds of 1 s):
+	// the two reads do nearly the same work, so the guard is loose enough
+	// for a shared machine's noise (a short run's ratio moves by a tenth or
+	// more) and trips only when a role read costs about a third more (a
+	// storage read or a lock on its path, a second cache).
+	quickRoleP50Bound = 1.5
+	roleRSSBoundMB    = 20.0
+)
+
+// roleRatioTarget is the role-vs-config target (bound: full or quick).
+func roleRatioTarget(p *roleRatio, bound float64, want string) target {
+	return target{Phase: "roles", Name: fmt.Sprintf("creds/<role> p50 vs creds/<config> p50, %d clients", p.Clients), Want: want,
+		Got: fmt.Sprintf("%.2fx (%.3f / %.3f ms; p99 %.2fx, %.3f / %.3f ms; rounds %v), shared token %v, %d mint(s), %d errors",
+			p.P50RoleOverC, p.RoleStats.P50ms, p.ConfigStats.P50ms, p.P99RoleOverC, p.RoleStats.P99ms, p.ConfigStats.P99ms,
+			p.P50ByRound, p.SameToken, p.Mints, p.RoleStats.Errors+p.ConfigStats.Errors),
+		Value: p.P50RoleOverC, Bound: bound,
+		Pass: p.P50RoleOverC > 0 && p.P50RoleOverC <= bound && p.SameToken && p.Mints == 0 && p.RoleStats.Errors+p.ConfigStats.Errors == 0}
+}
+
 // judge records the issue's targets (full run) or the CI guards (quick).
 func judge(r *report, o options) {
 	if o.quick {
@@ -254,6 +328,9 @@ func judge(r *report, o options) {
 					lv.P50CredsOverKVExtByRound, c.Errors+x.Errors),
 				Value: lv.P50CredsOverKVExt, Bound: quickP50Bound, Pass: lv.P50CredsOverKVExt <= quickP50Bound && c.Errors == 0})
 		}
+		if p := r.Roles; p != nil && p.Ratio != nil {
+			r.add(roleRatioTarget(p.Ratio, quickRoleP50Bound, fmt.Sprintf("<= %.1fx (regression guard)", quickRoleP50Bound)))
+		}
 		r.finish()
 		return
 	}
@@ -267,6 +344,25 @@ func judge(r *report, o options) {
 		r.add(target{Phase: "P2", Name: fmt.Sprintf("%d concurrent cold reads", c.Readers), Want: "exactly 1 upstream mint",
 			Got:   fmt.Sprintf("%d mint(s), %d ok, %d token(s)", c.Mints, c.OK, c.DistinctTokens),
 			Value: float64(c.Mints), Bound: 1, Pass: c.Mints == 1 && c.OK == c.Readers && c.DistinctTokens == 1})
+	}
+	if p := r.Roles; p != nil {
+		if p.Ratio != nil {
+			r.add(roleRatioTarget(p.Ratio, roleP50Bound, fmt.Sprintf("<= %.2fx", roleP50Bound)))
+		}
+		if m := p.Memory; m != nil {
+			r.add(target{Phase: "roles", Name: fmt.Sprintf("plugin RSS added by %s roles over %d configs", thousands(m.Roles), m.Configs),
+				Want: fmt.Sprintf("<= %.0f MB", roleRSSBoundMB),
+				Got: fmt.Sprintf("%+.1f MB (%.1f -> %.1f MB, %.1f KB a role), %d errors",
+					m.AddedMB, m.RSSBefore.RSSMB, m.RSSAfter.RSSMB, m.PerRoleKB, m.Errors),
+				Value: m.AddedMB, Bound: roleRSSBoundMB, Pass: m.AddedMB <= roleRSSBoundMB && m.Errors == 0})
+		}
+		if c := p.Cold; c != nil {
+			r.add(target{Phase: "roles", Name: fmt.Sprintf("%s cold concurrent reads of one narrowed role", thousands(c.Readers)),
+				Want:  "exactly 1 upstream mint, all ok, one token narrowed to the role",
+				Got:   fmt.Sprintf("%d mint(s), %d ok, %d token(s) reaching %q", c.Mints, c.OK, c.DistinctTokens, c.Portfolios),
+				Value: float64(c.Mints), Bound: 1,
+				Pass: c.Mints == 1 && c.OK == c.Readers && c.DistinctTokens == 1 && c.Narrowed})
+		}
 	}
 	if s := r.P2Steady; s != nil {
 		r.add(target{Phase: "P2", Name: fmt.Sprintf("mints in %.0fs at %d reads/s, %.0fs tokens", s.DurationS, s.Rate, s.TokenLifetimeS),

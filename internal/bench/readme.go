@@ -38,6 +38,8 @@ func (r *report) keepable() error {
 		return errors.New("P1 was skipped or ran without 1, 16 and 64 clients")
 	case r.P2Cold == nil || r.P2Steady == nil || r.P3 == nil || r.P4 == nil:
 		return errors.New("a phase was skipped")
+	case r.Roles == nil || r.Roles.Ratio == nil || r.Roles.Memory == nil || r.Roles.Cold == nil:
+		return errors.New("the roles phase was skipped or ran in part")
 	}
 	if _, _, ok := r.P4.tickBench(); !ok {
 		return fmt.Errorf("no %s result (%s)", periodicBenchName, r.P4.PeriodicBenchE)
@@ -124,6 +126,12 @@ func (r *report) readmeSection() string {
 	p3 := r.P3
 	fmt.Fprintf(&w, "- Broker latency %.0f s while tokens refresh (%d refreshes): creds p99 %.2fx the kvext p99.\n",
 		p3.BrokerLatencyMs/1000, len(p3.RefreshesAtS), p3.P99CredsOverKV)
+	if ro := r.Roles; ro != nil && ro.Ratio != nil && ro.Memory != nil && ro.Cold != nil {
+		fmt.Fprintf(&w, "- Roles: a cached `creds/<role>` read at %d clients costs %.2fx a cached `creds/<config>`\n", ro.Ratio.Clients, ro.Ratio.P50RoleOverC)
+		fmt.Fprintf(&w, "  read at p50 (%.2fx at p99); %s roles over %d configs add %.1f MB of plugin RSS; %s cold\n",
+			ro.Ratio.P99RoleOverC, thousands(ro.Memory.Roles), ro.Memory.Configs, ro.Memory.AddedMB, thousands(ro.Cold.Readers))
+		fmt.Fprintf(&w, "  concurrent reads of a narrowed ALOR role: %d upstream mint(s).\n", ro.Cold.Mints)
+	}
 	p4 := r.P4
 	fmt.Fprintf(&w, "- %s configs, all warm: %.0f MB of plugin RSS and %d open fds.\n",
 		thousands(p4.Configs), p4.RSSWarm.RSSMB, p4.FDsWarm)

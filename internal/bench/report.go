@@ -28,6 +28,7 @@ type report struct {
 	Load        map[string]phaseLoad `json:"machine_load"`
 	P1          *p1Result            `json:"p1,omitempty"`
 	P2Cold      *p2ColdResult        `json:"p2_cold,omitempty"`
+	Roles       *rolesResult         `json:"roles,omitempty"`
 	P2Steady    *p2SteadyResult      `json:"p2_steady,omitempty"`
 	P3          *p3Result            `json:"p3,omitempty"`
 	P4          *p4Result            `json:"p4,omitempty"`
@@ -143,6 +144,36 @@ func (r *report) print(w io.Writer) {
 		fmt.Fprintf(w, "P2  cold: %d concurrent reads, broker latency %.0f ms: %d upstream mint(s), %d ok, %d distinct token(s), %d waited on the mint, p50 %.1f ms, max %.1f ms\n",
 			c.Readers, c.BrokerLatencyMs, c.Mints, c.OK, c.DistinctTokens, c.WaitedOnMint, c.Latency.P50ms, c.Latency.MaxMs)
 	}
+	if p := r.Roles; p != nil {
+		if q := p.Ratio; q != nil {
+			fmt.Fprintf(w, "roles  cached creds/<role> (read-only Finam role sharing its config's token) vs creds/<config>, %d clients, %d rounds of %.1fs (ms):\n",
+				q.Clients, q.Rounds, q.SliceS)
+			tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+			fmt.Fprintln(tw, "target\tp50\tp90\tp99\tmax\trps\terrors\tp50 role/config\tp99 role/config\t")
+			for _, t := range []struct {
+				name string
+				s    stats
+			}{{"creds/<config>", q.ConfigStats}, {"creds/<role>", q.RoleStats}} {
+				r50, r99 := "", ""
+				if t.name == "creds/<role>" {
+					r50, r99 = f2(q.P50RoleOverC), f2(q.P99RoleOverC)
+				}
+				fmt.Fprintf(tw, "%s\t%.3f\t%.3f\t%.3f\t%.1f\t%.0f\t%d\t%s\t%s\t\n", t.name, t.s.P50ms, t.s.P90ms, t.s.P99ms, t.s.MaxMs, t.s.RPS, t.s.Errors, r50, r99)
+			}
+			tw.Flush()
+			fmt.Fprintf(w, "       p50 role/config by round %v; shared token %v; %d upstream mint(s) during the reads\n", q.P50ByRound, q.SameToken, q.Mints)
+		}
+		if m := p.Memory; m != nil {
+			fmt.Fprintf(w, "roles  %d roles over %d configs (%d Finam, %d ALOR; %d roles narrowed, %d narrowed tokens): written %.0f/s, read once in %.1fs (%d mints, %d errors)\n",
+				m.Roles, m.Configs, m.FinamConfigs, m.AlorConfigs, m.NarrowedRoles, m.NarrowedTokens, m.RoleWritesPerS, m.ReadSeconds, m.UpstreamMints, m.Errors)
+			fmt.Fprintf(w, "       plugin RSS: %.1f MB before the configs, %.1f MB before the roles, %.1f MB after (%+.1f MB, %.1f KB a role; %d -> %d open fds); Go heap in use %.1f -> %.1f MB\n",
+				m.RSSStart.RSSMB, m.RSSBefore.RSSMB, m.RSSAfter.RSSMB, m.AddedMB, m.PerRoleKB, m.FDsBefore, m.FDsAfter, m.HeapBeforeMB, m.HeapAfterMB)
+		}
+		if c := p.Cold; c != nil {
+			fmt.Fprintf(w, "roles  cold: %d concurrent reads of an ALOR role narrowed to %s (config %s), broker latency %.0f ms: %d upstream mint(s), %d ok, %d distinct token(s) reaching %q, p50 %.1f ms, max %.1f ms\n",
+				c.Readers, c.RoleAccounts, c.ConfigAccounts, c.BrokerLatencyMs, c.Mints, c.OK, c.DistinctTokens, c.Portfolios, c.Latency.P50ms, c.Latency.MaxMs)
+		}
+	}
 	if s := r.P2Steady; s != nil {
 		fmt.Fprintf(w, "P2  steady: %d reads/s for %.0fs, token lifetime %.0fs, broker latency %.0f ms after warm-up:\n", s.Rate, s.DurationS, s.TokenLifetimeS, s.BrokerLatencyMs)
 		fmt.Fprintf(w, "    %d reads, %d errors, %d upstream mints (bound %.1f) at %v s; p50 %.2f ms, p99 %.2f ms, p99.9 %.1f ms, max %.1f ms\n",
@@ -181,7 +212,7 @@ func (r *report) print(w io.Writer) {
 	}
 	if len(r.Load) > 0 {
 		fmt.Fprintf(w, "\nmachine load per phase (cores busy; %d CPUs): ", r.Machine.CPUs)
-		for _, k := range []string{"p1", "p2_cold", "p2_steady", "p4", "p3"} {
+		for _, k := range []string{"p1", "p2_cold", "roles", "p2_steady", "p4", "p3"} {
 			if l, ok := r.Load[k]; ok {
 				fmt.Fprintf(w, "%s bench %.2f + other %.2f; ", k, l.BenchCores, l.OtherCores)
 			}
