@@ -27,6 +27,8 @@ type metrics struct {
 	// (counts) and are exported by countCollector.
 
 	expiryOnce sync.Once
+	obsMu      sync.Mutex
+	observers  map[string]func(op, outcome string, d time.Duration)
 }
 
 // latencyBuckets in seconds: from a cached loopback call to a stuck broker.
@@ -56,12 +58,23 @@ func newMetrics() *metrics {
 	return m
 }
 
-// observeUpstream is the upstream client's hook for one provider.
+// observeUpstream is the upstream client's hook for one provider: one
+// function per provider, shared by every config's client.
 func (m *metrics) observeUpstream(provider string) func(op, outcome string, d time.Duration) {
-	return func(op, outcome string, d time.Duration) {
+	m.obsMu.Lock()
+	defer m.obsMu.Unlock()
+	if f, ok := m.observers[provider]; ok {
+		return f
+	}
+	f := func(op, outcome string, d time.Duration) {
 		m.upstream.WithLabelValues(provider, op, outcome).Inc()
 		m.latency.WithLabelValues(provider, op).Observe(d.Seconds())
 	}
+	if m.observers == nil {
+		m.observers = map[string]func(op, outcome string, d time.Duration){}
+	}
+	m.observers[provider] = f
+	return f
 }
 
 var (

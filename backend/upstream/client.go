@@ -100,7 +100,6 @@ func New(opts Options) (*Client, error) {
 		ratePerMinute: opts.RatePerMinute,
 		maxConcurrent: opts.MaxConcurrent,
 		ratePerOp:     opts.RatePerOp,
-		limiters:      map[string]*limiter{},
 		onClose:       opts.OnClose,
 		http: &http.Client{
 			Transport: tr,
@@ -310,6 +309,9 @@ func (c *Client) limiter(op string) *limiter {
 	defer c.limMu.Unlock()
 	l := c.limiters[key]
 	if l == nil {
+		if c.limiters == nil {
+			c.limiters = map[string]*limiter{} // on first call: most clients of warm configs make none
+		}
 		l = newLimiter(c.ratePerMinute, c.maxConcurrent, c.clock)
 		c.limiters[key] = l
 	}
