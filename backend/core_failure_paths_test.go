@@ -39,9 +39,7 @@ func (c *coreHarness) renewLease(b *backend, lease *logical.Secret) (*logical.Re
 // after storage succeeds, so the refresh's answer still finds its
 // generation current and stores the rotation for the surviving config.
 func TestFailedDeleteDuringRefreshKeepsTheRotation(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	entered, release := f.holdNext()
@@ -73,9 +71,7 @@ func TestFailedDeleteDuringRefreshKeepsTheRotation(t *testing.T) {
 // when storage fails, so unload still stores the rotation for the surviving
 // config and the next instance presents it.
 func TestFailedDeleteKeepsAnUnstoredRotation(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	c.storage.setFailKey(tokenPrefix + "x")
@@ -107,9 +103,7 @@ func TestFailedDeleteKeepsAnUnstoredRotation(t *testing.T) {
 // nothing in memory, so the write still finds its generation and stores the
 // rotation with the surviving config.
 func TestFailedDeleteDuringConfigWriteKeepsTheRotation(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	entered, release := f.holdNext()
@@ -146,9 +140,7 @@ func TestFailedDeleteDuringConfigWriteKeepsTheRotation(t *testing.T) {
 // record is stored, and all are deleted then: rollback never replays a
 // rotation that was stored.
 func TestEveryUnstoredRotationKeepsItsRecordUntilStored(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	c.storage.setFailKey(tokenPrefix + "x")
@@ -172,9 +164,7 @@ func TestEveryUnstoredRotationKeepsItsRecordUntilStored(t *testing.T) {
 // storage, so the write deletes its rotation record and any pending one:
 // none is left for rollback to replay.
 func TestConfigPutFailureLeavesNoRotationRecord(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	c.storage.setFailKey(configPrefix + "x")
@@ -279,9 +269,7 @@ func TestPriorRotationSurvivesTwoFailedMoves(t *testing.T) {
 // fails: the rotation stays (unstored) and the pre-retire token is never
 // served; the next retire stores both and clears the rotation record.
 func TestRetireDuringRotationWhoseWriteFailsKeepsIt(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	first := c.token("creds/x")
 	entered, release := f.holdNext()
 	var (
@@ -387,9 +375,7 @@ func TestLegacyRecordNeverSendsAnotherEndpointsSecret(t *testing.T) {
 // rotated, so the write deletes the record on its way out: rollback has
 // nothing to replay.
 func TestRefusedConfigWriteLeavesNoRotationRecord(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 	f.mu.Lock()
 	f.fail = &upstream.Error{Broker: "Fake", Op: "refresh", Failure: upstream.Unauthorized, Status: 401, Message: "bad password"}
@@ -409,9 +395,7 @@ func TestRefusedConfigWriteLeavesNoRotationRecord(t *testing.T) {
 // the re-create waits for it (upstream), its answer is discarded, and the
 // re-created config serves a token of its own secret only.
 func TestRefreshAcrossDeleteAndRecreateServesOnlyTheNewSecret(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 	entered, release := f.holdNext()
 	c.dueRefresh("creds/x")
@@ -504,9 +488,7 @@ func TestInvalidateAndCleanWaitForAConfigWritesPut(t *testing.T) {
 // the answer is still read and its rotation kept: the stored refresh token
 // is never a spent one.
 func TestCancelledConfigWriteKeepsTheRotation(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	f.loseAnswerOnCancel = true
@@ -530,7 +512,7 @@ func TestCancelledConfigWriteKeepsTheRotation(t *testing.T) {
 
 	rec, _ := c.stored("x")
 	if rec.Rotated["refresh_token"] != f.refresh {
-		t.Logf("storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
+		t.Errorf("the rotation of a write its caller abandoned is not stored: storage %q, broker %q", rec.Rotated["refresh_token"], f.refresh)
 	}
 	c.do(logical.UpdateOperation, "rotate-root/x", nil)
 	if f.refused != 0 {
@@ -544,9 +526,7 @@ func TestCancelledConfigWriteKeepsTheRotation(t *testing.T) {
 // the schedule from every config, so the config is rotated though nobody
 // reads it.
 func TestTransientReadDuringIndexMigrationKeepsTheConfigScheduled(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	// Storage of the previous version: no index.
 	hours, _ := c.raw.List(context.Background(), duePrefix)
 	if len(hours) == 0 {

@@ -520,3 +520,13 @@ func until(t testing.TB, what string, cond func() bool) {
 		runtime.Gosched()
 	}
 }
+
+// rotatingConfig is a backend with a rotating fake broker (ChatApp's shape)
+// and config/x written against it with the seed refresh token seed-1.
+func rotatingConfig(t *testing.T) (*fakeBroker, *coreHarness) {
+	t.Helper()
+	f := chatLike()
+	c := newCoreHarness(t, f)
+	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	return f, c
+}

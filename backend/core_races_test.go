@@ -137,9 +137,7 @@ func TestConfigWriteFailingAtTheRecordKeepsTheStoredSecret(t *testing.T) {
 // the rotation, so the next refresh presents the refresh token ChatApp
 // issued last, not a retired one.
 func TestConfigWriteStoreFailureKeepsTheVerifiedRotation(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	c.storage.mu.Lock()
@@ -230,9 +228,7 @@ func TestDeleteThatFailsHalfWayServesExactlyWhatStorageHolds(t *testing.T) {
 // presenting the dead refresh token (and spending a make) every rollback
 // interval.
 func TestRefusedRecoveryDropsItsRecord(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 	stored := f.refresh
 	// A crash after ChatApp rotated: the broker holds a refresh token storage never got.

@@ -188,9 +188,7 @@ func TestRotatedSecretStaysWithTheEndpointThatIssuedIt(t *testing.T) {
 // record: the record is kept, the next read serves its token, and nothing
 // is minted or overwritten. Only an undecodable record is given up.
 func TestTransientRecordReadErrorKeepsTheRecord(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	first := c.token("creds/x")
 	before, _ := c.stored("x")
 	calls := f.callCount()
@@ -230,9 +228,7 @@ func TestTransientRecordReadErrorKeepsTheRecord(t *testing.T) {
 // is answering finish and be stored before the backend's context ends: a
 // rotation the broker applied is never dropped there.
 func TestCleanupLetsAnAnsweredRotationBeStored(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	f.loseAnswerOnCancel = true
@@ -266,9 +262,7 @@ func TestCleanupLetsAnAnsweredRotationBeStored(t *testing.T) {
 // rotation record is kept until then: the next instance presents it and
 // spends nothing.
 func TestRotationWhoseWriteFailedIsStoredAtUnload(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	c.storage.setFailKey(tokenPrefix + "x")
@@ -301,9 +295,7 @@ func TestRotationWhoseWriteFailedIsStoredAtUnload(t *testing.T) {
 // A delete that fails half way leaves the config whole: the config and its
 // token record (and rotated secret) survive together, and nothing is spent.
 func TestFailedDeleteLeavesTheConfigWhole(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	tok := c.token("creds/x")
 	c.storage.setFailDelete(configPrefix + "x")
 	if resp, err := c.do(logical.DeleteOperation, "config/x", nil); err == nil && !resp.IsError() {
@@ -326,9 +318,7 @@ func TestFailedDeleteLeavesTheConfigWhole(t *testing.T) {
 // A config write that a guard refuses after the broker rotated the stored
 // config's secret keeps (and stores) the rotation: the old value is spent.
 func TestGuardRefusedWriteKeepsTheRotationItCaused(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 	f.mu.Lock()
 	f.readOnly = false
@@ -463,9 +453,7 @@ func TestRenewOfRetiredTokenEndsTheLease(t *testing.T) {
 // missing end time, say) still has its rotation stored: the old refresh
 // token is spent, and the next refresh presents the new one.
 func TestRefreshFailingAfterRotationKeepsTheRotation(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 	f.failAfterRotating = &upstream.Error{Broker: "Fake", Op: "refresh", Failure: upstream.BadResponse, Message: "response lacks refreshTokenEndTime"}
 	resp, err := c.do(logical.UpdateOperation, "rotate-root/x", nil)

@@ -168,9 +168,7 @@ func TestDeleteDuringPersistDoesNotResurrect(t *testing.T) {
 }
 
 func TestConfigWriteVerifiesAfterTheRefreshUnderARotationRecord(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	// Every call to the broker must find its rotation record in storage.
@@ -213,9 +211,7 @@ func TestConfigWriteVerifiesAfterTheRefreshUnderARotationRecord(t *testing.T) {
 }
 
 func TestCleanupPersistsAnsweredRotation(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	f.ignoreCtx = true // the broker answers although the plugin is being unloaded
@@ -239,9 +235,7 @@ func TestCleanupPersistsAnsweredRotation(t *testing.T) {
 }
 
 func TestMakeAtRefreshDeadlineStillPersists(t *testing.T) {
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	f, c := rotatingConfig(t)
 	c.token("creds/x")
 
 	c.b.refreshTimeout = 50 * time.Millisecond

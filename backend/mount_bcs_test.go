@@ -93,7 +93,7 @@ func TestMountBcsWriteVerifyAndCreds(t *testing.T) {
 		t.Fatalf("calls after reads: %v %+v", h.sb.AllCalls(), h.sb.BCSStats())
 	}
 	// No periodic work: a fixed expiry gains nothing from refreshing ahead.
-	cfg, rec, _ := h.b.status(context.Background(), h.storage, "bcs")
+	cfg, rec, _ := h.b.view(context.Background(), h.storage, "bcs")
 	if due := h.b.nextDue(cfg, rec); !due.IsZero() {
 		t.Fatalf("scheduled periodic work at %v", due)
 	}

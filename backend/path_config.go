@@ -101,7 +101,7 @@ func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, d 
 
 func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	cfg, rec, err := b.status(ctx, req.Storage, name)
+	cfg, rec, err := b.view(ctx, req.Storage, name)
 	if err != nil {
 		return nil, err
 	}

@@ -55,7 +55,7 @@ func (b *backend) pathRotateRootWrite(ctx context.Context, req *logical.Request,
 	if err != nil {
 		return failed(issuing, fmt.Sprintf("config %q: rotation failed: %v", name, err), err)
 	}
-	_, rec, err := b.status(ctx, req.Storage, name)
+	_, rec, err := b.view(ctx, req.Storage, name)
 	if err != nil {
 		return nil, err
 	}

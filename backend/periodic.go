@@ -106,7 +106,7 @@ func (b *backend) periodicFunc(ctx context.Context, req *logical.Request) error 
 // it. An entry from the persisted index carries only its hour: the config's
 // own record says whether it is due yet.
 func (b *backend) keepAlive(ctx context.Context, s logical.Storage, name string) {
-	cfg, rec, err := b.status(ctx, s, name)
+	cfg, rec, err := b.view(ctx, s, name)
 	if err != nil {
 		b.sched.setIfAbsent(name, b.now().Add(retryFailedValidation))
 		return
@@ -127,7 +127,7 @@ func (b *backend) keepAlive(ctx context.Context, s logical.Storage, name string)
 	if err != nil && !errors.Is(err, errConfigNotFound) {
 		b.Logger().Warn("keep-alive validation failed", "config", name, "error", err)
 	}
-	cfg, rec, err = b.status(ctx, s, name)
+	cfg, rec, err = b.view(ctx, s, name)
 	if err != nil {
 		b.sched.setIfAbsent(name, b.now().Add(retryFailedValidation))
 		return

@@ -231,7 +231,7 @@ func (b *backend) canWrite() bool {
 // staleWarning says, when the last refresh of a config failed, that the
 // token served is the cached one and why it was not replaced.
 func (b *backend) staleWarning(ctx context.Context, s logical.Storage, name string) string {
-	_, rec, err := b.status(ctx, s, name)
+	_, rec, err := b.view(ctx, s, name)
 	if err != nil || rec.Token == nil || !rec.LastErrorAt.After(rec.LastRefresh) {
 		return ""
 	}

@@ -238,10 +238,6 @@ func (b *backend) config(ctx context.Context, s logical.Storage, name string) (*
 	return cfg, err
 }
 
-// status is view under the name the handlers know.
-func (b *backend) status(ctx context.Context, s logical.Storage, name string) (*brokerConfig, tokenRecord, error) {
-	return b.view(ctx, s, name)
-}
 
 // forgetName drops what memory holds of name (another node changed it):
 // the next use reads storage again, and work in flight under the old
