@@ -238,7 +238,6 @@ func (b *backend) config(ctx context.Context, s logical.Storage, name string) (*
 	return cfg, err
 }
 
-
 // forgetName drops what memory holds of name (another node changed it):
 // the next use reads storage again, and work in flight under the old
 // settings can no longer install anything.
