@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -78,7 +79,12 @@ func (b *backend) issue(ctx context.Context, name string, cfg *brokerConfig, cli
 		}
 		return nil, walID, err
 	}
-	st := toStored(tok)
+	st, derr := toStored(tok)
+	if derr != nil {
+		// A provider bug, not the broker's: the token is good, its extra
+		// facts are not shown.
+		b.Logger().Warn("token details not kept", "config", name, "error", derr)
+	}
 	st.RefreshStarted = started
 	st.Epoch = epoch
 	if st.ExpiresAt.IsZero() {
@@ -96,8 +102,18 @@ func rejectedSecret(err error) bool {
 	return ok && ue.Failure == upstream.Unauthorized
 }
 
-func toStored(t *provider.Token) *storedToken {
+// toStored keeps a minted token as the core caches and persists it. Its
+// details are kept encoded: thousands of warm configs each holding a few
+// small maps cost megabytes; the bytes are decoded only when shown.
+func toStored(t *provider.Token) (*storedToken, error) {
 	sum := sha256.Sum256([]byte(t.AccessToken))
+	var details json.RawMessage
+	var err error
+	if len(t.Details) > 0 {
+		if details, err = json.Marshal(t.Details); err != nil {
+			details, err = nil, fmt.Errorf("encoding the token's details: %w", err)
+		}
+	}
 	return &storedToken{
 		ID:          hex.EncodeToString(sum[:12]),
 		AccessToken: t.AccessToken,
@@ -105,8 +121,8 @@ func toStored(t *provider.Token) *storedToken {
 		ExpiresAt:   t.ExpiresAt,
 		AccountIDs:  provider.NonNil(t.AccountIDs),
 		ReadOnly:    t.ReadOnly,
-		Details:     t.Details,
-	}
+		Details:     details,
+	}, err
 }
 
 func baseURL(spec provider.Spec, cfg *brokerConfig) string {

@@ -164,7 +164,7 @@ func (b *backend) configData(cfg *brokerConfig, rec tokenRecord) map[string]any 
 	if t := rec.Token; t != nil {
 		// What the broker reported about the token (accounts, scope, ...):
 		// never secret, and what an auditor wants.
-		for k, v := range t.Details {
+		for k, v := range t.details() {
 			if _, taken := data[k]; !taken {
 				data[k] = v
 			}

@@ -90,7 +90,7 @@ func (b *backend) pathCredsRead(ctx context.Context, req *logical.Request, d *fr
 		"config":       configName,
 		"role":         roleName,
 	}
-	for k, v := range tok.Details {
+	for k, v := range tok.details() {
 		if _, taken := data[k]; !taken {
 			data[k] = v
 		}

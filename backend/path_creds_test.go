@@ -37,7 +37,8 @@ func TestCredsFinam(t *testing.T) {
 	if accts := resp.Data["account_ids"].([]string); strings.Join(accts, ",") != "1899011,1899012" {
 		t.Fatalf("account_ids = %v", accts)
 	}
-	if perms, ok := resp.Data["md_permissions"].([]map[string]any); !ok || len(perms) == 0 {
+	perms, _ := resp.Data["md_permissions"].([]any)
+	if first, _ := firstObject(perms); len(perms) != 2 || first["mic"] != "MISX" || first["quote_level"] != "QUOTE_LEVEL_LAST_PRICE" {
 		t.Fatalf("md_permissions = %#v", resp.Data["md_permissions"])
 	}
 	if resp.Secret == nil || resp.Secret.TTL != 5*time.Minute {
@@ -263,4 +264,13 @@ func TestSecretChangeDropsOldToken(t *testing.T) {
 	if resp.Data["access_token"] == first || strings.Join(resp.Data["account_ids"].([]string), ",") != "42" {
 		t.Fatal("a token of the old secret is still served")
 	}
+}
+
+// firstObject is the first element of a JSON list as a JSON object.
+func firstObject(list []any) (map[string]any, bool) {
+	if len(list) == 0 {
+		return nil, false
+	}
+	m, ok := list[0].(map[string]any)
+	return m, ok
 }

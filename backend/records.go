@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -244,12 +245,31 @@ type storedToken struct {
 	// on its own clock (immune to the broker's clock skew).
 	RefreshStarted time.Time `json:"minted_at"`
 	// Epoch is the config's RetireEpoch when the refresh started.
-	Epoch      uint64         `json:"epoch,omitempty"`
-	IssuedAt   time.Time      `json:"issued_at"`
-	ExpiresAt  time.Time      `json:"expires_at,omitzero"`
-	AccountIDs []string       `json:"account_ids"`
-	ReadOnly   bool           `json:"readonly"`
-	Details    map[string]any `json:"details,omitempty"`
+	Epoch      uint64    `json:"epoch,omitempty"`
+	IssuedAt   time.Time `json:"issued_at"`
+	ExpiresAt  time.Time `json:"expires_at,omitzero"`
+	AccountIDs []string  `json:"account_ids"`
+	ReadOnly   bool      `json:"readonly"`
+	// Details is the provider's Token.Details as JSON (see toStored): the
+	// stored form is unchanged, an object under "details".
+	Details json.RawMessage `json:"details,omitempty"`
+}
+
+// details decodes what the broker reported about the token, to be shown.
+// Bytes that are not an object (a record damaged in storage) show nothing
+// rather than failing the read that serves the token.
+func (t *storedToken) details() map[string]any {
+	if len(t.Details) == 0 {
+		return nil
+	}
+	// Numbers stay as the provider wrote them (json.Number), not float64.
+	dec := json.NewDecoder(bytes.NewReader(t.Details))
+	dec.UseNumber()
+	var m map[string]any
+	if dec.Decode(&m) != nil {
+		return nil
+	}
+	return m
 }
 
 // errUndecodable: a record is in storage but cannot be decoded (as opposed

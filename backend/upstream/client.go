@@ -75,9 +75,12 @@ type Client struct {
 	ratePerMinute, maxConcurrent int
 	ratePerOp                    bool
 	limMu                        sync.Mutex
-	limiters                     map[string]*limiter
-	closeOnce                    sync.Once
-	onClose                      func()
+	// limiters: one per operation (or one for all): a handful, so a
+	// slice, found by a scan, costs a fraction of a map's memory, which
+	// thousands of warm configs' clients each hold.
+	limiters  []keyedLimiter
+	closeOnce sync.Once
+	onClose   func()
 }
 
 // New builds a Client. It fails only on an unusable CA bundle.
@@ -307,15 +310,19 @@ func (c *Client) limiter(op string) *limiter {
 	}
 	c.limMu.Lock()
 	defer c.limMu.Unlock()
-	l := c.limiters[key]
-	if l == nil {
-		if c.limiters == nil {
-			c.limiters = map[string]*limiter{} // on first call: most clients of warm configs make none
+	for _, kl := range c.limiters {
+		if kl.key == key {
+			return kl.l
 		}
-		l = newLimiter(c.ratePerMinute, c.maxConcurrent, c.clock)
-		c.limiters[key] = l
 	}
+	l := newLimiter(c.ratePerMinute, c.maxConcurrent, c.clock)
+	c.limiters = append(c.limiters, keyedLimiter{key, l})
 	return l
+}
+
+type keyedLimiter struct {
+	key string
+	l   *limiter
 }
 
 func (c *Client) once(ctx context.Context, call Call, body []byte) (*Response, *Error) {
