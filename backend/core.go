@@ -280,7 +280,7 @@ func (b *backend) storeRotationOwned(ctx context.Context, s logical.Storage, st 
 	}
 	st.mu.Unlock()
 	if err != nil {
-		b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh or at unload", "config", st.name, "error", err)
+		b.logUnstoredRotation(st.name, err)
 		return
 	}
 	b.deleteRotationWALs(ctx, done...)

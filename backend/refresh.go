@@ -362,7 +362,7 @@ func (b *backend) finishRefresh(ctx context.Context, st *configState, cfg *broke
 			// refresh, or at unload.
 			st.unstoredLocked(walID)
 			walID = ""
-			b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh or at unload", "config", st.name, "error", werr)
+			b.logUnstoredRotation(st.name, werr)
 		}
 		sl := st.slotLocked(f.req)
 		if err != nil {

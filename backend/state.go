@@ -289,6 +289,12 @@ func (st *configState) unstoredLocked(walID string) {
 	}
 }
 
+// logUnstoredRotation says a rotated secret lives only in memory for now:
+// the one line an operator greps for when storage failed under a rotation.
+func (b *backend) logUnstoredRotation(name string, err error) {
+	b.Logger().Error("could not store a rotated secret; it is kept in memory and stored with the next refresh or at unload", "config", name, "error", err)
+}
+
 // resetSlotsLocked forgets failure backoffs (the config changed); flights
 // under way finish on their own, and find the generation changed.
 func (st *configState) resetSlotsLocked() {
