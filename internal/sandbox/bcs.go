@@ -198,8 +198,9 @@ func registerBCS(s *Server) *bcsFake {
 		deleted: map[string]bool{}, refused: map[string]bool{}, used: map[string]bool{},
 		presented: map[string]int{}, window: map[string]bcsWindow{}}
 	s.handle(http.MethodPost, bcsTokenPath, bcsOAuthFault, f.token)
-	s.handle(http.MethodGet, bcsPortfolioPath, bcsAPIFault, f.portfolio)
-	s.handle(http.MethodPost, bcsOrdersPath, bcsAPIFault, f.orders)
+	apiFault := func(status int) any { return bcsAPIFault(status, s.now()) }
+	s.handle(http.MethodGet, bcsPortfolioPath, apiFault, f.portfolio)
+	s.handle(http.MethodPost, bcsOrdersPath, apiFault, f.orders)
 	f.registerAdmin(s)
 	return f
 }
@@ -212,13 +213,14 @@ func bcsOAuthFault(status int) any {
 	return map[string]string{"error": "server_error", "error_description": http.StatusText(status)}
 }
 
-// bcsAPIFault renders an injected REST failure in the services' error body.
-func bcsAPIFault(status int) any {
+// bcsAPIFault renders an injected REST failure in the services' error body,
+// stamped on the sandbox's clock.
+func bcsAPIFault(status int, now time.Time) any {
 	t := "INTERNAL_SERVER_ERROR"
 	if status == http.StatusTooManyRequests {
 		t = "RESOURCE_EXHAUSTED"
 	}
-	return map[string]any{"timestamp": time.Now().UnixMilli(), "traceId": bcsUUID(), "type": t}
+	return map[string]any{"timestamp": now.UnixMilli(), "traceId": bcsUUID(), "type": t}
 }
 
 func bcsOAuthError(w http.ResponseWriter, status int, code, desc string) {
