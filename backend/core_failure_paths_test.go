@@ -16,7 +16,7 @@ import (
 // The token core's failure paths: a storage call that fails or a broker
 // answer that is lost at each step of a delete, a config write, a rotation
 // and the schedule. Each opens its window deterministically with the
-// doubles of core_fakes_test.go; none sleeps. The comment over each test
+// doubles of fakes_test.go; none sleeps. The comment over each test
 // names the window; the test name, the guarantee.
 
 func (c *coreHarness) walKeys() []string {
