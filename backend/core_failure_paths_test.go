@@ -28,7 +28,8 @@ func (c *coreHarness) walKeys() []string {
 	return keys
 }
 
-func (c *coreHarness) renewLease(b *backend, lease *logical.Secret) (*logical.Response, error) {
+// renewOn renews lease on b, as issued now.
+func (c *coreHarness) renewOn(b *backend, lease *logical.Secret) (*logical.Response, error) {
 	sec := *lease
 	sec.IssueTime = c.clock.Now()
 	return b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: &sec})
@@ -191,12 +192,12 @@ func TestLeaseOfADeletedConfigNeverRenewsUnderARecreatedOne(t *testing.T) {
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	lease := c.ok(logical.ReadOperation, "creds/x", nil).Secret
 	c.ok(logical.UpdateOperation, "config/x/retire", nil)
-	if resp, err := c.renewLease(c.b, lease); err == nil && !resp.IsError() && resp.Secret.TTL > time.Second {
+	if resp, err := c.renewOn(c.b, lease); err == nil && !resp.IsError() && resp.Secret.TTL > time.Second {
 		t.Fatalf("the retired lease renewed for %s before the delete", resp.Secret.TTL)
 	}
 	c.ok(logical.DeleteOperation, "config/x", nil)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s2"})
-	resp, err := c.renewLease(c.b, lease)
+	resp, err := c.renewOn(c.b, lease)
 	if err == nil && !resp.IsError() && resp.Secret.TTL > time.Second {
 		t.Errorf("a lease on the deleted config's retired token (secret s1) renewed for %s under the re-created config", resp.Secret.TTL)
 	}

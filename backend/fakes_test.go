@@ -258,6 +258,14 @@ func (g *gateStorage) setFailDelete(key string) {
 	g.failDelKey = key
 }
 
+// failing reports whether a failure is armed: a Put, Get or Delete that
+// will fail.
+func (g *gateStorage) failing() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.failKey != "" || g.failDelKey != "" || g.failGetN > 0
+}
+
 func (g *gateStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err

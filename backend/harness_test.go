@@ -23,54 +23,151 @@ const (
 	detailsEP  = "POST /v1/sessions/details"
 )
 
+// harness is a backend on gated in-memory storage, with the test's one
+// clock. What the backend talks to names the constructor:
+//
+//   - newSandboxHarness: the built-in providers against internal/sandbox, the
+//     brokers' HTTP fakes, served on loopback (sb, url);
+//   - newFakeHarness: fakeBrokers, test doubles called in process (brokers).
+//
+// The storage is always a gateStorage over raw: with nothing held or
+// failed it is the SDK's InmemStorage (a cancelled context fails a call in
+// both), and any test can hold or fail a chosen Put, Get or Delete. raw is
+// the same storage without the gate, for reading what is stored.
 type harness struct {
-	t *testing.T
-	// skipped is how far skip has moved the harness clock past real time.
-	// The one clock (now) is the backends' and the sandbox's: a token ages
-	// on both sides of the wire at once, without the test sleeping.
-	skipped atomic.Int64
+	t testing.TB
+	// clock is the backends' and the brokers' (sandbox or fakes) one clock:
+	// a token ages on both sides of the wire at once, without the test
+	// sleeping. See harnessClock for its two modes.
+	clock   harnessClock
+	raw     *logical.InmemStorage
+	storage *gateStorage
 	b       *backend
-	storage logical.Storage
-	sb      *sandbox.Server
-	url     string
+	// sb and url: the sandbox and its address (newSandboxHarness only).
+	sb  *sandbox.Server
+	url string
+	// brokers: the fake brokers by name (newFakeHarness only; nil means the
+	// backend has the built-in registry).
+	brokers map[string]*fakeBroker
 }
 
-// newHarness starts a sandbox on loopback and a backend on in-memory
-// storage, both on the harness clock.
-func newHarness(t *testing.T, opts sandbox.Options) *harness {
+// harnessClock is a harness's clock; Advance(d) moves it on by d, as if d
+// had passed. It has two modes, one per constructor:
+//
+//   - the sandbox's is real time plus what Advance added (offsetClock),
+//     never frozen: the sandbox's rate windows (BCS's per second) run on
+//     it, while the backend's upstream limiter waits on real time (its
+//     client is not given the harness clock); on a frozen clock the
+//     sandbox's window would never reopen for the call the limiter lets
+//     through after a real wait;
+//   - the fakes' is frozen (fakeClock, clocktest): nothing moves it but
+//     Advance, so a race test opens its window at an exact instant and an
+//     expiry falls where the test put it.
+type harnessClock interface {
+	Now() time.Time
+	Advance(d time.Duration)
+}
+
+// offsetClock is real time moved on by every Advance.
+type offsetClock struct{ offset atomic.Int64 }
+
+func (c *offsetClock) Now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
+func (c *offsetClock) Advance(d time.Duration) { c.offset.Add(int64(d)) }
+
+// gatedHarness returns a harness on fresh gated storage, with no backend yet.
+func gatedHarness(t testing.TB, clock harnessClock) *harness {
+	h := &harness{t: t, clock: clock, raw: &logical.InmemStorage{}}
+	h.storage = &gateStorage{Storage: h.raw}
+	return h
+}
+
+// newSandboxHarness starts a sandbox on loopback and a backend with the
+// built-in providers, both on the harness clock (real time plus offset).
+func newSandboxHarness(t testing.TB, opts sandbox.Options) *harness {
 	t.Helper()
-	h := &harness{t: t}
-	opts.Now = h.now
+	h := gatedHarness(t, &offsetClock{})
+	opts.Now = h.clock.Now
 	h.sb = sandbox.New(opts)
 	srv := httptest.NewServer(h.sb)
 	t.Cleanup(srv.Close)
 	h.url = srv.URL
-	h.b, h.storage = h.newBackend(nil)
+	h.b = h.newBackend(nil)
 	return h
 }
 
-// now is the harness clock: real time moved on by every skip.
-func (h *harness) now() time.Time { return time.Now().Add(time.Duration(h.skipped.Load())) }
+// newFakeHarness builds a backend whose only providers are brokers, all on
+// the harness clock (a frozen fakeClock). It takes a testing.TB so that
+// benchmarks (periodic_bench_test.go) build the same backend as the tests.
+func newFakeHarness(t testing.TB, brokers ...*fakeBroker) *harness {
+	t.Helper()
+	clock := newFakeClock()
+	h := gatedHarness(t, clock)
+	h.brokers = map[string]*fakeBroker{}
+	for _, f := range brokers {
+		f.clock = clock
+		h.brokers[f.name] = f
+	}
+	h.b = h.newBackend(nil)
+	return h
+}
 
-// newBackend builds a backend, on the given storage or a fresh one.
-func (h *harness) newBackend(s logical.Storage) (*backend, logical.Storage) {
+// newBackend builds another backend on the same storage (a restart, a
+// reload, another node); sys overrides the system view when set.
+func (h *harness) newBackend(sys logical.SystemView) *backend {
+	h.t.Helper()
+	return h.backendOn(h.storage, sys)
+}
+
+// freshBackend builds a backend on fresh storage of its own, sharing only
+// the harness's clock and providers (the sandbox or the fakes).
+func (h *harness) freshBackend() *backend {
+	h.t.Helper()
+	return h.backendOn(&logical.InmemStorage{}, nil)
+}
+
+func (h *harness) backendOn(s logical.Storage, sys logical.SystemView) *backend {
 	h.t.Helper()
 	conf := logical.TestBackendConfig()
-	if s != nil {
-		conf.StorageView = s
-	} else {
-		conf.StorageView = &logical.InmemStorage{}
+	conf.StorageView = s
+	if sys != nil {
+		conf.System = sys
 	}
-	lb, err := FactoryWith(Options{Version: "v0.0.0-test", Clock: h.now})(context.Background(), conf)
+	opts := Options{Version: "v0.0.0-test", Clock: h.clock.Now}
+	if h.brokers != nil {
+		opts.Providers = map[string]provider.Provider{}
+		for n, f := range h.brokers {
+			opts.Providers[n] = f
+		}
+	}
+	lb, err := FactoryWith(opts)(context.Background(), conf)
 	if err != nil {
 		h.t.Fatal(err)
 	}
 	b := lb.(*backend)
 	h.t.Cleanup(func() { b.Clean(context.Background()) })
-	if err := b.initialize(context.Background(), &logical.InitializationRequest{Storage: conf.StorageView}); err != nil {
+	// As Vault does on the active node before the mount serves: a failure
+	// is logged and the mount serves anyway (the migration runs again at
+	// the next start; the schedule scans storage meanwhile). A test expects
+	// that only when it armed a storage failure first; without one, a
+	// failure fails the test.
+	g, gated := s.(*gateStorage)
+	armed := gated && g.failing()
+	if err := b.initialize(context.Background(), &logical.InitializationRequest{Storage: s}); err != nil {
+		if !armed {
+			h.t.Fatalf("initialize: %v", err)
+		}
+		h.t.Logf("initialize: %v", err)
+	}
+	return b
+}
+
+// setSchema rewrites the stored schema version (to replay an upgrade).
+func (h *harness) setSchema(v int) {
+	h.t.Helper()
+	e, _ := logical.StorageEntryJSON(schemaKey, schemaRecord{Version: v})
+	if err := h.raw.Put(context.Background(), e); err != nil {
 		h.t.Fatal(err)
 	}
-	return b, conf.StorageView
 }
 
 func (h *harness) do(op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
@@ -81,6 +178,90 @@ func (h *harness) do(op logical.Operation, path string, data map[string]any) (*l
 func (h *harness) doOn(b *backend, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
 	h.t.Helper()
 	return request(b, h.storage, op, path, data)
+}
+
+// ok fails the test unless the request succeeded.
+func (h *harness) ok(op logical.Operation, path string, data map[string]any) *logical.Response {
+	h.t.Helper()
+	resp, err := h.do(op, path, data)
+	if err != nil || (resp != nil && resp.IsError()) {
+		h.t.Fatalf("%s %s: err=%v resp=%v", op, path, err, resp)
+	}
+	return resp
+}
+
+// token reads path (creds/<name>) and returns the access token handed out.
+func (h *harness) token(path string) string {
+	h.t.Helper()
+	return h.ok(logical.ReadOperation, path, nil).Data["access_token"].(string)
+}
+
+// stored reads the token record as storage holds it.
+func (h *harness) stored(name string) (tokenRecord, bool) {
+	h.t.Helper()
+	e, err := h.raw.Get(context.Background(), tokenPrefix+name)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if e == nil {
+		return tokenRecord{}, false
+	}
+	var rec tokenRecord
+	if err := e.DecodeJSON(&rec); err != nil {
+		h.t.Fatal(err)
+	}
+	return rec, true
+}
+
+// queued waits until a goroutine is blocked on name's upstream or owner
+// lock, or done is closed: either way the writer under test has reached the
+// point the race is about. It polls a counter, never a timer.
+func (h *harness) queued(name string, done <-chan struct{}) {
+	h.t.Helper()
+	until(h.t, "the writer neither finished nor queued on the config", func() bool {
+		select {
+		case <-done:
+			return true
+		default:
+		}
+		h.b.mu.RLock()
+		st := h.b.states[name]
+		h.b.mu.RUnlock()
+		return st != nil && st.waiting.Load() > 0
+	})
+}
+
+// waitIdle waits for the backend's background mints of name to finish.
+func (h *harness) waitIdle(name string) {
+	h.t.Helper()
+	waitIdle(h.t, h.b, name)
+}
+
+// inState runs fn on a config's in-memory state, under its mutex.
+func (h *harness) inState(name string, fn func(st *configState)) {
+	h.t.Helper()
+	h.b.mu.RLock()
+	st := h.b.states[name]
+	h.b.mu.RUnlock()
+	if st == nil {
+		h.t.Fatalf("config %q has no in-memory state", name)
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	fn(st)
+}
+
+// writeFinam writes config/<name> for the sandbox's trading secret.
+func (h *harness) writeFinam(name string, extra map[string]any) *logical.Response {
+	h.t.Helper()
+	if h.sb == nil {
+		h.t.Fatal("writeFinam needs the sandbox: build the harness with newSandboxHarness")
+	}
+	data := map[string]any{"provider": "finam", "secret": sandbox.FinamSecret, "base_url": h.url}
+	for k, v := range extra {
+		data[k] = v
+	}
+	return h.ok(logical.UpdateOperation, "config/"+name, data)
 }
 
 // request sends one request to b as Vault's router would.
@@ -99,26 +280,6 @@ func request(b *backend, s logical.Storage, op logical.Operation, path string, d
 		}
 	}
 	return b.HandleRequest(context.Background(), req)
-}
-
-// mustOK fails the test unless the request succeeded.
-func (h *harness) mustOK(op logical.Operation, path string, data map[string]any) *logical.Response {
-	h.t.Helper()
-	resp, err := h.do(op, path, data)
-	if err != nil || (resp != nil && resp.IsError()) {
-		h.t.Fatalf("%s %s: err=%v resp=%v", op, path, err, resp)
-	}
-	return resp
-}
-
-// writeFinam writes config/<name> for the sandbox's trading secret.
-func (h *harness) writeFinam(name string, extra map[string]any) *logical.Response {
-	h.t.Helper()
-	data := map[string]any{"provider": "finam", "secret": sandbox.FinamSecret, "base_url": h.url}
-	for k, v := range extra {
-		data[k] = v
-	}
-	return h.mustOK(logical.UpdateOperation, "config/"+name, data)
 }
 
 // errText returns the error a request produced, from either channel.
@@ -155,149 +316,6 @@ func containsAll(s string, subs ...string) bool {
 		}
 	}
 	return true
-}
-
-// skip moves the harness clock on by d, as if d had passed: every token
-// ages by d, in the backends and in the sandbox alike.
-func (h *harness) skip(d time.Duration) { h.skipped.Add(int64(d)) }
-
-// coreHarness is a backend on gated in-memory storage with fake brokers and
-// a fake clock.
-type coreHarness struct {
-	t       testing.TB
-	clock   *fakeClock
-	brokers map[string]*fakeBroker
-	raw     *logical.InmemStorage
-	storage *gateStorage
-	b       *backend
-}
-
-// It takes a testing.TB so that benchmarks (periodic_bench_test.go) build
-// the same backend as the tests.
-func newCoreHarness(t testing.TB, brokers ...*fakeBroker) *coreHarness {
-	t.Helper()
-	c := &coreHarness{t: t, clock: newFakeClock(), brokers: map[string]*fakeBroker{}, raw: &logical.InmemStorage{}}
-	c.storage = &gateStorage{Storage: c.raw}
-	for _, f := range brokers {
-		f.clock = c.clock
-		c.brokers[f.name] = f
-	}
-	c.b = c.newBackend(nil)
-	return c
-}
-
-// newBackend builds another backend on the same storage (a restart, a
-// reload, another node); sys overrides the system view when set.
-func (c *coreHarness) newBackend(sys logical.SystemView) *backend {
-	c.t.Helper()
-	conf := logical.TestBackendConfig()
-	conf.StorageView = c.storage
-	if sys != nil {
-		conf.System = sys
-	}
-	provs := map[string]provider.Provider{}
-	for n, f := range c.brokers {
-		provs[n] = f
-	}
-	lb, err := FactoryWith(Options{Version: "test", Providers: provs, Clock: c.clock.Now})(context.Background(), conf)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	b := lb.(*backend)
-	c.t.Cleanup(func() { b.Clean(context.Background()) })
-	// As Vault does on the active node before the mount serves: a failure
-	// is logged and the mount serves anyway (the migration runs again at
-	// the next start; the schedule scans storage meanwhile).
-	if err := b.initialize(context.Background(), &logical.InitializationRequest{Storage: c.storage}); err != nil {
-		c.t.Logf("initialize: %v", err)
-	}
-	return b
-}
-
-// setSchema rewrites the stored schema version (to replay an upgrade).
-func (c *coreHarness) setSchema(v int) {
-	c.t.Helper()
-	e, _ := logical.StorageEntryJSON(schemaKey, schemaRecord{Version: v})
-	if err := c.raw.Put(context.Background(), e); err != nil {
-		c.t.Fatal(err)
-	}
-}
-
-func (c *coreHarness) do(op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
-	return c.doOn(c.b, op, path, data)
-}
-
-func (c *coreHarness) doOn(b *backend, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
-	return request(b, c.storage, op, path, data)
-}
-
-func (c *coreHarness) ok(op logical.Operation, path string, data map[string]any) *logical.Response {
-	c.t.Helper()
-	resp, err := c.do(op, path, data)
-	if err != nil || (resp != nil && resp.IsError()) {
-		c.t.Fatalf("%s %s: err=%v resp=%v", op, path, err, resp)
-	}
-	return resp
-}
-
-func (c *coreHarness) token(path string) string {
-	c.t.Helper()
-	return c.ok(logical.ReadOperation, path, nil).Data["access_token"].(string)
-}
-
-// stored reads the token record as storage holds it.
-func (c *coreHarness) stored(name string) (tokenRecord, bool) {
-	c.t.Helper()
-	e, err := c.raw.Get(context.Background(), tokenPrefix+name)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	if e == nil {
-		return tokenRecord{}, false
-	}
-	var rec tokenRecord
-	if err := e.DecodeJSON(&rec); err != nil {
-		c.t.Fatal(err)
-	}
-	return rec, true
-}
-
-// queued waits until a goroutine is blocked on name's upstream or owner
-// lock, or done is closed: either way the writer under test has reached the
-// point the race is about. It polls a counter, never a timer.
-func (c *coreHarness) queued(name string, done <-chan struct{}) {
-	c.t.Helper()
-	until(c.t, "the writer neither finished nor queued on the config", func() bool {
-		select {
-		case <-done:
-			return true
-		default:
-		}
-		c.b.mu.RLock()
-		st := c.b.states[name]
-		c.b.mu.RUnlock()
-		return st != nil && st.waiting.Load() > 0
-	})
-}
-
-// waitIdle waits for the backend's background mints of name to finish.
-func (c *coreHarness) waitIdle(name string) {
-	c.t.Helper()
-	waitIdle(c.t, c.b, name)
-}
-
-// inState runs fn on a config's in-memory state, under its mutex.
-func (c *coreHarness) inState(name string, fn func(st *configState)) {
-	c.t.Helper()
-	c.b.mu.RLock()
-	st := c.b.states[name]
-	c.b.mu.RUnlock()
-	if st == nil {
-		c.t.Fatalf("config %q has no in-memory state", name)
-	}
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	fn(st)
 }
 
 // waitIdle waits until no mint of name is under way on b: it waits on the
@@ -359,10 +377,30 @@ func until(t testing.TB, what string, cond func() bool) {
 
 // rotatingConfig is a backend with a rotating fake broker (ChatApp's shape)
 // and config/x written against it with the seed refresh token seed-1.
-func rotatingConfig(t *testing.T) (*fakeBroker, *coreHarness) {
+func rotatingConfig(t *testing.T) (*fakeBroker, *harness) {
 	t.Helper()
 	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
-	return f, c
+	h := newFakeHarness(t, f)
+	h.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
+	return f, h
 }
+
+// The names the two harnesses had, until their call sites are renamed.
+type coreHarness = harness
+
+func newHarness(t *testing.T, opts sandbox.Options) *harness {
+	t.Helper()
+	return newSandboxHarness(t, opts)
+}
+
+func newCoreHarness(t testing.TB, brokers ...*fakeBroker) *harness {
+	t.Helper()
+	return newFakeHarness(t, brokers...)
+}
+
+func (h *harness) mustOK(op logical.Operation, path string, data map[string]any) *logical.Response {
+	h.t.Helper()
+	return h.ok(op, path, data)
+}
+
+func (h *harness) skip(d time.Duration) { h.clock.Advance(d) }

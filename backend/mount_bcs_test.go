@@ -134,7 +134,7 @@ func TestMountBcsRotationIsStoredAndUsed(t *testing.T) {
 		t.Fatalf("presented: t0 %d, r1 %d", h.sb.BCSPresented(t0), h.sb.BCSPresented(r1))
 	}
 	// A restart keeps the newest; rotate-root spends it.
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	h.b = b2
 	rot := h.mustOK(logical.UpdateOperation, "rotate-root/bcs", nil)
 	noBCSSecretIn(t, rot.Data, t0, r1, r2, h.storedRefresh("bcs"))
@@ -220,7 +220,7 @@ func TestMountBcsRevokeOnUseNeverPresentsAUsedToken(t *testing.T) {
 	// cached token: the newest is still the one presented.
 	h.mustWriteBCS("bcs", t0, map[string]any{"allowed_accounts": sandbox.BCSAgreement})
 	// A restart (a plugin reload) keeps the newest token.
-	h.b, _ = h.newBackend(h.storage)
+	h.b = h.newBackend(nil)
 	h.bcsCycle("bcs")
 	seen = append(seen, h.storedRefresh("bcs"))
 	if st := h.sb.BCSStats(); st.Reuses != 0 || st.MaxPresented != 1 {
@@ -250,7 +250,7 @@ func TestMountBcsRevokeOnUseNeverPresentsAUsedToken(t *testing.T) {
 // answer never reached storage would have.
 func (h *harness) useBCS(token string) {
 	h.t.Helper()
-	b, _ := h.newBackend(nil)
+	b := h.freshBackend()
 	if _, err := b.providers["bcs"].Issue(context.Background(), provider.Request{
 		BaseURL: h.url, Client: mustClient(h.t, b), Secrets: map[string]string{"refresh_token": token},
 	}); err != nil {
@@ -258,7 +258,7 @@ func (h *harness) useBCS(token string) {
 	}
 }
 
-func mustClient(t *testing.T, b *backend) *upstream.Client {
+func mustClient(t testing.TB, b *backend) *upstream.Client {
 	t.Helper()
 	c, err := b.newClient(b.specs["bcs"], &brokerConfig{})
 	if err != nil {

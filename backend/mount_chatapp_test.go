@@ -77,7 +77,7 @@ func TestMountChatAppCredsAndForcedRotation(t *testing.T) {
 	}
 
 	// Restart: the pair survives, nothing is made or refreshed.
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	r, err := h.doOn(b2, logical.ReadOperation, "creds/chat", nil)
 	if errText(r, err) != "" || h.sb.ChatAppMakes() != 1 || h.sb.Calls(sandbox.ChatAppRefreshEP) != 1 {
 		t.Fatalf("restart: %s makes=%d", errText(r, err), h.sb.ChatAppMakes())
@@ -243,12 +243,13 @@ func TestMountChatAppCrashAfterAnswerRecoversThroughRecord(t *testing.T) {
 	makes := h.sb.ChatAppMakes()
 
 	// The node that crashes: its write of the rotated pair never lands.
-	crashing := &gateStorage{Storage: h.storage, failKey: tokenPrefix + "chat"}
-	b1, _ := h.newBackend(crashing)
-	req := &logical.Request{Operation: logical.UpdateOperation, Path: "rotate-root/chat", Storage: crashing}
+	h.storage.setFailKey(tokenPrefix + "chat")
+	b1 := h.newBackend(nil)
+	req := &logical.Request{Operation: logical.UpdateOperation, Path: "rotate-root/chat", Storage: h.storage}
 	if _, err := b1.HandleRequest(context.Background(), req); err != nil {
 		t.Fatalf("rotate-root: %v", err)
 	}
+	h.storage.setFailKey("") // the crashed node is gone
 	if h.sb.ChatAppRefreshValid(old) || h.storedRefresh("chat") != old {
 		t.Fatal("the crash was not simulated: ChatApp did not rotate, or the new pair reached storage")
 	}
@@ -258,7 +259,7 @@ func TestMountChatAppCrashAfterAnswerRecoversThroughRecord(t *testing.T) {
 	}
 
 	// The restarted node: Vault's rollback replays the record.
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	rollback := &logical.Request{Operation: logical.RollbackOperation, Storage: h.storage, Data: map[string]any{"immediate": true}}
 	for i := range 2 { // a second pass finds nothing to do
 		if _, err := b2.HandleRequest(context.Background(), rollback); err != nil {

@@ -188,7 +188,7 @@ func TestMountTInvestKeepAliveTouchesOnlyDueConfigs(t *testing.T) {
 		t.Fatalf("a config validated twice in one interval (%d)", n)
 	}
 	// A fresh backend on the same storage builds its schedule from storage.
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	b2.now = func() time.Time { return time.Now().Add(25 * time.Hour) }
 	if err := b2.periodicFunc(context.Background(), &logical.Request{Storage: h.storage}); err != nil {
 		t.Fatal(err)

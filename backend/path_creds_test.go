@@ -179,7 +179,7 @@ func TestRestartDoesNotMintAgain(t *testing.T) {
 	tok := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
 	mints := h.sb.Calls(sessionsEP)
 
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	resp, err := h.doOn(b2, logical.ReadOperation, "creds/finam", nil)
 	if errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))

@@ -76,7 +76,7 @@ func TestRoleWriteReadListDelete(t *testing.T) {
 	if resp, err := c.do(logical.ReadOperation, "creds/reports", nil); statusOf(resp, err) != 404 {
 		t.Errorf("creds of a deleted role: %d %s", statusOf(resp, err), errText(resp, err))
 	}
-	if resp, err := c.renewLease(c.b, lease); statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "deleted") {
+	if resp, err := c.renewOn(c.b, lease); statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "deleted") {
 		t.Errorf("renew of a deleted role's lease: %d %s", statusOf(resp, err), errText(resp, err))
 	}
 	if body, _ := c.b.metrics.expose(c.b); strings.Contains(string(body), `role="reports"`) {
@@ -316,12 +316,12 @@ func TestRoleGuardsAndBoundsHoldAtRenew(t *testing.T) {
 	if lease.TTL > 2*time.Minute {
 		t.Errorf("a role with ttl=2m leased for %s", lease.TTL)
 	}
-	resp, err := c.renewLease(c.b, lease)
+	resp, err := c.renewOn(c.b, lease)
 	if err != nil || resp.IsError() || resp.Secret.TTL > 2*time.Minute {
 		t.Fatalf("renew: %v %v", err, resp)
 	}
 	lease.InternalData["readonly"] = false // a token that can trade
-	if resp, err := c.renewLease(c.b, lease); statusOf(resp, err) != 403 {
+	if resp, err := c.renewOn(c.b, lease); statusOf(resp, err) != 403 {
 		t.Errorf("renew of a trading token under a read-only role: %d %s", statusOf(resp, err), errText(resp, err))
 	}
 }
@@ -344,7 +344,7 @@ func TestRetireCoversRoleTokens(t *testing.T) {
 	if got, want := resp.Data["issued_tokens_expire_at"], lease.Data["expires_at"]; got != want {
 		t.Errorf("retire says issued tokens expire at %v; the role's expires at %v", got, want)
 	}
-	renewed, err := c.renewLease(c.b, lease.Secret)
+	renewed, err := c.renewOn(c.b, lease.Secret)
 	if err != nil || renewed.IsError() || !strings.Contains(strings.Join(renewed.Warnings, " "), "read creds/d1") {
 		t.Errorf("renew of a role's retired lease: %v %v", err, renewed)
 	}
