@@ -384,23 +384,3 @@ func rotatingConfig(t *testing.T) (*fakeBroker, *harness) {
 	h.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
 	return f, h
 }
-
-// The names the two harnesses had, until their call sites are renamed.
-type coreHarness = harness
-
-func newHarness(t *testing.T, opts sandbox.Options) *harness {
-	t.Helper()
-	return newSandboxHarness(t, opts)
-}
-
-func newCoreHarness(t testing.TB, brokers ...*fakeBroker) *harness {
-	t.Helper()
-	return newFakeHarness(t, brokers...)
-}
-
-func (h *harness) mustOK(op logical.Operation, path string, data map[string]any) *logical.Response {
-	h.t.Helper()
-	return h.ok(op, path, data)
-}
-
-func (h *harness) skip(d time.Duration) { h.clock.Advance(d) }

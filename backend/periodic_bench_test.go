@@ -55,7 +55,7 @@ func benchPeriodicFunc(b *testing.B, due int) {
 	hclog.DefaultOutput = io.Discard
 	b.Cleanup(func() { hclog.DefaultOutput = out })
 	f := tinvestLike()
-	c := newCoreHarness(b, f)
+	c := newFakeHarness(b, f)
 	// Vault's default log level: the test config logs at trace, and
 	// formatting a debug line per validation would be much of what is
 	// measured.
