@@ -23,7 +23,7 @@ func TestRotatedSecretStaysWithItsEndpoint(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			f := chatLike()
-			c := newCoreHarness(t, f)
+			c := newFakeHarness(t, f)
 			// No refresh_token written: the one the plugin holds is the
 			// broker's rotation, and only the token record has it.
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1"})

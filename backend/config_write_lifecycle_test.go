@@ -15,11 +15,11 @@ import (
 )
 
 // storedConfig reads config/<name> as storage holds it.
-func (c *coreHarness) storedConfig(name string) *brokerConfig {
-	c.t.Helper()
-	cfg, err := readConfig(context.Background(), c.raw, name)
+func (h *harness) storedConfig(name string) *brokerConfig {
+	h.t.Helper()
+	cfg, err := readConfig(context.Background(), h.raw, name)
 	if err != nil {
-		c.t.Fatal(err)
+		h.t.Fatal(err)
 	}
 	return cfg
 }
@@ -48,7 +48,7 @@ func TestFailedVerifyLeavesEverythingAsItWas(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := finamLike()
-			c := newCoreHarness(t, f)
+			c := newFakeHarness(t, f)
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1", "ttl": 30})
 			tok := c.token("creds/x")
 			recBefore, _ := c.stored("x")
@@ -98,7 +98,7 @@ func TestFailedVerifyLeavesEverythingAsItWas(t *testing.T) {
 // memory.
 func TestDeleteDuringVerifyingWriteStoresNothing(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	c.token("creds/x")
 
@@ -135,7 +135,7 @@ func TestDeleteDuringVerifyingWriteStoresNothing(t *testing.T) {
 // for it, and what it stores (the new secret's token) is what stays.
 func TestConfigWriteQueuedBehindRefreshAtBroker(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	c.token("creds/x")
 
@@ -173,7 +173,7 @@ func (d expiringBroker) Spec() provider.Spec {
 // refresh_token_expires_at has passed.
 func TestUpdateAfterDeclaredExpiryIsRefused(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	conf := logical.TestBackendConfig()
 	conf.StorageView = c.storage
 	lb, err := FactoryWith(Options{Version: "test", Providers: map[string]provider.Provider{"fake": expiringBroker{f}}, Clock: c.clock.Now})(context.Background(), conf)

@@ -16,22 +16,23 @@ import (
 // The token core's failure paths: a storage call that fails or a broker
 // answer that is lost at each step of a delete, a config write, a rotation
 // and the schedule. Each opens its window deterministically with the
-// doubles of core_fakes_test.go; none sleeps. The comment over each test
+// doubles of fakes_test.go; none sleeps. The comment over each test
 // names the window; the test name, the guarantee.
 
-func (c *coreHarness) walKeys() []string {
-	c.t.Helper()
-	keys, err := c.raw.List(context.Background(), "wal/")
+func (h *harness) walKeys() []string {
+	h.t.Helper()
+	keys, err := h.raw.List(context.Background(), "wal/")
 	if err != nil {
-		c.t.Fatal(err)
+		h.t.Fatal(err)
 	}
 	return keys
 }
 
-func (c *coreHarness) renewLease(b *backend, lease *logical.Secret) (*logical.Response, error) {
+// renewOn renews lease on b, as issued now.
+func (h *harness) renewOn(b *backend, lease *logical.Secret) (*logical.Response, error) {
 	sec := *lease
-	sec.IssueTime = c.clock.Now()
-	return b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: c.storage, Secret: &sec})
+	sec.IssueTime = h.clock.Now()
+	return b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: h.storage, Secret: &sec})
 }
 
 // A ChatApp refresh is at the broker (holding upstream, not owner) when a
@@ -187,16 +188,16 @@ func TestConfigPutFailureLeavesNoRotationRecord(t *testing.T) {
 // it, and a re-created config has a new one, so the retired lease never
 // renews under it.
 func TestLeaseOfADeletedConfigNeverRenewsUnderARecreatedOne(t *testing.T) {
-	c := newCoreHarness(t, finamLike())
+	c := newFakeHarness(t, finamLike())
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	lease := c.ok(logical.ReadOperation, "creds/x", nil).Secret
 	c.ok(logical.UpdateOperation, "config/x/retire", nil)
-	if resp, err := c.renewLease(c.b, lease); err == nil && !resp.IsError() && resp.Secret.TTL > time.Second {
+	if resp, err := c.renewOn(c.b, lease); err == nil && !resp.IsError() && resp.Secret.TTL > time.Second {
 		t.Fatalf("the retired lease renewed for %s before the delete", resp.Secret.TTL)
 	}
 	c.ok(logical.DeleteOperation, "config/x", nil)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s2"})
-	resp, err := c.renewLease(c.b, lease)
+	resp, err := c.renewOn(c.b, lease)
 	if err == nil && !resp.IsError() && resp.Secret.TTL > time.Second {
 		t.Errorf("a lease on the deleted config's retired token (secret s1) renewed for %s under the re-created config", resp.Secret.TTL)
 	}
@@ -207,7 +208,7 @@ func TestLeaseOfADeletedConfigNeverRenewsUnderARecreatedOne(t *testing.T) {
 // (it counts only for a current config), so no series comes back.
 func TestRefreshFinishingAfterDeleteBringsNoSeriesBack(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/gone", map[string]any{"provider": "fake", "secret": "s1"})
 	c.token("creds/gone")
 
@@ -234,7 +235,7 @@ func TestPriorRotationSurvivesTwoFailedMoves(t *testing.T) {
 	const endpointA, endpointB, endpointC = "http://127.0.0.1:1", "http://127.0.0.2:1", "http://127.0.0.3:1"
 	for _, restart := range []bool{false, true} {
 		f := chatLike()
-		c := newCoreHarness(t, f)
+		c := newFakeHarness(t, f)
 		c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-a", "base_url": endpointA})
 		c.token("creds/x")
 		rotatedAtA := f.refresh
@@ -304,7 +305,7 @@ func TestRetireDuringRotationWhoseWriteFailsKeepsIt(t *testing.T) {
 func TestCleanLeavesNoGoroutines(t *testing.T) {
 	base := runtime.NumGoroutine()
 	f := chatLike()
-	c := newCoreHarness(t, f, finamLike(), tinvestLike())
+	c := newFakeHarness(t, f, finamLike(), tinvestLike())
 	c.ok(logical.UpdateOperation, "config/r", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
 	c.ok(logical.UpdateOperation, "config/m", map[string]any{"provider": "fake", "secret": "s1"})
 	c.ok(logical.UpdateOperation, "config/p", map[string]any{"provider": "fakepass", "secret": "s1"})
@@ -331,7 +332,7 @@ func TestCleanLeavesNoGoroutines(t *testing.T) {
 func TestLegacyRecordNeverSendsAnotherEndpointsSecret(t *testing.T) {
 	const endpointA, endpointB = "http://127.0.0.1:1", "http://127.0.0.2:1"
 	f := chatLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-a", "base_url": endpointA})
 	c.token("creds/x")
 	rotatedAtA := f.refresh
@@ -433,7 +434,7 @@ func TestInvalidateAndCleanWaitForAConfigWritesPut(t *testing.T) {
 	for _, racer := range []string{"invalidate", "clean"} {
 		t.Run(racer, func(t *testing.T) {
 			f := chatLike()
-			c := newCoreHarness(t, f)
+			c := newFakeHarness(t, f)
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
 			c.token("creds/x")
 			hit, release := c.storage.holdNextPut(tokenPrefix + "x")
@@ -561,7 +562,7 @@ func TestTransientReadDuringIndexMigrationKeepsTheConfigScheduled(t *testing.T) 
 // nobody reads it.
 func TestFailedIndexWriteIsRepairedAfterARestart(t *testing.T) {
 	f := chatLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	// The write's verifying refresh makes the pair now; it is due half way
 	// through the refresh token's 14 days.
 	c.storage.setFailKey(dueKey(bucketOf(c.clock.Now().Add(7*24*time.Hour)), "x"))

@@ -21,7 +21,7 @@ import (
 // token is never served.
 func TestRetireDuringConfigWriteVerifyHolds(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	first := c.token("creds/x")
 
@@ -52,7 +52,7 @@ func TestRetireDuringConfigWriteVerifyHolds(t *testing.T) {
 // clock: one read mints once and succeeds.
 func TestRetireHoldsOnANodeWhoseClockIsBehind(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	c.token("creds/x")
 	c.ok(logical.UpdateOperation, "config/x/retire", nil)
@@ -78,7 +78,7 @@ func TestOtherSecretChangeKeepsTheRotatedRefreshToken(t *testing.T) {
 	for _, verify := range []bool{true, false} {
 		t.Run(fmt.Sprintf("verify=%v", verify), func(t *testing.T) {
 			f := chatLike()
-			c := newCoreHarness(t, f)
+			c := newFakeHarness(t, f)
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
 			c.token("creds/x") // seed-1 spent, rt-1 current
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"secret": "s2", "verify": verify})
@@ -105,7 +105,7 @@ func TestOtherSecretChangeKeepsTheRotatedRefreshToken(t *testing.T) {
 // or the new active node) serves a token of the stored config's secret.
 func TestConfigWriteFailingAtTheRecordKeepsTheStoredSecret(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	c.token("creds/x")
 
@@ -187,7 +187,7 @@ func TestDeleteThatFailsHalfWayServesExactlyWhatStorageHolds(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			f := finamLike()
-			c := newCoreHarness(t, f)
+			c := newFakeHarness(t, f)
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 			first := c.token("creds/x")
 			c.storage.Storage = &delFailStorage{Storage: c.raw, key: tc.failKey}
@@ -258,7 +258,7 @@ func TestRefusedRecoveryDropsItsRecord(t *testing.T) {
 // repairs the config; no delete and re-create is needed.
 func TestUndecodableTokenRecordDoesNotBlockAConfigWrite(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	b2 := c.newBackend(nil)
 	if err := c.raw.Put(context.Background(), &logical.StorageEntry{Key: tokenPrefix + "x", Value: []byte("{not json")}); err != nil {
@@ -300,7 +300,7 @@ func (s *holdDelStorage) Delete(ctx context.Context, k string) error {
 // the deleted config stays in the schedule or the due/ index.
 func TestDeleteDuringMintLeavesNothingScheduled(t *testing.T) {
 	f := chatLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	// verify=false: the write schedules nothing (no pair yet), so only the
 	// refreshes below can have scheduled the config.
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1", "verify": false})
@@ -328,12 +328,12 @@ func TestDeleteDuringMintLeavesNothingScheduled(t *testing.T) {
 
 // scheduled reports whether name is in the backend's in-memory schedule
 // and which entries of the persisted due/ index name it.
-func (c *coreHarness) scheduled(name string) (bool, []string) {
-	c.t.Helper()
-	c.b.sched.mu.Lock()
-	_, inMemory := c.b.sched.items[name]
-	c.b.sched.mu.Unlock()
-	return inMemory, dueEntries(c.t, c.raw, name)
+func (h *harness) scheduled(name string) (bool, []string) {
+	h.t.Helper()
+	h.b.sched.mu.Lock()
+	_, inMemory := h.b.sched.items[name]
+	h.b.sched.mu.Unlock()
+	return inMemory, dueEntries(h.t, h.raw, name)
 }
 
 // dueEntries lists the persisted schedule index's entries for name.

@@ -35,21 +35,21 @@ func wait(t testing.TB, ch <-chan struct{}, what string) {
 
 // goDo runs one request in the background; the returned channel is closed
 // when it has answered, with its outcome in *resp and *err.
-func (c *coreHarness) goDo(op logical.Operation, path string, data map[string]any, resp **logical.Response, err *error) <-chan struct{} {
+func (h *harness) goDo(op logical.Operation, path string, data map[string]any, resp **logical.Response, err *error) <-chan struct{} {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		*resp, *err = c.do(op, path, data)
+		*resp, *err = h.do(op, path, data)
 	}()
 	return done
 }
 
 // exists reports whether storage holds key.
-func (c *coreHarness) exists(key string) bool {
-	c.t.Helper()
-	e, err := c.raw.Get(context.Background(), key)
+func (h *harness) exists(key string) bool {
+	h.t.Helper()
+	e, err := h.raw.Get(context.Background(), key)
 	if err != nil {
-		c.t.Fatal(err)
+		h.t.Fatal(err)
 	}
 	return e != nil
 }
@@ -71,7 +71,7 @@ func TestDeleteOwnsTheNameUntilStorageIsDone(t *testing.T) {
 	} {
 		t.Run(racer.name, func(t *testing.T) {
 			f := finamLike()
-			c := newCoreHarness(t, f)
+			c := newFakeHarness(t, f)
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 			c.token("creds/x")
 
@@ -134,7 +134,7 @@ func TestRotatedSecretStaysWithTheEndpointThatIssuedIt(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			restart := tc.restart
 			f := chatLike()
-			c := newCoreHarness(t, f)
+			c := newFakeHarness(t, f)
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-a", "base_url": endpointA})
 			c.token("creds/x")
 			rotatedAtA := f.refresh
@@ -341,7 +341,7 @@ func TestGuardRefusedWriteKeepsTheRotationItCaused(t *testing.T) {
 func TestRefusedWritesLeaveNoConnectionPools(t *testing.T) {
 	f := finamLike()
 	f.fail = &upstream.Error{Broker: "Fake", Op: "mint", Failure: upstream.Unauthorized, Status: 401, Message: "no"}
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	pools := func() int {
 		c.b.trMu.Lock()
 		defer c.b.trMu.Unlock()
@@ -386,7 +386,7 @@ func testCA(t *testing.T, serial int) string {
 
 // A deleted config's metric series go with it.
 func TestDeletedConfigDropsItsMetricSeries(t *testing.T) {
-	c := newCoreHarness(t, finamLike())
+	c := newFakeHarness(t, finamLike())
 	for _, name := range []string{"gone", "kept"} {
 		c.ok(logical.UpdateOperation, "config/"+name, map[string]any{"provider": "fake", "secret": "s1"})
 		c.token("creds/" + name)
@@ -418,7 +418,7 @@ func grepLines(s, sub string) string {
 // renew ends the lease now (a second) and says why, so its holder reads
 // again and gets a token minted after the retire.
 func TestRenewOfRetiredTokenEndsTheLease(t *testing.T) {
-	c := newCoreHarness(t, finamLike())
+	c := newFakeHarness(t, finamLike())
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	lease := c.ok(logical.ReadOperation, "creds/x", nil).Secret
 	renew := func() *logical.Response {

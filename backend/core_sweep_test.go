@@ -24,7 +24,7 @@ func TestConcurrentOperationsKeepStorageAndMemoryConsistent(t *testing.T) {
 	pass := newFakeBroker("fakepass", provider.Passthrough, false, nil)
 	rot1 := newFakeBroker("rot1", provider.Minted, true, nil)
 	rot2 := newFakeBroker("rot2", provider.Minted, true, nil)
-	c := newCoreHarness(t, minted, pass, rot1, rot2)
+	c := newFakeHarness(t, minted, pass, rot1, rot2)
 	configs := map[string]string{"m1": "fake", "m2": "fake", "p1": "fakepass", "r1": "rot1", "r2": "rot2"}
 	names := []string{"m1", "m2", "p1", "r1", "r2"}
 

@@ -30,14 +30,14 @@ func tinvestLike() *fakeBroker {
 
 // dueRefresh moves the clock to where the token is due for a refresh ahead
 // and reads once, which starts the background refresh.
-func (c *coreHarness) dueRefresh(path string) string {
-	c.t.Helper()
-	c.clock.Advance(11 * time.Minute) // 4 of 15 minutes left
-	return c.token(path)
+func (h *harness) dueRefresh(path string) string {
+	h.t.Helper()
+	h.clock.Advance(11 * time.Minute) // 4 of 15 minutes left
+	return h.token(path)
 }
 
 func TestRetireDuringMintPersistIsNotUndone(t *testing.T) {
-	c := newCoreHarness(t, finamLike())
+	c := newFakeHarness(t, finamLike())
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	first := c.token("creds/x")
 
@@ -79,13 +79,13 @@ func TestConfigWriteDuringRefreshPersistWins(t *testing.T) {
 		broker func() *fakeBroker
 		create map[string]any
 		write  map[string]any
-		check  func(t *testing.T, c *coreHarness, rec tokenRecord)
+		check  func(t *testing.T, c *harness, rec tokenRecord)
 	}{
 		{
 			name: "new secret", broker: finamLike,
 			create: map[string]any{"provider": "fake", "secret": "s1"},
 			write:  map[string]any{"secret": "s2", "require_readonly": true},
-			check: func(t *testing.T, c *coreHarness, rec tokenRecord) {
+			check: func(t *testing.T, c *harness, rec tokenRecord) {
 				if rec.Token == nil || c.brokers["fake"].secretOf[rec.Token.AccessToken] != "s2" {
 					t.Fatalf("storage holds a token minted from the old secret: %+v", rec.Token)
 				}
@@ -95,7 +95,7 @@ func TestConfigWriteDuringRefreshPersistWins(t *testing.T) {
 			name: "new chatapp seed", broker: chatLike,
 			create: map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"},
 			write:  map[string]any{"secret": "s2", "refresh_token": "seed-2"},
-			check: func(t *testing.T, c *coreHarness, rec tokenRecord) {
+			check: func(t *testing.T, c *harness, rec tokenRecord) {
 				f := c.brokers["fakerot"]
 				if last := f.presented[len(f.presented)-1]; last != "seed-2" {
 					t.Fatalf("the write verified with %q, not its new seed", last)
@@ -108,7 +108,7 @@ func TestConfigWriteDuringRefreshPersistWins(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := tc.broker()
-			c := newCoreHarness(t, f)
+			c := newFakeHarness(t, f)
 			c.ok(logical.UpdateOperation, "config/x", tc.create)
 			c.token("creds/x")
 
@@ -141,7 +141,7 @@ func TestConfigWriteDuringRefreshPersistWins(t *testing.T) {
 }
 
 func TestDeleteDuringPersistDoesNotResurrect(t *testing.T) {
-	c := newCoreHarness(t, chatLike())
+	c := newFakeHarness(t, chatLike())
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
 	c.token("creds/x")
 
@@ -253,7 +253,7 @@ func TestMakeAtRefreshDeadlineStillPersists(t *testing.T) {
 
 func TestTickCutShortKeepsTheRest(t *testing.T) {
 	f := tinvestLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	for i := range 3 {
 		c.ok(logical.UpdateOperation, fmt.Sprintf("config/p%d", i), map[string]any{"provider": "fakepass", "secret": fmt.Sprintf("t%d", i)})
 	}
@@ -278,7 +278,7 @@ func TestTickCutShortKeepsTheRest(t *testing.T) {
 
 func TestLoadScheduleSkipsUndecodableEntry(t *testing.T) {
 	f := tinvestLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/a", map[string]any{"provider": "fakepass", "secret": "t1"})
 	c.ok(logical.UpdateOperation, "config/c", map[string]any{"provider": "fakepass", "secret": "t2"})
 	if err := c.raw.Put(context.Background(), &logical.StorageEntry{Key: configPrefix + "b", Value: []byte("{not json")}); err != nil {
@@ -321,7 +321,7 @@ func TestLoadScheduleSkipsUndecodableEntry(t *testing.T) {
 }
 
 func TestUnknownNamesLeaveNoState(t *testing.T) {
-	c := newCoreHarness(t, chatLike())
+	c := newFakeHarness(t, chatLike())
 	lease := &logical.Secret{InternalData: map[string]any{"secret_type": secretTokenType}}
 	for i := range 1000 {
 		name := fmt.Sprintf("nope%d", i)
@@ -345,7 +345,7 @@ func TestUnknownNamesLeaveNoState(t *testing.T) {
 
 func TestRevokeEndsTheLeaseOnly(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	for _, tc := range []struct {
 		name    string
@@ -376,7 +376,7 @@ func TestRevokeEndsTheLeaseOnly(t *testing.T) {
 func TestRetireHoldsAcrossRestartAndInFlightMint(t *testing.T) {
 	t.Run("in-flight mint", func(t *testing.T) {
 		f := finamLike()
-		c := newCoreHarness(t, f)
+		c := newFakeHarness(t, f)
 		c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 		first := c.token("creds/x")
 
@@ -394,7 +394,7 @@ func TestRetireHoldsAcrossRestartAndInFlightMint(t *testing.T) {
 	})
 	t.Run("restart straight after the retire", func(t *testing.T) {
 		f := finamLike()
-		c := newCoreHarness(t, f)
+		c := newFakeHarness(t, f)
 		c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 		first := c.token("creds/x")
 		c.ok(logical.UpdateOperation, "config/x/retire", nil)
@@ -412,7 +412,7 @@ func TestRetireHoldsAcrossRestartAndInFlightMint(t *testing.T) {
 
 func TestPerformanceStandbyNeverRotates(t *testing.T) {
 	f := chatLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1", "verify": false})
 	standby := c.newBackend(&logical.StaticSystemView{ReplicationStateVal: consts.ReplicationPerformanceStandby})
 	calls := f.callCount()
@@ -441,7 +441,7 @@ func TestPerformanceStandbyNeverRotates(t *testing.T) {
 
 func TestPassthroughRenewsShareOneCall(t *testing.T) {
 	f := tinvestLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/p", map[string]any{"provider": "fakepass", "secret": "t1"})
 	lease := c.ok(logical.ReadOperation, "creds/p", nil).Secret
 	renew := func() error {
@@ -520,7 +520,7 @@ func TestLeasesAreShapedToSwapWithLifeToSpare(t *testing.T) {
 
 func TestClientAtLeaseEndMovesToNewTokenWithLifeToSpare(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	first := c.ok(logical.ReadOperation, "creds/x", nil)
 	exp, err := time.Parse(time.RFC3339, first.Data["expires_at"].(string))
@@ -554,7 +554,7 @@ func TestClientAtLeaseEndMovesToNewTokenWithLifeToSpare(t *testing.T) {
 
 func TestKeepAliveCanBeTurnedOff(t *testing.T) {
 	f := tinvestLike()
-	c := newCoreHarness(t, f, finamLike())
+	c := newFakeHarness(t, f, finamLike())
 	c.ok(logical.UpdateOperation, "config/on", map[string]any{"provider": "fakepass", "secret": "t1"})
 	c.ok(logical.UpdateOperation, "config/off", map[string]any{"provider": "fakepass", "secret": "t2", "keep_alive": false})
 	if got := c.ok(logical.ReadOperation, "config/off", nil).Data["keep_alive"]; got != false {
@@ -602,7 +602,7 @@ func (s *countingStorage) List(ctx context.Context, p string) ([]string, error) 
 
 func TestRestartScheduleCostFollowsWhatIsDue(t *testing.T) {
 	f := tinvestLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	const early, late = 10, 990
 	for i := range early {
 		c.ok(logical.UpdateOperation, fmt.Sprintf("config/early%d", i), map[string]any{"provider": "fakepass", "secret": "e"})
@@ -648,7 +648,7 @@ func TestRestartScheduleCostFollowsWhatIsDue(t *testing.T) {
 
 func TestScheduleIndexBuiltOnceOnUpgrade(t *testing.T) {
 	f := tinvestLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	for i := range 3 {
 		c.ok(logical.UpdateOperation, fmt.Sprintf("config/p%d", i), map[string]any{"provider": "fakepass", "secret": "t"})
 	}
@@ -681,7 +681,7 @@ func TestScheduleIndexBuiltOnceOnUpgrade(t *testing.T) {
 
 func TestRenewIsShapedAndReadiesTheNextToken(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	first := c.ok(logical.ReadOperation, "creds/x", nil)
 	renew := func() *logical.Response {
@@ -720,7 +720,7 @@ func TestRenewIsShapedAndReadiesTheNextToken(t *testing.T) {
 
 func TestRotationRecordsAreClusterLocal(t *testing.T) {
 	f := chatLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	if !slices.Contains(c.b.Backend.PathsSpecial.LocalStorage, framework.WALPrefix) {
 		t.Fatalf("PathsSpecial.LocalStorage = %v: rotation records would replicate to performance secondaries", c.b.Backend.PathsSpecial.LocalStorage)
 	}

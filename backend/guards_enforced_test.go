@@ -132,25 +132,25 @@ func wantRefused(t *testing.T, what string, resp *logical.Response, err error, w
 func TestGuardsEnforcedAtRead(t *testing.T) {
 	for _, tc := range guardCases() {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, sandbox.Options{})
+			h := newSandboxHarness(t, sandbox.Options{})
 			if tc.setup != nil {
 				tc.setup(h)
 			}
 			if tc.breakAtBroker != nil {
 				// Verified: the guard holds at the write.
-				h.mustOK(logical.UpdateOperation, "config/g", merged(tc.config(h), tc.guard))
-				h.mustOK(logical.ReadOperation, "creds/g", nil)
+				h.ok(logical.UpdateOperation, "config/g", merged(tc.config(h), tc.guard))
+				h.ok(logical.ReadOperation, "creds/g", nil)
 				tc.breakAtBroker(h)
 				// Past the reuse of the last validation: the read asks again.
-				h.skip(passthroughMaxAge + time.Minute)
+				h.clock.Advance(passthroughMaxAge + time.Minute)
 			} else {
 				// A token is cached without the guard; the guard is then
 				// written unverified. require_readonly keeps the cached token
 				// (only the backend's read check stands between it and the
 				// reader); allowed_accounts drops it, and the read mints anew.
-				h.mustOK(logical.UpdateOperation, "config/g", tc.config(h))
-				h.mustOK(logical.ReadOperation, "creds/g", nil)
-				h.mustOK(logical.UpdateOperation, "config/g", merged(tc.guard, map[string]any{"verify": false}))
+				h.ok(logical.UpdateOperation, "config/g", tc.config(h))
+				h.ok(logical.ReadOperation, "creds/g", nil)
+				h.ok(logical.UpdateOperation, "config/g", merged(tc.guard, map[string]any{"verify": false}))
 			}
 			resp, err := h.do(logical.ReadOperation, "creds/g", nil)
 			wantRefused(t, "creds read", resp, err, tc.want)
@@ -164,26 +164,26 @@ func TestGuardsEnforcedAtRead(t *testing.T) {
 func TestGuardsEnforcedAtRenew(t *testing.T) {
 	for _, tc := range guardCases() {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, sandbox.Options{})
+			h := newSandboxHarness(t, sandbox.Options{})
 			if tc.setup != nil {
 				tc.setup(h)
 			}
 			var lease *logical.Response
 			if tc.breakAtBroker != nil {
-				h.mustOK(logical.UpdateOperation, "config/g", merged(tc.config(h), tc.guard))
-				lease = h.mustOK(logical.ReadOperation, "creds/g", nil)
+				h.ok(logical.UpdateOperation, "config/g", merged(tc.config(h), tc.guard))
+				lease = h.ok(logical.ReadOperation, "creds/g", nil)
 				// The guard holds: the renew passes...
 				if resp, err := h.renew(lease.Secret); errText(resp, err) != "" {
 					t.Fatalf("renew while the guard holds: %s", errText(resp, err))
 				}
 				tc.breakAtBroker(h)
 			} else {
-				h.mustOK(logical.UpdateOperation, "config/g", tc.config(h))
-				lease = h.mustOK(logical.ReadOperation, "creds/g", nil)
+				h.ok(logical.UpdateOperation, "config/g", tc.config(h))
+				lease = h.ok(logical.ReadOperation, "creds/g", nil)
 				if resp, err := h.renew(lease.Secret); errText(resp, err) != "" {
 					t.Fatalf("renew without a guard: %s", errText(resp, err))
 				}
-				h.mustOK(logical.UpdateOperation, "config/g", merged(tc.guard, map[string]any{"verify": false}))
+				h.ok(logical.UpdateOperation, "config/g", merged(tc.guard, map[string]any{"verify": false}))
 			}
 			// ...and no longer once the guard fails.
 			resp, err := h.renew(lease.Secret)
@@ -229,7 +229,7 @@ func TestGuardsNeedEvidence(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, sandbox.Options{})
+			h := newSandboxHarness(t, sandbox.Options{})
 			if tc.setup != nil {
 				tc.setup(h)
 			}
@@ -266,11 +266,11 @@ func TestRenewRefusesAllowedAccountsWithoutEvidence(t *testing.T) {
 		{"alor", func(h *harness) { h.sb.SetAlorOmitPortfolios(true) }, alorConfig, "D12345"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, sandbox.Options{})
+			h := newSandboxHarness(t, sandbox.Options{})
 			tc.setup(h)
-			h.mustOK(logical.UpdateOperation, "config/g", tc.cfg(h))
-			lease := h.mustOK(logical.ReadOperation, "creds/g", nil)
-			h.mustOK(logical.UpdateOperation, "config/g", map[string]any{"allowed_accounts": tc.guard, "verify": false})
+			h.ok(logical.UpdateOperation, "config/g", tc.cfg(h))
+			lease := h.ok(logical.ReadOperation, "creds/g", nil)
+			h.ok(logical.UpdateOperation, "config/g", map[string]any{"allowed_accounts": tc.guard, "verify": false})
 			resp, err := h.renew(lease.Secret)
 			wantRefused(t, "renew", resp, err, "allowed_accounts cannot be checked")
 		})

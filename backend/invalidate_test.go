@@ -17,29 +17,29 @@ func TestInvalidateDropsWhatAnotherNodeChanged(t *testing.T) {
 	cases := []struct {
 		name   string
 		key    string
-		change func(c *coreHarness)
+		change func(c *harness)
 		// want reports whether a token the second node serves after the
 		// invalidation is right.
-		want func(c *coreHarness, old, got string) bool
+		want func(c *harness, old, got string) bool
 	}{
 		{
 			name:   "token/ after a retire on the other node",
 			key:    tokenPrefix + "x",
-			change: func(c *coreHarness) { c.ok(logical.UpdateOperation, "config/x/retire", nil) },
-			want:   func(_ *coreHarness, old, got string) bool { return got != old },
+			change: func(c *harness) { c.ok(logical.UpdateOperation, "config/x/retire", nil) },
+			want:   func(_ *harness, old, got string) bool { return got != old },
 		},
 		{
 			name: "config/ after a new secret on the other node",
 			key:  configPrefix + "x",
-			change: func(c *coreHarness) {
+			change: func(c *harness) {
 				c.ok(logical.UpdateOperation, "config/x", map[string]any{"secret": "s2"})
 			},
-			want: func(c *coreHarness, _, got string) bool { return c.brokers["fake"].secretOf[got] == "s2" },
+			want: func(c *harness, _, got string) bool { return c.brokers["fake"].secretOf[got] == "s2" },
 		},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c := newCoreHarness(t, finamLike())
+			c := newFakeHarness(t, finamLike())
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 			other := c.newBackend(nil)
 			read := func() string {

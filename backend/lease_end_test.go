@@ -31,7 +31,7 @@ func TestLeaseEndLeavesAQuarterAtTheSwap(t *testing.T) {
 		t.Run(fmt.Sprintf("at %.0f%% of the lease, %s late", 100*tc.reread, tc.lag), func(t *testing.T) {
 			f := finamLike()
 			f.life = life
-			c := newCoreHarness(t, f)
+			c := newFakeHarness(t, f)
 			c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 			start := c.clock.Now()
 			cur := c.ok(logical.ReadOperation, "creds/x", nil)

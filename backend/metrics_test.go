@@ -18,13 +18,13 @@ import (
 )
 
 func TestMetricsExposition(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", map[string]any{"verify": false})
 	for range 3 {
-		h.mustOK(logical.ReadOperation, "creds/finam", nil)
+		h.ok(logical.ReadOperation, "creds/finam", nil)
 	}
 	h.do(logical.ReadOperation, "creds/nope", nil)
-	resp := h.mustOK(logical.ReadOperation, "metrics", nil)
+	resp := h.ok(logical.ReadOperation, "metrics", nil)
 	if resp.Data[logical.HTTPContentType] != "text/plain; version=0.0.4" {
 		t.Fatalf("content type %v", resp.Data[logical.HTTPContentType])
 	}
@@ -110,7 +110,7 @@ func sampleValue(t *testing.T, text, name string, labels ...string) (float64, bo
 	return 0, false
 }
 
-func scrape(t *testing.T, c *coreHarness, b *backend) string {
+func scrape(t *testing.T, c *harness, b *backend) string {
 	t.Helper()
 	resp, err := c.doOn(b, logical.ReadOperation, "metrics", nil)
 	if err != nil || resp == nil || resp.IsError() {
@@ -126,7 +126,7 @@ func scrape(t *testing.T, c *coreHarness, b *backend) string {
 // runtime and process metrics of the plugin.
 func TestMetricsFamiliesHelpAndType(t *testing.T) {
 	f := chatLike() // rotating, with a secret expiry: every broker_ family
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": f.name, "secret": "s1", "refresh_token": "seed-1", "verify": false})
 	c.token("creds/x")
 	c.token("creds/x")
@@ -181,8 +181,8 @@ func TestMetricsFamiliesHelpAndType(t *testing.T) {
 
 // Two mounts count apart, and neither uses the library's global registry.
 func TestMetricsPerMount(t *testing.T) {
-	one, two := newCoreHarness(t, finamLike()), newCoreHarness(t, finamLike())
-	for _, c := range []*coreHarness{one, two} {
+	one, two := newFakeHarness(t, finamLike()), newFakeHarness(t, finamLike())
+	for _, c := range []*harness{one, two} {
 		c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1", "verify": false})
 	}
 	for range 3 {
@@ -191,7 +191,7 @@ func TestMetricsPerMount(t *testing.T) {
 	two.token("creds/x")
 
 	for _, tc := range []struct {
-		c         *coreHarness
+		c         *harness
 		hit, miss float64
 	}{{one, 2, 1}, {two, 0, 1}} {
 		text := scrape(t, tc.c, tc.c.b)
@@ -216,13 +216,13 @@ func TestMetricsPerMount(t *testing.T) {
 }
 
 func TestStaleTokenServedWithWarning(t *testing.T) {
-	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 9 * time.Second})
+	h := newSandboxHarness(t, sandbox.Options{FinamTokenLifetime: 9 * time.Second})
 	h.writeFinam("finam", nil)
 	h.sb.InjectFault(sessionsEP, 503, -1)
-	h.skip(6600 * time.Millisecond)
-	h.mustOK(logical.ReadOperation, "creds/finam", nil) // starts the failing refresh
+	h.clock.Advance(6600 * time.Millisecond)
+	h.ok(logical.ReadOperation, "creds/finam", nil) // starts the failing refresh
 	waitIdle(t, h.b, "finam")
-	if r := h.mustOK(logical.ReadOperation, "creds/finam", nil); len(r.Warnings) == 0 || !containsAll(r.Warnings[0], "serving the cached token", "HTTP 503") {
+	if r := h.ok(logical.ReadOperation, "creds/finam", nil); len(r.Warnings) == 0 || !containsAll(r.Warnings[0], "serving the cached token", "HTTP 503") {
 		t.Fatal("no warning while serving a token the broker could not refresh")
 	}
 }

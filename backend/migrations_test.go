@@ -105,7 +105,7 @@ func allStored(t *testing.T, s logical.Storage) map[string]string {
 // serves nothing, calls no broker, and changes no byte of storage; put back
 // on a schema it knows, the same storage serves the same token unminted.
 func TestNewerSchemaIsRefusedAndLeftAlone(t *testing.T) {
-	c := newCoreHarness(t, finamLike(), chatLike())
+	c := newFakeHarness(t, finamLike(), chatLike())
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	c.ok(logical.UpdateOperation, "config/r", map[string]any{"provider": "fakerot", "secret": "s2", "refresh_token": "seed-1"})
 	lease := c.ok(logical.ReadOperation, "creds/x", nil)

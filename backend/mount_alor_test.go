@@ -21,14 +21,14 @@ func (h *harness) writeAlor(name, token string, extra map[string]any) (*logical.
 }
 
 func TestMountAlorCredsNarrowedAndDescribed(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	if resp, err := h.writeAlor("alor", sandbox.AlorRefreshToken, map[string]any{"allowed_accounts": "D12345"}); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
 	if got := strings.Join(h.sb.AlorLastAllowedPortfolios(), ","); got != "D12345" {
 		t.Fatalf("the broker was asked to narrow to %q", got)
 	}
-	creds := h.mustOK(logical.ReadOperation, "creds/alor", nil)
+	creds := h.ok(logical.ReadOperation, "creds/alor", nil)
 	tok := creds.Data["access_token"].(string)
 	if !h.sb.AlorValid(tok) {
 		t.Fatal("not a live sandbox JWT")
@@ -50,7 +50,7 @@ func TestMountAlorCredsNarrowedAndDescribed(t *testing.T) {
 }
 
 func TestMountAlorNarrowingIgnoredByBrokerIsRefused(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.sb.SetAlorIgnoreNarrowing(true)
 	resp, err := h.writeAlor("alor", sandbox.AlorRefreshToken, map[string]any{"allowed_accounts": "D12345"})
 	if msg := errText(resp, err); statusOf(resp, err) != 400 || !containsAll(msg, "D67890", "nothing was stored") {
@@ -69,7 +69,7 @@ func TestMountAlorNarrowingIgnoredByBrokerIsRefused(t *testing.T) {
 // public source shows a read-only one: require_readonly refuses the config,
 // saying the token can trade.
 func TestMountAlorRequireReadOnlyRefused(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	resp, err := h.writeAlor("rw", sandbox.AlorRefreshToken, map[string]any{"require_readonly": true})
 	if statusOf(resp, err) != 400 || !containsAll(errText(resp, err), "can trade", "nothing was stored") {
 		t.Fatalf("trading scope passed require_readonly: %d %q", statusOf(resp, err), errText(resp, err))
@@ -80,16 +80,16 @@ func TestMountAlorRequireReadOnlyRefused(t *testing.T) {
 }
 
 func TestMountAlorRejectedRefreshTokenStopsServing(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.sb.SetAlorTokenLifetime(9 * time.Second)
 	if resp, err := h.writeAlor("alor", sandbox.AlorRefreshToken, nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
 	h.sb.RevokeAlorRefreshToken(sandbox.AlorRefreshToken)
-	h.skip(6 * time.Second) // refresh due (3 s left of 9, less the JWT iat rounding): the background refresh meets 403
-	h.mustOK(logical.ReadOperation, "creds/alor", nil)
+	h.clock.Advance(6 * time.Second) // refresh due (3 s left of 9, less the JWT iat rounding): the background refresh meets 403
+	h.ok(logical.ReadOperation, "creds/alor", nil)
 	waitIdle(t, h.b, "alor") // the background refresh has answered
-	if st := h.mustOK(logical.ReadOperation, "config/alor", nil); !strings.Contains(st.Data["last_error"].(string), "HTTP 403") {
+	if st := h.ok(logical.ReadOperation, "config/alor", nil); !strings.Contains(st.Data["last_error"].(string), "HTTP 403") {
 		t.Fatal("the 403 is not in the config status")
 	}
 	resp, err := h.do(logical.ReadOperation, "creds/alor", nil)
@@ -103,7 +103,7 @@ func TestMountAlorRejectedRefreshTokenStopsServing(t *testing.T) {
 }
 
 func TestMountAlorEnvironments(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	resp, err := h.writeAlor("dev", sandbox.AlorDevRefreshToken, map[string]any{"environment": "sandbox", "base_url": h.url + sandbox.AlorDevPrefix})
 	if errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -115,19 +115,19 @@ func TestMountAlorEnvironments(t *testing.T) {
 }
 
 func TestMountAlorRefreshTokenExpiry(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	soon := time.Now().Add(10 * 24 * time.Hour).UTC().Format(time.RFC3339)
 	resp, err := h.writeAlor("alor", sandbox.AlorRefreshToken, map[string]any{"refresh_token_expires_at": soon})
 	if errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
 	for _, path := range []string{"config/alor", "creds/alor"} {
-		r := h.mustOK(logical.ReadOperation, path, nil)
+		r := h.ok(logical.ReadOperation, path, nil)
 		if len(r.Warnings) == 0 || !strings.Contains(r.Warnings[0], "expires at") {
 			t.Fatalf("%s: no expiry warning: %v", path, r.Warnings)
 		}
 	}
-	if r := h.mustOK(logical.ReadOperation, "config/alor", nil); r.Data["secret_expires_at"] != soon {
+	if r := h.ok(logical.ReadOperation, "config/alor", nil); r.Data["secret_expires_at"] != soon {
 		t.Fatalf("secret_expires_at = %v", r.Data["secret_expires_at"])
 	}
 	// An expired one is refused at write, and not used once it has passed.

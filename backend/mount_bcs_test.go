@@ -36,8 +36,8 @@ func (h *harness) mustWriteBCS(name, token string, extra map[string]any) *logica
 // bcsCycle retires the config's tokens and reads creds: one exchange.
 func (h *harness) bcsCycle(name string) *logical.Response {
 	h.t.Helper()
-	h.mustOK(logical.UpdateOperation, "config/"+name+"/retire", nil)
-	return h.mustOK(logical.ReadOperation, "creds/"+name, nil)
+	h.ok(logical.UpdateOperation, "config/"+name+"/retire", nil)
+	return h.ok(logical.ReadOperation, "creds/"+name, nil)
 }
 
 func noBCSSecretIn(t *testing.T, v any, tokens ...string) {
@@ -51,7 +51,7 @@ func noBCSSecretIn(t *testing.T, v any, tokens ...string) {
 }
 
 func TestMountBcsWriteVerifyAndCreds(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	rt := h.sb.IssueBCSToken(sandbox.BCSTokenOptions{ReadOnly: true})
 	claims, _ := provider.JWTClaims(rt)
 	exp := time.Unix(int64(claims["exp"].(float64)), 0).UTC().Format(time.RFC3339)
@@ -60,7 +60,7 @@ func TestMountBcsWriteVerifyAndCreds(t *testing.T) {
 	if h.sb.Calls(sandbox.BCSTokenEP) != 1 || h.sb.Calls(sandbox.BCSPortfolioEP) != 1 {
 		t.Fatalf("verify: %v", h.sb.AllCalls())
 	}
-	read := h.mustOK(logical.ReadOperation, "config/bcs", nil).Data
+	read := h.ok(logical.ReadOperation, "config/bcs", nil).Data
 	for k, want := range map[string]any{
 		"provider": "bcs", "refresh_token_set": true, "secret_expires_at": exp, "rotated_refresh_token": true,
 		"readonly": true, "account_ids": "[" + sandbox.BCSAgreement + "]", "client_id": "trade-api-read", "endpoint": h.url,
@@ -76,7 +76,7 @@ func TestMountBcsWriteVerifyAndCreds(t *testing.T) {
 	noBCSSecretIn(t, read, rt, h.storedRefresh("bcs"))
 	noBCSSecretIn(t, w.Data, rt, h.storedRefresh("bcs"))
 
-	creds := h.mustOK(logical.ReadOperation, "creds/bcs", nil)
+	creds := h.ok(logical.ReadOperation, "creds/bcs", nil)
 	tok := creds.Data["access_token"].(string)
 	if !h.sb.BCSAccessValid(tok) || creds.Data["readonly"] != true || fmt.Sprint(creds.Data["account_ids"]) != "["+sandbox.BCSAgreement+"]" || creds.Data["provider"] != "bcs" {
 		t.Fatalf("creds: %v", creds.Data)
@@ -87,7 +87,7 @@ func TestMountBcsWriteVerifyAndCreds(t *testing.T) {
 	}
 	// The verifying token is the first token: a read costs no call.
 	for i := 0; i < 5; i++ {
-		h.mustOK(logical.ReadOperation, "creds/bcs", nil)
+		h.ok(logical.ReadOperation, "creds/bcs", nil)
 	}
 	if h.sb.Calls(sandbox.BCSTokenEP) != 1 || h.sb.Calls(sandbox.BCSPortfolioEP) != 1 || h.sb.BCSStats().ClientMismatches != 0 {
 		t.Fatalf("calls after reads: %v %+v", h.sb.AllCalls(), h.sb.BCSStats())
@@ -114,14 +114,14 @@ func TestMountBcsWriteVerifyAndCreds(t *testing.T) {
 	if !h.sb.BCSAccessValid(tok) || h.sb.Calls(sandbox.BCSTokenEP) != 1 {
 		t.Fatal("a revoke called BCS or killed the shared token")
 	}
-	ret := h.mustOK(logical.UpdateOperation, "config/bcs/retire", nil)
+	ret := h.ok(logical.UpdateOperation, "config/bcs/retire", nil)
 	if !strings.Contains(fmt.Sprint(ret.Data["note"]), "up to 24 hours") {
 		t.Fatalf("retire note: %v", ret.Data)
 	}
 }
 
 func TestMountBcsRotationIsStoredAndUsed(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	t0 := h.sb.IssueBCSToken(sandbox.BCSTokenOptions{ReadOnly: true})
 	h.mustWriteBCS("bcs", t0, nil)
 	r1 := h.storedRefresh("bcs")
@@ -134,23 +134,23 @@ func TestMountBcsRotationIsStoredAndUsed(t *testing.T) {
 		t.Fatalf("presented: t0 %d, r1 %d", h.sb.BCSPresented(t0), h.sb.BCSPresented(r1))
 	}
 	// A restart keeps the newest; rotate-root spends it.
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	h.b = b2
-	rot := h.mustOK(logical.UpdateOperation, "rotate-root/bcs", nil)
+	rot := h.ok(logical.UpdateOperation, "rotate-root/bcs", nil)
 	noBCSSecretIn(t, rot.Data, t0, r1, r2, h.storedRefresh("bcs"))
 	if h.sb.BCSPresented(r2) != 1 || h.storedRefresh("bcs") == r2 {
 		t.Fatal("rotate-root after a restart did not present the stored newest token")
 	}
 	// A config update that keeps the token verifies with the newest.
 	r3 := h.storedRefresh("bcs")
-	h.mustOK(logical.UpdateOperation, "config/bcs", map[string]any{"ttl": "1h", "refresh_token": t0})
+	h.ok(logical.UpdateOperation, "config/bcs", map[string]any{"ttl": "1h", "refresh_token": t0})
 	if h.sb.BCSPresented(r3) != 1 || h.sb.BCSPresented(t0) != 1 {
 		t.Fatalf("an update re-presented the written token (%d) instead of the newest (%d)", h.sb.BCSPresented(t0), h.sb.BCSPresented(r3))
 	}
 }
 
 func TestMountBcsFallsBackOnceToTheWrittenToken(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	t0 := h.sb.IssueBCSToken(sandbox.BCSTokenOptions{ReadOnly: true})
 	h.mustWriteBCS("bcs", t0, nil)
 	r1 := h.storedRefresh("bcs")
@@ -176,7 +176,7 @@ func TestMountBcsFallsBackOnceToTheWrittenToken(t *testing.T) {
 	h.sb.RefuseBCSToken(r3)
 	h.sb.RefuseBCSToken(t0)
 	before := h.sb.Calls(sandbox.BCSTokenEP)
-	h.mustOK(logical.UpdateOperation, "config/bcs/retire", nil)
+	h.ok(logical.UpdateOperation, "config/bcs/retire", nil)
 	r, err := h.do(logical.ReadOperation, "creds/bcs", nil)
 	msg := errText(r, err)
 	if statusOf(r, err) != 502 || !containsAll(msg, "Invalid refresh token", "was tried once because BCS refused the newest") ||
@@ -187,11 +187,11 @@ func TestMountBcsFallsBackOnceToTheWrittenToken(t *testing.T) {
 
 	// A deleted token condemns the written one too (same session): no
 	// fallback at all.
-	h2 := newHarness(t, sandbox.Options{})
+	h2 := newSandboxHarness(t, sandbox.Options{})
 	u0 := h2.sb.IssueBCSToken(sandbox.BCSTokenOptions{ReadOnly: true})
 	h2.mustWriteBCS("bcs", u0, nil)
 	h2.sb.DeleteBCSToken(u0)
-	h2.mustOK(logical.UpdateOperation, "config/bcs/retire", nil)
+	h2.ok(logical.UpdateOperation, "config/bcs/retire", nil)
 	r, err = h2.do(logical.ReadOperation, "creds/bcs", nil)
 	if !strings.Contains(errText(r, err), "Session not active") || h2.sb.BCSPresented(u0) != 1 {
 		t.Fatalf("deleted: %q, written presented %d", errText(r, err), h2.sb.BCSPresented(u0))
@@ -202,7 +202,7 @@ func TestMountBcsFallsBackOnceToTheWrittenToken(t *testing.T) {
 }
 
 func TestMountBcsRevokeOnUseNeverPresentsAUsedToken(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.sb.SetBCSRevokeOnUse(true)
 	t0 := h.sb.IssueBCSToken(sandbox.BCSTokenOptions{ReadOnly: true})
 	h.mustWriteBCS("bcs", t0, map[string]any{"require_readonly": true})
@@ -214,20 +214,20 @@ func TestMountBcsRevokeOnUseNeverPresentsAUsedToken(t *testing.T) {
 		}
 		seen = append(seen, h.storedRefresh("bcs"))
 	}
-	h.mustOK(logical.UpdateOperation, "rotate-root/bcs", nil)
-	h.mustOK(logical.UpdateOperation, "config/bcs", map[string]any{"ttl": "2h"})
+	h.ok(logical.UpdateOperation, "rotate-root/bcs", nil)
+	h.ok(logical.UpdateOperation, "config/bcs", map[string]any{"ttl": "2h"})
 	// The same token written again with another setting that drops the
 	// cached token: the newest is still the one presented.
 	h.mustWriteBCS("bcs", t0, map[string]any{"allowed_accounts": sandbox.BCSAgreement})
 	// A restart (a plugin reload) keeps the newest token.
-	h.b, _ = h.newBackend(h.storage)
+	h.b = h.newBackend(nil)
 	h.bcsCycle("bcs")
 	seen = append(seen, h.storedRefresh("bcs"))
 	if st := h.sb.BCSStats(); st.Reuses != 0 || st.MaxPresented != 1 {
 		t.Fatalf("a used token was presented again: %+v", st)
 	}
 	rec, _ := readTokenRecord(context.Background(), h.storage, "bcs")
-	noBCSSecretIn(t, h.mustOK(logical.ReadOperation, "config/bcs", nil).Data, seen...)
+	noBCSSecretIn(t, h.ok(logical.ReadOperation, "config/bcs", nil).Data, seen...)
 	if rec.LastError != "" {
 		t.Fatalf("last error: %s", rec.LastError)
 	}
@@ -239,7 +239,7 @@ func TestMountBcsRevokeOnUseNeverPresentsAUsedToken(t *testing.T) {
 	h.sb.SetBCSRevokeOnUse(true)
 	h.useBCS(newest)
 	before := h.sb.BCSPresented(t0)
-	h.mustOK(logical.UpdateOperation, "config/bcs/retire", nil)
+	h.ok(logical.UpdateOperation, "config/bcs/retire", nil)
 	r, err := h.do(logical.ReadOperation, "creds/bcs", nil)
 	if !containsAll(errText(r, err), "Maximum allowed refresh token reuse exceeded", "retires a refresh token once it is used") || h.sb.BCSPresented(t0) != before {
 		t.Fatalf("lost answer: %q, written presented again: %v", errText(r, err), h.sb.BCSPresented(t0) != before)
@@ -250,7 +250,7 @@ func TestMountBcsRevokeOnUseNeverPresentsAUsedToken(t *testing.T) {
 // answer never reached storage would have.
 func (h *harness) useBCS(token string) {
 	h.t.Helper()
-	b, _ := h.newBackend(nil)
+	b := h.freshBackend()
 	if _, err := b.providers["bcs"].Issue(context.Background(), provider.Request{
 		BaseURL: h.url, Client: mustClient(h.t, b), Secrets: map[string]string{"refresh_token": token},
 	}); err != nil {
@@ -258,7 +258,7 @@ func (h *harness) useBCS(token string) {
 	}
 }
 
-func mustClient(t *testing.T, b *backend) *upstream.Client {
+func mustClient(t testing.TB, b *backend) *upstream.Client {
 	t.Helper()
 	c, err := b.newClient(b.specs["bcs"], &brokerConfig{})
 	if err != nil {
@@ -268,18 +268,18 @@ func mustClient(t *testing.T, b *backend) *upstream.Client {
 }
 
 func TestMountBcsGuards(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	trade := h.sb.IssueBCSToken(sandbox.BCSTokenOptions{})
 	r, err := h.writeBCS("t", trade, map[string]any{"require_readonly": true})
 	if statusOf(r, err) != 400 || !containsAll(errText(r, err), "require_readonly", `azp is "trade-api-write"`, "nothing was stored") || h.sb.Calls(sandbox.BCSTokenEP) != 0 {
 		t.Fatalf("trade token under require_readonly: %d %q (calls %d)", statusOf(r, err), errText(r, err), h.sb.Calls(sandbox.BCSTokenEP))
 	}
-	if r := h.mustOK(logical.ReadOperation, "config/t", nil); r != nil {
+	if r := h.ok(logical.ReadOperation, "config/t", nil); r != nil {
 		t.Fatal("a refused write stored a config")
 	}
 	// A trade token is fine without the guard, and says it can trade.
 	h.mustWriteBCS("t", trade, nil)
-	if c := h.mustOK(logical.ReadOperation, "creds/t", nil); c.Data["readonly"] != false || c.Data["client_id"] != "trade-api-write" {
+	if c := h.ok(logical.ReadOperation, "creds/t", nil); c.Data["readonly"] != false || c.Data["client_id"] != "trade-api-write" {
 		t.Fatalf("trade creds: %v", c.Data)
 	}
 
@@ -297,7 +297,7 @@ func TestMountBcsGuards(t *testing.T) {
 	h.mustWriteBCS("o", other, map[string]any{"allowed_accounts": sandbox.BCSOtherAgreement})
 	// The guard holds at every read: the broker showing nothing is refused.
 	h.sb.SetBCSEmptyPortfolio(true)
-	h.mustOK(logical.UpdateOperation, "config/o/retire", nil)
+	h.ok(logical.UpdateOperation, "config/o/retire", nil)
 	r, err = h.do(logical.ReadOperation, "creds/o", nil)
 	if statusOf(r, err) != 403 || !strings.Contains(errText(r, err), "allowed_accounts cannot be checked") {
 		t.Fatalf("creds with no evidence: %d %q", statusOf(r, err), errText(r, err))
@@ -309,34 +309,34 @@ func TestMountBcsGuards(t *testing.T) {
 }
 
 func TestMountBcsSecretExpiry(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	now := time.Now()
 	soon := h.sb.IssueBCSToken(sandbox.BCSTokenOptions{ReadOnly: true, IssuedAt: now.Add(-80 * 24 * time.Hour), Expires: now.Add(10 * 24 * time.Hour)})
 	w := h.mustWriteBCS("bcs", soon, map[string]any{"expiry_warning": "720h"})
 	if !strings.Contains(strings.Join(w.Warnings, " "), "expires at") {
 		t.Fatalf("write warnings: %v", w.Warnings)
 	}
-	read := h.mustOK(logical.ReadOperation, "config/bcs", nil)
+	read := h.ok(logical.ReadOperation, "config/bcs", nil)
 	if read.Data["secret_expires_at"] != now.Add(10*24*time.Hour).UTC().Truncate(time.Second).Format(time.RFC3339) ||
 		!strings.Contains(strings.Join(read.Warnings, " "), "(in 9 days)") {
 		t.Fatalf("config read: %v %v", read.Data["secret_expires_at"], read.Warnings)
 	}
-	creds := h.mustOK(logical.ReadOperation, "creds/bcs", nil)
+	creds := h.ok(logical.ReadOperation, "creds/bcs", nil)
 	if !strings.Contains(strings.Join(creds.Warnings, " "), "expires at") {
 		t.Fatalf("creds warnings: %v", creds.Warnings)
 	}
-	m := h.mustOK(logical.ReadOperation, "metrics", nil)
+	m := h.ok(logical.ReadOperation, "metrics", nil)
 	if body := string(m.Data[logical.HTTPRawBody].([]byte)); !strings.Contains(body, `broker_secret_expiry_seconds{config="bcs",provider="bcs"} 8`) {
 		t.Fatalf("expiry metric missing:\n%s", body)
 	}
 	// After exp: refused without a call, saying what to do.
-	h.skip(11 * 24 * time.Hour)
+	h.clock.Advance(11 * 24 * time.Hour)
 	calls := h.sb.Calls(sandbox.BCSTokenEP)
 	r, err := h.do(logical.ReadOperation, "creds/bcs", nil)
 	if statusOf(r, err) != 400 || !containsAll(errText(r, err), "expired at", "issue a new token in the BCS web terminal") || h.sb.Calls(sandbox.BCSTokenEP) != calls {
 		t.Fatalf("after expiry: %d %q", statusOf(r, err), errText(r, err))
 	}
-	h.skip(-11 * 24 * time.Hour)
+	h.clock.Advance(-11 * 24 * time.Hour)
 
 	// A token already expired, or deleted, is refused at write with BCS's
 	// reason, and nothing is stored.
@@ -348,14 +348,14 @@ func TestMountBcsSecretExpiry(t *testing.T) {
 		if statusOf(r, err) != 400 || !containsAll(errText(r, err), want, "issue a new token in the BCS web terminal", "nothing was stored") {
 			t.Fatalf("%s: %d %q", want, statusOf(r, err), errText(r, err))
 		}
-		if r := h.mustOK(logical.ReadOperation, "config/dead", nil); r != nil {
+		if r := h.ok(logical.ReadOperation, "config/dead", nil); r != nil {
 			t.Fatal("a refused write stored a config")
 		}
 	}
 }
 
 func TestMountBcsRefusesWhatIsNotABcsToken(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	rt := h.sb.IssueBCSToken(sandbox.BCSTokenOptions{ReadOnly: true})
 	for _, c := range []struct {
 		data map[string]any
@@ -384,16 +384,16 @@ func TestMountBcsRefusesWhatIsNotABcsToken(t *testing.T) {
 // BCS cannot narrow a token: roles over a BCS config share the config's
 // token and only check it (design.md, roles).
 func TestMountBcsRolesShareTheConfigsToken(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	trade := h.sb.IssueBCSToken(sandbox.BCSTokenOptions{})
 	h.mustWriteBCS("bcs", trade, nil)
-	h.mustOK(logical.UpdateOperation, "roles/desk", map[string]any{"config": "bcs", "allowed_accounts": sandbox.BCSAgreement, "ttl": "1h"})
+	h.ok(logical.UpdateOperation, "roles/desk", map[string]any{"config": "bcs", "allowed_accounts": sandbox.BCSAgreement, "ttl": "1h"})
 	r, err := h.do(logical.UpdateOperation, "roles/reports", map[string]any{"config": "bcs", "require_readonly": true})
 	if statusOf(r, err) != 400 || !strings.Contains(errText(r, err), "require_readonly") {
 		t.Fatalf("a read-only role over a trade token: %d %q", statusOf(r, err), errText(r, err))
 	}
-	cfgCreds := h.mustOK(logical.ReadOperation, "creds/bcs", nil)
-	role := h.mustOK(logical.ReadOperation, "creds/desk", nil)
+	cfgCreds := h.ok(logical.ReadOperation, "creds/bcs", nil)
+	role := h.ok(logical.ReadOperation, "creds/desk", nil)
 	if role.Data["access_token"] != cfgCreds.Data["access_token"] || role.Data["role"] != "desk" || role.Secret.TTL > time.Hour {
 		t.Fatalf("role creds: %v (ttl %v)", role.Data, role.Secret.TTL)
 	}

@@ -23,11 +23,11 @@ func TestMountChatAppAccessDiesAtRefresh(t *testing.T) {
 		// refreshes is how many tokens.refresh calls the step may cost.
 		refreshes int
 	}{
-		{"reads at mid-life refresh nothing", func(h *harness) { h.skip(12 * time.Hour) }, 0},
-		{"a read past the usable life refreshes once", func(h *harness) { h.skip(12*time.Hour - 30*time.Second) }, 1},
-		{"rotate-root refreshes once", func(h *harness) { h.mustOK(logical.UpdateOperation, "rotate-root/chat", nil) }, 1},
+		{"reads at mid-life refresh nothing", func(h *harness) { h.clock.Advance(12 * time.Hour) }, 0},
+		{"a read past the usable life refreshes once", func(h *harness) { h.clock.Advance(12*time.Hour - 30*time.Second) }, 1},
+		{"rotate-root refreshes once", func(h *harness) { h.ok(logical.UpdateOperation, "rotate-root/chat", nil) }, 1},
 	}
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.sb.SetChatAppAccessDiesAtRefresh(true)
 	if resp, err := h.do(logical.UpdateOperation, "config/chat", map[string]any{"provider": "chatapp", "email": sandbox.ChatAppEmail,
 		"password": sandbox.ChatAppPassword, "app_id": sandbox.ChatAppAppID, "base_url": h.url}); errText(resp, err) != "" {
@@ -35,7 +35,7 @@ func TestMountChatAppAccessDiesAtRefresh(t *testing.T) {
 	}
 	read := func() string {
 		t.Helper()
-		return h.mustOK(logical.ReadOperation, "creds/chat", nil).Data["access_token"].(string)
+		return h.ok(logical.ReadOperation, "creds/chat", nil).Data["access_token"].(string)
 	}
 	current := read()
 	for _, st := range steps {

@@ -34,7 +34,7 @@ func (h *harness) storedRefresh(name string) string {
 }
 
 func TestMountChatAppCredsAndForcedRotation(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	resp, err := h.writeChatApp("chat", nil)
 	if errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -46,7 +46,7 @@ func TestMountChatAppCredsAndForcedRotation(t *testing.T) {
 	if !h.sb.ChatAppRefreshValid(rt1) {
 		t.Fatal("the stored refresh token is not the live one")
 	}
-	creds := h.mustOK(logical.ReadOperation, "creds/chat", nil)
+	creds := h.ok(logical.ReadOperation, "creds/chat", nil)
 	if !h.sb.ChatAppAccessValid(creds.Data["access_token"].(string)) || creds.Data["cabinet_user_id"] == nil {
 		t.Fatalf("creds: %v", creds.Data)
 	}
@@ -56,7 +56,7 @@ func TestMountChatAppCredsAndForcedRotation(t *testing.T) {
 		t.Fatalf("lease TTL %v", creds.Secret.TTL)
 	}
 
-	rot := h.mustOK(logical.UpdateOperation, "rotate-root/chat", nil)
+	rot := h.ok(logical.UpdateOperation, "rotate-root/chat", nil)
 	for k, v := range rot.Data {
 		if s, _ := v.(string); strings.Contains(s, rt1) || (len(s) > 30 && !strings.Contains(k, "_at")) {
 			t.Fatalf("rotate-root shows a token in %s", k)
@@ -77,7 +77,7 @@ func TestMountChatAppCredsAndForcedRotation(t *testing.T) {
 	}
 
 	// Restart: the pair survives, nothing is made or refreshed.
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	r, err := h.doOn(b2, logical.ReadOperation, "creds/chat", nil)
 	if errText(r, err) != "" || h.sb.ChatAppMakes() != 1 || h.sb.Calls(sandbox.ChatAppRefreshEP) != 1 {
 		t.Fatalf("restart: %s makes=%d", errText(r, err), h.sb.ChatAppMakes())
@@ -92,13 +92,13 @@ func TestMountChatAppCredsAndForcedRotation(t *testing.T) {
 }
 
 func TestMountChatAppSeededRefreshNeverMakes(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	// Get a live refresh token from the fake to seed with.
 	if resp, err := h.writeChatApp("seed", nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
 	seed := h.storedRefresh("seed")
-	h.mustOK(logical.DeleteOperation, "config/seed", nil)
+	h.ok(logical.DeleteOperation, "config/seed", nil)
 	makes := h.sb.ChatAppMakes()
 	if resp, err := h.writeChatApp("chat", map[string]any{"refresh_token": seed}); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -107,14 +107,14 @@ func TestMountChatAppSeededRefreshNeverMakes(t *testing.T) {
 		t.Fatal("a seeded config made a new pair or kept the old refresh token alive")
 	}
 	// Re-writing the config (same seed) must not reuse the stale seed.
-	h.mustOK(logical.UpdateOperation, "config/chat", map[string]any{"ttl": "1h"})
+	h.ok(logical.UpdateOperation, "config/chat", map[string]any{"ttl": "1h"})
 	if h.sb.ChatAppMakes() != makes {
 		t.Fatal("re-writing the config fell back to make: it reused the rotated-away seed")
 	}
 }
 
 func TestMountChatAppMakeBudget(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	if resp, err := h.writeChatApp("chat", map[string]any{"make_budget": 2}); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
@@ -144,7 +144,7 @@ func TestMountChatAppMakeBudget(t *testing.T) {
 }
 
 func TestMountChatAppTransientFailureNeverMakes(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	if resp, err := h.writeChatApp("chat", nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
@@ -157,11 +157,11 @@ func TestMountChatAppTransientFailureNeverMakes(t *testing.T) {
 		t.Fatal("a failing refresh fell back to make")
 	}
 	// The still-valid access token keeps being served.
-	h.mustOK(logical.ReadOperation, "creds/chat", nil)
+	h.ok(logical.ReadOperation, "creds/chat", nil)
 }
 
 func TestMountChatAppPeriodicRotationAtHalfLife(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.sb.SetChatAppLifetimes(24*time.Hour, 14*24*time.Hour)
 	if resp, err := h.writeChatApp("chat", nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -187,7 +187,7 @@ func TestMountChatAppPeriodicRotationAtHalfLife(t *testing.T) {
 }
 
 func TestMountChatAppRecoversInterruptedRotation(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	if resp, err := h.writeChatApp("chat", nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
@@ -218,7 +218,7 @@ func TestMountChatAppRecoversInterruptedRotation(t *testing.T) {
 }
 
 func TestMountChatAppRefusesGuardsItCannotCheck(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	for _, extra := range []map[string]any{{"require_readonly": true}, {"allowed_accounts": "1"}} {
 		resp, err := h.writeChatApp("chat", extra)
 		if statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "cannot be checked") {
@@ -235,7 +235,7 @@ func TestMountChatAppRefusesGuardsItCannotCheck(t *testing.T) {
 // record written before the call is all that tells. Recovery through the
 // record costs exactly one tokens.make, and never loops.
 func TestMountChatAppCrashAfterAnswerRecoversThroughRecord(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	if resp, err := h.writeChatApp("chat", nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
@@ -243,12 +243,13 @@ func TestMountChatAppCrashAfterAnswerRecoversThroughRecord(t *testing.T) {
 	makes := h.sb.ChatAppMakes()
 
 	// The node that crashes: its write of the rotated pair never lands.
-	crashing := &gateStorage{Storage: h.storage, failKey: tokenPrefix + "chat"}
-	b1, _ := h.newBackend(crashing)
-	req := &logical.Request{Operation: logical.UpdateOperation, Path: "rotate-root/chat", Storage: crashing}
+	h.storage.setFailKey(tokenPrefix + "chat")
+	b1 := h.newBackend(nil)
+	req := &logical.Request{Operation: logical.UpdateOperation, Path: "rotate-root/chat", Storage: h.storage}
 	if _, err := b1.HandleRequest(context.Background(), req); err != nil {
 		t.Fatalf("rotate-root: %v", err)
 	}
+	h.storage.setFailKey("") // the crashed node is gone
 	if h.sb.ChatAppRefreshValid(old) || h.storedRefresh("chat") != old {
 		t.Fatal("the crash was not simulated: ChatApp did not rotate, or the new pair reached storage")
 	}
@@ -258,7 +259,7 @@ func TestMountChatAppCrashAfterAnswerRecoversThroughRecord(t *testing.T) {
 	}
 
 	// The restarted node: Vault's rollback replays the record.
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	rollback := &logical.Request{Operation: logical.RollbackOperation, Storage: h.storage, Data: map[string]any{"immediate": true}}
 	for i := range 2 { // a second pass finds nothing to do
 		if _, err := b2.HandleRequest(context.Background(), rollback); err != nil {

@@ -37,7 +37,7 @@ func TestMountTInvestTokenKinds(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, sandbox.Options{})
+			h := newSandboxHarness(t, sandbox.Options{})
 			extra := tc.extra
 			if extra != nil {
 				extra = map[string]any{"environment": "sandbox", "base_url": h.url + sandbox.TInvestSandboxPrefix}
@@ -46,14 +46,14 @@ func TestMountTInvestTokenKinds(t *testing.T) {
 			if msg := errText(resp, err); msg != "" {
 				t.Fatal(msg)
 			}
-			cfg := h.mustOK(logical.ReadOperation, "config/tb", nil)
+			cfg := h.ok(logical.ReadOperation, "config/tb", nil)
 			if strings.Contains(cfg.Data["token_kind"].(string)+"", tc.token) {
 				t.Fatal("config read shows the token")
 			}
 			if cfg.Data["token_kind"] != tc.kind || cfg.Data["readonly"] != tc.readonly || cfg.Data["user_id"] != sandbox.TInvestUserID {
 				t.Fatalf("config status: kind=%v readonly=%v user=%v", cfg.Data["token_kind"], cfg.Data["readonly"], cfg.Data["user_id"])
 			}
-			creds := h.mustOK(logical.ReadOperation, "creds/tb", nil)
+			creds := h.ok(logical.ReadOperation, "creds/tb", nil)
 			if creds.Data["access_token"] != tc.token || creds.Data["readonly"] != tc.readonly {
 				t.Fatalf("creds: %v", creds.Data)
 			}
@@ -70,7 +70,7 @@ func TestMountTInvestTokenKinds(t *testing.T) {
 }
 
 func TestMountTInvestGuards(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	cases := []struct {
 		name  string
 		token string
@@ -100,11 +100,11 @@ func TestMountTInvestGuards(t *testing.T) {
 }
 
 func TestMountTInvestRenewRevalidatesAndFailsOnceRevoked(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	if resp, err := h.writeTInvest("tb", sandbox.TInvestFullToken, nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
-	creds := h.mustOK(logical.ReadOperation, "creds/tb", nil)
+	creds := h.ok(logical.ReadOperation, "creds/tb", nil)
 	renew := func() (*logical.Response, error) {
 		// Vault hands every renew its own copy of the lease.
 		sec := *creds.Secret
@@ -138,14 +138,14 @@ func TestMountTInvestRenewRevalidatesAndFailsOnceRevoked(t *testing.T) {
 	if r, err := h.do(logical.ReadOperation, "creds/tb", nil); statusOf(r, err) != 502 {
 		t.Fatalf("creds of a revoked token: %d %s", statusOf(r, err), errText(r, err))
 	}
-	st := h.mustOK(logical.ReadOperation, "config/tb", nil)
+	st := h.ok(logical.ReadOperation, "config/tb", nil)
 	if !strings.Contains(st.Data["last_error"].(string), "40003") {
 		t.Fatalf("status does not show the revocation: %v", st.Data["last_error"])
 	}
 }
 
 func TestMountTInvestSandboxTokenOnProductionIsExplained(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	resp, err := h.writeTInvest("tb", sandbox.TInvestSandboxToken, nil)
 	msg := errText(resp, err)
 	if statusOf(resp, err) != 400 || !containsAll(msg, "40003", "sandbox") {
@@ -154,7 +154,7 @@ func TestMountTInvestSandboxTokenOnProductionIsExplained(t *testing.T) {
 }
 
 func TestMountTInvestKeepAliveTouchesOnlyDueConfigs(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	for _, name := range []string{"a", "b", "c"} {
 		if resp, err := h.writeTInvest(name, sandbox.TInvestReadOnlyToken, nil); errText(resp, err) != "" {
 			t.Fatal(errText(resp, err))
@@ -172,7 +172,7 @@ func TestMountTInvestKeepAliveTouchesOnlyDueConfigs(t *testing.T) {
 		t.Fatalf("a tick with nothing due made %d calls", n)
 	}
 	// Make "b" due by having a 1-minute interval and moving the clock.
-	h.mustOK(logical.UpdateOperation, "config/b", map[string]any{"validation_interval": "1m", "verify": false})
+	h.ok(logical.UpdateOperation, "config/b", map[string]any{"validation_interval": "1m", "verify": false})
 	h.b.now = func() time.Time { return time.Now().Add(90 * time.Second) }
 	tick()
 	if n := h.sb.Calls(sandbox.TInvestGetInfoEP); n != 1 {
@@ -181,7 +181,7 @@ func TestMountTInvestKeepAliveTouchesOnlyDueConfigs(t *testing.T) {
 	if n := h.sb.Calls("POST /v1/sessions"); n != 0 {
 		t.Fatalf("the tick minted Finam tokens (%d)", n)
 	}
-	st := h.mustOK(logical.ReadOperation, "config/b", nil)
+	st := h.ok(logical.ReadOperation, "config/b", nil)
 	if st.Data["last_validated"] == "" {
 		t.Fatal("last_validated not shown")
 	}
@@ -190,7 +190,7 @@ func TestMountTInvestKeepAliveTouchesOnlyDueConfigs(t *testing.T) {
 		t.Fatalf("a config validated twice in one interval (%d)", n)
 	}
 	// A fresh backend on the same storage builds its schedule from storage.
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	b2.now = func() time.Time { return time.Now().Add(25 * time.Hour) }
 	if err := b2.periodicFunc(context.Background(), &logical.Request{Storage: h.storage}); err != nil {
 		t.Fatal(err)

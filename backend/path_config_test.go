@@ -11,7 +11,7 @@ import (
 )
 
 func TestConfigWriteRejectsBadInput(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	good := func(over map[string]any) map[string]any {
 		d := map[string]any{"provider": "finam", "secret": sandbox.FinamSecret, "base_url": h.url}
 		for k, v := range over {
@@ -75,9 +75,9 @@ func TestConfigWriteRejectsBadInput(t *testing.T) {
 }
 
 func TestConfigReadShowsStatusNeverSecret(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", map[string]any{"secret": "  " + sandbox.FinamSecret + "\n", "ttl": "5m"})
-	resp := h.mustOK(logical.ReadOperation, "config/finam", nil)
+	resp := h.ok(logical.ReadOperation, "config/finam", nil)
 	for k, v := range resp.Data {
 		if s, ok := v.(string); ok && strings.Contains(s, sandbox.FinamSecret) {
 			t.Fatalf("field %s shows the secret", k)
@@ -106,10 +106,10 @@ func TestConfigReadShowsStatusNeverSecret(t *testing.T) {
 }
 
 func TestConfigUpdateKeepsFieldsAndProvider(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", map[string]any{"ttl": "5m"})
-	h.mustOK(logical.UpdateOperation, "config/finam", map[string]any{"max_ttl": "1h"})
-	resp := h.mustOK(logical.ReadOperation, "config/finam", nil)
+	h.ok(logical.UpdateOperation, "config/finam", map[string]any{"max_ttl": "1h"})
+	resp := h.ok(logical.ReadOperation, "config/finam", nil)
 	if resp.Data["ttl"] != int64(300) || resp.Data["max_ttl"] != int64(3600) || resp.Data["secret_set"] != true {
 		t.Fatalf("update lost fields: %v", resp.Data)
 	}
@@ -120,15 +120,15 @@ func TestConfigUpdateKeepsFieldsAndProvider(t *testing.T) {
 }
 
 func TestConfigListAndDelete(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("a", nil)
 	h.writeFinam("b", map[string]any{"verify": false})
-	resp := h.mustOK(logical.ListOperation, "config/", nil)
+	resp := h.ok(logical.ListOperation, "config/", nil)
 	if keys := resp.Data["keys"].([]string); len(keys) != 2 {
 		t.Fatalf("keys = %v", keys)
 	}
-	h.mustOK(logical.DeleteOperation, "config/a", nil)
-	if r := h.mustOK(logical.ReadOperation, "config/a", nil); r != nil {
+	h.ok(logical.DeleteOperation, "config/a", nil)
+	if r := h.ok(logical.ReadOperation, "config/a", nil); r != nil {
 		t.Fatalf("deleted config still reads: %v", r.Data)
 	}
 	if e, _ := h.storage.Get(context.Background(), tokenPrefix+"a"); e != nil {
@@ -141,7 +141,7 @@ func TestConfigListAndDelete(t *testing.T) {
 }
 
 func TestConfigVerifyFalseStoresWithoutCalling(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	resp := h.writeFinam("finam", map[string]any{"secret": "unchecked", "verify": false})
 	if len(resp.Warnings) == 0 {
 		t.Error("verify=false gave no warning")
@@ -152,7 +152,7 @@ func TestConfigVerifyFalseStoresWithoutCalling(t *testing.T) {
 }
 
 func TestConfigUpstreamFailureNamesBroker(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.sb.InjectFault(sessionsEP, 503, -1)
 	resp, err := h.do(logical.UpdateOperation, "config/finam", map[string]any{"provider": "finam", "secret": sandbox.FinamSecret, "base_url": h.url})
 	if statusOf(resp, err) != 502 {

@@ -14,9 +14,9 @@ import (
 )
 
 func TestCredsFinam(t *testing.T) {
-	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 15 * time.Minute})
+	h := newSandboxHarness(t, sandbox.Options{FinamTokenLifetime: 15 * time.Minute})
 	h.writeFinam("finam", map[string]any{"ttl": "5m"})
-	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	resp := h.ok(logical.ReadOperation, "creds/finam", nil)
 
 	tok, _ := resp.Data["access_token"].(string)
 	if !h.sb.FinamValid(tok) {
@@ -47,9 +47,9 @@ func TestCredsFinam(t *testing.T) {
 }
 
 func TestCredsLeaseNeverOutlivesToken(t *testing.T) {
-	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 10 * time.Minute})
+	h := newSandboxHarness(t, sandbox.Options{FinamTokenLifetime: 10 * time.Minute})
 	h.writeFinam("finam", map[string]any{"ttl": "2h"})
-	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	resp := h.ok(logical.ReadOperation, "creds/finam", nil)
 	exp, _ := time.Parse(time.RFC3339, resp.Data["expires_at"].(string))
 	if ttl := resp.Secret.TTL; ttl <= 0 || time.Now().Add(ttl).After(exp.Add(time.Second)) {
 		t.Fatalf("lease TTL %v outlives the token (expires %v)", ttl, exp)
@@ -68,9 +68,9 @@ func TestCredsLeaseNeverOutlivesToken(t *testing.T) {
 }
 
 func TestRenewFailsOnceTokenExpired(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", nil)
-	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	resp := h.ok(logical.ReadOperation, "creds/finam", nil)
 	resp.Secret.InternalData["expires_at"] = time.Now().Add(-time.Second).UTC().Format(time.RFC3339Nano)
 	resp.Secret.IssueTime = time.Now().Add(-time.Hour)
 	rr, err := h.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RenewOperation, Storage: h.storage, Secret: resp.Secret})
@@ -80,7 +80,7 @@ func TestRenewFailsOnceTokenExpired(t *testing.T) {
 }
 
 func TestConcurrentColdReadsMintOnce(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.sb.SetLatency(50 * time.Millisecond) // widen the race window
 	h.writeFinam("finam", map[string]any{"verify": false})
 	const readers = 200
@@ -115,7 +115,7 @@ func TestConcurrentColdReadsMintOnce(t *testing.T) {
 
 func TestRefreshAheadServesWithoutWaiting(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	first := c.token("creds/x")
 	// Due for a refresh (a third of the life left); the broker then holds
@@ -141,10 +141,10 @@ func TestRefreshAheadServesWithoutWaiting(t *testing.T) {
 }
 
 func TestNearlyExpiredTokenIsNeverHandedOut(t *testing.T) {
-	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 3 * time.Second})
+	h := newSandboxHarness(t, sandbox.Options{FinamTokenLifetime: 3 * time.Second})
 	h.writeFinam("finam", nil)
-	h.sb.InjectFault(sessionsEP, 503, -1) // no refresh can succeed
-	h.skip(2600 * time.Millisecond)       // 0.4 s left < a sixth of 3 s
+	h.sb.InjectFault(sessionsEP, 503, -1)    // no refresh can succeed
+	h.clock.Advance(2600 * time.Millisecond) // 0.4 s left < a sixth of 3 s
 	resp, err := h.do(logical.ReadOperation, "creds/finam", nil)
 	if statusOf(resp, err) != 502 || !strings.Contains(errText(resp, err), "HTTP 503") {
 		t.Fatalf("a nearly expired token was served or the error is unclear: %d %s", statusOf(resp, err), errText(resp, err))
@@ -155,32 +155,32 @@ func TestNearlyExpiredTokenIsNeverHandedOut(t *testing.T) {
 	if h.sb.Calls(sessionsEP) != before {
 		t.Fatal("reads keep hammering a failing broker")
 	}
-	st := h.mustOK(logical.ReadOperation, "config/finam", nil)
+	st := h.ok(logical.ReadOperation, "config/finam", nil)
 	if !strings.Contains(st.Data["last_error"].(string), "HTTP 503") {
 		t.Fatalf("status does not show the failure: %v", st.Data["last_error"])
 	}
 }
 
 func TestFailingBrokerStillServesValidToken(t *testing.T) {
-	h := newHarness(t, sandbox.Options{FinamTokenLifetime: 9 * time.Second})
+	h := newSandboxHarness(t, sandbox.Options{FinamTokenLifetime: 9 * time.Second})
 	h.writeFinam("finam", nil)
-	first := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+	first := h.ok(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
 	h.sb.InjectFault(sessionsEP, 503, -1)
-	h.skip(6600 * time.Millisecond) // refresh due, still servable
+	h.clock.Advance(6600 * time.Millisecond) // refresh due, still servable
 	for range 5 {
-		if got := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; got != first {
+		if got := h.ok(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; got != first {
 			t.Fatal("token changed while the broker fails")
 		}
 	}
 }
 
 func TestRestartDoesNotMintAgain(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", nil)
-	tok := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+	tok := h.ok(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
 	mints := h.sb.Calls(sessionsEP)
 
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	resp, err := h.doOn(b2, logical.ReadOperation, "creds/finam", nil)
 	if errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -191,9 +191,9 @@ func TestRestartDoesNotMintAgain(t *testing.T) {
 }
 
 func TestRevokeNeverEvictsTheSharedToken(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", map[string]any{"ttl": "5m"})
-	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	resp := h.ok(logical.ReadOperation, "creds/finam", nil)
 	first := resp.Data["access_token"]
 	revoke := &logical.Request{Operation: logical.RevokeOperation, Storage: h.storage, Secret: resp.Secret}
 	for i := range 2 { // idempotent: a second revoke is harmless
@@ -202,7 +202,7 @@ func TestRevokeNeverEvictsTheSharedToken(t *testing.T) {
 		}
 	}
 	mints := h.sb.Calls(sessionsEP)
-	if next := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; next != first || h.sb.Calls(sessionsEP) != mints {
+	if next := h.ok(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; next != first || h.sb.Calls(sessionsEP) != mints {
 		t.Fatal("a lease revoke evicted the token every reader shares")
 	}
 	// A lease from before this version carries lease_end: still nothing evicted.
@@ -210,16 +210,16 @@ func TestRevokeNeverEvictsTheSharedToken(t *testing.T) {
 	if rr, err := h.b.HandleRequest(context.Background(), revoke); errText(rr, err) != "" {
 		t.Fatal(errText(rr, err))
 	}
-	if next := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; next != first {
+	if next := h.ok(logical.ReadOperation, "creds/finam", nil).Data["access_token"]; next != first {
 		t.Fatal("an old lease's revoke evicted the shared token")
 	}
 }
 
 func TestRevokeOfGoneConfigSucceeds(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", nil)
-	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
-	h.mustOK(logical.DeleteOperation, "config/finam", nil)
+	resp := h.ok(logical.ReadOperation, "creds/finam", nil)
+	h.ok(logical.DeleteOperation, "config/finam", nil)
 	resp.Secret.InternalData["lease_end"] = time.Now().Add(time.Hour).UTC().Format(time.RFC3339Nano)
 	rr, err := h.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.RevokeOperation, Storage: h.storage, Secret: resp.Secret})
 	if errText(rr, err) != "" {
@@ -232,11 +232,11 @@ func TestRevokeOfGoneConfigSucceeds(t *testing.T) {
 }
 
 func TestGuardsCheckedAtReadAndRenew(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", nil)
-	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	resp := h.ok(logical.ReadOperation, "creds/finam", nil)
 	// Tighten the guard without re-verifying: reads and renews must refuse.
-	h.mustOK(logical.UpdateOperation, "config/finam", map[string]any{"allowed_accounts": "1899011", "verify": false})
+	h.ok(logical.UpdateOperation, "config/finam", map[string]any{"allowed_accounts": "1899011", "verify": false})
 	r, err := h.do(logical.ReadOperation, "creds/finam", nil)
 	if statusOf(r, err) != 403 || !strings.Contains(errText(r, err), "1899012") {
 		t.Fatalf("read with failing guard: %d %s", statusOf(r, err), errText(r, err))
@@ -248,19 +248,19 @@ func TestGuardsCheckedAtReadAndRenew(t *testing.T) {
 
 	// A read-only secret passes require_readonly.
 	h.sb.AddFinamSecret("ro-secret", []string{"1899011"}, true)
-	h.mustOK(logical.UpdateOperation, "config/ro", map[string]any{"provider": "finam", "secret": "ro-secret", "base_url": h.url, "require_readonly": true, "allowed_accounts": "1899011"})
-	if got := h.mustOK(logical.ReadOperation, "creds/ro", nil).Data["readonly"]; got != true {
+	h.ok(logical.UpdateOperation, "config/ro", map[string]any{"provider": "finam", "secret": "ro-secret", "base_url": h.url, "require_readonly": true, "allowed_accounts": "1899011"})
+	if got := h.ok(logical.ReadOperation, "creds/ro", nil).Data["readonly"]; got != true {
 		t.Fatalf("readonly = %v", got)
 	}
 }
 
 func TestSecretChangeDropsOldToken(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", nil)
-	first := h.mustOK(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
+	first := h.ok(logical.ReadOperation, "creds/finam", nil).Data["access_token"]
 	h.sb.AddFinamSecret("second-secret", []string{"42"}, true)
-	h.mustOK(logical.UpdateOperation, "config/finam", map[string]any{"secret": "second-secret", "verify": false})
-	resp := h.mustOK(logical.ReadOperation, "creds/finam", nil)
+	h.ok(logical.UpdateOperation, "config/finam", map[string]any{"secret": "second-secret", "verify": false})
+	resp := h.ok(logical.ReadOperation, "creds/finam", nil)
 	if resp.Data["access_token"] == first || strings.Join(resp.Data["account_ids"].([]string), ",") != "42" {
 		t.Fatal("a token of the old secret is still served")
 	}

@@ -20,7 +20,7 @@ const tickConfigs = 10000
 // framework (the backend's PeriodicFunc, then the listing of its WAL
 // entries), on the SDK's in-memory storage, over 10,000 configs of a
 // passthrough provider with keep-alive validations (the fake of
-// core_fakes_test.go, on a fake clock).
+// fakes_test.go, on a fake clock).
 //
 // The configs validate every 100 minutes and were written in 100 cohorts
 // a minute apart, so when the clock moves one minute per tick, exactly one
@@ -55,7 +55,7 @@ func benchPeriodicFunc(b *testing.B, due int) {
 	hclog.DefaultOutput = io.Discard
 	b.Cleanup(func() { hclog.DefaultOutput = out })
 	f := tinvestLike()
-	c := newCoreHarness(b, f)
+	c := newFakeHarness(b, f)
 	// Vault's default log level: the test config logs at trace, and
 	// formatting a debug line per validation would be much of what is
 	// measured.

@@ -18,7 +18,7 @@ import (
 // schedules nothing here (there is no pair yet), so only the refresh can.
 func TestReadPathPairIsRotatedAtHalfLife(t *testing.T) {
 	const refreshLife = 14 * 24 * time.Hour
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.sb.SetChatAppLifetimes(24*time.Hour, refreshLife)
 	if resp, err := h.writeChatApp("chat", map[string]any{"verify": false}); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
@@ -26,7 +26,7 @@ func TestReadPathPairIsRotatedAtHalfLife(t *testing.T) {
 	if idx := dueEntries(t, h.storage, "chat"); len(idx) != 0 {
 		t.Fatalf("a config without a pair is in the schedule index: %v", idx)
 	}
-	h.mustOK(logical.ReadOperation, "creds/chat", nil) // makes the pair
+	h.ok(logical.ReadOperation, "creds/chat", nil) // makes the pair
 	rt := h.storedRefresh("chat")
 	if rt == "" {
 		t.Fatal("the creds read stored no refresh token")
@@ -41,12 +41,12 @@ func TestReadPathPairIsRotatedAtHalfLife(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	h.skip(refreshLife/2 - time.Hour)
+	h.clock.Advance(refreshLife/2 - time.Hour)
 	tick()
 	if h.storedRefresh("chat") != rt {
 		t.Fatal("rotated before half the refresh token's life")
 	}
-	h.skip(time.Hour + time.Minute)
+	h.clock.Advance(time.Hour + time.Minute)
 	tick()
 	got := h.storedRefresh("chat")
 	if got == rt || !h.sb.ChatAppRefreshValid(got) {

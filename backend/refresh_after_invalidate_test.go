@@ -16,7 +16,7 @@ import (
 // nor handed out.
 func TestRefreshStartedBeforeAnInvalidationIsNotInstalled(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1"})
 	other := c.newBackend(nil) // the node under test
 	secretOf := func(tok string) string {

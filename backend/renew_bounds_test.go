@@ -39,15 +39,15 @@ func TestRenewMaxTTLCountsFromIssue(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run("max_ttl="+tc.maxTTL, func(t *testing.T) {
-			h := newHarness(t, sandbox.Options{})
+			h := newSandboxHarness(t, sandbox.Options{})
 			if resp, err := h.writeTInvest("tb", sandbox.TInvestFullToken, nil); errText(resp, err) != "" {
 				t.Fatal(errText(resp, err))
 			}
 			issued := h.b.now()
-			lease := h.mustOK(logical.ReadOperation, "creds/tb", nil).Secret
-			h.skip(2 * time.Hour)
+			lease := h.ok(logical.ReadOperation, "creds/tb", nil).Secret
+			h.clock.Advance(2 * time.Hour)
 			// Lowered after the lease was issued.
-			h.mustOK(logical.UpdateOperation, "config/tb", map[string]any{"max_ttl": tc.maxTTL})
+			h.ok(logical.UpdateOperation, "config/tb", map[string]any{"max_ttl": tc.maxTTL})
 
 			resp, err := h.renewLease(lease, issued)
 			msg := errText(resp, err)
@@ -72,15 +72,15 @@ func TestRenewMaxTTLCountsFromIssue(t *testing.T) {
 // a renew of A's lease fails, although the plugin can validate B. Without
 // the check a replaced token keeps being renewed.
 func TestRenewOfReplacedTInvestTokenFails(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	if resp, err := h.writeTInvest("tb", sandbox.TInvestFullToken, nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
-	leaseA := h.mustOK(logical.ReadOperation, "creds/tb", nil).Secret
+	leaseA := h.ok(logical.ReadOperation, "creds/tb", nil).Secret
 	if resp, err := h.writeTInvest("tb", sandbox.TInvestReadOnlyToken, nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
-	credsB := h.mustOK(logical.ReadOperation, "creds/tb", nil)
+	credsB := h.ok(logical.ReadOperation, "creds/tb", nil)
 	if credsB.Data["access_token"] != sandbox.TInvestReadOnlyToken {
 		t.Fatalf("creds after the write of token B: %v", credsB.Data["access_token"])
 	}
@@ -114,7 +114,7 @@ func TestLeaseMaxTTLNeverPastTheTokenEnd(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run("max_ttl="+tc.maxTTL, func(t *testing.T) {
-			c := newCoreHarness(t, finamLike())
+			c := newFakeHarness(t, finamLike())
 			data := map[string]any{"provider": "fake", "secret": "s1"}
 			if tc.maxTTL != "" {
 				data["max_ttl"] = tc.maxTTL

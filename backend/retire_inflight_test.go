@@ -14,7 +14,7 @@ import (
 // between the waiting reader and a pre-retire token.
 func TestReaderWaitingOnARetiredMintGetsTheNextToken(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	// No token yet: the read below waits on the mint it starts.
 	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fake", "secret": "s1", "verify": false})
 

@@ -39,7 +39,7 @@ func FuzzRoleWrite(f *testing.F) {
 			fb = alorLike()
 			fb.name = "fake"
 		}
-		c := newCoreHarness(t, fb)
+		c := newFakeHarness(t, fb)
 		const secret = "s1-secret-value"
 		c.ok(logical.UpdateOperation, "config/cfg", map[string]any{"provider": "fake", "secret": secret, "allowed_accounts": "A1,D1,D2", "ttl": "1h", "max_ttl": "2h"})
 		if existing {

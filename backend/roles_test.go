@@ -22,14 +22,14 @@ func alorLike() *fakeBroker {
 	return f
 }
 
-func (c *coreHarness) read(path string) map[string]any {
-	c.t.Helper()
-	return c.ok(logical.ReadOperation, path, nil).Data
+func (h *harness) read(path string) map[string]any {
+	h.t.Helper()
+	return h.ok(logical.ReadOperation, path, nil).Data
 }
 
 func TestRoleWriteReadListDelete(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/fin", map[string]any{"provider": "fake", "secret": "s1", "ttl": "30m"})
 	c.ok(logical.UpdateOperation, "roles/reports", map[string]any{"config": "fin", "require_readonly": true, "ttl": "10m"})
 	c.token("creds/reports")
@@ -76,7 +76,7 @@ func TestRoleWriteReadListDelete(t *testing.T) {
 	if resp, err := c.do(logical.ReadOperation, "creds/reports", nil); statusOf(resp, err) != 404 {
 		t.Errorf("creds of a deleted role: %d %s", statusOf(resp, err), errText(resp, err))
 	}
-	if resp, err := c.renewLease(c.b, lease); statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "deleted") {
+	if resp, err := c.renewOn(c.b, lease); statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "deleted") {
 		t.Errorf("renew of a deleted role's lease: %d %s", statusOf(resp, err), errText(resp, err))
 	}
 	if body, _ := c.b.metrics.expose(c.b); strings.Contains(string(body), `role="reports"`) {
@@ -88,7 +88,7 @@ func TestRoleWriteReadListDelete(t *testing.T) {
 // Every refused role write names the field and stores nothing.
 func TestRefusedRoleWritesStoreNothing(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/fin", map[string]any{"provider": "fake", "secret": "s1", "allowed_accounts": "A1", "ttl": "30m", "max_ttl": "1h"})
 	c.ok(logical.UpdateOperation, "roles/taken", map[string]any{"config": "fin"})
 	for _, tc := range []struct {
@@ -132,7 +132,7 @@ func TestRefusedRoleWritesStoreNothing(t *testing.T) {
 // the broker cannot narrow and what the token reaches.
 func TestRolesOverABrokerThatCannotNarrowShareTheConfigToken(t *testing.T) {
 	f := finamLike() // read-only, reaches A1
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/fin", map[string]any{"provider": "fake", "secret": "s1"})
 	c.ok(logical.UpdateOperation, "roles/ro", map[string]any{"config": "fin", "require_readonly": true, "allowed_accounts": "A1"})
 	calls := f.callCount()
@@ -163,7 +163,7 @@ func TestRolesOverABrokerThatCannotNarrowShareTheConfigToken(t *testing.T) {
 // the config and a role asking the same share one.
 func TestNarrowingRolesGetTheirOwnTokens(t *testing.T) {
 	f := alorLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/alor", map[string]any{"provider": "fakenarrow", "secret": "s1", "allowed_accounts": "D1,D2"})
 	c.ok(logical.UpdateOperation, "roles/d1", map[string]any{"config": "alor", "allowed_accounts": "D1"})
 	c.ok(logical.UpdateOperation, "roles/d2", map[string]any{"config": "alor", "allowed_accounts": "D2"})
@@ -220,7 +220,7 @@ func TestNarrowingRolesGetTheirOwnTokens(t *testing.T) {
 // another.
 func TestRefreshOfOneNarrowingNeverBlocksReadsOfAnother(t *testing.T) {
 	f := alorLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/alor", map[string]any{"provider": "fakenarrow", "secret": "s1"})
 	c.ok(logical.UpdateOperation, "roles/d1", map[string]any{"config": "alor", "allowed_accounts": "D1"})
 	c.ok(logical.UpdateOperation, "roles/d2", map[string]any{"config": "alor", "allowed_accounts": "D2"})
@@ -253,7 +253,7 @@ func TestRefreshOfOneNarrowingNeverBlocksReadsOfAnother(t *testing.T) {
 // installed, nothing comes back.
 func TestRoleDeleteDuringItsMintInstallsNothing(t *testing.T) {
 	f := alorLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/alor", map[string]any{"provider": "fakenarrow", "secret": "s1"})
 	c.ok(logical.UpdateOperation, "roles/d1", map[string]any{"config": "alor", "allowed_accounts": "D1"})
 	entered, release := f.holdNext()
@@ -284,7 +284,7 @@ func TestRoleDeleteDuringItsMintInstallsNothing(t *testing.T) {
 // role write, then refuses (409 naming the role); never a role over a
 // deleted config.
 func TestConfigDeleteRacingRoleWrite(t *testing.T) {
-	c := newCoreHarness(t, finamLike())
+	c := newFakeHarness(t, finamLike())
 	c.ok(logical.UpdateOperation, "config/fin", map[string]any{"provider": "fake", "secret": "s1"})
 	hit, release := c.storage.holdNextPut(rolePrefix + "r")
 	var (
@@ -309,19 +309,19 @@ func TestConfigDeleteRacingRoleWrite(t *testing.T) {
 // A role's guard and bounds hold at renew too.
 func TestRoleGuardsAndBoundsHoldAtRenew(t *testing.T) {
 	f := finamLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/fin", map[string]any{"provider": "fake", "secret": "s1"})
 	c.ok(logical.UpdateOperation, "roles/ro", map[string]any{"config": "fin", "require_readonly": true, "ttl": "2m"})
 	lease := c.ok(logical.ReadOperation, "creds/ro", nil).Secret
 	if lease.TTL > 2*time.Minute {
 		t.Errorf("a role with ttl=2m leased for %s", lease.TTL)
 	}
-	resp, err := c.renewLease(c.b, lease)
+	resp, err := c.renewOn(c.b, lease)
 	if err != nil || resp.IsError() || resp.Secret.TTL > 2*time.Minute {
 		t.Fatalf("renew: %v %v", err, resp)
 	}
 	lease.InternalData["readonly"] = false // a token that can trade
-	if resp, err := c.renewLease(c.b, lease); statusOf(resp, err) != 403 {
+	if resp, err := c.renewOn(c.b, lease); statusOf(resp, err) != 403 {
 		t.Errorf("renew of a trading token under a read-only role: %d %s", statusOf(resp, err), errText(resp, err))
 	}
 }
@@ -334,7 +334,7 @@ func waitTimeout() <-chan time.Time { return time.After(10 * time.Second) }
 // sends its holder back to the role's own path.
 func TestRetireCoversRoleTokens(t *testing.T) {
 	f := alorLike()
-	c := newCoreHarness(t, f)
+	c := newFakeHarness(t, f)
 	c.ok(logical.UpdateOperation, "config/alor", map[string]any{"provider": "fakenarrow", "secret": "s1"})
 	c.ok(logical.UpdateOperation, "roles/d1", map[string]any{"config": "alor", "allowed_accounts": "D1"})
 	c.token("creds/alor")
@@ -344,7 +344,7 @@ func TestRetireCoversRoleTokens(t *testing.T) {
 	if got, want := resp.Data["issued_tokens_expire_at"], lease.Data["expires_at"]; got != want {
 		t.Errorf("retire says issued tokens expire at %v; the role's expires at %v", got, want)
 	}
-	renewed, err := c.renewLease(c.b, lease.Secret)
+	renewed, err := c.renewOn(c.b, lease.Secret)
 	if err != nil || renewed.IsError() || !strings.Contains(strings.Join(renewed.Warnings, " "), "read creds/d1") {
 		t.Errorf("renew of a role's retired lease: %v %v", err, renewed)
 	}

@@ -44,22 +44,22 @@ func TestAllowedHosts(t *testing.T) {
 }
 
 func TestAllowedHostsEnforcedAtWriteAndMint(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("finam", nil)
-	h.mustOK(logical.UpdateOperation, "settings", map[string]any{"allowed_hosts": "proxy.example.com"})
+	h.ok(logical.UpdateOperation, "settings", map[string]any{"allowed_hosts": "proxy.example.com"})
 	resp, err := h.do(logical.UpdateOperation, "config/other", map[string]any{"provider": "finam", "secret": sandbox.FinamSecret, "base_url": h.url})
 	if statusOf(resp, err) != 400 || !strings.Contains(errText(resp, err), "allowed_hosts") {
 		t.Fatalf("a disallowed host was accepted: %d %q", statusOf(resp, err), errText(resp, err))
 	}
 	// The existing config's secret is not sent there either once its token
 	// needs replacing.
-	h.mustOK(logical.UpdateOperation, "config/finam/retire", nil)
+	h.ok(logical.UpdateOperation, "config/finam/retire", nil)
 	before := h.sb.Calls(sessionsEP)
 	resp, err = h.do(logical.ReadOperation, "creds/finam", nil)
 	if statusOf(resp, err) != 403 || h.sb.Calls(sessionsEP) != before {
 		t.Fatalf("mint to a disallowed host: %d %q (calls %d->%d)", statusOf(resp, err), errText(resp, err), before, h.sb.Calls(sessionsEP))
 	}
-	r := h.mustOK(logical.ReadOperation, "settings", nil)
+	r := h.ok(logical.ReadOperation, "settings", nil)
 	if got := r.Data["allowed_hosts"].([]string); len(got) != 1 || got[0] != "proxy.example.com" {
 		t.Fatalf("settings read: %v", got)
 	}
@@ -69,11 +69,11 @@ func TestAllowedHostsEnforcedAtWriteAndMint(t *testing.T) {
 }
 
 func TestRetireOfTInvestWarns(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	if resp, err := h.writeTInvest("tb", sandbox.TInvestReadOnlyToken, nil); errText(resp, err) != "" {
 		t.Fatal(errText(resp, err))
 	}
-	resp := h.mustOK(logical.UpdateOperation, "config/tb/retire", nil)
+	resp := h.ok(logical.UpdateOperation, "config/tb/retire", nil)
 	if len(resp.Warnings) == 0 || !strings.Contains(resp.Warnings[0], "T-Invest settings") {
 		t.Fatalf("warnings: %v", resp.Warnings)
 	}
@@ -96,7 +96,7 @@ func TestUnreadableSuccessBodyIsDescribedNotQuoted(t *testing.T) {
 				fmt.Fprint(w, "<"+partial+">")
 			}))
 			defer srv.Close()
-			h := newHarness(t, sandbox.Options{})
+			h := newSandboxHarness(t, sandbox.Options{})
 			resp, err := h.do(logical.UpdateOperation, "config/x", map[string]any{"provider": tc.provider, tc.field: "s", "base_url": srv.URL})
 			msg := errText(resp, err)
 			if msg == "" || strings.Contains(msg, "partial-fresh-token") || !strings.Contains(msg, "byte") {

@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -260,6 +258,14 @@ func (g *gateStorage) setFailDelete(key string) {
 	g.failDelKey = key
 }
 
+// failing reports whether a failure is armed: a Put, Get or Delete that
+// will fail.
+func (g *gateStorage) failing() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.failKey != "" || g.failDelKey != "" || g.failGetN > 0
+}
+
 func (g *gateStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -320,213 +326,7 @@ func (g *gateStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
 	return g.Storage.Put(ctx, e)
 }
 
-// coreHarness is a backend on gated in-memory storage with fake brokers and
-// a fake clock.
-type coreHarness struct {
-	t       testing.TB
-	clock   *fakeClock
-	brokers map[string]*fakeBroker
-	raw     *logical.InmemStorage
-	storage *gateStorage
-	b       *backend
-}
-
-// It takes a testing.TB so that benchmarks (periodic_bench_test.go) build
-// the same backend as the tests.
-func newCoreHarness(t testing.TB, brokers ...*fakeBroker) *coreHarness {
-	t.Helper()
-	c := &coreHarness{t: t, clock: newFakeClock(), brokers: map[string]*fakeBroker{}, raw: &logical.InmemStorage{}}
-	c.storage = &gateStorage{Storage: c.raw}
-	for _, f := range brokers {
-		f.clock = c.clock
-		c.brokers[f.name] = f
-	}
-	c.b = c.newBackend(nil)
-	return c
-}
-
-// newBackend builds another backend on the same storage (a restart, a
-// reload, another node); sys overrides the system view when set.
-func (c *coreHarness) newBackend(sys logical.SystemView) *backend {
-	c.t.Helper()
-	conf := logical.TestBackendConfig()
-	conf.StorageView = c.storage
-	if sys != nil {
-		conf.System = sys
-	}
-	provs := map[string]provider.Provider{}
-	for n, f := range c.brokers {
-		provs[n] = f
-	}
-	lb, err := FactoryWith(Options{Version: "test", Providers: provs, Clock: c.clock.Now})(context.Background(), conf)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	b := lb.(*backend)
-	c.t.Cleanup(func() { b.Clean(context.Background()) })
-	// As Vault does on the active node before the mount serves: a failure
-	// is logged and the mount serves anyway (the migration runs again at
-	// the next start; the schedule scans storage meanwhile).
-	if err := b.initialize(context.Background(), &logical.InitializationRequest{Storage: c.storage}); err != nil {
-		c.t.Logf("initialize: %v", err)
-	}
-	return b
-}
-
-// setSchema rewrites the stored schema version (to replay an upgrade).
-func (c *coreHarness) setSchema(v int) {
-	c.t.Helper()
-	e, _ := logical.StorageEntryJSON(schemaKey, schemaRecord{Version: v})
-	if err := c.raw.Put(context.Background(), e); err != nil {
-		c.t.Fatal(err)
-	}
-}
-
-func (c *coreHarness) do(op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
-	return c.doOn(c.b, op, path, data)
-}
-
-func (c *coreHarness) doOn(b *backend, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
-	return request(b, c.storage, op, path, data)
-}
-
-func (c *coreHarness) ok(op logical.Operation, path string, data map[string]any) *logical.Response {
-	c.t.Helper()
-	resp, err := c.do(op, path, data)
-	if err != nil || (resp != nil && resp.IsError()) {
-		c.t.Fatalf("%s %s: err=%v resp=%v", op, path, err, resp)
-	}
-	return resp
-}
-
-func (c *coreHarness) token(path string) string {
-	c.t.Helper()
-	return c.ok(logical.ReadOperation, path, nil).Data["access_token"].(string)
-}
-
-// stored reads the token record as storage holds it.
-func (c *coreHarness) stored(name string) (tokenRecord, bool) {
-	c.t.Helper()
-	e, err := c.raw.Get(context.Background(), tokenPrefix+name)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	if e == nil {
-		return tokenRecord{}, false
-	}
-	var rec tokenRecord
-	if err := e.DecodeJSON(&rec); err != nil {
-		c.t.Fatal(err)
-	}
-	return rec, true
-}
-
-// queued waits until a goroutine is blocked on name's upstream or owner
-// lock, or done is closed: either way the writer under test has reached the
-// point the race is about. It polls a counter, never a timer.
-func (c *coreHarness) queued(name string, done <-chan struct{}) {
-	c.t.Helper()
-	until(c.t, "the writer neither finished nor queued on the config", func() bool {
-		select {
-		case <-done:
-			return true
-		default:
-		}
-		c.b.mu.RLock()
-		st := c.b.states[name]
-		c.b.mu.RUnlock()
-		return st != nil && st.waiting.Load() > 0
-	})
-}
-
-// waitIdle waits for the backend's background mints of name to finish.
-func (c *coreHarness) waitIdle(name string) {
-	c.t.Helper()
-	waitIdle(c.t, c.b, name)
-}
-
-// inState runs fn on a config's in-memory state, under its mutex.
-func (c *coreHarness) inState(name string, fn func(st *configState)) {
-	c.t.Helper()
-	c.b.mu.RLock()
-	st := c.b.states[name]
-	c.b.mu.RUnlock()
-	if st == nil {
-		c.t.Fatalf("config %q has no in-memory state", name)
-	}
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	fn(st)
-}
-
-// waitIdle waits until no mint of name is under way on b: it waits on the
-// flights' done channels (each wait bounded by brokertest.WaitBound), never
-// sleeps.
-func waitIdle(t testing.TB, b *backend, name string) {
-	t.Helper()
-	for {
-		b.mu.RLock()
-		st := b.states[name]
-		b.mu.RUnlock()
-		if st == nil {
-			return
-		}
-		st.mu.Lock()
-		f := st.own.flight
-		for _, sl := range st.narrowed {
-			if f == nil {
-				f = sl.flight
-			}
-		}
-		st.mu.Unlock()
-		if f == nil {
-			return
-		}
-		waitFor(t, f.done, "a refresh of "+name+" never finished")
-	}
-}
-
 // errNeverReleased: a test double held a call the test never released (a
 // slip made the test stop early or wait for the wrong thing); the call fails
 // after brokertest.WaitBound instead of hanging its goroutine.
 var errNeverReleased = errors.New("test double: the held call was never released")
-
-// waitFor receives from ch, failing the test with what (what did not
-// happen) after brokertest.WaitBound: every wait of a backend test is
-// bounded, so a slip fails the one test, by name, instead of hanging the
-// package until go test's 10-minute panic.
-func waitFor[T any](t testing.TB, ch <-chan T, what string) T {
-	t.Helper()
-	return brokertest.Wait(t, ch, what)
-}
-
-// waitGroup waits for wg within brokertest.WaitBound, failing with what.
-func waitGroup(t testing.TB, wg *sync.WaitGroup, what string) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	waitFor(t, done, what)
-}
-
-// until spins (yielding, never sleeping) until cond holds, failing after brokertest.WaitBound:
-// for a condition only a counter shows, such as a goroutine queued on a lock.
-func until(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(brokertest.WaitBound)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal(what)
-		}
-		runtime.Gosched()
-	}
-}
-
-// rotatingConfig is a backend with a rotating fake broker (ChatApp's shape)
-// and config/x written against it with the seed refresh token seed-1.
-func rotatingConfig(t *testing.T) (*fakeBroker, *coreHarness) {
-	t.Helper()
-	f := chatLike()
-	c := newCoreHarness(t, f)
-	c.ok(logical.UpdateOperation, "config/x", map[string]any{"provider": "fakerot", "secret": "s1", "refresh_token": "seed-1"})
-	return f, c
-}
