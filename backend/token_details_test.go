@@ -15,9 +15,9 @@ import (
 // shows, and what storage holds, is what it was before: an object under
 // "details", shown field by field, the same after a restart.
 func TestTokenDetailsShowTheSameFromMemoryAndStorage(t *testing.T) {
-	h := newHarness(t, sandbox.Options{})
+	h := newSandboxHarness(t, sandbox.Options{})
 	h.writeFinam("f", nil)
-	first := h.mustOK(logical.ReadOperation, "creds/f", nil).Data["md_permissions"]
+	first := h.ok(logical.ReadOperation, "creds/f", nil).Data["md_permissions"]
 	if perms, _ := first.([]any); len(perms) != 2 {
 		t.Fatalf("md_permissions = %#v, want the sandbox's two", first)
 	}
@@ -36,7 +36,7 @@ func TestTokenDetailsShowTheSameFromMemoryAndStorage(t *testing.T) {
 	}
 
 	mints := h.sb.Calls(sessionsEP)
-	b2, _ := h.newBackend(h.storage)
+	b2 := h.newBackend(nil)
 	for _, path := range []string{"creds/f", "config/f"} {
 		resp, err := h.doOn(b2, logical.ReadOperation, path, nil)
 		if err != nil || resp == nil || resp.IsError() {
@@ -55,9 +55,9 @@ func TestTokenDetailsShowTheSameFromMemoryAndStorage(t *testing.T) {
 func TestDamagedTokenDetailsDoNotFailTheRead(t *testing.T) {
 	for _, bad := range []string{`"not an object"`, `[1,2]`, `null`} {
 		t.Run(bad, func(t *testing.T) {
-			h := newHarness(t, sandbox.Options{})
+			h := newSandboxHarness(t, sandbox.Options{})
 			h.writeFinam("f", nil)
-			tok := h.mustOK(logical.ReadOperation, "creds/f", nil).Data["access_token"]
+			tok := h.ok(logical.ReadOperation, "creds/f", nil).Data["access_token"]
 
 			rec, err := readTokenRecord(context.Background(), h.storage, "f")
 			if err != nil || rec.Token == nil {
@@ -68,7 +68,7 @@ func TestDamagedTokenDetailsDoNotFailTheRead(t *testing.T) {
 				t.Fatal(err)
 			}
 			mints := h.sb.Calls(sessionsEP)
-			b2, _ := h.newBackend(h.storage)
+			b2 := h.newBackend(nil)
 			resp, err := h.doOn(b2, logical.ReadOperation, "creds/f", nil)
 			if err != nil || resp == nil || resp.IsError() {
 				t.Fatalf("creds after damage: %v %v", resp, err)
