@@ -63,7 +63,11 @@ type backend struct {
 	// quotaMu serialises quota count updates.
 	quotaMu sync.Mutex
 
-	now func() time.Time
+	// clock is the one clock: freshness, schedules and leases read it (now
+	// is its Now), providers get it through the request, and the broker
+	// calls' rate limits refill and wait on it.
+	clock upstream.Clock
+	now   func() time.Time
 	// extraRoots are the providers' own CAs, each trusted for its broker's
 	// hosts only, in every connection pool without a ca_cert.
 	extraRoots []upstream.HostRoots
@@ -83,8 +87,9 @@ type Options struct {
 	// the backend accepts and says about a provider (fields, options,
 	// messages, help, OpenAPI) comes from their Specs.
 	Providers map[string]provider.Provider
-	// Clock is the backend's time source (time.Now when nil).
-	Clock func() time.Time
+	// Clock is the backend's time source and what its broker calls wait on
+	// (rate limits, retry backoff); the system clock when nil.
+	Clock upstream.Clock
 	// WALRollbackMinAge is how old a rotation record must be before Vault
 	// replays it (default 2m, longer than a refresh may run). Tests of crash
 	// recovery shorten it; production leaves it alone.
@@ -112,18 +117,18 @@ func FactoryWith(opts Options) logical.Factory {
 // New builds a backend; Setup must still be called (FactoryWith does).
 func New(opts Options) *backend {
 	ctx, cancel := context.WithCancel(context.Background())
+	clock := opts.Clock
+	if clock == nil {
+		clock = upstream.SystemClock{}
+	}
 	providers, names := opts.Providers, slices.Sorted(maps.Keys(opts.Providers))
 	if providers == nil {
 		providers, names = map[string]provider.Provider{}, nil
-		for _, p := range registry() {
+		for _, p := range registry(clock) {
 			name := p.Spec().Name
 			providers[name] = p
 			names = append(names, name)
 		}
-	}
-	now := opts.Clock
-	if now == nil {
-		now = time.Now
 	}
 	version := opts.Version
 	specs := make(map[string]provider.Spec, len(providers))
@@ -144,7 +149,8 @@ func New(opts Options) *backend {
 		sched:          newSchedule(),
 		transports:     map[[32]byte]*sharedTransport{},
 		metrics:        newMetrics(),
-		now:            now,
+		clock:          clock,
+		now:            clock.Now,
 		extraRoots:     roots,
 		refreshTimeout: defaultRefreshTimeout,
 	}

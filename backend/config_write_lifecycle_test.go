@@ -176,7 +176,7 @@ func TestUpdateAfterDeclaredExpiryIsRefused(t *testing.T) {
 	c := newFakeHarness(t, f)
 	conf := logical.TestBackendConfig()
 	conf.StorageView = c.storage
-	lb, err := FactoryWith(Options{Version: "test", Providers: map[string]provider.Provider{"fake": expiringBroker{f}}, Clock: c.clock.Now})(context.Background(), conf)
+	lb, err := FactoryWith(Options{Version: "test", Providers: map[string]provider.Provider{"fake": expiringBroker{f}}, Clock: c.clock})(context.Background(), conf)
 	if err != nil {
 		t.Fatal(err)
 	}

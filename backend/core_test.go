@@ -298,7 +298,7 @@ func TestLoadScheduleSkipsUndecodableEntry(t *testing.T) {
 			tc.prep()
 			var b2 *backend
 			if tc.name == "full scan" {
-				b2 = New(Options{Providers: map[string]provider.Provider{"fakepass": f}, Clock: c.clock.Now})
+				b2 = New(Options{Providers: map[string]provider.Provider{"fakepass": f}, Clock: c.clock})
 				conf := logical.TestBackendConfig()
 				conf.StorageView = c.storage
 				if err := b2.Setup(context.Background(), conf); err != nil {
@@ -617,7 +617,7 @@ func TestRestartScheduleCostFollowsWhatIsDue(t *testing.T) {
 	counted := &countingStorage{Storage: c.storage}
 	conf := logical.TestBackendConfig()
 	conf.StorageView = counted
-	lb, err := FactoryWith(Options{Providers: map[string]provider.Provider{"fakepass": f}, Clock: c.clock.Now})(context.Background(), conf)
+	lb, err := FactoryWith(Options{Providers: map[string]provider.Provider{"fakepass": f}, Clock: c.clock})(context.Background(), conf)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/internal/brokertest"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 	"github.com/brokervault/vault-plugin-secrets-broker/internal/sandbox"
 )
 
@@ -63,8 +64,11 @@ type harness struct {
 //   - the fakes' is frozen (fakeClock, clocktest): nothing moves it but
 //     Advance, so a race test opens its window at an exact instant and an
 //     expiry falls where the test put it.
+//
+// It is also what the backend's broker calls wait on (upstream.Clock): the
+// offset clock's waits are real, the frozen one's move it at once.
 type harnessClock interface {
-	Now() time.Time
+	upstream.Clock
 	Advance(d time.Duration)
 }
 
@@ -73,6 +77,9 @@ type offsetClock struct{ offset atomic.Int64 }
 
 func (c *offsetClock) Now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
 func (c *offsetClock) Advance(d time.Duration) { c.offset.Add(int64(d)) }
+func (c *offsetClock) Sleep(ctx context.Context, d time.Duration) error {
+	return upstream.SystemClock{}.Sleep(ctx, d)
+}
 
 // gatedHarness returns a harness on fresh gated storage, with no backend yet.
 func gatedHarness(t testing.TB, clock harnessClock) *harness {
@@ -85,7 +92,16 @@ func gatedHarness(t testing.TB, clock harnessClock) *harness {
 // built-in providers, both on the harness clock (real time plus offset).
 func newSandboxHarness(t testing.TB, opts sandbox.Options) *harness {
 	t.Helper()
-	h := gatedHarness(t, &offsetClock{})
+	return sandboxHarnessOn(t, &offsetClock{}, opts)
+}
+
+// sandboxHarnessOn is newSandboxHarness on a given clock: a frozen one for
+// a test that must see each wait of the backend's broker calls (the
+// sandbox's own rate windows then move only when the test or a wait
+// moves the clock).
+func sandboxHarnessOn(t testing.TB, clock harnessClock, opts sandbox.Options) *harness {
+	t.Helper()
+	h := gatedHarness(t, clock)
 	opts.Now = h.clock.Now
 	h.sb = sandbox.New(opts)
 	srv := httptest.NewServer(h.sb)
@@ -132,7 +148,7 @@ func (h *harness) backendOn(s logical.Storage, sys logical.SystemView) *backend 
 	if sys != nil {
 		conf.System = sys
 	}
-	opts := Options{Version: "v0.0.0-test", Clock: h.clock.Now}
+	opts := Options{Version: "v0.0.0-test", Clock: h.clock}
 	if h.brokers != nil {
 		opts.Providers = map[string]provider.Provider{}
 		for n, f := range h.brokers {

@@ -261,7 +261,7 @@ func benchCredsBackend(b *testing.B) (func(logical.Operation, string, map[string
 	conf.Logger = hclog.NewNullLogger()
 	storage := &logical.InmemStorage{}
 	conf.StorageView = storage
-	lb, err := FactoryWith(Options{Version: "test", Providers: map[string]provider.Provider{f.name: f}, Clock: f.clock.Now})(context.Background(), conf)
+	lb, err := FactoryWith(Options{Version: "test", Providers: map[string]provider.Provider{f.name: f}, Clock: f.clock})(context.Background(), conf)
 	if err != nil {
 		b.Fatal(err)
 	}

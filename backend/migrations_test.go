@@ -130,7 +130,7 @@ func TestNewerSchemaIsRefusedAndLeftAlone(t *testing.T) {
 	for n, f := range c.brokers {
 		provs[n] = f
 	}
-	lb, err := FactoryWith(Options{Version: "older", Providers: provs, Clock: c.clock.Now})(context.Background(), conf)
+	lb, err := FactoryWith(Options{Version: "older", Providers: provs, Clock: c.clock})(context.Background(), conf)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,6 +26,7 @@ func (b *backend) newClient(spec provider.Spec, cfg *brokerConfig) (*upstream.Cl
 		RatePerMinute: spec.RatePerMinute,
 		RatePerOp:     spec.RatePerOp,
 		MaxConcurrent: spec.MaxConcurrent,
+		Clock:         b.clock,
 		Observe:       b.metrics.observeUpstream(spec.Name),
 		OnClose:       release,
 	})

@@ -7,6 +7,7 @@ import (
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/finam"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/tinvest"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
 // registry builds the built-in providers, in the order messages, help and
@@ -14,11 +15,12 @@ import (
 // package implementing provider.Provider and one line here; everything the
 // backend says or accepts about a broker comes from its Spec.
 //
-// This is the only file of the generic backend that names a broker.
-func registry() []provider.Provider {
+// This is the only file of the generic backend that names a broker. clock
+// is the backend's: T-Invest's per-user budgets refill and wait on it.
+func registry(clock upstream.Clock) []provider.Provider {
 	return []provider.Provider{
 		finam.New(),
-		tinvest.New(),
+		tinvest.NewWithClock(clock),
 		alor.New(),
 		chatapp.New(),
 		bcs.New(),
@@ -39,7 +41,7 @@ func ProviderNames() []string {
 
 // ProviderSpecs returns the built-in providers' Specs, in registry order.
 func ProviderSpecs() []provider.Spec {
-	ps := registry()
+	ps := registry(upstream.SystemClock{})
 	out := make([]provider.Spec, len(ps))
 	for i, p := range ps {
 		out[i] = p.Spec()

@@ -20,6 +20,7 @@ import (
 
 	"github.com/brokervault/vault-plugin-secrets-broker/backend"
 	"github.com/brokervault/vault-plugin-secrets-broker/backend/provider"
+	"github.com/brokervault/vault-plugin-secrets-broker/backend/upstream"
 )
 
 // sixthBroker's key is "k<n>@<unix expiry>"; every Issue rotates it to
@@ -68,7 +69,7 @@ func TestSecretExpiryAndWrittenSecretsAreGeneric(t *testing.T) {
 	storage := &logical.InmemStorage{}
 	conf.StorageView = storage
 	sixth := &sixthBroker{}
-	lb, err := backend.FactoryWith(backend.Options{Version: "test", Clock: func() time.Time { return time.Now().Add(offset) },
+	lb, err := backend.FactoryWith(backend.Options{Version: "test", Clock: upstream.NowClock(func() time.Time { return time.Now().Add(offset) }),
 		Providers: map[string]provider.Provider{"sixth": sixth}})(ctx, conf)
 	if err != nil {
 		t.Fatal(err)

@@ -36,6 +36,18 @@ func (SystemClock) Sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
+// NowClock is a clock read through a function (real time moved on by a
+// test, say) whose waits are real: Sleep waits on a timer as SystemClock's.
+type NowClock func() time.Time
+
+// Now calls the function.
+func (f NowClock) Now() time.Time { return f() }
+
+// Sleep waits on a timer, bounded by ctx.
+func (NowClock) Sleep(ctx context.Context, d time.Duration) error {
+	return SystemClock{}.Sleep(ctx, d)
+}
+
 type backgroundKey struct{}
 
 // WithBackground marks ctx as background work (refresh-ahead, periodic

@@ -2,6 +2,7 @@ package upstream
 
 import (
 	"context"
+	"math"
 	"sync"
 	"time"
 )
@@ -56,7 +57,9 @@ func (l *limiter) acquire(ctx context.Context) error {
 			l.mu.Unlock()
 			break
 		}
-		wait := time.Duration((1 - l.tokens) / l.rate * float64(time.Second))
+		// Rounded up: a refill a hair short of a whole call (floating
+		// point) must still wait a nanosecond, not zero and spin.
+		wait := time.Duration(math.Ceil((1 - l.tokens) / l.rate * float64(time.Second)))
 		l.mu.Unlock()
 		if err := l.clock.Sleep(ctx, wait); err != nil {
 			l.release()
