@@ -56,11 +56,10 @@ type harness struct {
 // had passed. It has two modes, one per constructor:
 //
 //   - the sandbox's is real time plus what Advance added (offsetClock),
-//     never frozen: the sandbox's rate windows (BCS's per second) run on
-//     it, while the backend's upstream limiter waits on real time (its
-//     client is not given the harness clock); on a frozen clock the
-//     sandbox's window would never reopen for the call the limiter lets
-//     through after a real wait;
+//     never frozen: a test that makes many broker calls lets real time
+//     refill the rate limits (the backend's, and the sandbox's own
+//     windows) as it would in production; sandboxHarnessOn takes a frozen
+//     one for a test that must see each wait;
 //   - the fakes' is frozen (fakeClock, clocktest): nothing moves it but
 //     Advance, so a race test opens its window at an exact instant and an
 //     expiry falls where the test put it.
