@@ -380,9 +380,9 @@ func judge(r *report, o options) {
 			Value: p.P99CredsOverKV, Bound: 1.2, Pass: p.P99CredsOverKV <= 1.2 && len(p.RefreshesAtS) > 0 && p.Creds.Errors == 0})
 	}
 	if p := r.P4; p != nil {
-		r.add(target{Phase: "P4", Name: fmt.Sprintf("plugin RSS with %d warm configs", p.Configs), Want: "<= 200 MB",
+		r.add(target{Phase: "P4", Name: fmt.Sprintf("plugin RSS with %d warm configs", p.Configs), Want: "<= 100 MB",
 			Got:   fmt.Sprintf("%.1f MB (%.1f MB once idle connections expired)", p.RSSWarm.RSSMB, p.RSSIdle.RSSMB),
-			Value: p.RSSWarm.RSSMB, Bound: 200, Pass: p.RSSWarm.RSSMB <= 200 && p.WarmErrors == 0})
+			Value: p.RSSWarm.RSSMB, Bound: 100, Pass: p.RSSWarm.RSSMB <= 100 && p.WarmErrors == 0})
 		if none, some, ok := p.tickBench(); ok {
 			// Proportional: with nothing due a tick is a look at the head of
 			// the schedule (a walk over 10,000 configs would cost over
