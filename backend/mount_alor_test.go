@@ -135,7 +135,7 @@ func TestMountAlorRefreshTokenExpiry(t *testing.T) {
 	if !strings.Contains(errText(resp, err), "refresh_token_expires_at") {
 		t.Fatalf("past expiry accepted: %q", errText(resp, err))
 	}
-	h.b.now = func() time.Time { return time.Now().Add(11 * 24 * time.Hour) }
+	h.clock.Advance(11 * 24 * time.Hour)
 	h.b.forgetName("alor") // forget the cached token: a mint is needed
 	before := h.sb.Calls(sandbox.AlorRefreshEP)
 	resp, err = h.do(logical.ReadOperation, "creds/alor", nil)

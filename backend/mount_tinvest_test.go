@@ -173,7 +173,7 @@ func TestMountTInvestKeepAliveTouchesOnlyDueConfigs(t *testing.T) {
 	}
 	// Make "b" due by having a 1-minute interval and moving the clock.
 	h.ok(logical.UpdateOperation, "config/b", map[string]any{"validation_interval": "1m", "verify": false})
-	h.b.now = func() time.Time { return time.Now().Add(90 * time.Second) }
+	h.clock.Advance(90 * time.Second)
 	tick()
 	if n := h.sb.Calls(sandbox.TInvestGetInfoEP); n != 1 {
 		t.Fatalf("one due config cost %d validations", n)
@@ -191,7 +191,7 @@ func TestMountTInvestKeepAliveTouchesOnlyDueConfigs(t *testing.T) {
 	}
 	// A fresh backend on the same storage builds its schedule from storage.
 	b2 := h.newBackend(nil)
-	b2.now = func() time.Time { return time.Now().Add(25 * time.Hour) }
+	h.clock.Advance(25*time.Hour - 90*time.Second)
 	if err := b2.periodicFunc(context.Background(), &logical.Request{Storage: h.storage}); err != nil {
 		t.Fatal(err)
 	}
