@@ -50,8 +50,12 @@ func (l *limiter) acquire(ctx context.Context) error {
 	for l.rate > 0 {
 		l.mu.Lock()
 		now := l.clock.Now()
-		l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
-		l.last = now
+		// A clock moved back (a test's, or a corrected host clock) refills
+		// nothing and does not drain the bucket.
+		if now.After(l.last) {
+			l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
+			l.last = now
+		}
 		if l.tokens >= 1 {
 			l.tokens--
 			l.mu.Unlock()
