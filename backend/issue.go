@@ -7,6 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -107,13 +110,7 @@ func rejectedSecret(err error) bool {
 // small maps cost megabytes; the bytes are decoded only when shown.
 func toStored(t *provider.Token) (*storedToken, error) {
 	sum := sha256.Sum256([]byte(t.AccessToken))
-	var details json.RawMessage
-	var err error
-	if len(t.Details) > 0 {
-		if details, err = json.Marshal(t.Details); err != nil {
-			details, err = nil, fmt.Errorf("encoding the token's details: %w", err)
-		}
-	}
+	details, err := encodeDetails(t.Details)
 	return &storedToken{
 		ID:          hex.EncodeToString(sum[:12]),
 		AccessToken: t.AccessToken,
@@ -123,6 +120,27 @@ func toStored(t *provider.Token) (*storedToken, error) {
 		ReadOnly:    t.ReadOnly,
 		Details:     details,
 	}, err
+}
+
+// encodeDetails is a token's details as JSON. Its error names the keys and
+// the Go types that failed, never json's own message: that may quote the
+// value (an invalid json.Number, a marshaler's error), and a provider's
+// details are not promised to be free of secrets.
+func encodeDetails(d map[string]any) (json.RawMessage, error) {
+	if len(d) == 0 {
+		return nil, nil
+	}
+	raw, err := json.Marshal(d)
+	if err == nil {
+		return raw, nil
+	}
+	var bad []string
+	for _, k := range slices.Sorted(maps.Keys(d)) {
+		if _, kerr := json.Marshal(d[k]); kerr != nil {
+			bad = append(bad, fmt.Sprintf("%q (%T)", k, d[k]))
+		}
+	}
+	return nil, fmt.Errorf("encoding the token's details: %s not encodable as JSON", strings.Join(bad, ", "))
 }
 
 func baseURL(spec provider.Spec, cfg *brokerConfig) string {

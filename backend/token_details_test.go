@@ -3,7 +3,9 @@ package backend
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -80,5 +82,40 @@ func TestDamagedTokenDetailsDoNotFailTheRead(t *testing.T) {
 				t.Fatalf("damaged details shown: %#v", resp.Data["md_permissions"])
 			}
 		})
+	}
+}
+
+type failingMarshaler struct{ secret string }
+
+func (f failingMarshaler) MarshalJSON() ([]byte, error) {
+	return nil, errors.New("cannot encode " + f.secret)
+}
+
+// A provider's details that are not JSON are dropped with an error naming
+// the key and its type, never quoting the value: json's own errors may.
+func TestUnencodableDetailsNameTheKeyNotTheValue(t *testing.T) {
+	const secret = "sk-live-SECRET123"
+	cases := []struct {
+		name    string
+		details map[string]any
+		wantKey string
+	}{
+		{"invalid json.Number", map[string]any{"ok": "x", "n": json.Number(secret)}, `"n" (json.Number)`},
+		{"failing marshaler", map[string]any{"m": failingMarshaler{secret}}, `"m" (backend.failingMarshaler)`},
+		{"unsupported type", map[string]any{"f": func() {}}, `"f" (func())`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			raw, err := encodeDetails(tc.details)
+			if err == nil || raw != nil {
+				t.Fatalf("encoded %s, err %v", raw, err)
+			}
+			if strings.Contains(err.Error(), secret) || !strings.Contains(err.Error(), tc.wantKey) {
+				t.Fatalf("error %q: want %s named and no value quoted", err, tc.wantKey)
+			}
+		})
+	}
+	if raw, err := encodeDetails(map[string]any{"a": []string{"b"}}); err != nil || string(raw) != `{"a":["b"]}` {
+		t.Fatalf("plain details: %s %v", raw, err)
 	}
 }
