@@ -258,14 +258,6 @@ func (g *gateStorage) setFailDelete(key string) {
 	g.failDelKey = key
 }
 
-// failing reports whether a failure is armed: a Put, Get or Delete that
-// will fail.
-func (g *gateStorage) failing() bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.failKey != "" || g.failDelKey != "" || g.failGetN > 0
-}
-
 func (g *gateStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -277,7 +269,7 @@ func (g *gateStorage) Get(ctx context.Context, key string) (*logical.StorageEntr
 	}
 	g.mu.Unlock()
 	if fail {
-		return nil, fmt.Errorf("injected storage failure reading %s", key)
+		return nil, fmt.Errorf("%w reading %s", errInjected, key)
 	}
 	return g.Storage.Get(ctx, key)
 }
@@ -299,7 +291,7 @@ func (g *gateStorage) Delete(ctx context.Context, key string) error {
 		<-wait
 	}
 	if fail {
-		return fmt.Errorf("injected storage failure deleting %s", key)
+		return fmt.Errorf("%w deleting %s", errInjected, key)
 	}
 	return g.Storage.Delete(ctx, key)
 }
@@ -321,7 +313,7 @@ func (g *gateStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
 		return errNeverReleased
 	}
 	if fail {
-		return fmt.Errorf("injected storage failure for %s", e.Key)
+		return fmt.Errorf("%w for %s", errInjected, e.Key)
 	}
 	return g.Storage.Put(ctx, e)
 }
@@ -329,4 +321,7 @@ func (g *gateStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
 // errNeverReleased: a test double held a call the test never released (a
 // slip made the test stop early or wait for the wrong thing); the call fails
 // after brokertest.WaitBound instead of hanging its goroutine.
+// errInjected is every failure gateStorage was told to give.
+var errInjected = errors.New("injected storage failure")
+
 var errNeverReleased = errors.New("test double: the held call was never released")

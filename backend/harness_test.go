@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"errors"
 	"net/http/httptest"
 	"runtime"
 	"strings"
@@ -163,12 +164,9 @@ func (h *harness) backendOn(s logical.Storage, sys logical.SystemView) *backend 
 	// As Vault does on the active node before the mount serves: a failure
 	// is logged and the mount serves anyway (the migration runs again at
 	// the next start; the schedule scans storage meanwhile). A test expects
-	// that only when it armed a storage failure first; without one, a
-	// failure fails the test.
-	g, gated := s.(*gateStorage)
-	armed := gated && g.failing()
+	// that only from a failure it injected; any other fails the test.
 	if err := b.initialize(context.Background(), &logical.InitializationRequest{Storage: s}); err != nil {
-		if !armed {
+		if !errors.Is(err, errInjected) {
 			h.t.Fatalf("initialize: %v", err)
 		}
 		h.t.Logf("initialize: %v", err)
